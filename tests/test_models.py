@@ -1,0 +1,243 @@
+"""HaloNet H0-H7 through timm's factory and model API (mirrors the checks of timm's own tests/test_models.py)."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from timm.models import get_pretrained_cfg, group_parameters
+from timm.optim import create_optimizer_v2
+
+from timm_halo.models import PAPER_PARAMS_M, HaloNet
+from timm_halo.summary import family, summarize
+
+NAMES = [f'halonet_h{i}' for i in range(8)]
+# Small versions of each paper model (their b, h, rv, rb; one block per stage) for real forward/backward.
+SMALL = dict(depths=(1, 1, 1, 1))
+
+
+def _small(name: str, **kwargs) -> HaloNet:
+    return timm.create_model(name, **{**SMALL, **kwargs})
+
+
+def test_family_is_registered():
+    assert timm.list_models('halonet_h*') == NAMES
+    assert family() == NAMES
+    for name in NAMES:
+        assert timm.is_model(name)
+        assert isinstance(timm.create_model(name, device='meta'), HaloNet)
+
+
+def test_only_halonet_h1_is_replaced_and_quietly():
+    code = (
+        'import warnings, timm\n'
+        'warnings.simplefilter("error")\n'
+        'import timm_halo\n'
+        'from timm.models.byobnet import ByobNet\n'
+        'assert type(timm.create_model("halonet_h1", device="meta")).__name__ == "HaloNet"\n'
+        'assert isinstance(timm.create_model("halonet26t", device="meta"), ByobNet)\n'
+        'assert isinstance(timm.models.byoanet.halonet_h1(device="meta"), ByobNet)\n'
+        'print(sorted(timm.list_models("*halo*")))\n'
+    )
+    result = subprocess.run([sys.executable, '-W', 'error', '-c', code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    listed = eval(result.stdout)
+    assert set(NAMES) <= set(listed) and 'halonet26t' in listed and 'halonet50ts' in listed
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_params_match_paper_table(name):
+    summary = summarize(name)
+    assert abs(summary.params_m / PAPER_PARAMS_M[name] - 1) < 0.03, summary
+    assert summary.gmacs > 0
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_default_cfg_contract_at_full_size(name):
+    """timm's test_model_default_cfgs, run on the meta device so H7 at 600px costs nothing."""
+    model = timm.create_model(name, device='meta')
+    cfg = model.pretrained_cfg
+    expected_size = {0: 256, 1: 256, 2: 256, 3: 320, 4: 384, 5: 448, 6: 512, 7: 600}[int(name[-1])]
+    assert cfg['input_size'] == (3, expected_size, expected_size)
+    assert cfg['tag'] == 'untrained' and get_pretrained_cfg(name).architecture == name
+    assert cfg['mean'] == timm.data.IMAGENET_DEFAULT_MEAN and cfg['std'] == timm.data.IMAGENET_DEFAULT_STD
+    modules = dict(model.named_modules())
+    assert modules[cfg['first_conv']].in_channels == 3
+    assert modules[cfg['classifier']].out_features == cfg['num_classes'] == 1000
+
+    x = torch.empty(2, *cfg['input_size'], device='meta')
+    feat = model.forward_features(x)
+    assert feat.shape == (2, model.num_features, *cfg['pool_size'])
+    assert model.forward_head(feat, pre_logits=True).shape == (2, model.num_features)
+    assert model(x).shape == (2, 1000)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    model.reset_classifier(0, '')
+    assert model(x).shape == feat.shape
+
+
+def test_real_forward_halonet_h0_full_size():
+    model = timm.create_model('halonet_h0').eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 256))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_forward_backward_every_variant(name):
+    """Every parameter of every variant's block design receives a gradient (timm's test_model_backward)."""
+    torch.manual_seed(0)
+    model = _small(name, num_classes=7).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 7)
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_any_input_size():
+    model = _small('halonet_h1', num_classes=5).eval()
+    with torch.no_grad():
+        for size in [(64, 64), (70, 90), (33, 47)]:
+            assert model(torch.randn(1, 3, *size)).shape == (1, 5)
+            assert model.forward_features(torch.randn(1, 3, *size)).shape[-2:] == tuple(-(-s // 32) for s in size)
+
+
+@pytest.mark.parametrize('name', ['halonet_h0', 'halonet_h3'])
+def test_features_only(name):
+    torch.manual_seed(0)
+    model = _small(name, features_only=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model(x)
+    assert len(feats) == 4
+    assert [f.shape[1] for f in feats] == model.feature_info.channels()
+    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [4, 8, 16, 32]
+
+    torch.manual_seed(0)
+    partial = _small(name, features_only=True, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        picked = partial(x)
+    torch.testing.assert_close(picked, [feats[1], feats[3]])
+    assert partial.feature_info.channels() == [model.feature_info.channels()[i] for i in (1, 3)]
+
+
+def test_forward_intermediates_agree_with_features_and_forward():
+    torch.manual_seed(0)
+    model = _small('halonet_h3').eval()  # has a final 1x1 conv (df)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, inters = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [t.shape[1] for t in inters] == [info['num_chs'] for info in model.feature_info]
+        last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert len(last2) == 2
+        torch.testing.assert_close(last2[-1], inters[-1])
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], inters[1])
+        torch.manual_seed(0)  # same seed, same init: the feature wrapper holds the same weights
+        features = timm.create_model('halonet_h3', features_only=True, **SMALL).eval()
+        for a, b in zip(features(x), inters):
+            torch.testing.assert_close(a, b)
+        with pytest.raises(ValueError, match='NCHW'):
+            model.forward_intermediates(x, output_fmt='NHWC')
+
+        kept = model.prune_intermediate_layers(indices=[0, 1])
+        assert kept == [0, 1] and len(model.stages) == 2
+        pruned = model.forward_intermediates(x, intermediates_only=True, indices=[0, 1])
+        for a, b in zip(pruned, inters[:2]):
+            torch.testing.assert_close(a, b)
+        # as timm's models do after pruning: no classifier, no pooling, forward ends at the last kept stage
+        torch.testing.assert_close(model(x), inters[1])
+
+
+def test_classifier_options():
+    x = torch.randn(2, 3, 64, 64)
+    model = _small('halonet_h0', num_classes=0).eval()
+    assert model(x).shape == (2, model.num_features)
+    model.reset_classifier(11, 'max')
+    assert model(x).shape == (2, 11)
+    assert model.get_classifier().out_features == 11
+    catpool = _small('halonet_h0', num_classes=3, global_pool='catavgmax').eval()
+    assert catpool(x).shape == (2, 3)
+    gray = _small('halonet_h0', in_chans=1, num_classes=4).eval()
+    assert gray(torch.randn(2, 1, 64, 64)).shape == (2, 4)
+
+
+def test_drop_rate_and_drop_path():
+    torch.manual_seed(0)
+    model = _small('halonet_h0', drop_rate=0.5, drop_path_rate=0.3, depths=(2, 2, 2, 2))
+    rates = [m.drop_prob for m in model.modules() if m.__class__.__name__ == 'DropPath']
+    assert len(rates) == 7 and rates == sorted(rates) and rates[-1] == pytest.approx(0.3)
+    assert model.head.drop.p == 0.5
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_group_matcher_and_layer_decay_cover_every_parameter():
+    model = _small('halonet_h3')
+    for coarse in (True, False):
+        groups = group_parameters(model, model.group_matcher(coarse=coarse))
+        grouped = {n for names in groups.values() for n in names}
+        assert grouped == {n for n, _ in model.named_parameters()}
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    assert sum(len(g['params']) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_relative_tables_are_excluded_from_weight_decay():
+    model = _small('halonet_h1')
+    nwd = model.no_weight_decay()
+    assert nwd and all(n.endswith(('rel_pos_h', 'rel_pos_w')) for n in nwd)
+    optimizer = create_optimizer_v2(model, 'sgd', lr=0.1, weight_decay=1e-4)
+    no_decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    params = dict(model.named_parameters())
+    assert all(id(params[n]) in no_decay for n in nwd)
+    assert id(params['stages.0.blocks.0.attn.q.weight']) not in no_decay
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = _small('halonet_h1', depths=(2, 1, 2, 1)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_torchscript_model():
+    model = _small('halonet_h2', num_classes=10).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_and_bf16_autocast():
+    model = _small('halonet_h0', num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            amp = model(x)
+    assert torch.isfinite(amp).all()
+    torch.testing.assert_close(amp.float(), ref, rtol=0, atol=0.15 * ref.abs().max().item())
+
+
+def test_unknown_model_name_and_bad_kwargs():
+    with pytest.raises(RuntimeError, match='halonet_h9'):
+        timm.create_model('halonet_h9')
+    with pytest.raises(TypeError, match='halo_sise'):
+        timm.create_model('halonet_h0', halo_sise=2)
+    with pytest.raises(ValueError, match='same length'):
+        timm.create_model('halonet_h0', depths=(1, 1), widths=(8, 16, 32))

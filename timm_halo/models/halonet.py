@@ -1,0 +1,496 @@
+"""HaloNet H0-H7
+
+Paper: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones`
+    - https://arxiv.org/abs/2103.12731 (Vaswani, Ramachandran, Srinivas, Parmar, Hechtman, Shlens; CVPR 2021)
+
+A ResNet-style backbone whose bottleneck blocks use halo attention (`timm_halo.layers.HaloAttention`)
+as their spatial op in all four stages; the first block of stages 2-4 downsamples by strided attention.
+
+Per model the paper gives: block size b, halo h, value multiplier rv, bottleneck multiplier rb, stage-3
+depth l3, final 1x1 conv width df and input size s. The paper leaves some details open; this file makes
+these choices, and they reproduce every parameter count of the paper's table to within 0.3%:
+
+* stage base widths w = 64, 128, 256, 512 (ResNet), depths 3, 3, l3, 3, strides 1, 2, 2, 2;
+* block: 1x1 conv in -> w, halo attention with query/key width w and value width rv * w,
+  1x1 conv rv * w -> rb * w (the block's output width), residual (1x1 conv shortcut where shape changes);
+  BN + ReLU after the first conv and after the attention, BN (zero-init gamma) after the last conv;
+* 8 heads in every stage (head dims 8, 16, 32, 64), relative logits not scaled (as timm's HaloAttn);
+* stem: 7x7 stride-2 conv (64 ch) + BN + ReLU + 3x3 stride-2 max pool, as ResNet;
+* df > 0: a final 1x1 conv + BN + ReLU to df channels before global pooling (H3-H7); none for H0-H2.
+
+With rb = 1 these choices reduce to timm's own `halonet_h1` reference layout (8.10M params).
+"""
+import warnings
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    BatchNormAct2d,
+    ClassifierHead,
+    ConvNormAct,
+    DropPath,
+    calculate_drop_path_rates,
+    create_act_layer,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
+from timm.models._features import feature_take_indices
+
+from timm_halo.layers import HaloAttention
+
+__all__ = ['HaloNet', 'HaloNetArgs', 'halonet_args']
+
+# The paper's family: b, h, rv, rb, l3, df, s. See the module docstring for how they map to widths.
+_FAMILY: Dict[str, Dict[str, Any]] = {
+    'halonet_h0': dict(block_size=8, halo_size=3, value_ratio=1.0, out_ratio=0.5, l3=7, df=0, img_size=256),
+    'halonet_h1': dict(block_size=8, halo_size=3, value_ratio=1.0, out_ratio=1.0, l3=10, df=0, img_size=256),
+    'halonet_h2': dict(block_size=8, halo_size=3, value_ratio=1.0, out_ratio=1.25, l3=11, df=0, img_size=256),
+    'halonet_h3': dict(block_size=10, halo_size=3, value_ratio=1.0, out_ratio=1.5, l3=12, df=1024, img_size=320),
+    'halonet_h4': dict(block_size=12, halo_size=2, value_ratio=1.0, out_ratio=3.0, l3=12, df=1280, img_size=384),
+    'halonet_h5': dict(block_size=14, halo_size=2, value_ratio=2.5, out_ratio=2.0, l3=23, df=1536, img_size=448),
+    'halonet_h6': dict(block_size=8, halo_size=4, value_ratio=3.0, out_ratio=2.75, l3=24, df=1536, img_size=512),
+    'halonet_h7': dict(block_size=10, halo_size=3, value_ratio=4.0, out_ratio=3.5, l3=26, df=2048, img_size=600),
+}
+
+# The paper's parameter counts (millions) and ImageNet top-1, for documentation and tests.
+PAPER_PARAMS_M = {
+    'halonet_h0': 5.5, 'halonet_h1': 8.1, 'halonet_h2': 9.4, 'halonet_h3': 11.8,
+    'halonet_h4': 19.1, 'halonet_h5': 30.7, 'halonet_h6': 43.4, 'halonet_h7': 67.4,
+}
+PAPER_TOP1 = {
+    'halonet_h0': 77.9, 'halonet_h1': 79.9, 'halonet_h2': 80.4, 'halonet_h3': 81.9,
+    'halonet_h4': 83.3, 'halonet_h5': 84.0, 'halonet_h6': 84.4, 'halonet_h7': 84.9,
+}
+
+HaloNetArgs = Dict[str, Any]
+
+
+def halonet_args(variant: str) -> HaloNetArgs:
+    """Constructor kwargs of `HaloNet` for one of the paper's models, e.g. ``halonet_args('halonet_h1')``."""
+    if variant not in _FAMILY:
+        raise ValueError(f'Unknown HaloNet variant {variant!r}; known: {", ".join(_FAMILY)}')
+    f = _FAMILY[variant]
+    return dict(
+        depths=(3, 3, f['l3'], 3),
+        block_size=f['block_size'],
+        halo_size=f['halo_size'],
+        value_ratio=f['value_ratio'],
+        out_ratio=f['out_ratio'],
+        num_features=f['df'],
+    )
+
+
+class HaloBottleneck(nn.Module):
+    """Bottleneck block with halo attention as its spatial op."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            width: int,
+            out_chs: int,
+            stride: int = 1,
+            block_size: int = 8,
+            halo_size: int = 3,
+            heads: int = 8,
+            value_ratio: float = 1.0,
+            qkv_bias: bool = False,
+            act_layer: Union[str, Callable] = 'relu',
+            drop_path: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if width % heads:
+            raise ValueError(f'HaloBottleneck: width {width} is not divisible by heads {heads}')
+        dim_v = int(round(width * value_ratio))
+        if in_chs != out_chs or stride != 1:
+            self.shortcut = ConvNormAct(in_chs, out_chs, 1, stride=stride, apply_act=False, **dd)
+        else:
+            self.shortcut = nn.Identity()
+        self.conv1 = ConvNormAct(in_chs, width, 1, act_layer=act_layer, **dd)
+        self.attn = HaloAttention(
+            width,
+            block_size=block_size,
+            halo_size=halo_size,
+            dim_head=width // heads,
+            heads=heads,
+            dim_out=dim_v,
+            stride=stride,
+            value_ratio=value_ratio,
+            qkv_bias=qkv_bias,
+            **dd,
+        )
+        self.post_attn = BatchNormAct2d(self.attn.dim_out, act_layer=act_layer, **dd)
+        self.conv3 = ConvNormAct(self.attn.dim_out, out_chs, 1, apply_act=False, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.act = create_act_layer(act_layer, inplace=True)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv3.bn.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.shortcut(x)
+        x = self.conv1(x)
+        x = self.attn(x)
+        x = self.post_attn(x)
+        x = self.conv3(x)
+        return self.act(self.drop_path(x) + shortcut)
+
+
+class HaloStage(nn.Module):
+    """A sequence of halo bottlenecks; the first one carries the stage's stride."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            width: int,
+            out_chs: int,
+            depth: int,
+            stride: int,
+            drop_path_rates: List[float],
+            **block_kwargs,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*[
+            HaloBottleneck(
+                in_chs if i == 0 else out_chs,
+                width,
+                out_chs,
+                stride=stride if i == 0 else 1,
+                drop_path=drop_path_rates[i],
+                **block_kwargs,
+            )
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class HaloNet(nn.Module):
+    """HaloNet backbone with the timm model API.
+
+    Args:
+        depths: blocks per stage.
+        widths: base (query/key) width per stage.
+        block_size: halo attention block size b (all stages).
+        halo_size: halo h (all stages).
+        value_ratio: value width multiplier rv.
+        out_ratio: block output width multiplier rb.
+        num_features: width df of a final 1x1 conv before pooling; 0 for none.
+        heads: attention heads per block.
+        stem_chs: stem conv width.
+        in_chans: input image channels.
+        num_classes: classifier outputs (0 for a feature extractor).
+        global_pool: 'avg', 'max', 'avgmax', 'catavgmax' or '' (timm's SelectAdaptivePool2d).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth rate, increasing linearly over blocks.
+        act_layer: activation.
+        qkv_bias: bias in the attention projections.
+        zero_init_last: zero-init the last BN gamma of every residual branch.
+    """
+
+    def __init__(
+            self,
+            depths: Tuple[int, ...] = (3, 3, 10, 3),
+            widths: Tuple[int, ...] = (64, 128, 256, 512),
+            block_size: int = 8,
+            halo_size: int = 3,
+            value_ratio: float = 1.0,
+            out_ratio: float = 1.0,
+            num_features: int = 0,
+            heads: int = 8,
+            stem_chs: int = 64,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            act_layer: Union[str, Callable] = 'relu',
+            qkv_bias: bool = False,
+            zero_init_last: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if len(depths) != len(widths):
+            raise ValueError(f'HaloNet: depths {depths} and widths {widths} must have the same length')
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        self.stem = nn.Sequential(
+            ConvNormAct(in_chans, stem_chs, 7, stride=2, act_layer=act_layer, **dd),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        reduction = 4
+        in_chs = stem_chs
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        self.feature_info = []
+        stages = []
+        for i, (depth, width) in enumerate(zip(depths, widths)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            out_chs = int(round(width * out_ratio))
+            stages.append(HaloStage(
+                in_chs,
+                width,
+                out_chs,
+                depth=depth,
+                stride=stride,
+                drop_path_rates=dpr[i],
+                block_size=block_size,
+                halo_size=halo_size,
+                heads=heads,
+                value_ratio=value_ratio,
+                qkv_bias=qkv_bias,
+                act_layer=act_layer,
+                **dd,
+            ))
+            in_chs = out_chs
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+        if num_features:
+            self.final_conv = ConvNormAct(in_chs, num_features, 1, act_layer=act_layer, **dd)
+            self.feature_info[-1] = dict(num_chs=num_features, reduction=reduction, module='final_conv')
+        else:
+            self.final_conv = nn.Identity()
+            num_features = in_chs
+        self.num_features = self.head_hidden_size = num_features
+        self.head = ClassifierHead(
+            num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+
+        named_apply(partial(_init_weights, zero_init_last=zero_init_last), self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^final_conv', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # Relative position tables act like embeddings: keep them out of weight decay.
+        return {n for n, _ in self.named_parameters() if n.endswith(('rel_pos_h', 'rel_pos_w'))}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates.
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n stages if int, all if None, select matching indices if sequence.
+            norm: Unused (HaloNet has no final norm); accepted for API compatibility.
+            stop_early: Stop iterating over stages when last desired intermediate hit.
+            output_fmt: Shape of intermediate feature outputs (only 'NCHW').
+            intermediates_only: Only return intermediate features.
+
+        Returns:
+            List of intermediate features or tuple of (final features, intermediates).
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"HaloNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+
+        x = self.stem(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx == last_idx:
+                # feature_info names final_conv as the last feature (as timm's ByobNet does)
+                x = self.final_conv(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Prune layers not required for specified intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if max_index < len(self.feature_info) - 1:
+            self.final_conv = nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            prune_head = True
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stages(x)  # each stage checkpoints its own blocks when enabled
+        return self.final_conv(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        return self.forward_head(x)
+
+
+def _init_weights(module: nn.Module, name: str = '', zero_init_last: bool = False) -> None:
+    if isinstance(module, nn.Conv2d) and not name.endswith(('attn.q', 'attn.kv')):
+        # HaloAttention initialises its own projections and position tables.
+        nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif zero_init_last and hasattr(module, 'zero_init_last'):
+        module.zero_init_last()
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HaloNet) -> Dict[str, torch.Tensor]:
+    """Accept our own checkpoints as they are (unwrapping common training-checkpoint containers)."""
+    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    return {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
+    model_args = halonet_args(variant)
+    model_args.update(kwargs)
+    return build_model_with_cfg(
+        HaloNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **model_args,
+    )
+
+
+def _cfg(img_size: int, **kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, img_size, img_size),
+        'pool_size': (-(-img_size // 32), -(-img_size // 32)),  # stride-2 stages round up
+        'min_input_size': (3, 32, 32),
+        'crop_pct': 0.95,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0.conv',
+        'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2103.12731',
+        'paper_name': 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    f'{name}.untrained': _cfg(args['img_size']) for name, args in _FAMILY.items()
+})
+
+
+def _register(fn: Callable[..., HaloNet]) -> Callable[..., HaloNet]:
+    """`register_model`, replacing timm's own untrained `halonet_h1` reference quietly.
+
+    timm registers a ByobNet `halonet_h1` with no weights; ours supersedes that one name (on purpose,
+    see README). Any other clash still warns as timm intends.
+    """
+    with warnings.catch_warnings():
+        if fn.__name__ == 'halonet_h1':
+            warnings.filterwarnings('ignore', message=r'Overwriting halonet_h1 in registry')
+        return register_model(fn)
+
+
+@_register
+def halonet_h0(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H0: b=8, h=3, rv=1, rb=0.5, l3=7, 256px; 5.5M params."""
+    return _create_halonet('halonet_h0', pretrained=pretrained, **kwargs)
+
+
+@_register
+def halonet_h1(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H1: b=8, h=3, rv=1, rb=1, l3=10, 256px; 8.1M params."""
+    return _create_halonet('halonet_h1', pretrained=pretrained, **kwargs)
+
+
+@_register
+def halonet_h2(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H2: b=8, h=3, rv=1, rb=1.25, l3=11, 256px; 9.4M params."""
+    return _create_halonet('halonet_h2', pretrained=pretrained, **kwargs)
+
+
+@_register
+def halonet_h3(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H3: b=10, h=3, rv=1, rb=1.5, l3=12, df=1024, 320px; 11.8M params."""
+    return _create_halonet('halonet_h3', pretrained=pretrained, **kwargs)
+
+
+@_register
+def halonet_h4(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H4: b=12, h=2, rv=1, rb=3, l3=12, df=1280, 384px; 19.1M params."""
+    return _create_halonet('halonet_h4', pretrained=pretrained, **kwargs)
+
+
+@_register
+def halonet_h5(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H5: b=14, h=2, rv=2.5, rb=2, l3=23, df=1536, 448px; 30.7M params."""
+    return _create_halonet('halonet_h5', pretrained=pretrained, **kwargs)
+
+
+@_register
+def halonet_h6(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H6: b=8, h=4, rv=3, rb=2.75, l3=24, df=1536, 512px; 43.4M params."""
+    return _create_halonet('halonet_h6', pretrained=pretrained, **kwargs)
+
+
+@_register
+def halonet_h7(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H7: b=10, h=3, rv=4, rb=3.5, l3=26, df=2048, 600px; 67.4M params."""
+    return _create_halonet('halonet_h7', pretrained=pretrained, **kwargs)
