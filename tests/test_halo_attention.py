@@ -243,3 +243,16 @@ def test_bad_input(make_input, error, match):
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HaloAttention(16, **kwargs)
+
+
+def test_meta_init_then_materialize():
+    """Built on the meta device, then materialised with to_empty(): the index buffer is rebuilt by timm's hook."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+    real = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8, stride=2)
+    meta = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8, stride=2, device='meta')
+    assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    meta = meta.to_empty(device='cpu')
+    meta.load_state_dict(real.state_dict())
+    reinit_non_persistent_buffers(meta)
+    x = torch.randn(1, 16, 9, 9)
+    torch.testing.assert_close(meta(x), real(x))

@@ -58,7 +58,7 @@ def test_default_cfg_contract_at_full_size(name):
     model = timm.create_model(name, device='meta')
     cfg = model.pretrained_cfg
     expected_size = {0: 256, 1: 256, 2: 256, 3: 320, 4: 384, 5: 448, 6: 512, 7: 600}[int(name[-1])]
-    assert cfg['input_size'] == (3, expected_size, expected_size)
+    assert cfg['input_size'] == (3, expected_size, expected_size) and model.in_chans == 3
     assert cfg['tag'] == 'untrained' and get_pretrained_cfg(name).architecture == name
     assert cfg['mean'] == timm.data.IMAGENET_DEFAULT_MEAN and cfg['std'] == timm.data.IMAGENET_DEFAULT_STD
     modules = dict(model.named_modules())
@@ -74,6 +74,9 @@ def test_default_cfg_contract_at_full_size(name):
     assert model(x).shape == (2, model.num_features)
     model.reset_classifier(0, '')
     assert model(x).shape == feat.shape
+    model.to(dtype=torch.float64)
+    model.reset_classifier(3)
+    assert model.get_classifier().weight.dtype == torch.float64 and model.get_classifier().weight.is_meta
 
 
 def test_real_forward_halonet_h0_full_size():
@@ -121,6 +124,17 @@ def test_features_only(name):
         picked = partial(x)
     torch.testing.assert_close(picked, [feats[1], feats[3]])
     assert partial.feature_info.channels() == [model.feature_info.channels()[i] for i in (1, 3)]
+
+
+def test_fx_feature_extraction():
+    """timm's torch.fx feature path treats HaloAttention as a leaf and gives the same maps."""
+    torch.manual_seed(0)
+    hooks = _small('halonet_h1', features_only=True).eval()
+    torch.manual_seed(0)
+    fx = _small('halonet_h1', features_only=True, feature_cls='fx').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(list(fx(x)), hooks(x))
 
 
 def test_forward_intermediates_agree_with_features_and_forward():

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -122,6 +122,7 @@ class _HaloAttentionTiled(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w, None
 
 
+@register_notrace_module  # a leaf for torch.fx feature extraction: its shape arithmetic is not symbolic
 class HaloAttention(nn.Module):
     """Halo attention: blocked local self-attention with 2-D relative positions. NCHW in, NCHW out.
 
@@ -191,11 +192,19 @@ class HaloAttention(nn.Module):
         self.proj = nn.Conv2d(inner_v, dim_out, 1, **dd) if inner_v != dim_out else nn.Identity()
 
         # Gather index for the relative tables: [query row in block, key row in window] -> table row.
-        queries = torch.arange(0, block_size, stride)
-        window = torch.arange(self.win_size)
-        offsets = (window[None, :] - halo_size) - queries[:, None]
-        self.register_buffer('rel_index', offsets + block_size + halo_size - 1, persistent=False)
+        self.register_buffer(
+            'rel_index', torch.empty(block_size // stride, self.win_size, dtype=torch.long, device=device),
+            persistent=False)
+        self.init_non_persistent_buffers()
         self.reset_parameters()
+
+    def init_non_persistent_buffers(self) -> None:
+        """Fill ``rel_index`` (also after ``to_empty()`` from the meta device; timm calls this)."""
+        device = self.rel_index.device
+        queries = torch.arange(0, self.block_size, self.stride, device=device)
+        window = torch.arange(self.win_size, device=device)
+        offsets = (window[None, :] - self.halo_size) - queries[:, None]
+        self.rel_index.copy_(offsets + self.block_size + self.halo_size - 1)
 
     def reset_parameters(self) -> None:
         trunc_normal_(self.q.weight, std=self.dim ** -0.5)

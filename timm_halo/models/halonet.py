@@ -34,6 +34,7 @@ from timm.layers import (
     DropPath,
     calculate_drop_path_rates,
     create_act_layer,
+    get_device_dtype,
     trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
@@ -224,6 +225,7 @@ class HaloNet(nn.Module):
         if len(depths) != len(widths):
             raise ValueError(f'HaloNet: depths {depths} and widths {widths} must have the same length')
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
@@ -298,7 +300,8 @@ class HaloNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        # the new classifier lives on the model's device, in its dtype
+        self.head.reset(num_classes, global_pool, in_features=self.num_features, **get_device_dtype(self))
 
     def forward_intermediates(
             self,
