@@ -20,6 +20,7 @@ these choices, and they reproduce every parameter count of the paper's table to 
 
 With rb = 1 these choices reduce to timm's own `halonet_h1` reference layout (8.10M params).
 """
+import re
 import warnings
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -37,9 +38,18 @@ from timm.layers import (
     get_device_dtype,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    is_model,
+    model_entrypoint,
+    named_apply,
+    register_model,
+)
 from timm.models._features import feature_take_indices
 
+from timm_halo.hub import HF_HUB_ORG, PretrainedWeightsError, UnpublishedCfg, build_pretrained
 from timm_halo.layers import HaloAttention
 
 __all__ = ['HaloNet', 'HaloNetArgs', 'halonet_args']
@@ -196,6 +206,9 @@ class HaloNet(nn.Module):
         act_layer: activation.
         qkv_bias: bias in the attention projections.
         zero_init_last: zero-init the last BN gamma of every residual branch.
+        bn_momentum: override BatchNorm momentum (timm's train.py ``--bn-momentum``).
+        bn_eps: override BatchNorm epsilon (timm's train.py ``--bn-eps``).
+        drop_block_rate: accepted for timm's train.py; HaloNet has no DropBlock, so only 0 is valid.
     """
 
     def __init__(
@@ -217,11 +230,16 @@ class HaloNet(nn.Module):
             act_layer: Union[str, Callable] = 'relu',
             qkv_bias: bool = False,
             zero_init_last: bool = True,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
+            drop_block_rate: float = 0.,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        if drop_block_rate:
+            raise ValueError(f'HaloNet has no DropBlock layers: drop_block_rate must be 0, got {drop_block_rate}')
         if len(depths) != len(widths):
             raise ValueError(f'HaloNet: depths {depths} and widths {widths} must have the same length')
         self.num_classes = num_classes
@@ -272,6 +290,10 @@ class HaloNet(nn.Module):
             num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
 
         named_apply(partial(_init_weights, zero_init_last=zero_init_last), self)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = module.momentum if bn_momentum is None else bn_momentum
+                module.eps = module.eps if bn_eps is None else bn_eps
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -393,26 +415,137 @@ def _init_weights(module: nn.Module, name: str = '', zero_init_last: bool = Fals
         module.zero_init_last()
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HaloNet) -> Dict[str, torch.Tensor]:
-    """Accept our own checkpoints as they are (unwrapping common training-checkpoint containers)."""
-    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
+# timm's ByobNet `halonet_h1` (timm.models.byoanet) -> ours, per block: same tensors under other names.
+_BYOBNET_BLOCK_RENAMES = (
+    ('conv1_1x1.', 'conv1.'),
+    ('conv3_1x1.', 'conv3.'),
+    ('self_attn.pos_embed.height_rel', 'attn.rel_pos_h'),
+    ('self_attn.pos_embed.width_rel', 'attn.rel_pos_w'),
+    ('self_attn.', 'attn.'),
+)
+
+
+def _is_timm_byobnet(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith('stem.conv1.') or '.self_attn.' in k for k in state_dict)
+
+
+def _from_timm_byobnet(
+        state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor],
+) -> Dict[str, torch.Tensor]:
+    """Rename a timm ByobNet halo-attention state dict (stem.conv1, stages.i.j.conv1_1x1/self_attn/...) to ours.
+
+    q/kv 1x1 convs share the per-head channel layout. timm's relative tables hold 2(b+2h)-1 rows where ours
+    hold 2(b+h)-1: its first 2h rows belong to offsets no query uses, so ours are the last 2(b+h)-1.
+    For stride-1 layers this is exact wherever no window touches the image border (timm attends zero-padded
+    border keys, we mask them). For stride-2 layers timm measures offsets on the subsampled query grid and we
+    in input pixels, so the tables are reused but the layer computes something slightly different.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith('stem.conv1.'):
+            key = 'stem.0.' + key[len('stem.conv1.'):]
+        else:
+            m = re.match(r'stages\.(\d+)\.(\d+)\.(.+)$', key)
+            if m:
+                rest = m.group(3)
+                for old, new in _BYOBNET_BLOCK_RENAMES:
+                    if rest.startswith(old):
+                        rest = new + rest[len(old):]
+                        break
+                key = f'stages.{m.group(1)}.blocks.{m.group(2)}.{rest}'
+                if key.endswith(('attn.rel_pos_h', 'attn.rel_pos_w')) and key in target:
+                    extra = value.shape[0] - target[key].shape[0]
+                    if extra > 0:
+                        value = value[extra:]
+        out[key] = value
+    return out
+
+
+def _check_matches(state_dict: Dict[str, torch.Tensor], model: nn.Module, target: Dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint that would load only partially, before timm's non-strict paths could let it through.
+
+    timm loads non-strictly whenever num_classes changes; without this check a checkpoint of another
+    architecture would then load nothing and say so only in a log line. The classifier (reset by timm when
+    num_classes changes) and the first conv's input channels (adapted by timm for in_chans) are left to timm.
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier = cfg.get('classifier') or 'head.fc'
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    first_conv = cfg.get('first_conv') or 'stem.0.conv'
+    first_convs = (first_conv,) if isinstance(first_conv, str) else tuple(first_conv)
+
+    def is_head(key: str) -> bool:
+        return key.rsplit('.', 1)[0] in classifiers
+
+    missing = [k for k in target if k not in state_dict and not is_head(k)]
+    unexpected = [k for k in state_dict if k not in target and not is_head(k)]
+    mismatched = [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}'
+        for k, v in state_dict.items()
+        if k in target and not is_head(k) and k not in {f'{c}.weight' for c in first_convs}
+        and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(title: str, keys: List[str]) -> str:
+        keys = sorted(keys, key=lambda k: k.endswith('num_batches_tracked'))  # the telling keys first
+        shown = ', '.join(keys[:8]) + (f', ... ({len(keys) - 8} more)' if len(keys) > 8 else '')
+        return f'\n  {len(keys)} {title}: {shown}' if keys else ''
+
+    arch = cfg.get('architecture') or type(model).__name__
+    raise PretrainedWeightsError(
+        f'the checkpoint does not match {arch} as built (another architecture, or other model kwargs such as '
+        f'depths?); refusing a partial load.'
+        + listing('missing keys', missing) + listing('unexpected keys', unexpected)
+        + listing('shape mismatches', mismatched))
+
+
+def checkpoint_filter_fn(
+        state_dict: Dict[str, Any], model: nn.Module, strict: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """Prepare a checkpoint for `model`: our own layout, or timm's ByobNet `halonet_h1` layout (renamed).
+
+    Unwraps training-checkpoint containers ('state_dict', 'model', EMA) and DDP / torch.compile prefixes.
+    With `strict`, a checkpoint that would load only partially raises PretrainedWeightsError listing the
+    missing, unexpected and mis-shaped keys.
+    """
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
             break
-    return {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    cleaned = {}
+    for k, v in state_dict.items():
+        while k.startswith(('module.', '_orig_mod.')):
+            k = k.split('.', 1)[1]
+        cleaned[k] = v
+    target = model.state_dict()
+    if _is_timm_byobnet(cleaned):
+        cleaned = _from_timm_byobnet(cleaned, target)
+    if strict:
+        _check_matches(cleaned, model, target)
+    return cleaned
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
     model_args = halonet_args(variant)
     model_args.update(kwargs)
-    return build_model_with_cfg(
+    strict = model_args.get('pretrained_strict', True)
+    build = partial(
+        build_model_with_cfg,
         HaloNet,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=checkpoint_filter_fn if strict else partial(checkpoint_filter_fn, strict=False),
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **model_args,
     )
+    if not pretrained:
+        return build()
+    # timm's loader errors are terse (a bare FileNotFoundError, huggingface_hub's cache messages without the
+    # repo name): report the architecture, the repo/file looked for, and how to load a local file instead.
+    return build_pretrained(
+        build, variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
 
 
 def _cfg(img_size: int, **kwargs) -> Dict[str, Any]:
@@ -434,8 +567,22 @@ def _cfg(img_size: int, **kwargs) -> Dict[str, Any]:
     }
 
 
+# Weights the project has published on the Hub, as 'model.tag' (none yet). Every model also has a cfg for its
+# planned ImageNet-1k weights, 'halonet_hX.in1k' at hf-hub:timm-halo/halonet_hX.in1k (model.safetensors). Until
+# the tag is listed here that cfg is an UnpublishedCfg: timm does not count it as weights, so the untrained
+# cfg stays the default and timm.list_models(pretrained=True) lists none of ours. Listing a tag here makes it
+# a normal cfg, which timm then makes the architecture's default (`halonet_hX` -> `halonet_hX.in1k`).
+PUBLISHED_WEIGHTS: Tuple[str, ...] = ()
+
+
+def _hub_cfg(model_tag: str, img_size: int) -> Union[Dict[str, Any], UnpublishedCfg]:
+    cfg = _cfg(img_size, hf_hub_id=f'{HF_HUB_ORG}/{model_tag}', hf_hub_filename='model.safetensors')
+    return cfg if model_tag in PUBLISHED_WEIGHTS else UnpublishedCfg(**cfg)
+
+
 default_cfgs = generate_default_cfgs({
-    f'{name}.untrained': _cfg(args['img_size']) for name, args in _FAMILY.items()
+    **{f'{name}.untrained': _cfg(args['img_size']) for name, args in _FAMILY.items()},
+    **{f'{name}.in1k': _hub_cfg(f'{name}.in1k', args['img_size']) for name, args in _FAMILY.items()},
 })
 
 
@@ -443,11 +590,14 @@ def _register(fn: Callable[..., HaloNet]) -> Callable[..., HaloNet]:
     """`register_model`, replacing timm's own untrained `halonet_h1` reference quietly.
 
     timm registers a ByobNet `halonet_h1` with no weights; ours supersedes that one name (on purpose,
-    see README). Any other clash still warns as timm intends.
+    see README). Registering our own entry again (module reload, plugin loaded twice) is quiet too; any
+    other clash still warns as timm intends.
     """
+    name = fn.__name__
+    ours_already = is_model(name) and model_entrypoint(name).__module__ == fn.__module__
     with warnings.catch_warnings():
-        if fn.__name__ == 'halonet_h1':
-            warnings.filterwarnings('ignore', message=r'Overwriting halonet_h1 in registry')
+        if name == 'halonet_h1' or ours_already:
+            warnings.filterwarnings('ignore', message=rf'Overwriting {name} in registry')
         return register_model(fn)
 
 

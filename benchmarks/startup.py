@@ -1,0 +1,50 @@
+"""Interpreter start-up cost of the autoload hook when timm is never imported.
+
+    python -m benchmarks.startup [--runs 21]
+
+Runs ``python -X importtime -c pass`` repeatedly and reports the median import time of ``_timm_halo_autoload``
+(the module the .pth line imports) and the median total start-up time, with and without the hook
+(``TIMM_HALO_DISABLE_AUTOLOAD=1`` still imports the module but returns before installing anything).
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+_LINE = re.compile(r'import time:\s+(\d+) \|\s+(\d+) \|\s*(\S+)')
+
+
+def _one_run(disable: bool) -> tuple:
+    env = {k: v for k, v in os.environ.items() if k != 'TIMM_HALO_DISABLE_AUTOLOAD'}
+    if disable:
+        env['TIMM_HALO_DISABLE_AUTOLOAD'] = '1'
+    start = time.perf_counter()
+    err = subprocess.run([sys.executable, '-X', 'importtime', '-c', 'pass'], capture_output=True, text=True,
+                         env=env, check=True).stderr
+    wall = time.perf_counter() - start
+    hook_us = sum(int(m.group(2)) for m in _LINE.finditer(err) if m.group(3) == '_timm_halo_autoload')
+    return hook_us, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--runs', type=int, default=21)
+    args = parser.parse_args()
+    rows = {}
+    for label, disable in (('hook on', False), ('hook disabled', True)):
+        runs = [_one_run(disable) for _ in range(args.runs)]
+        rows[label] = (statistics.median(r[0] for r in runs) / 1e3, statistics.median(r[1] for r in runs) * 1e3)
+    if rows['hook on'][0] == 0:
+        raise SystemExit('_timm_halo_autoload was not imported at start-up: is timm-halo installed here?')
+    print(f'Start-up with timm never imported | {sys.executable} | medians of {args.runs} runs')
+    print('| case | _timm_halo_autoload import (ms) | `python -c pass` wall (ms) |')
+    print('|---|---|---|')
+    for label, (hook_ms, wall_ms) in rows.items():
+        print(f'| {label} | {hook_ms:.3f} | {wall_ms:.1f} |')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,143 @@
+"""Plugin autoload: installing the package is enough for a fresh `import timm` to know halonet_*.
+
+Everything here runs real child interpreters against real installs: the editable install the test suite
+runs from (what CI and README do), and a wheel built from this checkout and installed into a fresh venv.
+"""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = [f'halonet_h{i}' for i in range(8)]
+
+# A child that only imports timm (never timm_halo) and reports what it sees.
+PROBE = textwrap.dedent('''
+    import json, sys, warnings
+    warnings.simplefilter('always')
+    with warnings.catch_warnings(record=True) as caught:
+        import timm
+        names = timm.list_models('halonet_h*')
+        model = timm.create_model('halonet_h1', device='meta')
+    import timm_halo
+    print(json.dumps(dict(
+        names=names,
+        cls=type(model).__module__ + '.' + type(model).__name__,
+        warnings=[str(w.message) for w in caught],
+        timm_halo_file=timm_halo.__file__,
+    )))
+''')
+
+
+def _child_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != 'TIMM_HALO_DISABLE_AUTOLOAD'}
+    env.update(extra)
+    return env
+
+
+def _probe(python: str, cwd: Path, **env) -> dict:
+    result = subprocess.run([python, '-c', PROBE], capture_output=True, text=True, cwd=cwd, env=_child_env(**env),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_editable_install_autoloads(tmp_path):
+    seen = _probe(sys.executable, tmp_path)
+    assert seen['names'] == NAMES
+    assert seen['cls'] == 'timm_halo.models.halonet.HaloNet'
+    assert seen['warnings'] == []  # no "Overwriting halonet_h1" noise either
+
+
+def test_interpreter_start_up_imports_neither_torch_nor_timm(tmp_path):
+    code = 'import sys; print(sorted(m for m in ("torch", "timm", "_timm_halo_autoload", "importlib.metadata") ' \
+           'if m in sys.modules))'
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                            env=_child_env())
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout) == ['_timm_halo_autoload']
+
+
+def test_disable_switch_and_explicit_import(tmp_path):
+    seen = _probe(sys.executable, tmp_path, TIMM_HALO_DISABLE_AUTOLOAD='1')
+    assert seen['names'] == ['halonet_h1']  # timm's own untrained reference only
+    assert seen['cls'] == 'timm.models.byobnet.ByobNet'
+    code = 'import timm, timm_halo; print(timm.list_models("halonet_h*"))'
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                            env=_child_env(TIMM_HALO_DISABLE_AUTOLOAD='1'))
+    assert eval(result.stdout) == NAMES
+
+
+def test_registering_twice_is_harmless(tmp_path):
+    code = textwrap.dedent('''
+        import importlib, warnings
+        warnings.simplefilter('error')
+        import timm, timm_halo.models.halonet as halonet, _timm_halo_autoload
+        importlib.reload(halonet)
+        _timm_halo_autoload.load_timm_plugins()
+        assert type(timm.create_model('halonet_h1', device='meta')).__name__ == 'HaloNet'
+        print(timm.list_models('halonet_h*'))
+    ''')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                            env=_child_env())
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout) == NAMES
+
+
+@pytest.fixture(scope='module')
+def wheel_venv(tmp_path_factory) -> Path:
+    """A fresh venv holding only our wheel; torch/timm come from this interpreter's site-packages by path.
+
+    The stack is put on sys.path with a plain path line, which (unlike a site dir) does not run the .pth
+    files there, so the editable install's own hook stays out of this venv.
+    """
+    tmp = tmp_path_factory.mktemp('wheel')
+    wheel_dir = tmp / 'dist'
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
+                    '-w', str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheel_dir.glob('timm_halo-*.whl'))
+    env_dir = tmp / 'venv'
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / 'bin' / 'python'
+    subprocess.run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index',
+                    '-q', str(wheel)], check=True, capture_output=True, timeout=300)
+    site = Path(subprocess.run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    assert (site / 'timm_halo_autoload.pth').exists() and (site / '_timm_halo_autoload.py').exists()
+    (site / 'zz_host_stack.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
+    return python
+
+
+def test_wheel_install_autoloads(wheel_venv, tmp_path):
+    seen = _probe(str(wheel_venv), tmp_path)
+    assert seen['names'] == NAMES
+    assert seen['cls'] == 'timm_halo.models.halonet.HaloNet'
+    assert seen['warnings'] == []
+    assert seen['timm_halo_file'].startswith(str(wheel_venv.parents[1]))  # the wheel's copy, not the checkout
+
+
+def test_broken_plugin_warns_once_and_timm_still_imports(wheel_venv, tmp_path):
+    """A second plugin whose module raises: `import timm` works, one warning names it, ours still loads."""
+    site = Path(subprocess.run([str(wheel_venv), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    dist_info = site / 'broken_timm_plugin-1.0.dist-info'
+    dist_info.mkdir()
+    (dist_info / 'METADATA').write_text('Metadata-Version: 2.1\nName: broken-timm-plugin\nVersion: 1.0\n')
+    (dist_info / 'entry_points.txt').write_text('[timm.plugins]\nbroken = broken_timm_plugin\n')
+    (site / 'broken_timm_plugin.py').write_text('raise RuntimeError("plugin exploded on import")\n')
+    try:
+        seen = _probe(str(wheel_venv), tmp_path)
+    finally:
+        (site / 'broken_timm_plugin.py').unlink()
+        for f in dist_info.iterdir():
+            f.unlink()
+        dist_info.rmdir()
+    assert seen['names'] == NAMES
+    assert len(seen['warnings']) == 1
+    assert "'broken'" in seen['warnings'][0] and 'plugin exploded on import' in seen['warnings'][0]

@@ -1,0 +1,183 @@
+"""timm's training stack (the pieces train.py uses) driving HaloNet, on CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.layers import convert_sync_batchnorm
+from timm.models import resume_checkpoint
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import CheckpointSaver, ModelEmaV3
+
+from timm_halo.models import HaloNet
+
+TINY = dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 64), stem_chs=16, block_size=4, halo_size=1, heads=2)
+HERE = Path(__file__).resolve().parent
+
+
+def test_create_model_with_train_py_arguments(tmp_path):
+    """The exact keyword set timm's train.py passes to create_model, including --initial-checkpoint."""
+    torch.manual_seed(0)
+    source = timm.create_model('halonet_h0', num_classes=5, in_chans=1, **TINY)
+    ckpt = tmp_path / 'init.pth'
+    torch.save(source.state_dict(), ckpt)
+    model = timm.create_model(
+        'halonet_h0', pretrained=False, in_chans=1, num_classes=5, drop_rate=0.1, drop_path_rate=0.05,
+        drop_block_rate=None, global_pool='avg', bn_momentum=0.05, bn_eps=1e-4, scriptable=False,
+        checkpoint_path=str(ckpt), **TINY)
+    assert isinstance(model, HaloNet)
+    for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.05 and m.eps == 1e-4 for m in bns)
+    with pytest.raises(ValueError, match='DropBlock'):
+        timm.create_model('halonet_h0', drop_block_rate=0.1, **TINY)
+
+
+def test_data_config_follows_pretrained_cfg():
+    model = timm.create_model('halonet_h3', device='meta')
+    cfg = resolve_data_config(model=model)
+    assert cfg['input_size'] == (3, 320, 320) and cfg['crop_pct'] == model.pretrained_cfg['crop_pct']
+    assert cfg['mean'] == model.pretrained_cfg['mean'] and cfg['interpolation'] == 'bicubic'
+
+
+def test_compile_has_no_graph_breaks_and_matches_eager():
+    torch.manual_seed(0)
+    model = timm.create_model('halonet_h0', num_classes=4, **TINY).eval()
+    x = torch.randn(2, 3, 40, 36)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    # training step through the compiled graph: gradients match eager
+    model.train()
+    compiled(x).sum().backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(compiled_grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    torch._dynamo.reset()
+
+
+def test_compile_inductor_fullgraph():
+    """The real backend users get: inductor generates C++ for the broadcast path on CPU (about a minute)."""
+    torch.manual_seed(0)
+    model = timm.create_model('halonet_h0', num_classes=4, **TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_amp_channels_last_ema_sync_bn_step():
+    torch.manual_seed(0)
+    model = timm.create_model('halonet_h0', num_classes=3, drop_path_rate=0.1, **TINY)
+    model = convert_sync_batchnorm(model)  # what train.py does with --sync-bn; on one process it acts as BN
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    model = model.to(memory_format=torch.channels_last)
+    model.set_grad_checkpointing(True)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.8)
+    scheduler, num_epochs = create_scheduler_v2(optimizer, sched='cosine', num_epochs=2, warmup_epochs=1)
+    ema = ModelEmaV3(model, decay=0.9)
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    scheduler.step(1)
+    ema.update(model, step=1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
+    assert num_epochs == 2
+
+
+def _write_image_folder(root: Path, per_class: int = 12) -> None:
+    """Four classes of 40x40 images: a class-specific colour under noise, easy enough to learn in a few epochs."""
+    gen = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40]], dtype=torch.float32)
+    for label, colour in enumerate(colours):
+        folder = root / f'class_{label}'
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            noise = torch.randn(40, 40, 3, generator=gen) * 40
+            pixels = (colour + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f'{i}.png')
+
+
+def test_train_loop_with_timm_data_checkpoint_and_resume(tmp_path):
+    data_root = tmp_path / 'data'
+    _write_image_folder(data_root)
+    torch.manual_seed(0)
+    model = timm.create_model('halonet_h0', num_classes=4, **TINY)
+    data_cfg = resolve_data_config(dict(input_size=(3, 32, 32), crop_pct=1.0), model=model)
+    dataset = create_dataset('', root=str(data_root), split='', is_training=True)
+    assert len(dataset) == 48
+    loader = create_loader(
+        dataset, input_size=data_cfg['input_size'], batch_size=16, is_training=True, no_aug=True,
+        mean=data_cfg['mean'], std=data_cfg['std'], num_workers=0, use_prefetcher=False, device=torch.device('cpu'),
+        persistent_workers=False)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-2, weight_decay=0.01)
+    (tmp_path / 'ckpt').mkdir()  # train.py creates its output folder before the saver
+    saver = CheckpointSaver(model, optimizer, checkpoint_dir=str(tmp_path / 'ckpt'),
+                            recovery_dir=str(tmp_path / 'ckpt'), decreasing=True, max_history=2)
+    epoch_losses = []
+    for epoch in range(6):
+        model.train()
+        losses = []
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        epoch_losses.append(sum(losses) / len(losses))
+        saver.save_checkpoint(epoch, metric=epoch_losses[-1])
+    assert epoch_losses[-1] < 0.6 * epoch_losses[0], epoch_losses
+
+    best = tmp_path / 'ckpt' / 'model_best.pth.tar'
+    assert best.exists()
+    resumed = timm.create_model('halonet_h0', num_classes=4, **TINY)
+    resumed_opt = create_optimizer_v2(resumed, 'adamw', lr=1e-2, weight_decay=0.01)
+    resume_epoch = resume_checkpoint(resumed, str(tmp_path / 'ckpt' / 'last.pth.tar'), optimizer=resumed_opt,
+                                     log_info=False)
+    assert resume_epoch == 6  # train.py continues at the epoch after the saved one
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert resumed_opt.state_dict()['state'].keys() == optimizer.state_dict()['state'].keys()
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo, CPU): ranks stay identical and match one process on the global batch."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    out = tmp_path / 'ddp.json'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=0',
+           '--rdzv_backend=c10d', '--rdzv_endpoint=localhost:0', str(HERE / 'ddp_worker.py'), str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    single = subprocess.run([sys.executable, str(HERE / 'ddp_worker.py'), str(tmp_path / 'single.json')],
+                            capture_output=True, text=True, env=env, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ref = json.loads((tmp_path / 'single.json').read_text())
+
+    assert ddp['world_size'] == 2 and ref['world_size'] == 1
+    assert ddp['max_param_diff_across_ranks'] == 0.0
+    assert len(ddp['losses']) == len(ref['losses']) == 3
+    for a, b in zip(ddp['losses'], ref['losses']):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert ddp['param_checksum'] == pytest.approx(ref['param_checksum'], rel=1e-4)
