@@ -26,6 +26,10 @@ def load_timm_plugins() -> list:
         if ep.value in seen:  # the same distribution can be visible twice (e.g. wheel + editable)
             continue
         seen.add(ep.value)
+        if _being_imported(ep.value.split(':')[0]):
+            # `import timm_halo` imports timm, which lands here mid-way through timm_halo's own import:
+            # loading the entry point now would be a circular import, and that import registers it anyway.
+            continue
         try:
             ep.load()
         except Exception as exc:  # a broken plugin must not break `import timm`
@@ -36,6 +40,16 @@ def load_timm_plugins() -> list:
         else:
             loaded.append(ep.name)
     return loaded
+
+
+def _being_imported(module: str) -> bool:
+    """True if the module or one of its parent packages is partway through its first import."""
+    parts = module.split('.')
+    for i in range(1, len(parts) + 1):
+        spec = getattr(sys.modules.get('.'.join(parts[:i])), '__spec__', None)
+        if getattr(spec, '_initializing', False):
+            return True
+    return False
 
 
 class _TimmImportHook:

@@ -1,41 +1,18 @@
 """Measurement harness: interleaved medians, CPU peak-RSS in a child process, CUDA allocator peaks."""
+import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+# The timing loop lives in the package so that `timm-halo bench` (installed without this folder) shares it.
+from timm_halo.bench import interleaved_medians
 
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def interleaved_medians(
-        fns: Dict[str, Callable[[], object]],
-        device: torch.device,
-        repeats: int = 7,
-        warmup: int = 2,
-) -> Dict[str, float]:
-    """Median seconds per call of each fn, calling them round-robin so drift hits every contender alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+__all__ = ['add_output_args', 'interleaved_medians', 'peak_memory', 'peak_memory_in_child', 'write_outputs']
 
 
 def peak_memory_in_child(module: str, args: List[str]) -> int:
@@ -79,3 +56,22 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     base = _read_status_kib('VmRSS')
     fn()
     return max(_read_status_kib('VmHWM') - base, 0) * 1024
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """``--json PATH`` and ``--plot PATH`` (PNG; needs matplotlib, imported only then)."""
+    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
+    parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
+
+
+def write_outputs(data: Dict[str, Any], json_path: Optional[str], plot_path: Optional[str]) -> None:
+    """Write ``data`` ({'benchmark': name, 'header': str, 'rows': [...], ...}) as JSON and/or a PNG plot."""
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump(data, f, indent=1)
+        print(f'wrote {json_path}')
+    if plot_path:
+        from benchmarks.plot import plot  # matplotlib stays optional: imported only when a plot is asked for
+
+        plot(data, plot_path)
+        print(f'wrote {plot_path}')

@@ -1,11 +1,21 @@
-"""HaloAttention vs timm's HaloAttn (equal dims): forward, forward+backward and peak memory.
+"""HaloAttention vs timm's HaloAttn and lucidrains' halonet-pytorch (equal dims): fwd, fwd+bwd, peak memory.
 
-    python -m benchmarks.layer [--device cpu|cuda] [--repeats 7]
+    python -m benchmarks.layer [--device cpu|cuda] [--repeats 7] [--compile] [--json PATH] [--plot PATH]
 
-Shapes are HaloNet-H1's stage 1 and stage 3 (block 8, halo 3, 8 heads). Timings are medians of interleaved
-runs in one process; peak memory is the extra memory of one fwd+bwd (CPU: peak RSS growth; CUDA: allocator peak).
+Shapes are HaloNet-H1's stage 1 and stage 3 (block 8, halo 3, 8 heads, head dim C/8). Timings are medians of
+interleaved runs in one process; peak memory is the extra memory of one fwd+bwd (CPU: peak RSS growth in a
+fresh child process; CUDA: allocator peak).
+
+Peers: timm's ``HaloAttn``, and lucidrains' ``halonet_pytorch.HaloAttention`` 0.0.5 (``pip install
+halonet-pytorch``; skipped with a note when missing). Both it and ours take and return NCHW. lucidrains' layer
+always ends in a CxC linear output projection with bias; ours and timm's have none at these dims, so its figures
+include one extra 1x1-conv-sized matmul (B*H*W*C*C MACs).
+
+``--compile`` adds ``torch.compile(HaloAttention)`` (inductor, default mode) as a separate contender; compiling
+takes up to a minute per shape on CPU, hence opt-in.
 """
 import argparse
+import importlib.util
 import json
 import platform
 from functools import partial
@@ -14,7 +24,7 @@ from typing import Dict, List, Tuple
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from benchmarks.harness import interleaved_medians, peak_memory, peak_memory_in_child
+from benchmarks.harness import add_output_args, interleaved_medians, peak_memory, peak_memory_in_child, write_outputs
 from timm_halo.layers import HaloAttention
 
 SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
@@ -22,13 +32,28 @@ SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
     'stage3 B8 C256 16x16': (8, 256, 16),
 }
 BLOCK, HALO, HEADS = 8, 3, 8
+OURS = ('timm_halo', 'timm_halo compiled')
+PEERS = ('timm', 'lucidrains')
+
+
+def lucidrains_available() -> bool:
+    return importlib.util.find_spec('halonet_pytorch') is not None
 
 
 def make_layer(impl: str, channels: int, device: torch.device) -> torch.nn.Module:
-    if impl == 'timm_halo':
-        return HaloAttention(channels, block_size=BLOCK, halo_size=HALO, heads=HEADS, dim_head=channels // HEADS)
+    """The layer ``impl`` with ``channels`` in and out, 8 heads of C/8, on ``device``."""
+    if impl in OURS:
+        layer = HaloAttention(channels, block_size=BLOCK, halo_size=HALO, heads=HEADS, dim_head=channels // HEADS)
+        layer = layer.to(device)
+        # dynamic=False: each shape gets its own layer, so no shape ever needs a dynamic graph.
+        return torch.compile(layer, dynamic=False) if impl == 'timm_halo compiled' else layer
     if impl == 'timm':
-        return HaloAttn(channels, channels, num_heads=HEADS, block_size=BLOCK, halo_size=HALO)
+        return HaloAttn(channels, channels, num_heads=HEADS, block_size=BLOCK, halo_size=HALO).to(device)
+    if impl == 'lucidrains':
+        from halonet_pytorch import HaloAttention as LucidrainsHaloAttention
+
+        return LucidrainsHaloAttention(dim=channels, block_size=BLOCK, halo_size=HALO, dim_head=channels // HEADS,
+                                       heads=HEADS).to(device)
     raise ValueError(impl)
 
 
@@ -43,21 +68,37 @@ def _fwd_bwd(layer, x):
 
 def measure_memory(impl: str, shape: str, device: torch.device) -> int:
     batch, channels, size = SHAPES[shape]
-    layer = make_layer(impl, channels, device).to(device)
+    layer = make_layer(impl, channels, device)
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
+    if impl == 'timm_halo compiled':
+        _fwd_bwd(layer, x)  # compile first, so the compiler's own memory is not counted as the layer's
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
     return peak_memory(lambda: _fwd_bwd(layer, x), device)
 
 
-def run(device: torch.device, repeats: int) -> List[dict]:
+def impls_to_run(compile: bool) -> List[str]:
+    impls = ['timm']
+    if lucidrains_available():
+        impls.append('lucidrains')
+    else:
+        print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
+    impls.append('timm_halo')
+    if compile:
+        impls.append('timm_halo compiled')
+    return impls
+
+
+def run(device: torch.device, repeats: int, impls: List[str]) -> List[dict]:
     rows = []
-    impls = ['timm', 'timm_halo']
     for shape, (batch, channels, size) in SHAPES.items():
         torch.manual_seed(0)
-        layers = {impl: make_layer(impl, channels, device).to(device) for impl in impls}
+        layers = {impl: make_layer(impl, channels, device) for impl in impls}
         x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
 
         fwd_t = interleaved_medians({i: partial(_fwd, m, x) for i, m in layers.items()}, device, repeats)
         bwd_t = interleaved_medians({i: partial(_fwd_bwd, m, x) for i, m in layers.items()}, device, repeats)
+        del layers
         if device.type == 'cuda':
             mem = {i: measure_memory(i, shape, device) for i in impls}
         else:
@@ -68,24 +109,52 @@ def run(device: torch.device, repeats: int) -> List[dict]:
     return rows
 
 
-def print_table(rows: List[dict], device: torch.device) -> None:
+def ratios(rows: List[dict]) -> List[dict]:
+    """Each of our variants vs each peer (and compiled vs eager) of the same shape, from the same run."""
+    out = []
+    by_key = {(r['shape'], r['impl']): r for r in rows}
+    for shape in SHAPES:
+        for ours in OURS:
+            for peer in PEERS + ('timm_halo',):
+                a, b = by_key.get((shape, ours)), by_key.get((shape, peer))
+                if a is None or b is None or a is b:
+                    continue
+                out.append(dict(shape=shape, ours=ours, peer=peer, fwd_speedup=b['fwd_ms'] / a['fwd_ms'],
+                                fwd_bwd_speedup=b['fwd_bwd_ms'] / a['fwd_bwd_ms'],
+                                memory_ratio=a['peak_mb'] / max(b['peak_mb'], 1e-9)))
+    return out
+
+
+def header(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
-    print(f'HaloAttention vs timm HaloAttn | device {device.type} ({name}) | torch {torch.__version__} | '
-          f'{torch.get_num_threads()} threads | medians of interleaved runs')
+    return (f'HaloAttention vs timm HaloAttn and lucidrains halonet-pytorch | device {device.type} ({name}) | '
+            f'torch {torch.__version__} | {torch.get_num_threads()} threads | medians of interleaved runs')
+
+
+def print_table(rows: List[dict], device: torch.device) -> None:
+    print(header(device))
     print('| shape | impl | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | fwd speedup | fwd+bwd speedup | memory ratio |')
     print('|---|---|---|---|---|---|---|---|')
-    for row in rows:
+    for row in rows:  # the ratio columns are vs timm, as in earlier RESULTS.md tables
         base = next(r for r in rows if r['shape'] == row['shape'] and r['impl'] == 'timm')
         print(f"| {row['shape']} | {row['impl']} | {row['fwd_ms']:.1f} | {row['fwd_bwd_ms']:.1f} "
               f"| {row['peak_mb']:.0f} "
               f"| {base['fwd_ms'] / row['fwd_ms']:.2f}x | {base['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x "
               f"| {row['peak_mb'] / max(base['peak_mb'], 1e-9):.2f}x |")
+    print('\nOurs vs each peer (speedup: peer time / ours; memory ratio: ours / peer)')
+    print('| shape | ours | peer | fwd speedup | fwd+bwd speedup | memory ratio |')
+    print('|---|---|---|---|---|---|')
+    for r in ratios(rows):
+        print(f"| {r['shape']} | {r['ours']} | {r['peer']} | {r['fwd_speedup']:.2f}x | {r['fwd_bwd_speedup']:.2f}x "
+              f"| {r['memory_ratio']:.2f}x |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--compile', action='store_true', help='add torch.compile(HaloAttention) (slow to compile)')
+    add_output_args(parser)
     parser.add_argument('--measure-memory', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--impl', help=argparse.SUPPRESS)
     parser.add_argument('--shape', help=argparse.SUPPRESS)
@@ -94,7 +163,10 @@ def main() -> None:
     if args.measure_memory:
         print(json.dumps(dict(peak_bytes=measure_memory(args.impl, args.shape, device))))
         return
-    print_table(run(device, args.repeats), device)
+    rows = run(device, args.repeats, impls_to_run(args.compile))
+    print_table(rows, device)
+    write_outputs(dict(benchmark='layer', header=header(device), args=vars(args), rows=rows, ratios=ratios(rows)),
+                  args.json, args.plot)
 
 
 if __name__ == '__main__':

@@ -64,6 +64,16 @@ def test_interpreter_start_up_imports_neither_torch_nor_timm(tmp_path):
     assert eval(result.stdout) == ['_timm_halo_autoload']
 
 
+def test_importing_timm_halo_first_is_quiet(tmp_path):
+    """`import timm_halo` imports timm mid-way: the hook must not re-enter the half-imported package."""
+    code = ('import warnings; warnings.simplefilter("error"); import timm_halo, timm; '
+            'print(timm.list_models("halonet_h*"))')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                            env=_child_env())
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout) == NAMES
+
+
 def test_disable_switch_and_explicit_import(tmp_path):
     seen = _probe(sys.executable, tmp_path, TIMM_HALO_DISABLE_AUTOLOAD='1')
     assert seen['names'] == ['halonet_h1']  # timm's own untrained reference only

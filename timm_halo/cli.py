@@ -9,6 +9,8 @@ import torch
 from huggingface_hub.utils import tqdm
 
 import timm_halo
+from timm_halo.bench import add_cli_commands as add_bench_commands
+from timm_halo.hub import add_cli_commands as add_hub_commands
 from timm_halo.summary import family, summarize
 
 
@@ -73,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s own)')
         p.add_argument('--batch-size', type=int, default=1)
         p.add_argument('--skip-family', action='store_true', help='skip the family table')
+    add_hub_commands(sub)  # hub-export, hub-inspect (timm_halo/hub.py)
+    add_bench_commands(sub)  # bench (timm_halo/bench.py)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, 'handler', None) is not None:  # subcommands that bring their own handler
+        return args.handler(args, parser)
     if args.model not in timm.list_models('halonet_*'):
         parser.error(f'unknown model {args.model!r}; choose from {", ".join(timm.list_models("halonet_*"))}')
     if args.batch_size < 1 or (args.img_size is not None and args.img_size < 32):

@@ -29,15 +29,50 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_module, trunc_normal_
+from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ['HaloAttention', 'attend_broadcast']
+__all__ = ['HaloAttention', 'attend_broadcast', 'check_image_input']
 
 # Target number of logits per tile in the tiled CPU kernel (about 4 MB in fp32): small enough to stay in
 # a core's cache, large enough that Python overhead per tile is negligible. Tuned on a 2-core x86 VM.
 _TILE_LOGITS = 1 << 20
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device_type argument
+        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
+    except RuntimeError:  # a device autocast does not know (e.g. meta): no autocast there
+        return False
+
+
+@torch.jit.unused
+def _check_dtype(x: torch.Tensor, param_dtype: torch.dtype, owner: str) -> None:
+    # PyTorch reports this deep inside a convolution ("expected scalar type Double but found Float"); name the
+    # module and both dtypes instead. Under autocast a mismatch is the normal case (bf16 activations meet fp32
+    # parameters), so only complain outside it.
+    if x.dtype != param_dtype and not _autocast_enabled(x.device.type):
+        raise TypeError(
+            f'{owner} got a {x.dtype} input but its parameters are {param_dtype}: convert the input '
+            f'(x.to({param_dtype})) or the module (.to({x.dtype})), or run under torch.autocast')
+
+
+@register_notrace_function  # a leaf for torch.fx: the checks need real shapes, not proxies
+def check_image_input(x: torch.Tensor, channels: int, param_dtype: torch.dtype, owner: str) -> None:
+    """Raise a clear error unless ``x`` is a 4-D NCHW floating point tensor with ``channels`` channels whose
+    dtype matches the parameters' (``param_dtype``; any dtype under autocast)."""
+    if x.dim() != 4:
+        raise ValueError(f'{owner} expects a 4-D NCHW tensor, got {x.dim()}-D of shape {list(x.shape)}')
+    if x.shape[1] != channels:
+        raise ValueError(
+            f'{owner} was built for {channels} input channels, got {x.shape[1]} (input shape {list(x.shape)})')
+    if not x.is_floating_point():
+        raise TypeError(f'{owner} expects a floating point input, got {x.dtype}')
+    if not torch.jit.is_scripting():
+        _check_dtype(x, param_dtype, owner)
 
 
 def attend_broadcast(
@@ -219,19 +254,13 @@ class HaloAttention(nn.Module):
             f'stride={self.stride}')
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(
-                f'HaloAttention expects a 4-D NCHW tensor, got {x.dim()}-D of shape {list(x.shape)}')
-        if x.shape[1] != self.dim:
-            raise ValueError(
-                f'HaloAttention was built for {self.dim} input channels, got {x.shape[1]} '
-                f'(input shape {list(x.shape)})')
-        if not x.is_floating_point():
-            raise TypeError(f'HaloAttention expects a floating point input, got {x.dtype}')
+        check_image_input(x, self.dim, self.q.weight.dtype, 'HaloAttention')
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial size of the output for an input of ``height x width``."""
-        return -(-height // self.stride), -(-width // self.stride)
+        # (n + s - 1) // s rather than -(-n // s): the ONNX exporter turns // into Div, which truncates
+        # toward zero, so floor division of a negative size would be wrong for dynamic input sizes.
+        return (height + self.stride - 1) // self.stride, (width + self.stride - 1) // self.stride
 
     def _border_mask(self, num_blocks: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(num_blocks, win) additive mask: 0 where the window row/column lies inside the image."""
@@ -251,7 +280,7 @@ class HaloAttention(nn.Module):
         B, _, H, W = x.shape
         b, h, s, win = self.block_size, self.halo_size, self.stride, self.win_size
         bq = b // s
-        nh, nw = -(-H // b), -(-W // b)
+        nh, nw = (H + b - 1) // b, (W + b - 1) // b  # ceil division without negatives (see output_size)
         hq, wq = self.output_size(H, W)
         heads, d, dv = self.heads, self.dim_head, self.dim_head_v
 

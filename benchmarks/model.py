@@ -1,0 +1,104 @@
+"""Whole-model speed: ours halonet_h1 vs timm's own halonet_h1 vs resnet50, inference and train step.
+
+    python -m benchmarks.model [--device cpu|cuda] [--batch-size N] [--repeats N] [--amp [bf16|fp16]]
+                               [--compile] [--channels-last] [--no-train] [--json PATH] [--plot PATH]
+
+Contenders: ours ``timm.create_model('halonet_h1')`` and timm's ByobNet ``timm.models.byoanet.halonet_h1()``
+at 256 px; ``timm.create_model('resnet50')`` at 224 px (timm's own input size) and at 256 px. The train step is
+fwd + cross-entropy + bwd (no optimizer step). All contenders live in one process and are timed round-robin
+(medians); GMACs per image are counted on a meta-device copy of each model; achieved GMAC/s = GMACs per image x
+img/s (a train step counts as 3 forwards). Defaults: batch 8 and 20 repeats on CUDA, batch 2 and 3 repeats on
+CPU (a few minutes on 2 cores).
+"""
+import argparse
+from functools import partial
+from typing import List
+
+import timm
+import torch
+
+from benchmarks.harness import add_output_args, write_outputs
+from timm_halo.bench import (
+    AMP_DTYPES,
+    ModelResult,
+    ModelSpec,
+    amp_dtype_for,
+    default_batch_size,
+    default_device,
+    default_repeats,
+    format_table,
+    measure_models,
+    run_header,
+)
+
+OURS = 'ours halonet_h1'
+
+
+def contenders() -> List[ModelSpec]:
+    return [
+        ModelSpec(OURS, partial(timm.create_model, 'halonet_h1'), 256),
+        ModelSpec('timm halonet_h1', timm.models.byoanet.halonet_h1, 256),
+        ModelSpec('resnet50', partial(timm.create_model, 'resnet50'), 224),
+        ModelSpec('resnet50', partial(timm.create_model, 'resnet50'), 256),
+    ]
+
+
+def ratios(results: List[ModelResult]) -> List[dict]:
+    """Ours vs each peer in the same mode: speed (ours img/s / peer img/s) and ours GMAC/s as % of the peer's."""
+    out = []
+    for mode in dict.fromkeys(r.mode for r in results):
+        ours = next(r for r in results if r.mode == mode and r.label == OURS)
+        for peer in (r for r in results if r.mode == mode and r is not ours):
+            out.append(dict(mode=mode, peer=f'{peer.label} @{peer.img_size}', speed=ours.img_per_s / peer.img_per_s,
+                            gmac_per_s_pct=100.0 * ours.gmac_per_s / peer.gmac_per_s))
+    return out
+
+
+def print_ratios(rows: List[dict]) -> None:
+    print(f'\n{OURS} @256 vs each peer (speed: ours img/s / peer img/s; efficiency: ours GMAC/s as % of the peer\'s)')
+    print('| mode | peer | speed | GMAC/s % of peer |')
+    print('|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['mode']} | {r['peer']} | {r['speed']:.2f}x | {r['gmac_per_s_pct']:.0f}% |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--batch-size', type=int, default=None, help='default: 8 on cuda, 2 on cpu')
+    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 3 on cpu)')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
+    parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
+                        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every contender (slow on cpu)')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--no-train', action='store_true', help='inference only: skip the train step')
+    add_output_args(parser)
+    args = parser.parse_args()
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available')
+    try:
+        amp_dtype = amp_dtype_for(device, args.amp)
+    except ValueError as e:
+        parser.error(str(e))
+    batch_size = args.batch_size or default_batch_size(device)
+    repeats = args.repeats or default_repeats(device)
+
+    results: List[ModelResult] = []
+    for train in (False,) if args.no_train else (False, True):
+        results += measure_models(contenders(), device, batch_size, train=train, repeats=repeats,
+                                  warmup=args.warmup, amp_dtype=amp_dtype, compile=args.compile,
+                                  channels_last=args.channels_last)
+    header = run_header(device, f'Models, batch {batch_size}, {repeats} repeats', args.amp, args.compile,
+                        args.channels_last)
+    print(header)
+    print(format_table(results))
+    ratio_rows = ratios(results)
+    print_ratios(ratio_rows)
+    write_outputs(dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results],
+                       ratios=ratio_rows), args.json, args.plot)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,106 @@
+"""Draw the JSON that a benchmark wrote with ``--json`` as a PNG (needs matplotlib).
+
+    python -m benchmarks.plot RESULTS.json [-o OUT.png]
+
+The scripts' ``--plot PATH`` option calls the same code directly.
+"""
+import argparse
+import json
+import os
+import textwrap
+from typing import Any, Dict, List
+
+
+def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel: str, title: str) -> None:
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, fmt='%.3g', fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+
+
+def _plot_layer(data: Dict[str, Any], fig) -> None:
+    rows = data['rows']
+    shapes = list(dict.fromkeys(r['shape'] for r in rows))
+    impls = list(dict.fromkeys(r['impl'] for r in rows))
+    by_key = {(r['shape'], r['impl']): r for r in rows}
+    axes = fig.subplots(1, 3)
+    for ax, key, label in zip(axes, ('fwd_ms', 'fwd_bwd_ms', 'peak_mb'), ('fwd ms', 'fwd+bwd ms', 'peak MB')):
+        series = {i: [by_key[s, i][key] if (s, i) in by_key else 0.0 for s in shapes] for i in impls}
+        _grouped_bars(ax, shapes, series, label, label + ' (lower is better)')
+    axes[0].legend(fontsize=8)
+
+
+def _plot_model(data: Dict[str, Any], fig) -> None:
+    rows = data['rows']
+    labels = list(dict.fromkeys(f"{r['label']} @{r['img_size']}" for r in rows))
+    modes = list(dict.fromkeys(r['mode'] for r in rows))
+    by_key = {(f"{r['label']} @{r['img_size']}", r['mode']): r for r in rows}
+    axes = fig.subplots(1, 2)
+    for ax, key, label in zip(axes, ('img_per_s', 'gmac_per_s'), ('img/s', 'GMAC/s')):
+        series = {m: [by_key[lb, m][key] if (lb, m) in by_key else 0.0 for lb in labels] for m in modes}
+        _grouped_bars(ax, labels, series, label, label + ' (higher is better)')
+        ax.tick_params(axis='x', labelrotation=20)
+    axes[0].legend(fontsize=8)
+
+
+def _plot_resolution(data: Dict[str, Any], fig) -> None:
+    rows = data['rows']
+    tol = data.get('tolerance_pct', 15.0)
+    axes = fig.subplots(1, 2)
+    for mode in dict.fromkeys(r['mode'] for r in rows):
+        sel = [r for r in rows if r['mode'] == mode]
+        sizes = [r['img_size'] for r in sel]
+        axes[0].plot(sizes, [r['ms_per_mpix'] for r in sel], 'o-', label=f'{mode}: time')
+        axes[1].plot(sizes, [r['time_deviation_pct'] for r in sel], 'o-', label=f'{mode}: time')
+        axes[1].plot(sizes, [r['gmacs_deviation_pct'] for r in sel], 'x--', label=f'{mode}: GMACs')
+    axes[0].set_xlabel('input size (px)')
+    axes[0].set_ylabel('ms per megapixel')
+    axes[0].set_title('cost per pixel (flat = linear in pixel count)', fontsize=10)
+    axes[0].set_ylim(bottom=0)
+    axes[1].axhspan(-tol, tol, color='green', alpha=0.1, label=f'target ±{tol:g}%')
+    axes[1].axhline(0, color='grey', lw=0.5)
+    axes[1].set_xlabel('input size (px)')
+    axes[1].set_ylabel('% deviation from linear')
+    axes[1].set_title(f'deviation from linear, normalised to {rows[0]["img_size"]}px', fontsize=10)
+    for ax in axes:
+        ax.legend(fontsize=8)
+
+
+_PLOTTERS = {'layer': _plot_layer, 'model': _plot_model, 'resolution': _plot_resolution}
+
+
+def plot(data: Dict[str, Any], path: str) -> None:
+    """Write a PNG of one benchmark's results (the dict a script writes with ``--json``)."""
+    import matplotlib
+
+    matplotlib.use('Agg')  # files only; works without a display
+    import matplotlib.pyplot as plt
+
+    kind = data.get('benchmark')
+    if kind not in _PLOTTERS:
+        raise ValueError(f'unknown benchmark kind {kind!r}; expected one of {sorted(_PLOTTERS)}')
+    fig = plt.figure(figsize=(15, 5), layout='constrained')
+    _PLOTTERS[kind](data, fig)
+    fig.suptitle(textwrap.fill(data.get('header', kind), 200), fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('json_path', help='file written by a benchmark with --json')
+    parser.add_argument('-o', '--output', help='PNG to write (default: the JSON path with .png)')
+    args = parser.parse_args()
+    with open(args.json_path) as f:
+        data = json.load(f)
+    out = args.output or os.path.splitext(args.json_path)[0] + '.png'
+    plot(data, out)
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,108 @@
+"""Cost vs input resolution of ours halonet_h1: is it linear in the pixel count?
+
+    python -m benchmarks.resolution [--sizes 256 384 512 768] [--train] [--batch-size N] [--repeats N]
+                                    [--device cpu|cuda] [--amp [bf16|fp16]] [--channels-last] [--compile]
+                                    [--json PATH] [--plot PATH]
+
+Every size is a separate model instance, and all sizes are timed round-robin in one process (medians). Per size:
+time per image, time per megapixel, and the deviation of time per pixel from the first size's (256 px by
+default) in %: 0% means cost exactly linear in pixel count; the target is within +-15%. GMACs per pixel get the
+same deviation column, so that a deviation the MAC count explains (the stem, the head, padding to whole
+blocks) can be told apart from one the kernels cause. Inference always; ``--train`` adds a train step (fwd+bwd).
+Defaults: batch 8 and 20 repeats on CUDA, batch 1 and 3 repeats on CPU.
+"""
+import argparse
+from functools import partial
+from typing import List
+
+import timm
+import torch
+
+from benchmarks.harness import add_output_args, write_outputs
+from timm_halo.bench import (
+    AMP_DTYPES,
+    ModelResult,
+    ModelSpec,
+    amp_dtype_for,
+    default_device,
+    default_repeats,
+    measure_models,
+    run_header,
+)
+
+TOLERANCE_PCT = 15.0
+
+
+def rows_for(results: List[ModelResult]) -> List[dict]:
+    """Per-size rows of one mode, deviations normalised to the first size."""
+    base = results[0]
+    base_s_per_px = base.seconds / base.batch_size / base.img_size ** 2
+    base_gmacs_per_px = base.gmacs / base.img_size ** 2
+    rows = []
+    for r in results:
+        pixels = r.img_size ** 2
+        s_per_img = r.seconds / r.batch_size
+        time_dev = 100.0 * (s_per_img / pixels / base_s_per_px - 1.0)
+        rows.append(dict(mode=r.mode, img_size=r.img_size, mpix=pixels / 1e6, batch_size=r.batch_size,
+                         ms_per_img=s_per_img * 1e3, ms_per_mpix=s_per_img * 1e3 / (pixels / 1e6),
+                         time_deviation_pct=time_dev, gmacs=r.gmacs,
+                         gmacs_deviation_pct=100.0 * (r.gmacs / pixels / base_gmacs_per_px - 1.0),
+                         within_target=abs(time_dev) <= TOLERANCE_PCT))
+    return rows
+
+
+def print_rows(rows: List[dict]) -> None:
+    print(f'| mode | input | Mpix | ms/img | ms/Mpix | time vs linear | GMACs/img | GMACs vs linear '
+          f'| within ±{TOLERANCE_PCT:g}% |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['mode']} | {r['img_size']} | {r['mpix']:.3f} | {r['ms_per_img']:.1f} | {r['ms_per_mpix']:.1f} "
+              f"| {r['time_deviation_pct']:+.1f}% | {r['gmacs']:.2f} | {r['gmacs_deviation_pct']:+.1f}% "
+              f"| {'yes' if r['within_target'] else 'NO'} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='halonet_h1', help='timm model name (default: halonet_h1, ours)')
+    parser.add_argument('--sizes', type=int, nargs='+', default=[256, 384, 512, 768],
+                        help='input sizes; deviations are relative to the first (default: 256 384 512 768)')
+    parser.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--batch-size', type=int, default=None, help='default: 8 on cuda, 1 on cpu')
+    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 3 on cpu)')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
+    parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
+                        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--compile', action='store_true', help='torch.compile each size\'s model (slow on cpu)')
+    add_output_args(parser)
+    args = parser.parse_args()
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available')
+    if not timm.is_model(args.model):
+        parser.error(f'unknown model {args.model!r}')
+    try:
+        amp_dtype = amp_dtype_for(device, args.amp)
+    except ValueError as e:
+        parser.error(str(e))
+    # Batch 1 on CPU: 768 px costs 9x a 256 px image, and the run should stay within minutes on 2 cores.
+    batch_size = args.batch_size or (8 if device.type == 'cuda' else 1)
+    repeats = args.repeats or default_repeats(device)
+
+    specs = [ModelSpec(args.model, partial(timm.create_model, args.model), size) for size in args.sizes]
+    rows: List[dict] = []
+    for train in (False, True) if args.train else (False,):
+        rows += rows_for(measure_models(specs, device, batch_size, train=train, repeats=repeats, warmup=args.warmup,
+                                        amp_dtype=amp_dtype, compile=args.compile, channels_last=args.channels_last))
+    header = run_header(device, f'{args.model} cost vs resolution, batch {batch_size}, {repeats} repeats, '
+                                f'deviation from linear in pixels normalised to {args.sizes[0]} px', args.amp,
+                        args.compile, args.channels_last)
+    print(header)
+    print_rows(rows)
+    write_outputs(dict(benchmark='resolution', header=header, args=vars(args), tolerance_pct=TOLERANCE_PCT,
+                       rows=rows), args.json, args.plot)
+
+
+if __name__ == '__main__':
+    main()

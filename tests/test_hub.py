@@ -1,0 +1,516 @@
+"""Pretrained weights in and out through timm's own code: Hub cache, local folders, files, push, CLI, errors.
+
+Nothing here touches the network: HF_HUB_OFFLINE=1, and the Hugging Face cache is a temp folder that the tests
+fill themselves in huggingface_hub's real layout. Round trips load in a fresh interpreter.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from huggingface_hub import RepoUrl, scan_cache_dir
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors.torch import load_file, save_file
+from timm.models import byoanet, get_pretrained_cfg, is_model_pretrained
+
+from timm_halo.cli import main as cli_main
+from timm_halo.hub import PAPER_TITLE, PAPER_URL, PretrainedWeightsError, model_card, read_checkpoint
+from timm_halo.models import HaloNet
+
+NAMES = [f'halonet_h{i}' for i in range(8)]
+# A small HaloNet-H1 (the paper's b, h, rv, rb; one narrow block per stage): every code path, little compute.
+TINY = dict(depths=[1, 1, 1, 1], widths=[16, 32, 64, 64], stem_chs=16)
+REPO = 'me/halonet_h1-mydata'
+LABELS = ['cat', 'dog', 'owl', 'fox', 'emu']
+
+# Until plugin autoload lands, a fresh interpreter must import the plugin itself: this is the only such line.
+PLUGIN_IMPORT = 'import timm_halo  # registers halonet_h*; drop this line once plugin autoload lands'
+
+
+def child_command(code: str) -> List[str]:
+    """A fresh interpreter running `code` after `import timm` (and the plugin import, see PLUGIN_IMPORT)."""
+    return [sys.executable, '-c', f'import timm\n{PLUGIN_IMPORT}\n{code}']
+
+
+def offline_env(hf_home: Path) -> Dict[str, str]:
+    return {
+        **os.environ,
+        'HF_HUB_OFFLINE': '1',
+        'HF_HOME': str(hf_home),
+        'HF_HUB_CACHE': str(hf_home / 'hub'),
+    }
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """Every test runs offline against an empty temp cache (env for children, constants for this process)."""
+    home = tmp_path / 'hf-home'
+    for key, value in offline_env(home).items():
+        if key.startswith('HF_'):
+            monkeypatch.setenv(key, value)
+    # huggingface_hub read the env at import; it looks these up on its constants module at call time
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(home / 'hub'))
+    return home / 'hub'
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random values in every float tensor, so that zero-init BN gammas hide nothing from a logits comparison."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+                if name.endswith('running_var'):
+                    t.abs_().add_(0.5)
+    return model.eval()
+
+
+def tiny(seed: int = 0, **kwargs) -> HaloNet:
+    return randomize(timm.create_model('halonet_h1', **{**TINY, **kwargs}), seed)
+
+
+def seed_hf_cache(cache: Path, repo_id: str, folder: Path) -> str:
+    """Put the files of `folder` into a huggingface_hub cache as `repo_id` at `main`, in the cache's own layout.
+
+    models--org--name/blobs/<etag> holds the bytes (LFS files are named by their sha256, others by their git blob
+    id), snapshots/<commit>/<file> are relative symlinks to the blobs, refs/main holds the commit hash.
+    """
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    blobs = repo_dir / 'blobs'
+    blobs.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        if f.suffix in ('.safetensors', '.bin', '.pth'):
+            etag = hashlib.sha256(data).hexdigest()
+        else:
+            etag = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
+        (blobs / etag).write_bytes(data)
+        entries.append((f.name, etag))
+    commit = hashlib.sha1(json.dumps(entries).encode()).hexdigest()
+    snapshot = repo_dir / 'snapshots' / commit
+    snapshot.mkdir(parents=True)
+    for name, etag in entries:
+        (snapshot / name).symlink_to(Path('..', '..', 'blobs', etag))
+    (repo_dir / 'refs').mkdir(exist_ok=True)
+    (repo_dir / 'refs' / 'main').write_text(commit)
+    return commit
+
+
+class FakeHubApi:
+    """Stands in for the three huggingface_hub calls timm's push_to_hf_hub makes over the network."""
+
+    def __init__(self, remote: Path):
+        self.remote = remote
+        self.calls: List[tuple] = []
+
+    def install(self, mp: pytest.MonkeyPatch) -> None:
+        fake = self
+
+        def create_repo(self, repo_id, **kwargs):
+            fake.calls.append(('create_repo', repo_id, kwargs))
+            return RepoUrl(f'https://huggingface.co/{repo_id}')
+
+        def file_exists(self, repo_id, filename, **kwargs):
+            fake.calls.append(('file_exists', repo_id, filename))
+            return (fake.remote / repo_id / filename).exists()
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            fake.calls.append(('upload_folder', repo_id, sorted(os.listdir(folder_path)), kwargs))
+            shutil.copytree(folder_path, fake.remote / repo_id, dirs_exist_ok=True)
+            return f'https://huggingface.co/{repo_id}/commit/0'
+
+        mp.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
+        mp.setattr(huggingface_hub.HfApi, 'file_exists', file_exists)
+        mp.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+
+
+# The round trips: loads in a fresh interpreter, logits back in a safetensors file, metadata as JSON on stdout.
+_LOADER = '''
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+specs = json.loads(sys.argv[1])
+x = load_file(sys.argv[2])['x']
+logits, meta = {}, {}
+for key, name, kwargs in specs:
+    model = timm.create_model(name, pretrained=True, **kwargs).eval()
+    with torch.no_grad():
+        logits[key] = model(x).contiguous()
+    cfg = model.pretrained_cfg
+    meta[key] = dict(cls=type(model).__name__, architecture=cfg.get('architecture'), source=cfg.get('source'),
+                     hf_hub_id=cfg.get('hf_hub_id'), num_classes=model.num_classes, labels=cfg.get('label_names'))
+save_file(logits, sys.argv[3])
+print(json.dumps(meta))
+'''
+
+
+@pytest.fixture(scope='module')
+def published(tmp_path_factory):
+    """User story: train (here: randomize) a small HaloNet, push it (upload mocked), save it every other way,
+    put the pushed folder into an offline Hub cache, then load everything back in one fresh interpreter."""
+    root = tmp_path_factory.mktemp('published')
+    home = root / 'hf-home'
+    model = tiny(seed=1, num_classes=5)
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+
+    fake = FakeHubApi(root / 'remote')
+    with pytest.MonkeyPatch.context() as mp:
+        fake.install(mp)
+        card = model_card(model, repo_id=REPO, dataset='mydata')
+        timm.models.push_to_hf_hub(model, REPO, model_card=card, model_config={'label_names': LABELS})
+    pushed = root / 'remote' / REPO
+    commit = seed_hf_cache(home / 'hub', REPO, pushed)
+
+    local_dir = root / 'local-dir'
+    timm.models.save_for_hf(model, str(local_dir), safe_serialization=True)
+    sd = model.state_dict()
+    save_file(sd, str(root / 'model.safetensors'))
+    torch.save(sd, root / 'model.pth')
+    # what timm's train.py writes: wrapped, DDP-prefixed, with an argparse.Namespace (allowed by weights_only)
+    torch.save({'epoch': 3, 'arch': 'halonet_h1', 'state_dict': {f'module.{k}': v for k, v in sd.items()},
+                'args': argparse.Namespace(model='halonet_h1', lr=0.1), 'version': 2}, root / 'checkpoint.pth.tar')
+
+    def from_file(path: Path) -> dict:
+        return dict(pretrained_cfg_overlay=dict(file=str(path), num_classes=5), num_classes=5, **TINY)
+
+    specs = [
+        ('hf_hub', f'hf-hub:{REPO}', {}),
+        ('local_dir', f'local-dir:{local_dir}', {}),
+        ('safetensors', 'halonet_h1', from_file(root / 'model.safetensors')),
+        ('pth', 'halonet_h1', from_file(root / 'model.pth')),
+        ('train_checkpoint', 'halonet_h1', from_file(root / 'checkpoint.pth.tar')),
+    ]
+    save_file({'x': x}, str(root / 'x.safetensors'))
+    result = subprocess.run(
+        child_command(_LOADER) + [json.dumps(specs), str(root / 'x.safetensors'), str(root / 'logits.safetensors')],
+        capture_output=True, text=True, env=offline_env(home), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return dict(
+        root=root, home=home, model=model, x=x, expected=expected, pushed=pushed, commit=commit, fake=fake,
+        local_dir=local_dir, logits=load_file(str(root / 'logits.safetensors')),
+        meta=json.loads(result.stdout.strip().splitlines()[-1]),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Default cfgs: planned Hub ids, honest registry, clear errors without weights
+# ------------------------------------------------------------------------------------------------------------
+
+def test_cfgs_carry_planned_hub_ids_without_claiming_weights():
+    pretrained = timm.list_models(pretrained=True)
+    tagged = timm.list_models('halonet_h*', include_tags=True)
+    for name in NAMES:
+        default = get_pretrained_cfg(name)
+        assert default.tag == 'untrained' and not default.has_weights
+        planned = get_pretrained_cfg(f'{name}.in1k')
+        assert planned.hf_hub_id == f'timm-halo/{name}.in1k' and planned.hf_hub_filename == 'model.safetensors'
+        assert not planned.has_weights
+        assert not is_model_pretrained(name) and not is_model_pretrained(f'{name}.in1k')
+        assert {f'{name}.untrained', f'{name}.in1k'} <= set(tagged)
+        # the same fields in a plain cfg count as weights: the Unpublished class is what keeps the registry honest
+        assert timm.models.PretrainedCfg(**planned.__dict__).has_weights
+    assert not [m for m in pretrained if m.startswith('halonet_h')]
+
+
+def test_pretrained_without_weights_says_where_to_look():
+    with pytest.raises(PretrainedWeightsError) as info:
+        timm.create_model('halonet_h1', pretrained=True, **TINY)
+    msg = str(info.value)
+    assert "'halonet_h1.untrained' names no weight file" in msg
+    assert 'https://huggingface.co/timm-halo/halonet_h1.in1k (model.safetensors)' in msg
+    assert "pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')" in msg and 'local-dir:' in msg
+
+
+def test_planned_hub_weights_not_downloadable_offline(offline_hub):
+    with pytest.raises(PretrainedWeightsError) as info:
+        timm.create_model('halonet_h1.in1k', pretrained=True, **TINY)
+    msg = str(info.value)
+    assert "Hugging Face Hub repo 'timm-halo/halonet_h1.in1k' (looked for model.safetensors)" in msg
+    assert 'HF_HUB_OFFLINE is set' in msg and str(offline_hub) in msg
+    assert 'pretrained_cfg_overlay=dict(file=' in msg
+    assert isinstance(info.value.__cause__, LocalEntryNotFoundError)  # it did ask huggingface_hub
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Round trips (fresh interpreter) and push_to_hf_hub
+# ------------------------------------------------------------------------------------------------------------
+
+def test_push_to_hf_hub_writes_timm_folder_and_model_card(published):
+    fake, pushed = published['fake'], published['pushed']
+    assert [c[0] for c in fake.calls] == ['create_repo', 'file_exists', 'upload_folder']
+    assert fake.calls[0][1] == REPO and fake.calls[2][1] == REPO
+    assert fake.calls[2][2] == ['README.md', 'config.json', 'model.safetensors', 'pytorch_model.bin']
+    config = json.loads((pushed / 'config.json').read_text())
+    assert config['architecture'] == 'halonet_h1' and config['num_classes'] == 5
+    assert config['label_names'] == LABELS
+    assert config['model_args']['depths'] == TINY['depths'] and config['model_args']['widths'] == TINY['widths']
+    card = (pushed / 'README.md').read_text()
+    params = sum(p.numel() for p in published['model'].parameters())
+    for needle in ('# Model card for halonet_h1-mydata', 'library_name: timm', 'license: apache-2.0',
+                   'datasets:\n- mydata', 'HaloNet-H1', 'halonet_h1 (block size b=8, halo h=3',
+                   'depths 1-1-1-1', f'Params (M): {params / 1e6:.2f}', 'Image size: 256 x 256',
+                   'Classes: 5', f'{PAPER_TITLE}: {PAPER_URL}', f"timm.create_model('hf-hub:{REPO}'",
+                   '@inproceedings{vaswani2021halonet'):
+        assert needle in card, needle
+
+
+def test_seeded_cache_is_what_huggingface_hub_itself_reads(published):
+    report = scan_cache_dir(published['home'] / 'hub')
+    assert not report.warnings
+    (repo,) = report.repos
+    assert repo.repo_id == REPO and repo.nb_files == 4
+    (revision,) = repo.revisions
+    assert revision.commit_hash == published['commit'] and revision.refs == frozenset({'main'})
+    path = huggingface_hub.hf_hub_download(REPO, 'model.safetensors', cache_dir=published['home'] / 'hub')
+    assert Path(path).parent.name == published['commit']
+
+
+def test_hf_hub_round_trip_of_the_pushed_repo(published):
+    meta = published['meta']['hf_hub']
+    assert meta == dict(cls='HaloNet', architecture='halonet_h1', source='hf-hub', hf_hub_id=REPO,
+                        num_classes=5, labels=LABELS)
+    assert torch.equal(published['logits']['hf_hub'], published['expected'])
+
+
+@pytest.mark.parametrize('key', ['local_dir', 'safetensors', 'pth', 'train_checkpoint'])
+def test_local_round_trips(published, key):
+    meta = published['meta'][key]
+    assert meta['cls'] == 'HaloNet' and meta['architecture'] == 'halonet_h1' and meta['num_classes'] == 5
+    assert meta['source'] == ('local-dir' if key == 'local_dir' else None)
+    assert torch.equal(published['logits'][key], published['expected'])
+
+
+def test_new_num_classes_and_in_chans_follow_timm(published):
+    folder, saved = published['local_dir'], published['model'].state_dict()
+    x = published['x']
+
+    head3 = timm.create_model(f'local-dir:{folder}', pretrained=True, num_classes=3).eval()
+    assert head3.get_classifier().out_features == 3
+    for k, v in head3.state_dict().items():
+        if not k.startswith('head.fc.'):
+            assert torch.equal(v, saved[k]), k
+    with torch.no_grad():
+        assert torch.equal(head3.forward_features(x), published['model'].forward_features(x))
+
+    gray = timm.create_model(f'local-dir:{folder}', pretrained=True, in_chans=1).eval()
+    assert torch.equal(gray.stem[0].conv.weight, saved['stem.0.conv.weight'].sum(dim=1, keepdim=True))
+    g = x[:, :1]
+    with torch.no_grad():  # a gray image in 1 channel == the same image in 3 equal channels
+        torch.testing.assert_close(gray(g), published['model'](g.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+
+    features = timm.create_model(f'local-dir:{folder}', pretrained=True, features_only=True).eval()
+    with torch.no_grad():
+        expected = published['model'].forward_intermediates(x, intermediates_only=True)
+        for a, b in zip(features(x), expected):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# timm's ByobNet halonet_h1 weights
+# ------------------------------------------------------------------------------------------------------------
+
+def test_timm_byobnet_halonet_h1_weights_load_into_ours(tmp_path):
+    """timm.models.byoanet.halonet_h1 maps onto ours tensor for tensor; stride-1 stages compute the same
+    function away from the border (timm attends zero-padded border keys, we mask them)."""
+    theirs = randomize(byoanet.halonet_h1(), seed=3)
+    path = tmp_path / 'byobnet_halonet_h1.safetensors'
+    save_file(theirs.state_dict(), str(path))
+    ours = timm.create_model('halonet_h1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+
+    t = theirs.state_dict()
+    o = ours.state_dict()
+    assert len(o) == len(t) == 425
+    assert torch.equal(o['stem.0.conv.weight'], t['stem.conv1.conv.weight'])
+    assert torch.equal(o['stages.2.blocks.9.attn.kv.weight'], t['stages.2.9.self_attn.kv.weight'])
+    assert torch.equal(o['stages.1.blocks.0.shortcut.conv.weight'], t['stages.1.0.shortcut.conv.weight'])
+    assert torch.equal(o['stages.3.blocks.2.conv3.bn.running_var'], t['stages.3.2.conv3_1x1.bn.running_var'])
+    assert torch.equal(o['stages.0.blocks.1.attn.rel_pos_h'], t['stages.0.1.self_attn.pos_embed.height_rel'][6:])
+    assert torch.equal(o['head.fc.weight'], t['head.fc.weight'])
+
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a = ours.stages[0](ours.stem(x))
+        b = theirs.stages[0](theirs.stem(x))
+    # 64x64 maps, 8x8 blocks, 3 stride-1 blocks: border effects reach 3 blocks in, blocks 3-4 are untouched
+    inner = (slice(None), slice(None), slice(24, 40), slice(24, 40))
+    torch.testing.assert_close(a[inner], b[inner], rtol=1e-4, atol=1e-4)
+    assert (a - b).abs()[..., :8, :8].max() > 1e-2  # the border differs, so the comparison can fail
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad files and unknown sources
+# ------------------------------------------------------------------------------------------------------------
+
+class _RunsCode:
+    """Unpickling this creates a directory: stands for any code a pickle can carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_pickle_carrying_code_is_refused(tmp_path):
+    marker = tmp_path / 'code-ran'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': tiny().state_dict(), 'payload': _RunsCode(marker)}, evil)
+
+    with pytest.raises(PretrainedWeightsError) as info:
+        timm.create_model('halonet_h1', pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)), **TINY)
+    msg = str(info.value)
+    assert f"from file '{evil}'" in msg and 'weights_only=True' in msg and 'posix.mkdir' in msg
+    with pytest.raises(PretrainedWeightsError, match='weights_only=True'):
+        read_checkpoint(evil)
+    assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(evil),
+                     '--output', str(tmp_path / 'out')]) == 1
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # what the refusal prevented
+    assert marker.exists()
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+@pytest.mark.parametrize('suffix', ['.safetensors', '.pth'])
+def test_corrupt_checkpoint_names_the_file(tmp_path, damage, suffix):
+    good = tmp_path / f'good{suffix}'
+    sd = tiny().state_dict()
+    save_file(sd, str(good)) if suffix == '.safetensors' else torch.save(sd, good)
+    bad = tmp_path / f'bad{suffix}'
+    data = good.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == 'truncated' else b'\x00not a checkpoint' * 64)
+    with pytest.raises(PretrainedWeightsError) as info:
+        timm.create_model('halonet_h1', pretrained=True, pretrained_cfg_overlay=dict(file=str(bad)), **TINY)
+    msg = str(info.value)
+    assert f"for halonet_h1 from file '{bad}'" in msg
+    assert ('not a valid safetensors file' if suffix == '.safetensors' else 'truncated or corrupt') in msg
+
+
+def test_checkpoint_of_another_architecture_is_not_loaded_partially(tmp_path):
+    resnet = tmp_path / 'resnet18.safetensors'
+    save_file(timm.create_model('resnet18', num_classes=10).state_dict(), str(resnet))
+    # num_classes differs from the cfg's 1000, so timm itself would load non-strictly here
+    with pytest.raises(PretrainedWeightsError) as info:
+        timm.create_model('halonet_h1', pretrained=True, num_classes=10,
+                          pretrained_cfg_overlay=dict(file=str(resnet)), **TINY)
+    msg = str(info.value)
+    assert f"from file '{resnet}'" in msg and 'refusing a partial load' in msg
+    assert '108 missing keys: stem.0.conv.weight, stem.0.bn.weight' in msg
+    assert re.search(r'122 unexpected keys: [^\n]* conv1\.weight, ', msg)
+
+    other_depth = tmp_path / 'h1-depth2.safetensors'
+    save_file(tiny(depths=[1, 2, 1, 1]).state_dict(), str(other_depth))
+    with pytest.raises(PretrainedWeightsError) as info:  # one extra block: its 21 tensors, nothing missing
+        timm.create_model('halonet_h1', pretrained=True, pretrained_cfg_overlay=dict(file=str(other_depth)), **TINY)
+    assert re.search(r'\n  21 unexpected keys: stages\.1\.blocks\.1\.attn', str(info.value))
+    assert 'missing keys' not in str(info.value)
+
+    # asking for a non-strict load explicitly is the user's call, as in timm
+    model = timm.create_model('halonet_h1', pretrained=True, pretrained_strict=False,
+                              pretrained_cfg_overlay=dict(file=str(other_depth)), **TINY)
+    assert isinstance(model, HaloNet)
+
+
+def test_hub_repo_missing_from_offline_cache(offline_hub, tmp_path):
+    # config.json cached but not the weights: our loader names the repo and the file
+    folder = tmp_path / 'config-only'
+    timm.models.save_for_hf(tiny(), str(folder), safe_serialization=True)
+    (folder / 'model.safetensors').unlink()
+    seed_hf_cache(offline_hub, 'me/config-only', folder)
+    with pytest.raises(PretrainedWeightsError) as info:
+        timm.create_model('hf-hub:me/config-only', pretrained=True)
+    msg = str(info.value)
+    assert "Hugging Face Hub repo 'me/config-only' (looked for model.safetensors, then pytorch_model.bin)" in msg
+    assert 'HF_HUB_OFFLINE is set' in msg
+
+    # an unknown repo fails in timm before any plugin code runs (huggingface_hub's own message);
+    # `timm-halo hub-inspect` gives the clear one
+    with pytest.raises(LocalEntryNotFoundError):
+        timm.create_model('hf-hub:me/nothing', pretrained=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model card and CLI
+# ------------------------------------------------------------------------------------------------------------
+
+def test_model_card_of_a_paper_model_renders_through_timm():
+    model = timm.create_model('halonet_h1')
+    card = model_card(model, repo_id=REPO, dataset='ImageNet-1k', details={'Top-1': '79.0'})
+    assert card['details']['Model Stats'] == {
+        'Params (M)': '8.09', 'GMACs': '2.94', 'Image size': '256 x 256', 'Classes': 1000}
+    readme = timm.models._hub.generate_readme(card, REPO.split('/')[1])
+    assert '- imagenet-1k' in readme and '**Top-1:** 79.0' in readme and 'Trained on ImageNet-1k.' in readme
+    assert 'depths 3-3-10-3' in readme
+    with pytest.raises(TypeError, match='HaloNet'):
+        model_card(timm.create_model('resnet18'))
+
+
+def test_cli_hub_export_and_inspect(tmp_path, capsys):
+    model = tiny(seed=5, num_classes=5)
+    ckpt = tmp_path / 'checkpoint.pth.tar'
+    torch.save({'epoch': 1, 'state_dict': model.state_dict()}, ckpt)
+    labels = tmp_path / 'labels.txt'
+    labels.write_text('\n'.join(LABELS) + '\n')
+    out = tmp_path / 'export'
+    rc = cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output', str(out),
+                   '--model-args', json.dumps(TINY), '--labels', str(labels), '--dataset', 'mydata',
+                   '--repo-id', REPO])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert 'max |logit diff| 0' in printed and f'hf upload {REPO} {out}' in printed
+    assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((out / 'config.json').read_text())
+    assert config['label_names'] == LABELS and config['pretrained_cfg']['tag'] is None
+    assert 'Trained on mydata.' in (out / 'README.md').read_text()
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+    assert cli_main(['hub-inspect', str(out)]) == 0
+    printed = capsys.readouterr().out
+    params = sum(p.numel() for p in model.parameters())
+    assert 'architecture  halonet_h1' in printed and f'({params:,}), loaded strictly' in printed
+    assert 'num_classes   5 (5 label names)' in printed and '"depths": [1, 1, 1, 1]' in printed
+    assert 'model.safetensors' in printed
+
+    # --num-classes 0 publishes the backbone alone; a count that disagrees with the checkpoint is refused
+    assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output',
+                     str(tmp_path / 'backbone'), '--model-args', json.dumps(TINY), '--num-classes', '0']) == 0
+    assert json.loads((tmp_path / 'backbone' / 'config.json').read_text())['num_classes'] == 0
+    capsys.readouterr()
+    assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output',
+                     str(tmp_path / 'x'), '--model-args', json.dumps(TINY), '--num-classes', '7']) == 1
+    assert 'classifier has 5 classes but num_classes=7' in capsys.readouterr().err
+    assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output', str(out),
+                     '--model-args', json.dumps(TINY)]) == 1
+    assert 'is not empty' in capsys.readouterr().err
+    assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(tmp_path / 'none.pth'),
+                     '--output', str(tmp_path / 'y')]) == 1
+    assert 'none.pth' in capsys.readouterr().err
+
+
+def test_cli_hub_inspect_of_hub_repos_offline(published, monkeypatch, capsys):
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(published['home'] / 'hub'))
+    assert cli_main(['hub-inspect', REPO]) == 0
+    printed = capsys.readouterr().out
+    assert f'source        hf-hub:{REPO}' in printed and 'architecture  halonet_h1' in printed
+    assert 'num_classes   5 (5 label names)' in printed and 'model.safetensors (0.' in printed
+
+    assert cli_main(['hub-inspect', 'me/nothing']) == 1
+    err = capsys.readouterr().err
+    assert "Could not get config.json of Hugging Face Hub repo 'me/nothing'" in err and 'HF_HUB_OFFLINE is set' in err
