@@ -12,7 +12,8 @@ import torch
 # The timing loop lives in the package so that `timm-halo bench` (installed without this folder) shares it.
 from timm_halo.bench import interleaved_medians
 
-__all__ = ['add_output_args', 'interleaved_medians', 'peak_memory', 'peak_memory_in_child', 'write_outputs']
+__all__ = ['add_output_args', 'apply_threads', 'interleaved_medians', 'peak_memory', 'peak_memory_in_child',
+           'write_outputs']
 
 
 def peak_memory_in_child(module: str, args: List[str]) -> int:
@@ -59,9 +60,24 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """``--json PATH`` and ``--plot PATH`` (PNG; needs matplotlib, imported only then)."""
+    """``--threads N``, ``--json PATH`` and ``--plot PATH`` (PNG; needs matplotlib, imported only then)."""
+    # On a shared 2-core machine two OpenMP threads wait on each other whenever a neighbour takes a core;
+    # --threads 1 then gives steadier (and often faster) figures.
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
     parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
+
+
+def apply_threads(threads: Optional[int]) -> None:
+    """Set torch's CPU threads (if given) and say so when the machine is already busy before we start."""
+    if threads:
+        torch.set_num_threads(threads)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2:
+        # Interleaving keeps the ratios fair, but several threads that wait on each other at every parallel
+        # region can slow down by 10x when a neighbour takes a core: medians of such a run are not figures.
+        print(f'note: load average {load:.1f} on {cores} cores before starting: expect noisy figures'
+              + ('' if torch.get_num_threads() == 1 else '; --threads 1 is steadier on a shared machine'))
 
 
 def write_outputs(data: Dict[str, Any], json_path: Optional[str], plot_path: Optional[str]) -> None:

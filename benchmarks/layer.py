@@ -1,6 +1,6 @@
 """HaloAttention vs timm's HaloAttn and lucidrains' halonet-pytorch (equal dims): fwd, fwd+bwd, peak memory.
 
-    python -m benchmarks.layer [--device cpu|cuda] [--repeats 7] [--compile] [--json PATH] [--plot PATH]
+    python -m benchmarks.layer [--device cpu|cuda] [--repeats 7] [--compile] [--threads N] [--json PATH] [--plot PATH]
 
 Shapes are HaloNet-H1's stage 1 and stage 3 (block 8, halo 3, 8 heads, head dim C/8). Timings are medians of
 interleaved runs in one process; peak memory is the extra memory of one fwd+bwd (CPU: peak RSS growth in a
@@ -15,6 +15,7 @@ include one extra 1x1-conv-sized matmul (B*H*W*C*C MACs).
 takes up to a minute per shape on CPU, hence opt-in.
 """
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import platform
@@ -24,7 +25,14 @@ from typing import Dict, List, Tuple
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from benchmarks.harness import add_output_args, interleaved_medians, peak_memory, peak_memory_in_child, write_outputs
+from benchmarks.harness import (
+    add_output_args,
+    apply_threads,
+    interleaved_medians,
+    peak_memory,
+    peak_memory_in_child,
+    write_outputs,
+)
 from timm_halo.layers import HaloAttention
 
 SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
@@ -77,14 +85,14 @@ def measure_memory(impl: str, shape: str, device: torch.device) -> int:
     return peak_memory(lambda: _fwd_bwd(layer, x), device)
 
 
-def impls_to_run(compile: bool) -> List[str]:
+def impls_to_run(with_compiled: bool) -> List[str]:
     impls = ['timm']
     if lucidrains_available():
         impls.append('lucidrains')
     else:
         print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
     impls.append('timm_halo')
-    if compile:
+    if with_compiled:
         impls.append('timm_halo compiled')
     return impls
 
@@ -127,7 +135,8 @@ def ratios(rows: List[dict]) -> List[dict]:
 
 def header(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
-    return (f'HaloAttention vs timm HaloAttn and lucidrains halonet-pytorch | device {device.type} ({name}) | '
+    peer = f'halonet-pytorch {importlib.metadata.version("halonet-pytorch")}' if lucidrains_available() else 'none'
+    return (f'HaloAttention vs timm HaloAttn and lucidrains ({peer}) | device {device.type} ({name}) | '
             f'torch {torch.__version__} | {torch.get_num_threads()} threads | medians of interleaved runs')
 
 
@@ -159,6 +168,7 @@ def main() -> None:
     parser.add_argument('--impl', help=argparse.SUPPRESS)
     parser.add_argument('--shape', help=argparse.SUPPRESS)
     args = parser.parse_args()
+    apply_threads(args.threads)
     device = torch.device(args.device)
     if args.measure_memory:
         print(json.dumps(dict(peak_bytes=measure_memory(args.impl, args.shape, device))))

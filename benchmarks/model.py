@@ -1,13 +1,13 @@
 """Whole-model speed: ours halonet_h1 vs timm's own halonet_h1 vs resnet50, inference and train step.
 
     python -m benchmarks.model [--device cpu|cuda] [--batch-size N] [--repeats N] [--amp [bf16|fp16]]
-                               [--compile] [--channels-last] [--no-train] [--json PATH] [--plot PATH]
+                               [--compile] [--channels-last] [--no-train] [--threads N] [--json PATH] [--plot PATH]
 
 Contenders: ours ``timm.create_model('halonet_h1')`` and timm's ByobNet ``timm.models.byoanet.halonet_h1()``
 at 256 px; ``timm.create_model('resnet50')`` at 224 px (timm's own input size) and at 256 px. The train step is
 fwd + cross-entropy + bwd (no optimizer step). All contenders live in one process and are timed round-robin
 (medians); GMACs per image are counted on a meta-device copy of each model; achieved GMAC/s = GMACs per image x
-img/s (a train step counts as 3 forwards). Defaults: batch 8 and 20 repeats on CUDA, batch 2 and 3 repeats on
+img/s (a train step counts as 3 forwards). Defaults: batch 8 and 20 repeats on CUDA, batch 2 and 5 repeats on
 CPU (a few minutes on 2 cores).
 """
 import argparse
@@ -17,7 +17,7 @@ from typing import List
 import timm
 import torch
 
-from benchmarks.harness import add_output_args, write_outputs
+from benchmarks.harness import add_output_args, apply_threads, write_outputs
 from timm_halo.bench import (
     AMP_DTYPES,
     ModelResult,
@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     parser.add_argument('--batch-size', type=int, default=None, help='default: 8 on cuda, 2 on cpu')
-    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 3 on cpu)')
+    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
     parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
                         help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument('--no-train', action='store_true', help='inference only: skip the train step')
     add_output_args(parser)
     args = parser.parse_args()
+    apply_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
@@ -88,7 +89,7 @@ def main() -> None:
     results: List[ModelResult] = []
     for train in (False,) if args.no_train else (False, True):
         results += measure_models(contenders(), device, batch_size, train=train, repeats=repeats,
-                                  warmup=args.warmup, amp_dtype=amp_dtype, compile=args.compile,
+                                  warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
                                   channels_last=args.channels_last)
     header = run_header(device, f'Models, batch {batch_size}, {repeats} repeats', args.amp, args.compile,
                         args.channels_last)

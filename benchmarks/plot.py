@@ -23,15 +23,20 @@ def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel:
 
 
 def _plot_layer(data: Dict[str, Any], fig) -> None:
+    # One row per shape: the shapes' times differ by 10x or more, so they get their own axes.
     rows = data['rows']
     shapes = list(dict.fromkeys(r['shape'] for r in rows))
     impls = list(dict.fromkeys(r['impl'] for r in rows))
     by_key = {(r['shape'], r['impl']): r for r in rows}
-    axes = fig.subplots(1, 3)
-    for ax, key, label in zip(axes, ('fwd_ms', 'fwd_bwd_ms', 'peak_mb'), ('fwd ms', 'fwd+bwd ms', 'peak MB')):
-        series = {i: [by_key[s, i][key] if (s, i) in by_key else 0.0 for s in shapes] for i in impls}
-        _grouped_bars(ax, shapes, series, label, label + ' (lower is better)')
-    axes[0].legend(fontsize=8)
+    colors = {impl: f'C{i}' for i, impl in enumerate(impls)}
+    axes = fig.subplots(len(shapes), 3, squeeze=False)
+    for row_axes, shape in zip(axes, shapes):
+        present = [i for i in impls if (shape, i) in by_key]
+        for ax, key, label in zip(row_axes, ('fwd_ms', 'fwd_bwd_ms', 'peak_mb'), ('fwd ms', 'fwd+bwd ms', 'peak MB')):
+            bars = ax.bar(present, [by_key[shape, i][key] for i in present], color=[colors[i] for i in present])
+            ax.bar_label(bars, fmt='%.3g', fontsize=7)
+            ax.set_title(f'{shape}: {label} (lower is better)', fontsize=9)
+            ax.tick_params(axis='x', labelsize=8)
 
 
 def _plot_model(data: Dict[str, Any], fig) -> None:
@@ -51,12 +56,13 @@ def _plot_resolution(data: Dict[str, Any], fig) -> None:
     rows = data['rows']
     tol = data.get('tolerance_pct', 15.0)
     axes = fig.subplots(1, 2)
-    for mode in dict.fromkeys(r['mode'] for r in rows):
+    for i, mode in enumerate(dict.fromkeys(r['mode'] for r in rows)):
         sel = [r for r in rows if r['mode'] == mode]
         sizes = [r['img_size'] for r in sel]
-        axes[0].plot(sizes, [r['ms_per_mpix'] for r in sel], 'o-', label=f'{mode}: time')
-        axes[1].plot(sizes, [r['time_deviation_pct'] for r in sel], 'o-', label=f'{mode}: time')
-        axes[1].plot(sizes, [r['gmacs_deviation_pct'] for r in sel], 'x--', label=f'{mode}: GMACs')
+        axes[0].plot(sizes, [r['ms_per_mpix'] for r in sel], 'o-', label=mode)
+        axes[1].plot(sizes, [r['time_deviation_pct'] for r in sel], 'o-', label=f'{mode} time')
+        if i == 0:  # the MAC count is the same for every mode
+            axes[1].plot(sizes, [r['gmacs_deviation_pct'] for r in sel], 'x--', color='grey', label='GMACs')
     axes[0].set_xlabel('input size (px)')
     axes[0].set_ylabel('ms per megapixel')
     axes[0].set_title('cost per pixel (flat = linear in pixel count)', fontsize=10)
@@ -83,7 +89,8 @@ def plot(data: Dict[str, Any], path: str) -> None:
     kind = data.get('benchmark')
     if kind not in _PLOTTERS:
         raise ValueError(f'unknown benchmark kind {kind!r}; expected one of {sorted(_PLOTTERS)}')
-    fig = plt.figure(figsize=(15, 5), layout='constrained')
+    shapes = len({r['shape'] for r in data['rows']}) if kind == 'layer' else 1
+    fig = plt.figure(figsize=(15, 1 + 4 * shapes), layout='constrained')
     _PLOTTERS[kind](data, fig)
     fig.suptitle(textwrap.fill(data.get('header', kind), 200), fontsize=8)
     fig.savefig(path, dpi=110)

@@ -2,14 +2,14 @@
 
     python -m benchmarks.resolution [--sizes 256 384 512 768] [--train] [--batch-size N] [--repeats N]
                                     [--device cpu|cuda] [--amp [bf16|fp16]] [--channels-last] [--compile]
-                                    [--json PATH] [--plot PATH]
+                                    [--threads N] [--json PATH] [--plot PATH]
 
 Every size is a separate model instance, and all sizes are timed round-robin in one process (medians). Per size:
 time per image, time per megapixel, and the deviation of time per pixel from the first size's (256 px by
 default) in %: 0% means cost exactly linear in pixel count; the target is within +-15%. GMACs per pixel get the
 same deviation column, so that a deviation the MAC count explains (the stem, the head, padding to whole
 blocks) can be told apart from one the kernels cause. Inference always; ``--train`` adds a train step (fwd+bwd).
-Defaults: batch 8 and 20 repeats on CUDA, batch 1 and 3 repeats on CPU.
+Defaults: batch 8 and 20 repeats on CUDA, batch 1 and 5 repeats on CPU.
 """
 import argparse
 from functools import partial
@@ -18,7 +18,7 @@ from typing import List
 import timm
 import torch
 
-from benchmarks.harness import add_output_args, write_outputs
+from benchmarks.harness import add_output_args, apply_threads, write_outputs
 from timm_halo.bench import (
     AMP_DTYPES,
     ModelResult,
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     parser.add_argument('--batch-size', type=int, default=None, help='default: 8 on cuda, 1 on cpu')
-    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 3 on cpu)')
+    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
     parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
                         help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument('--compile', action='store_true', help='torch.compile each size\'s model (slow on cpu)')
     add_output_args(parser)
     args = parser.parse_args()
+    apply_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
@@ -94,7 +95,7 @@ def main() -> None:
     rows: List[dict] = []
     for train in (False, True) if args.train else (False,):
         rows += rows_for(measure_models(specs, device, batch_size, train=train, repeats=repeats, warmup=args.warmup,
-                                        amp_dtype=amp_dtype, compile=args.compile, channels_last=args.channels_last))
+                                        amp_dtype=amp_dtype, compiled=args.compile, channels_last=args.channels_last))
     header = run_header(device, f'{args.model} cost vs resolution, batch {batch_size}, {repeats} repeats, '
                                 f'deviation from linear in pixels normalised to {args.sizes[0]} px', args.amp,
                         args.compile, args.channels_last)

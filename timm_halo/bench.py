@@ -113,7 +113,7 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def default_repeats(device: torch.device) -> int:
-    return 20 if device.type == 'cuda' else 3
+    return 20 if device.type == 'cuda' else 5
 
 
 def device_description(device: torch.device) -> str:
@@ -159,14 +159,14 @@ def measure_models(
         repeats: int = 3,
         warmup: int = 1,
         amp_dtype: Optional[torch.dtype] = None,
-        compile: bool = False,
+        compiled: bool = False,
         channels_last: bool = False,
 ) -> List[ModelResult]:
     """Median seconds per step of every contender, timed round-robin in this process; plus GMACs and img/s.
 
     All models are built first and stay in memory, so that each timing round visits every contender.
     """
-    if compile:
+    if compiled:
         warmup = max(warmup, 1)  # the first call compiles
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
@@ -183,7 +183,7 @@ def measure_models(
         model = spec.factory().to(device=device, memory_format=memory_format).train(train)
         x = torch.randn(batch_size, 3, spec.img_size, spec.img_size, device=device)
         x = x.contiguous(memory_format=memory_format)
-        if compile:
+        if compiled:
             model = torch.compile(model)
         if train:
             target = torch.randint(0, 10, (batch_size,), device=device)
@@ -204,9 +204,9 @@ def format_table(results: Sequence[ModelResult]) -> str:
     return '\n'.join(lines)
 
 
-def run_header(device: torch.device, what: str, amp: Optional[str] = None, compile: bool = False,
+def run_header(device: torch.device, what: str, amp: Optional[str] = None, compiled: bool = False,
                channels_last: bool = False) -> str:
-    flags = [f'amp {amp}' if amp else 'fp32', 'compiled' if compile else 'eager']
+    flags = [f'amp {amp}' if amp else 'fp32', 'compiled' if compiled else 'eager']
     if channels_last:
         flags.append('channels-last')
     return (f'{what} | device {device_description(device)} | torch {torch.__version__} | timm {timm.__version__} '
@@ -234,7 +234,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     results = []
     for train in (False, True) if args.train else (False,):
         results += measure_models([spec], device, batch_size, train=train, repeats=repeats, warmup=args.warmup,
-                                  amp_dtype=amp_dtype, compile=args.compile, channels_last=args.channels_last)
+                                  amp_dtype=amp_dtype, compiled=args.compile, channels_last=args.channels_last)
     print(run_header(device, f'timm-halo bench {args.model}', args.amp, args.compile, args.channels_last))
     print(format_table(results))
     return 0
@@ -251,7 +251,7 @@ def add_cli_commands(subparsers: Any) -> None:
     bench.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s own)')
     bench.add_argument('--batch-size', type=int, default=None, help='default: 8 on cuda, 2 on cpu')
     bench.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
-    bench.add_argument('--repeats', type=int, default=None, help='timed steps (default: 20 on cuda, 3 on cpu)')
+    bench.add_argument('--repeats', type=int, default=None, help='timed steps (default: 20 on cuda, 5 on cpu)')
     bench.add_argument('--warmup', type=int, default=1, help='untimed steps first (default: 1)')
     bench.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     bench.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,

@@ -10,6 +10,7 @@ from huggingface_hub.utils import tqdm
 
 import timm_halo
 from timm_halo.bench import add_cli_commands as add_bench_commands
+from timm_halo.export import add_cli_commands as add_export_commands
 from timm_halo.hub import add_cli_commands as add_hub_commands
 from timm_halo.summary import family, summarize
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument('--skip-family', action='store_true', help='skip the family table')
     add_hub_commands(sub)  # hub-export, hub-inspect (timm_halo/hub.py)
     add_bench_commands(sub)  # bench (timm_halo/bench.py)
+    add_export_commands(sub)  # export (timm_halo/export.py)
     return parser
 
 

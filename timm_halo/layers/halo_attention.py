@@ -69,6 +69,8 @@ def check_image_input(x: torch.Tensor, channels: int, param_dtype: torch.dtype, 
     if x.shape[1] != channels:
         raise ValueError(
             f'{owner} was built for {channels} input channels, got {x.shape[1]} (input shape {list(x.shape)})')
+    if x.shape[2] == 0 or x.shape[3] == 0:  # else a conv complains that its kernel exceeds the padded input
+        raise ValueError(f'{owner} needs a non-empty image, got H x W = {x.shape[2]} x {x.shape[3]}')
     if not x.is_floating_point():
         raise TypeError(f'{owner} expects a floating point input, got {x.dtype}')
     if not torch.jit.is_scripting():

@@ -51,6 +51,7 @@ from timm.models._features import feature_take_indices
 
 from timm_halo.hub import HF_HUB_ORG, PretrainedWeightsError, UnpublishedCfg, build_pretrained
 from timm_halo.layers import HaloAttention
+from timm_halo.layers.halo_attention import check_image_input
 
 __all__ = ['HaloNet', 'HaloNetArgs', 'halonet_args']
 
@@ -353,6 +354,7 @@ class HaloNet(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
 
+        self._check_input(x)
         x = self.stem(x)
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
             stages = self.stages
@@ -388,7 +390,12 @@ class HaloNet(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        # Fail at the door with the model's name rather than deep in a conv or in timm's BatchNormAct2d assert.
+        check_image_input(x, self.in_chans, self.stem[0].conv.weight.dtype, 'HaloNet')
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         x = self.stem(x)
         x = self.stages(x)  # each stage checkpoints its own blocks when enabled
         return self.final_conv(x)
@@ -527,9 +534,24 @@ def checkpoint_filter_fn(
     return cleaned
 
 
+def _check_out_indices(out_indices: Any, num_stages: int) -> None:
+    """timm indexes feature_info with out_indices unchecked (a bare IndexError); name the problem instead."""
+    if isinstance(out_indices, int):  # timm: an int n means the last n stages
+        if not 1 <= out_indices <= num_stages:
+            raise ValueError(f'out_indices={out_indices} (the last n stages) must be 1 to {num_stages}')
+        return
+    bad = [i for i in out_indices if not -num_stages <= i < num_stages]
+    if bad or not len(out_indices):
+        raise ValueError(
+            f'out_indices {tuple(out_indices)} out of range: this HaloNet has {num_stages} stages, '
+            f'so valid indices are 0 to {num_stages - 1} (or -{num_stages} to -1)')
+
+
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
     model_args = halonet_args(variant)
     model_args.update(kwargs)
+    if model_args.get('features_only') and 'out_indices' in model_args:
+        _check_out_indices(model_args['out_indices'], len(model_args['depths']))
     strict = model_args.get('pretrained_strict', True)
     build = partial(
         build_model_with_cfg,

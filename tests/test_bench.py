@@ -1,0 +1,163 @@
+"""Benchmark plumbing: `timm-halo bench`, the interleaved timing loop, GMAC counts, ratios and plots.
+
+Nothing here asserts on a measured time: the machines running the suite are shared and noisy.
+"""
+import re
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import timm
+import torch
+
+import timm_halo.bench as bench
+from timm_halo.bench import ModelResult, ModelSpec, amp_dtype_for, measure_models, model_gmacs, timm_spec
+from timm_halo.cli import main as cli_main
+from timm_halo.summary import summarize
+
+CPU = torch.device('cpu')
+
+
+def _tiny_h0():
+    return timm.create_model('halonet_h0', depths=(1, 1, 1, 1), widths=(16, 32, 64, 64), num_classes=10)
+
+
+def test_bench_command_prints_table_with_img_per_s_and_gmacs():
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_halo', 'bench', '--model', 'halonet_h0', '--img-size', '64', '--batch-size', '1',
+         '--repeats', '1'], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    header = '| model | input | batch | mode | ms/step | img/s | GMACs/img | GMAC/s |'
+    assert header in out
+    number = r' \| ([\d.]+)'
+    row = re.search(r'^\| halonet_h0 \| 64 \| 1 \| infer' + number * 4 + r' \|$', out, re.M)
+    assert row, out
+    ms, img_per_s, gmacs = (float(row.group(i)) for i in (1, 2, 3))
+    assert ms > 0 and img_per_s > 0
+    assert gmacs == pytest.approx(summarize('halonet_h0', 64).gmacs, abs=0.005)  # the table rounds to 2 places
+    assert '| train |' not in out  # the train step is opt-in (--train)
+
+
+def test_bench_command_rejects_unknown_model_and_fp16_on_cpu(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(['bench', '--model', 'halonet_h9'])
+    assert e.value.code == 2
+    assert "unknown model 'halonet_h9'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match='only supported on CUDA'):
+        amp_dtype_for(CPU, 'fp16')
+    assert amp_dtype_for(CPU, 'bf16') is torch.bfloat16
+    assert amp_dtype_for(CPU, None) is None
+
+
+class _FakeClock:
+    """perf_counter stand-in: time moves only when a contender runs, by the amount it says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_interleaved_medians_calls_every_contender_round_robin(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(bench.time, 'perf_counter', clock)
+    calls = []
+    durations = {'a': iter([9, 9, 1, 5, 3]), 'b': iter([9, 9, 2, 2, 20]), 'c': iter([9, 9, 7, 7, 7])}
+
+    def contender(name):
+        calls.append(name)
+        clock.now += next(durations[name])
+
+    fns = {name: partial(contender, name) for name in 'abc'}
+    medians = bench.interleaved_medians(fns, CPU, repeats=3, warmup=2)
+    assert calls == list('abc') * 5  # 2 warm-up rounds + 3 timed rounds, one call per contender per round
+    assert medians == {'a': 3, 'b': 2, 'c': 7}  # warm-up durations (9) never count
+
+
+def test_benchmarks_harness_shares_the_package_timing_loop():
+    harness = pytest.importorskip('benchmarks.harness', reason='benchmarks/ is only in a source checkout')
+    assert harness.interleaved_medians is bench.interleaved_medians
+
+
+def test_gmacs_match_summarize():
+    spec = timm_spec('halonet_h1')
+    assert spec.img_size == 256  # the model's own input size
+    assert model_gmacs(spec.factory, spec.img_size) == pytest.approx(summarize('halonet_h1').gmacs, rel=1e-9)
+    assert model_gmacs(partial(timm.create_model, 'halonet_h0'), 64) == pytest.approx(
+        summarize('halonet_h0', 64).gmacs, rel=1e-9)
+
+
+def test_measure_models_infer_and_train_step():
+    specs = [ModelSpec('tiny', _tiny_h0, 64), ModelSpec('tiny', _tiny_h0, 48)]
+    infer = measure_models(specs, CPU, batch_size=2, repeats=1, warmup=0)
+    train = measure_models(specs[:1], CPU, batch_size=2, train=True, repeats=1, warmup=0, amp_dtype=torch.bfloat16,
+                           channels_last=True)
+    assert [(r.img_size, r.mode) for r in infer + train] == [(64, 'infer'), (48, 'infer'), (64, 'train')]
+    for r in infer + train:
+        assert r.seconds > 0 and r.gmacs > 0
+        assert r.img_per_s == pytest.approx(2 / r.seconds)
+        assert r.gmac_per_s == pytest.approx(r.step_gmacs * r.img_per_s)
+        assert r.as_dict()['mode'] == r.mode
+    assert train[0].step_gmacs == pytest.approx(3 * infer[0].gmacs)  # fwd+bwd counted as three forwards
+    with pytest.raises(ValueError, match='duplicate'):
+        measure_models([specs[0], specs[0]], CPU, batch_size=1, repeats=1, warmup=0)
+
+
+def _result(label, size, seconds, gmacs, train=False):
+    return ModelResult(label, size, 2, train, seconds, gmacs)
+
+
+def test_model_benchmark_ratios():
+    model_bench = pytest.importorskip('benchmarks.model', reason='benchmarks/ is only in a source checkout')
+    results = [_result(model_bench.OURS, 256, 1.0, 3.0), _result('timm halonet_h1', 256, 2.0, 3.0),
+               _result('resnet50', 224, 0.5, 4.0)]
+    rows = {r['peer']: r for r in model_bench.ratios(results)}
+    assert set(rows) == {'timm halonet_h1 @256', 'resnet50 @224'}
+    assert rows['timm halonet_h1 @256']['speed'] == pytest.approx(2.0)
+    assert rows['resnet50 @224']['speed'] == pytest.approx(0.5)
+    # ours: 3 GMACs x 2 img/s = 6 GMAC/s; resnet50: 4 x 4 = 16 GMAC/s
+    assert rows['resnet50 @224']['gmac_per_s_pct'] == pytest.approx(37.5)
+
+
+def test_resolution_deviation_from_linear():
+    resolution = pytest.importorskip('benchmarks.resolution', reason='benchmarks/ is only in a source checkout')
+    # 512 px: 4x the pixels; 4x the time is linear (0%), 5x is +25%
+    rows = resolution.rows_for([_result('m', 256, 1.0, 2.0), _result('m', 512, 4.0, 8.0),
+                                _result('m', 768, 9.0 * 1.25, 18.0)])
+    assert [round(r['time_deviation_pct'], 6) for r in rows] == [0.0, 0.0, 25.0]
+    assert [round(r['gmacs_deviation_pct'], 6) for r in rows] == [0.0, 0.0, 0.0]
+    assert [r['within_target'] for r in rows] == [True, True, False]
+    assert rows[1]['ms_per_img'] == pytest.approx(2000.0)  # 4 s per batch of 2
+
+
+def test_lucidrains_peer_is_nchw_with_equal_dims():
+    pytest.importorskip('halonet_pytorch')
+    layer_bench = pytest.importorskip('benchmarks.layer', reason='benchmarks/ is only in a source checkout')
+    x = torch.randn(1, 64, 16, 16)
+    ours = layer_bench.make_layer('timm_halo', 64, CPU)
+    peer = layer_bench.make_layer('lucidrains', 64, CPU)
+    assert peer(x).shape == ours(x).shape == x.shape
+    # Same q/k/v widths; the peer adds its CxC output projection (weight + bias) on top.
+    qkv = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith('rel_pos'))
+    peer_qkv = sum(p.numel() for n, p in peer.named_parameters() if n.startswith(('to_q', 'to_kv')))
+    assert peer_qkv == qkv
+
+
+@pytest.mark.parametrize('kind', ['layer', 'model', 'resolution'])
+def test_plot_writes_png(tmp_path, kind):
+    pytest.importorskip('matplotlib')
+    plot_mod = pytest.importorskip('benchmarks.plot', reason='benchmarks/ is only in a source checkout')
+    if kind == 'layer':
+        rows = [dict(shape=s, impl=i, fwd_ms=1.0, fwd_bwd_ms=2.0, peak_mb=3.0)
+                for s in ('stage1', 'stage3') for i in ('timm', 'timm_halo')]
+    elif kind == 'model':
+        rows = [dict(_result(lb, 256, 1.0, 3.0, train).as_dict()) for lb in ('a', 'b') for train in (False, True)]
+    else:
+        resolution = pytest.importorskip('benchmarks.resolution')
+        rows = resolution.rows_for([_result('m', 256, 1.0, 2.0), _result('m', 512, 4.4, 8.0)])
+    path = tmp_path / f'{kind}.png'
+    plot_mod.plot(dict(benchmark=kind, header='test', rows=rows), str(path))
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

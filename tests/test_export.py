@@ -1,0 +1,232 @@
+"""Deployment: ONNX (run in ONNX Runtime) and torch.export, held to eager PyTorch; the `timm-halo export` command.
+
+The whole family at full size is covered by tests marked `slow` (python -m pytest -q -m slow).
+"""
+import re
+
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+
+import timm_halo  # noqa: F401  (registers the halonet_* models with timm)
+from timm_halo import HaloAttention
+from timm_halo import export as ex
+from timm_halo.cli import main
+
+NAMES = [f'halonet_h{i}' for i in range(8)]
+
+
+def _reduced(name: str, **kwargs) -> torch.nn.Module:
+    """The variant's block design (b, h, rv, rb, df) with one block per stage; every residual branch live."""
+    torch.manual_seed(0)
+    return ex.wake_residual_branches(timm.create_model(name, depths=(1, 1, 1, 1), **kwargs)).eval()
+
+
+def _full(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ex.wake_residual_branches(timm.create_model(name)).eval()
+
+
+def _ort_vs_eager(path, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Independent of timm_halo.export: a fresh ONNX Runtime session against the eager model."""
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    (got,) = session.run(None, {'input': x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    assert got.shape == tuple(expected.shape)
+    return (torch.from_numpy(got) - expected).abs().max().item()
+
+
+# -- HaloAttention alone ------------------------------------------------------------------------------------------
+
+LAYERS = {
+    'stride1-proj': dict(dim=16, block_size=4, halo_size=1, heads=2, dim_head=8, dim_out=12),
+    'stride2-halo>block': dict(dim=16, block_size=2, halo_size=3, heads=2, dim_head=4, stride=2, value_ratio=2.0),
+}
+
+
+@pytest.mark.parametrize('cfg', LAYERS.values(), ids=LAYERS.keys())
+def test_layer_onnx_dynamic_batch_and_size(tmp_path, cfg):
+    torch.manual_seed(0)
+    layer = HaloAttention(**cfg).eval()
+    example = ex.example_input(layer, batch_size=2)  # 2b + 3: not a multiple of the block
+    report = ex.export_onnx_checked(layer, tmp_path / 'attn.onnx', example, dynamic_batch=True, dynamic_size=True)
+    assert report.ok and len(report.input_shapes) == 3
+
+    session = ort.InferenceSession(str(tmp_path / 'attn.onnx'), providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape == ['batch', 16, 'height', 'width']
+    # sizes whose block counts, padding and border masks all differ from the example's
+    for shape in [(1, 16, 1, 1), (3, 16, 1, 9), (1, 16, 8, 8), (2, 16, 17, 6), (1, 16, 30, 31)]:
+        x = torch.randn(*shape)
+        (got,) = session.run(None, {'input': x.numpy()})
+        ref = layer.reference_forward(x).detach()  # the dense reference, not the path that was exported
+        assert got.shape == tuple(ref.shape), shape
+        assert (torch.from_numpy(got) - ref).abs().max().item() <= ex.ONNX_ATOL, shape
+
+
+def test_layer_onnx_static_size_rejects_other_sizes(tmp_path):
+    """Without dynamic_size the graph is for one size, and ONNX Runtime refuses others (it does not guess)."""
+    layer = HaloAttention(**LAYERS['stride1-proj']).eval()
+    path = ex.export_onnx(layer, tmp_path / 'static.onnx', ex.example_input(layer), dynamic_batch=True)
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape == ['batch', 16, 11, 11]
+    assert _ort_vs_eager(path, layer, torch.randn(4, 16, 11, 11)) <= ex.ONNX_ATOL
+    with pytest.raises(Exception, match='(?i)dimension'):
+        session.run(None, {'input': torch.randn(1, 16, 12, 11).numpy()})
+
+
+def test_parity_check_detects_a_different_model(tmp_path):
+    torch.manual_seed(0)
+    layer = HaloAttention(**LAYERS['stride1-proj']).eval()
+    path = ex.export_onnx(layer, tmp_path / 'a.onnx', ex.example_input(layer), dynamic_batch=False)
+    assert ex.onnx_parity(path, layer, [ex.example_input(layer)]).ok
+    other = HaloAttention(**LAYERS['stride1-proj']).eval()  # same shapes, other weights
+    report = ex.onnx_parity(path, other, [ex.example_input(layer)])
+    assert not report.ok and report.max_abs_diff > 1e-2
+    assert 'FAILED' in str(report)
+
+
+def test_max_abs_diff_semantics():
+    a = torch.tensor([1.0, float('nan'), 3.0])
+    assert ex._max_abs_diff([a], [a.clone()]) == 0.0  # NaN where both are NaN is agreement
+    assert ex._max_abs_diff([a], [torch.tensor([1.0, 2.0, 3.0])]) == float('inf')  # NaN on one side is not
+    assert ex._max_abs_diff([a], [a[:2]]) == float('inf')  # nor a shape mismatch
+    assert ex._max_abs_diff([a], [a, a]) == float('inf')  # nor a missing output
+    assert ex._max_abs_diff([torch.ones(2)], [torch.ones(2) * 1.5]) == 0.5
+
+
+# -- models ---------------------------------------------------------------------------------------------------------
+
+def test_reduced_model_onnx_dynamic_batch(tmp_path):
+    """halonet_h3's block design (b=10 > the late stages' maps, final 1x1 conv) at a size that is not a multiple
+    of 32; dynamic batch checked by the helper (batch 2 and 3) and independently (batch 1)."""
+    model = _reduced('halonet_h3', num_classes=7)
+    example = ex.example_input(model, img_size=72, batch_size=2)
+    report = ex.export_onnx_checked(model, tmp_path / 'h3s.onnx', example)
+    assert report.ok
+    x = torch.randn(1, 3, 72, 72)
+    assert _ort_vs_eager(tmp_path / 'h3s.onnx', model, x) <= ex.ONNX_ATOL
+
+    # The check can see the attention layers: a graph that attended the zero-padded border (no mask) in just the
+    # last of them would miss atol by far.
+    attn = model.stages[3].blocks[0].attn
+    attn._border_mask = lambda n, size, dtype, device: torch.zeros(n, attn.win_size, dtype=dtype, device=device)
+    with torch.no_grad():
+        unmasked = model(x)
+    del attn._border_mask
+    with torch.no_grad():
+        assert (unmasked - model(x)).abs().max().item() > 10 * ex.ONNX_ATOL
+
+
+# Distinct block designs in CI: b=10 with a final conv (h3), b=12 / rb=3 (h4), b=14 / rv=2.5 (h5), h=4 / rv=3 (h6).
+# The others (b=8, h=3, and h7's b=10) run with the full-size family under -m slow; H0 also below at full size.
+CI_VARIANTS = ('halonet_h3', 'halonet_h4', 'halonet_h5', 'halonet_h6')
+
+
+@pytest.mark.parametrize('name', [n if n in CI_VARIANTS else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
+def test_torch_export_reduced_variants(name):
+    model = _reduced(name, num_classes=6)
+    example = torch.randn(2, 3, 64, 48)
+    program = ex.export_program(model, example)  # dynamic batch
+    report = ex.program_parity(program, model, [example, torch.randn(3, 3, 64, 48)])
+    assert report.ok, report
+    # the exported graph holds no Python control flow on data: it is plain ATen ops
+    targets = {str(n.target) for n in program.graph.nodes if n.op == 'call_function'}
+    assert any('softmax' in t for t in targets) and not any('HaloAttentionTiled' in t for t in targets)
+
+
+def test_torch_export_halonet_h0_default_size():
+    model = _full('halonet_h0')
+    example = ex.example_input(model, batch_size=2)
+    assert tuple(example.shape) == (2, 3, 256, 256)
+    program = ex.export_program(model, example)
+    report = ex.program_parity(program, model, [example[:1]])
+    assert report.ok, report
+
+
+def test_torch_export_refuses_dynamic_size():
+    with pytest.raises(ValueError, match='dynamic height/width is not supported'):
+        ex.export_program(HaloAttention(16, block_size=4, halo_size=1), torch.randn(1, 16, 8, 8), dynamic_size=True)
+
+
+def test_export_refuses_non_fp32_models(tmp_path):
+    layer = HaloAttention(16, block_size=4, halo_size=1).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r'fp32.*torch\.bfloat16'):
+        ex.export_onnx(layer, tmp_path / 'x.onnx', torch.randn(1, 16, 8, 8, dtype=torch.bfloat16))
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+
+def test_cli_export_halonet_h0(tmp_path, capsys):
+    """`timm-halo export` at H0's default size: writes the file, reports parity; then an independent check at a
+    batch size the command did not try."""
+    out = tmp_path / 'sub' / 'h0.onnx'
+    assert main(['export', '--model', 'halonet_h0', '--format', 'onnx', '--output', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file() and str(out) in printed
+    diff = float(re.search(r'max \|diff\| ([\d.e+-]+)', printed).group(1))
+    assert diff <= ex.ONNX_ATOL and 'parity OK' in printed and '2x3x256x256, 3x3x256x256' in printed
+
+    torch.manual_seed(0)  # the command's model: seed 0, every residual branch live
+    model = ex.wake_residual_branches(timm.create_model('halonet_h0')).eval()
+    assert _ort_vs_eager(out, model, torch.randn(1, 3, 256, 256)) <= ex.ONNX_ATOL
+
+
+def test_cli_export_exits_nonzero_when_parity_fails(tmp_path, capsys, monkeypatch):
+    real = ex._ort_outputs
+    monkeypatch.setattr(ex, '_ort_outputs', lambda session, x: [o + 1e-3 for o in real(session, x)])
+    args = ['export', '--model', 'halonet_h0', '--img-size', '24', '--output', str(tmp_path / 'bad.onnx'),
+            '--model-args', '{"depths": [1], "widths": [16], "stem_chs": 16}']  # one stage: a quick export
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert 'parity FAILED: max |diff| 0.001' in captured.out
+    assert 'does not match PyTorch within --atol 0.0001' in captured.err
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'halonet_h9'], "unknown model 'halonet_h9'"),
+    (['--format', 'tflite'], "invalid choice: 'tflite'"),
+    (['--img-size', '0'], '--img-size must be >= 1'),
+    (['--model-args', '[1, 2]'], 'must be a JSON object'),
+    (['--model-args', '{"halo_sise": 2}'], "unexpected keyword argument 'halo_sise'"),
+])
+def test_cli_export_rejects_bad_arguments(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(['export', '--output', str(tmp_path / 'x.onnx'), *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'x.onnx').exists()
+
+
+# -- the whole family at full size (slow) ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', NAMES)
+def test_onnx_every_model_default_size(tmp_path, name):
+    model = _full(name)
+    example = ex.example_input(model, batch_size=1)  # the model's default input size
+    report = ex.export_onnx_checked(model, tmp_path / f'{name}.onnx', example)  # batch 1 and 2
+    print(f'{name}: {report}')
+    assert report.ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', NAMES)
+def test_torch_export_every_model_default_size(name):
+    model = _full(name)
+    example = ex.example_input(model, batch_size=2)  # a batch of 1 would be specialised, not dynamic
+    report = ex.program_parity(ex.export_program(model, example), model, [example[:1], example])
+    print(f'{name}: {report}')
+    assert report.ok
+
+
+@pytest.mark.slow
+def test_onnx_reduced_model_dynamic_size(tmp_path):
+    """Dynamic height/width for a whole model (slow to export): checked at sizes far from the example's."""
+    model = _reduced('halonet_h1', num_classes=5)
+    example = ex.example_input(model, img_size=64, batch_size=2)
+    report = ex.export_onnx_checked(model, tmp_path / 'dyn.onnx', example, dynamic_size=True)
+    assert report.ok
+    for shape in [(1, 3, 97, 130), (2, 3, 33, 33), (1, 3, 1, 1)]:
+        assert _ort_vs_eager(tmp_path / 'dyn.onnx', model, torch.randn(*shape)) <= ex.ONNX_ATOL, shape

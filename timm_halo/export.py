@@ -1,0 +1,381 @@
+"""Deployment: ONNX and ``torch.export`` of HaloNet models and ``HaloAttention``, checked against eager PyTorch.
+
+While exporting, ``HaloAttention`` runs its whole-tensor path (``attend_broadcast``: the tiled CPU kernel is an
+``autograd.Function`` and is skipped under tracing), so both exporters see plain ATen ops and no data-dependent
+Python control flow: the block/halo geometry depends only on the input's shape.
+
+Dynamic shapes:
+
+* batch: dynamic by default in both exporters.
+* height/width, ONNX: supported (``dynamic_size=True``). The ceil divisions that give the number of blocks are
+  written without negative operands, because ONNX's integer ``Div`` truncates toward zero. ``export_onnx_checked``
+  checks such a graph at a second, awkward input size as well, since a graph exported for one size might still be
+  specialised to it. Exporting a whole model this way is slow (minutes), so it is off by default.
+* height/width, ``torch.export``: refused with a ``ValueError``. ``torch.export`` cannot prove facts such as
+  ``ceil(H / b) * b >= H`` for a symbolic ``H``, so it rejects the export or specialises it to the example size.
+  Export one program per input size instead.
+
+The parity checks compare fp32 outputs of ONNX Runtime (or the exported program) with the eager module.
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    'ONNX_ATOL',
+    'ExportParityError',
+    'ParityReport',
+    'example_input',
+    'wake_residual_branches',
+    'export_program',
+    'program_parity',
+    'export_onnx',
+    'onnx_parity',
+    'parity_inputs',
+    'export_onnx_checked',
+    'add_cli_commands',
+]
+
+# Max abs difference allowed between ONNX Runtime and eager PyTorch in fp32. Kernels differ (ORT's MatMul and
+# Softmax vs ATen's), so outputs agree to rounding, not bit for bit; typical diffs are 1e-7 to 1e-5.
+ONNX_ATOL = 1e-4
+
+
+class ExportParityError(RuntimeError):
+    """An exported graph disagrees with the eager module by more than the tolerance."""
+
+
+@dataclass
+class ParityReport:
+    """Outcome of a parity check: the worst max abs difference over every checked input and output."""
+
+    path: Optional[Path]
+    max_abs_diff: float
+    atol: float
+    input_shapes: List[Tuple[int, ...]] = field(default_factory=list)
+    max_abs_output: float = 0.0  # scale of the reference outputs, to read the diff against
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.atol  # False for NaN
+
+    def __str__(self) -> str:
+        shapes = ', '.join('x'.join(map(str, s)) for s in self.input_shapes)
+        verdict = 'OK' if self.ok else 'FAILED'
+        return (f'parity {verdict}: max |diff| {self.max_abs_diff:.3g} (atol {self.atol:g}; outputs up to '
+                f'{self.max_abs_output:.3g}) over inputs {shapes}')
+
+
+def _input_spec(model: nn.Module) -> Tuple[int, int]:
+    """(channels, default side) of a module's input: a timm model's cfg, or a HaloAttention layer."""
+    from timm_halo.layers import HaloAttention
+    if isinstance(model, HaloAttention):
+        # Not a multiple of the block size, so the padding and border masking are part of the check.
+        return model.dim, 2 * model.block_size + 3
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if 'input_size' in cfg:
+        return int(getattr(model, 'in_chans', cfg['input_size'][0])), int(cfg['input_size'][-1])
+    raise ValueError(
+        f'cannot tell the input size of a {type(model).__name__}: pass an example input explicitly')
+
+
+def example_input(
+        model: nn.Module, img_size: Optional[int] = None, batch_size: int = 2, seed: int = 0,
+) -> torch.Tensor:
+    """A seeded standard-normal NCHW input for ``model``: its default size (a timm model's ``pretrained_cfg``)
+    unless ``img_size`` is given; for a ``HaloAttention``, a map that is not a multiple of its block size."""
+    channels, default_size = _input_spec(model)
+    size = img_size or default_size
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, channels, size, size, generator=generator)
+
+
+def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -> nn.Module:
+    """Give an untrained HaloNet small random gains (``gain`` x U[0.5, 1.5]) where timm zero-initialises the
+    last BatchNorm of every residual branch; returns the model.
+
+    With timm's zero-init, an untrained model's output does not depend on any attention layer, so a parity check
+    of its export would not see them. Full gains (``zero_init_last=False``) are no better: with untrained
+    statistics the activations then grow with depth (H5-H7 logits reach 1e6-1e9), far from what a deployed model
+    computes. Small gains keep every branch in the output at a realistic scale.
+    """
+    from timm_halo.models.halonet import HaloBottleneck
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HaloBottleneck):
+                weight = m.conv3.bn.weight
+                weight.copy_((torch.rand(weight.shape, generator=g) + 0.5) * gain)
+    return model
+
+
+def _check_exportable(model: nn.Module) -> None:
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes - {torch.float32}:
+        raise ValueError(
+            f'export and its parity check work in fp32, but the model has {sorted(map(str, dtypes))} parameters: '
+            'export model.float() (and convert the ONNX file to fp16 afterwards if needed)')
+
+
+def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool) -> Optional[Tuple[dict]]:
+    from torch.export import Dim
+    dims = {}
+    if dynamic_batch:
+        dims[0] = Dim('batch', min=1)
+    if dynamic_size:
+        dims[2], dims[3] = Dim('height', min=1), Dim('width', min=1)
+    return (dims,) if dims else None  # positional form: works whatever forward() calls its argument
+
+
+def _flat_outputs(out: Any) -> List[torch.Tensor]:
+    """Model outputs as a flat list (timm's features_only models return a list of maps)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_outputs(o)]
+    raise TypeError(f'cannot compare an output of type {type(out).__name__}')
+
+
+def _max_abs_diff(expected: Sequence[torch.Tensor], got: Sequence[Any]) -> float:
+    """Worst max abs difference; inf on a shape mismatch or where only one side is NaN (both NaN counts as 0)."""
+    if len(expected) != len(got):
+        return float('inf')
+    worst = 0.0
+    for e, g in zip(expected, got):
+        g = torch.as_tensor(g)
+        if tuple(e.shape) != tuple(g.shape):
+            return float('inf')
+        if e.numel() == 0:
+            continue
+        e, g = e.detach().float().cpu(), g.detach().float().cpu()
+        both_nan = e.isnan() & g.isnan()
+        diff = torch.where(both_nan, torch.zeros_like(e), (e - g).abs())
+        worst = max(worst, float(diff.nan_to_num(nan=float('inf')).max()))
+    return worst
+
+
+def _eager(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    with torch.no_grad():
+        return _flat_outputs(model(x))
+
+
+def _max_abs(tensors: Sequence[torch.Tensor]) -> float:
+    return max((float(t.detach().abs().nan_to_num().max()) for t in tensors if t.numel()), default=0.0)
+
+
+def export_program(
+        model: nn.Module,
+        example: torch.Tensor,
+        dynamic_batch: bool = True,
+        dynamic_size: bool = False,
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` (put in eval mode) for NCHW inputs like ``example``.
+
+    The batch dimension is dynamic by default. A dynamic height/width is refused (see the module docstring).
+    """
+    if dynamic_size:
+        raise ValueError(
+            'torch.export with a dynamic height/width is not supported for HaloAttention models: the number of '
+            'blocks, the padding and the border mask come from ceil(H / block_size), whose bounds torch.export '
+            'cannot prove for a symbolic H, so it would fail or specialise to the example size. Export one '
+            'program per input size, or use export_onnx(..., dynamic_size=True).')
+    model.eval()
+    return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch, False))
+
+
+def program_parity(
+        program: torch.export.ExportedProgram, model: nn.Module, inputs: Sequence[torch.Tensor],
+        atol: float = 1e-5,
+) -> ParityReport:
+    """Run the exported program and the eager ``model`` on each input; report the worst max abs difference."""
+    module = program.module()
+    worst = scale = 0.0
+    for x in inputs:
+        with torch.no_grad():
+            got = _flat_outputs(module(x))
+        expected = _eager(model, x)
+        worst, scale = max(worst, _max_abs_diff(expected, got)), max(scale, _max_abs(expected))
+    return ParityReport(None, worst, atol, [tuple(x.shape) for x in inputs], scale)
+
+
+def export_onnx(
+        model: nn.Module,
+        path: Union[str, Path],
+        example: torch.Tensor,
+        dynamic_batch: bool = True,
+        dynamic_size: bool = False,
+        opset_version: Optional[int] = None,
+) -> Path:
+    """Export ``model`` (put in eval mode) to a single ONNX file with the ``torch.export``-based exporter.
+
+    Input ``input``; outputs ``output`` (or ``output_0``, ``output_1``, ... for several, e.g. ``features_only``).
+    """
+    _check_exportable(model)
+    model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    num_outputs = len(_eager(model, example))
+    output_names = ['output'] if num_outputs == 1 else [f'output_{i}' for i in range(num_outputs)]
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (example,), str(path),
+            dynamo=True,
+            input_names=['input'],
+            output_names=output_names,
+            dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size),
+            opset_version=opset_version,
+            external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit; H7 is ~270 MB)
+            verbose=False,
+        )
+    if dynamic_size:
+        _drop_intermediate_shapes(path)
+    return path
+
+
+def _drop_intermediate_shapes(path: Path) -> None:
+    """Remove the exporter's shape annotations of intermediate values.
+
+    With a dynamic height/width they hold symbolic sizes that can name two different sizes alike; ONNX Runtime
+    then warns ('Shape mismatch attempting to re-use buffer') while planning memory. It infers shapes itself.
+    """
+    import onnx
+    proto = onnx.load(str(path))
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(path))
+
+
+def _ort_session(path: Union[str, Path]) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(
+            'the ONNX parity check needs onnxruntime: pip install "timm-halo[test]" or pip install onnxruntime'
+        ) from e
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+
+
+def _ort_outputs(session: Any, x: torch.Tensor) -> List[Any]:
+    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+
+
+def onnx_parity(
+        path: Union[str, Path], model: nn.Module, inputs: Sequence[torch.Tensor], atol: float = ONNX_ATOL,
+) -> ParityReport:
+    """Run the ONNX file in ONNX Runtime (CPU) and the eager ``model`` on each input; report the worst diff."""
+    model.eval()
+    session = _ort_session(path)
+    worst = scale = 0.0
+    for x in inputs:
+        expected = _eager(model, x)
+        worst, scale = max(worst, _max_abs_diff(expected, _ort_outputs(session, x))), max(scale, _max_abs(expected))
+    return ParityReport(Path(path), worst, atol, [tuple(x.shape) for x in inputs], scale)
+
+
+def parity_inputs(
+        model: nn.Module, example: torch.Tensor, dynamic_batch: bool, dynamic_size: bool,
+) -> List[torch.Tensor]:
+    """The export example plus, per dynamic axis, an input that differs from it there (new values too)."""
+    batch, channels, height, width = example.shape
+    inputs = [example]
+    generator = torch.Generator().manual_seed(1)
+    if dynamic_batch:
+        inputs.append(torch.randn(batch + 1, channels, height, width, generator=generator))
+    if dynamic_size:
+        # Smaller and not a multiple of anything: other block counts, padding and border masks than the example.
+        inputs.append(torch.randn(1, channels, max(1, height * 2 // 3 + 1), max(1, width // 2 + 3),
+                                  generator=generator))
+    return inputs
+
+
+def export_onnx_checked(
+        model: nn.Module,
+        path: Union[str, Path],
+        example: Optional[torch.Tensor] = None,
+        dynamic_batch: bool = True,
+        dynamic_size: bool = False,
+        atol: float = ONNX_ATOL,
+        opset_version: Optional[int] = None,
+) -> ParityReport:
+    """Export to ONNX, then check it in ONNX Runtime against eager PyTorch on the example and, for each dynamic
+    axis, on an input that differs there. Raises ``ExportParityError`` if the max abs difference exceeds ``atol``.
+    """
+    example = example_input(model) if example is None else example
+    export_onnx(model, path, example, dynamic_batch, dynamic_size, opset_version)
+    report = onnx_parity(path, model, parity_inputs(model, example, dynamic_batch, dynamic_size), atol)
+    if not report.ok:
+        raise ExportParityError(f'{path}: ONNX Runtime disagrees with PyTorch: {report}')
+    return report
+
+
+# -- command line: `timm-halo export` ------------------------------------------------------------------------------
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'not valid JSON: {e}') from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"depths": [1, 1, 1, 1]}\'')
+    return value
+
+
+def add_cli_commands(subparsers: Any) -> None:
+    """Add ``export`` to the ``timm-halo`` command (sets ``handler``)."""
+    export = subparsers.add_parser(
+        'export', help='export a model to ONNX and check it against PyTorch in ONNX Runtime',
+        description='Build a registered HaloNet with timm (seed 0, untrained; each residual branch gets a small '
+                    'random gain instead of timm\'s zero-init, so that every attention layer shows in the check), '
+                    'export it with torch.onnx.export (dynamic batch), run it in ONNX Runtime and compare with '
+                    'PyTorch. Exits non-zero if the max abs difference exceeds --atol.')
+    export.add_argument('--model', default='halonet_h0', help='architecture (default: halonet_h0)')
+    export.add_argument('--format', default='onnx', choices=['onnx'], help='export format (default: onnx)')
+    export.add_argument('--output', default=None, help='file to write (default: <model>.onnx)')
+    export.add_argument('--img-size', type=int, default=None, help="input size (default: the model's own)")
+    export.add_argument('--batch-size', type=int, default=2, help='batch of the example input (default: 2)')
+    export.add_argument('--dynamic-size', action='store_true',
+                        help='also make height/width dynamic (slow to export; checked at a second size)')
+    export.add_argument('--atol', type=float, default=ONNX_ATOL, help=f'parity tolerance (default: {ONNX_ATOL:g})')
+    export.add_argument('--model-args', type=_json_object, default=None,
+                        help='constructor kwargs as JSON, e.g. \'{"num_classes": 10}\'')
+    export.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import timm
+
+    import timm_halo  # noqa: F401  (registers the models)
+    known = timm.list_models('halonet_*')
+    if args.model not in known:
+        parser.error(f'unknown model {args.model!r}; choose from {", ".join(known)}')
+    if args.batch_size < 1 or (args.img_size is not None and args.img_size < 1):
+        parser.error('--batch-size and --img-size must be >= 1')
+    if not args.atol >= 0:
+        parser.error('--atol must be >= 0')
+    output = Path(args.output or f'{args.model}.onnx')
+    torch.manual_seed(0)  # as `timm-halo info`: the same untrained weights on every run
+    try:
+        model = timm.create_model(args.model, **(args.model_args or {})).eval()
+    except (TypeError, ValueError) as e:
+        parser.error(f'cannot build {args.model} with --model-args {args.model_args}: {e}')
+    # Untrained: without this, timm's zero-init of each residual branch would hide every attention layer
+    wake_residual_branches(model)
+    example = example_input(model, args.img_size, args.batch_size)
+    print(f'exporting {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) to {output} '
+          f'for input {"x".join(map(str, example.shape))} (dynamic batch'
+          f'{", height and width" if args.dynamic_size else ""}) ...', flush=True)
+    export_onnx(model, output, example, dynamic_batch=True, dynamic_size=args.dynamic_size)
+    report = onnx_parity(output, model, parity_inputs(model, example, True, args.dynamic_size), args.atol)
+    print(f'wrote {output} ({output.stat().st_size / 1e6:.1f} MB)')
+    print(f'ONNX Runtime vs PyTorch: {report}')
+    if not report.ok:
+        print(f'error: {output} does not match PyTorch within --atol {args.atol:g}', file=sys.stderr)
+        return 1
+    return 0
