@@ -15,19 +15,17 @@ from functools import partial
 from typing import List
 
 import timm
-import torch
 
 from benchmarks.harness import add_output_args, apply_threads, write_outputs
 from timm_halo.bench import (
     AMP_DTYPES,
     ModelResult,
     ModelSpec,
-    amp_dtype_for,
     default_batch_size,
-    default_device,
     default_repeats,
     format_table,
     measure_models,
+    resolve_device_and_amp,
     run_header,
 )
 
@@ -76,13 +74,7 @@ def main() -> None:
     add_output_args(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda: no CUDA device is available')
-    try:
-        amp_dtype = amp_dtype_for(device, args.amp)
-    except ValueError as e:
-        parser.error(str(e))
+    device, amp_dtype = resolve_device_and_amp(args, parser)
     batch_size = args.batch_size or default_batch_size(device)
     repeats = args.repeats or default_repeats(device)
 

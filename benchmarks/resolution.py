@@ -16,17 +16,15 @@ from functools import partial
 from typing import List
 
 import timm
-import torch
 
 from benchmarks.harness import add_output_args, apply_threads, write_outputs
 from timm_halo.bench import (
     AMP_DTYPES,
     ModelResult,
     ModelSpec,
-    amp_dtype_for,
-    default_device,
     default_repeats,
     measure_models,
+    resolve_device_and_amp,
     run_header,
 )
 
@@ -78,15 +76,9 @@ def main() -> None:
     add_output_args(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda: no CUDA device is available')
+    device, amp_dtype = resolve_device_and_amp(args, parser)
     if not timm.is_model(args.model):
         parser.error(f'unknown model {args.model!r}')
-    try:
-        amp_dtype = amp_dtype_for(device, args.amp)
-    except ValueError as e:
-        parser.error(str(e))
     # Batch 1 on CPU: 768 px costs 9x a 256 px image, and the run should stay within minutes on 2 cores.
     batch_size = args.batch_size or (8 if device.type == 'cuda' else 1)
     repeats = args.repeats or default_repeats(device)

@@ -10,7 +10,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -216,16 +216,24 @@ def run_header(device: torch.device, what: str, amp: Optional[str] = None, compi
 
 # -- `timm-halo bench` -------------------------------------------------------------------------------------------
 
-def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not timm.is_model(args.model):
-        parser.error(f'unknown model {args.model!r}')
+def resolve_device_and_amp(
+        args: argparse.Namespace, parser: argparse.ArgumentParser,
+) -> Tuple[torch.device, Optional[torch.dtype]]:
+    """The run's device (``--device``, else cuda if present) and autocast dtype (``--amp``); parser errors if
+    the machine can't do what was asked. Shared by ``timm-halo bench`` and the benchmark scripts."""
     device = torch.device(args.device) if args.device else default_device()
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
     try:
-        amp_dtype = amp_dtype_for(device, args.amp)
+        return device, amp_dtype_for(device, args.amp)
     except ValueError as e:
         parser.error(str(e))
+
+
+def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not timm.is_model(args.model):
+        parser.error(f'unknown model {args.model!r}')
+    device, amp_dtype = resolve_device_and_amp(args, parser)
     batch_size = args.batch_size or default_batch_size(device)
     repeats = args.repeats or default_repeats(device)
     if batch_size < 1 or repeats < 1 or (args.img_size is not None and args.img_size < 32):

@@ -18,7 +18,6 @@ Dynamic shapes:
 The parity checks compare fp32 outputs of ONNX Runtime (or the exported program) with the eager module.
 """
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from timm_halo.hub import json_object_arg
 
 __all__ = [
     'ONNX_ATOL',
@@ -317,16 +318,6 @@ def export_onnx_checked(
 
 # -- command line: `timm-halo export` ------------------------------------------------------------------------------
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f'not valid JSON: {e}') from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"depths": [1, 1, 1, 1]}\'')
-    return value
-
-
 def add_cli_commands(subparsers: Any) -> None:
     """Add ``export`` to the ``timm-halo`` command (sets ``handler``)."""
     export = subparsers.add_parser(
@@ -343,7 +334,7 @@ def add_cli_commands(subparsers: Any) -> None:
     export.add_argument('--dynamic-size', action='store_true',
                         help='also make height/width dynamic (slow to export; checked at a second size)')
     export.add_argument('--atol', type=float, default=ONNX_ATOL, help=f'parity tolerance (default: {ONNX_ATOL:g})')
-    export.add_argument('--model-args', type=_json_object, default=None,
+    export.add_argument('--model-args', type=json_object_arg, default=None,
                         help='constructor kwargs as JSON, e.g. \'{"num_classes": 10}\'')
     export.set_defaults(handler=_cmd_export)
 

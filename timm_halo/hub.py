@@ -566,7 +566,8 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
 # Command line: `timm-halo hub-export` and `timm-halo hub-inspect`
 # --------------------------------------------------------------------------------------------------------------
 
-def _json_arg(text: str) -> Dict[str, Any]:
+def json_object_arg(text: str) -> Dict[str, Any]:
+    """argparse type for options such as --model-args: a JSON object."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -637,7 +638,7 @@ def add_cli_commands(subparsers: Any) -> None:
     export.add_argument('--output', required=True, help='folder to write')
     export.add_argument('--num-classes', type=int, default=None,
                         help="the checkpoint's classes (default: read from its classifier); 0 drops the classifier")
-    export.add_argument('--model-args', type=_json_arg, default=None,
+    export.add_argument('--model-args', type=json_object_arg, default=None,
                         help='constructor kwargs as JSON, e.g. \'{"depths": [1, 1, 1, 1]}\'')
     export.add_argument('--labels', default=None, help='text file with one class name per line')
     export.add_argument('--dataset', default=None, help='training data, for the model card (e.g. ImageNet-1k)')
