@@ -188,7 +188,7 @@ def test_cli_export_exits_nonzero_when_parity_fails(tmp_path, capsys, monkeypatc
     (['--model', 'halonet_h9'], "unknown model 'halonet_h9'"),
     (['--format', 'tflite'], "invalid choice: 'tflite'"),
     (['--img-size', '0'], '--img-size must be >= 1'),
-    (['--model-args', '[1, 2]'], 'must be a JSON object'),
+    (['--model-args', '[1, 2]'], 'expected a JSON object'),
     (['--model-args', '{"halo_sise": 2}'], "unexpected keyword argument 'halo_sise'"),
 ])
 def test_cli_export_rejects_bad_arguments(tmp_path, capsys, args, message):
