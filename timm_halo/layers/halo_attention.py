@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -346,11 +347,12 @@ class HaloAttention(nn.Module):
         self._check_input(x)
         B, _, H, W = x.shape
         b, h, s = self.block_size, self.halo_size, self.stride
-        heads, d, dv = self.heads, self.dim_head, self.dim_head_v
+        heads, d = self.heads, self.dim_head
         hq, wq = self.output_size(H, W)
 
-        q = self.q(x)[:, :, ::s, ::s].reshape(B, heads, d, hq * wq)
-        kv = self.kv(x).reshape(B, heads, d + dv, H * W)
+        # per-head channel groups, every pixel a token
+        q = rearrange(self.q(x)[:, :, ::s, ::s], 'b (n d) h w -> b n d (h w)', n=heads)
+        kv = rearrange(self.kv(x), 'b (n c) h w -> b n c (h w)', n=heads)
         k, v = kv[:, :, :d], kv[:, :, d:]
 
         qy, qx = torch.meshgrid(torch.arange(hq) * s, torch.arange(wq) * s, indexing='ij')
@@ -368,4 +370,4 @@ class HaloAttention(nn.Module):
         rel = torch.einsum('bndq,qkd->bnqk', q, pos_h) + torch.einsum('bndq,qkd->bnqk', q, pos_w)
         logits = (content + rel).masked_fill(~visible, float('-inf'))
         out = torch.einsum('bnqk,bndk->bndq', logits.softmax(-1), v)
-        return self.proj(out.reshape(B, heads * dv, hq, wq))
+        return self.proj(rearrange(out, 'b n d (h w) -> b (n d) h w', h=hq))
