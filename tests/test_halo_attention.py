@@ -11,10 +11,12 @@ from timm_halo.layers import HaloAttention
 from timm_halo.layers.halo_attention import attend_broadcast
 
 
-def _broadcast_forward(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
-    """The whole-tensor path (what TorchScript / compile / accelerators run), called directly."""
-    q, k, v, rel_h, rel_w, geom = layer._blocked(x)
-    return layer.proj(layer._unblock(attend_broadcast(q, k, v, rel_h, rel_w), geom))
+def _broadcast_forward(layer: HaloAttention, x: torch.Tensor, custom: bool = False) -> torch.Tensor:
+    """The whole-tensor path, called directly. ``custom=False`` is what TorchScript / compile / export run
+    (plain windows, autograd's own backward); ``custom=True`` is eager mode on accelerators (cropped windows
+    of small maps, the window-gather kernel)."""
+    q, kv, rel_h, rel_w, geom = layer._blocked(x, custom)
+    return layer.proj(layer._unblock(attend_broadcast(q, kv, rel_h, rel_w), geom))
 
 
 def _randomize(layer: HaloAttention, seed: int) -> HaloAttention:
@@ -55,6 +57,8 @@ CASES = [
     (12, 11, 5, 6, 3, 2, 3, 4, 1.5),     # block larger than the map in one axis
     (8, 3, 4, 8, 3, 1, 2, 4, 1.0),       # map smaller than one block
     (8, 9, 9, 3, 4, 1, 2, 4, 1.0),       # halo larger than block
+    (16, 7, 17, 4, 3, 1, 2, 8, 1.0),     # two blocks (cropped windows, ragged) by five (plain windows)
+    (16, 16, 9, 8, 3, 2, 2, 4, 1.0),     # two by two blocks, strided: the H1 stage-4 entry in miniature
 ]
 
 
@@ -77,17 +81,18 @@ def test_fast_paths_match_reference_fp32(case):
     assert ref.shape == (3, layer.dim_out, math.ceil(H / s), math.ceil(W / s))
     torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(_broadcast_forward(layer, x), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_broadcast_forward(layer, x, custom=True), ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize('case', CASES)
-@pytest.mark.parametrize('path', ['tiled', 'broadcast'])
+@pytest.mark.parametrize('path', ['tiled', 'broadcast', 'broadcast-custom'])
 def test_gradients_match_reference_fp64(case, path):
     C, H, W, b, h, s, heads, dh, rv = case
     torch.manual_seed(1)
     layer = _randomize(
         HaloAttention(C, block_size=b, halo_size=h, heads=heads, dim_head=dh, stride=s, value_ratio=rv).double(), 2)
     x = torch.randn(2, C, H, W, dtype=torch.double, requires_grad=True)
-    fast = layer(x) if path == 'tiled' else _broadcast_forward(layer, x)
+    fast = layer(x) if path == 'tiled' else _broadcast_forward(layer, x, custom=path == 'broadcast-custom')
     ref = layer.reference_forward(x)
     grad_out = torch.randn_like(ref)
     inputs = [x] + list(layer.parameters())

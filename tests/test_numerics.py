@@ -97,7 +97,8 @@ def test_mask_value_is_dtype_safe():
     """Two masks (row + column) plus a large logit stay finite in every float dtype."""
     layer = _layer(1)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        mask = layer._border_mask(2, 5, dtype, torch.device('cpu'))
+        plan = layer._window_plan(5, 2, crop=False)  # 5 pixels in 2 blocks: padded windows, masked slots
+        _, mask = layer._axis_terms(5, 2, plan, dtype, torch.device('cpu'))
         lowest = torch.finfo(dtype).min
         assert mask.min().item() == pytest.approx(lowest / 4, rel=1e-3) and mask.max().item() == 0
         worst = mask.min() + mask.min() + torch.tensor(lowest / 4, dtype=dtype)

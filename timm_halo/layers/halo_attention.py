@@ -80,84 +80,151 @@ def check_image_input(x: torch.Tensor, channels: int, param_dtype: torch.dtype, 
 
 def attend_broadcast(
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        kv: torch.Tensor,
         rel_h: torch.Tensor,
         rel_w: torch.Tensor,
 ) -> torch.Tensor:
-    """Windowed attention on whole tensors.
+    """Windowed attention on whole tensors, channels-first per window.
 
     Args:
-        q: (N, bq * bq, d) queries, already scaled.
-        k: (N, w * w, d) keys of each query block's window.
-        v: (N, w * w, dv) values of each window.
-        rel_h: (N, bq, bq, w) height logits (relative term plus border mask) per query row and key row.
-        rel_w: (N, bq, bq, w) width logits per query and key column.
+        q: (N, d, bq * bq) queries of each block, already scaled.
+        kv: (N, d + dv, kh * kw) keys (first d rows) and values of each block's key window.
+        rel_h: (N, bq, bq, kh) height logits (relative term plus border mask) per query and key row.
+        rel_w: (N, bq, bq, kw) width logits per query and key column.
 
     Returns:
-        (N, bq * bq, dv)
+        (N, dv, bq * bq)
     """
-    n, bq, _, win = rel_h.shape
-    logits = q @ k.transpose(-1, -2)
+    n, bq, _, kh = rel_h.shape
+    kw = rel_w.shape[-1]
+    d = q.shape[1]
+    k, v = kv[:, :d], kv[:, d:]
+    logits = q.transpose(1, 2) @ k
     # The relative terms are separable per axis: add them by broadcasting instead of materialising them.
-    logits = logits.view(n, bq, bq, win, win) + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
-    attn = logits.view(n, bq * bq, win * win).softmax(dim=-1)
-    return attn @ v
+    logits = logits.view(n, bq, bq, kh, kw) + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
+    attn = logits.view(n, bq * bq, kh * kw).softmax(dim=-1)
+    return v @ attn.transpose(1, 2)
 
 
-def _tile_logits(
-        q: torch.Tensor, k: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out[:] = a @ b`` without a temporary when the dtypes allow it (under autocast they may not)."""
+    if out.dtype == a.dtype:
+        return torch.bmm(a, b, out=out)
+    return out.copy_(torch.bmm(a, b))
+
+
+def _tile_attention(
+        q: torch.Tensor, k: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, buf: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention probabilities of one tile; the softmax runs in at least fp32."""
-    n, bq, _, win = rel_h.shape
-    logits = torch.matmul(q, k.transpose(-1, -2))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logits5 = logits.view(n, bq, bq, win, win)
+    """Attention probabilities (m, bq^2, kh * kw) of one tile, computed in place in ``buf`` (fp32 or wider)."""
+    m, bq, _, kh = rel_h.shape
+    _bmm_into(buf, q.transpose(1, 2), k)
+    logits5 = buf.view(m, bq, bq, kh, rel_w.shape[-1])
     logits5.add_(rel_h.unsqueeze(-1))
     logits5.add_(rel_w.unsqueeze(-2))
-    return torch.softmax(logits, dim=-1)
+    return torch.softmax(buf, dim=-1, out=buf)
 
 
 class _HaloAttentionTiled(torch.autograd.Function):
-    """Same maths as ``attend_broadcast``, tiled over windows; backward recomputes each tile's logits."""
+    """Same maths as ``attend_broadcast``, tiled over windows; backward recomputes each tile's logits.
+
+    Operands are channels-first per window (q: d x bq^2, k/v: d x keys): on CPU the small-width GEMMs of
+    attention are several times faster in this orientation. One logits buffer serves all tiles, so the
+    allocator (and the kernel's page faults) see one allocation per call, not several per tile.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_h, rel_w, tile):
-        n = q.shape[0]
-        out = q.new_empty(n, q.shape[1], v.shape[-1])
+    def forward(ctx, q, kv, rel_h, rel_w, tile):
+        n, d, num_q = q.shape
+        keys = kv.shape[-1]
+        k, v = kv[:, :d], kv[:, d:]
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_empty(n, v.shape[1], num_q)
+        buf = q.new_empty(min(tile, n), num_q, keys, dtype=acc_dtype)
         for i in range(0, n, tile):
             s = slice(i, i + tile)
-            attn = _tile_logits(q[s], k[s], rel_h[s], rel_w[s]).to(v.dtype)
-            torch.matmul(attn, v[s], out=out[s])
-        ctx.save_for_backward(q, k, v, rel_h, rel_w, out)
+            attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], buf[:min(tile, n - i)])
+            torch.bmm(v[s], attn.to(v.dtype).transpose(1, 2), out=out[s])
+        ctx.save_for_backward(q, kv, rel_h, rel_w, out)
         ctx.tile = tile
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, rel_h, rel_w, out = ctx.saved_tensors
+        q, kv, rel_h, rel_w, out = ctx.saved_tensors
         tile = ctx.tile
-        n, bq, _, win = rel_h.shape
+        n, d, num_q = q.shape
+        _, bq, _, kh = rel_h.shape
+        kw = rel_w.shape[-1]
+        k, v = kv[:, :d], kv[:, d:]
         grad_out = grad_out.contiguous()
         # Softmax backward needs rowsum(dA * A) == rowsum(dO * O) per query (flash-attention identity).
         acc_dtype = torch.promote_types(out.dtype, torch.float32)
-        delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1, keepdim=True)
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(1).unsqueeze(-1)
+        grad_q, grad_kv = torch.empty_like(q), torch.empty_like(kv)
         grad_rel_h, grad_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
+        rows = min(tile, n)
+        attn_buf = q.new_empty(rows, num_q, kh * kw, dtype=acc_dtype)
+        grad_buf = torch.empty_like(attn_buf)
+        # bmm into a row slice of grad_kv would take a slow per-matrix path: go through contiguous buffers
+        grad_k_buf, grad_v_buf = k.new_empty(rows, d, kh * kw), v.new_empty(rows, v.shape[1], kh * kw)
         for i in range(0, n, tile):
-            s = slice(i, i + tile)
-            attn = _tile_logits(q[s], k[s], rel_h[s], rel_w[s])
-            torch.matmul(attn.to(v.dtype).transpose(-1, -2), grad_out[s], out=grad_v[s])
-            grad_attn = torch.matmul(grad_out[s], v[s].transpose(-1, -2)).to(acc_dtype)
-            grad_logits = grad_attn.sub_(delta[s]).mul_(attn)
-            grad_logits5 = grad_logits.view(-1, bq, bq, win, win)
-            torch.sum(grad_logits5, -1, out=grad_rel_h[s])
-            torch.sum(grad_logits5, -2, out=grad_rel_w[s])
+            s, m = slice(i, i + tile), min(tile, n - i)
+            attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], attn_buf[:m])
+            grad_kv[s, d:] = torch.bmm(grad_out[s], attn.to(v.dtype), out=grad_v_buf[:m])
+            grad_logits = _bmm_into(grad_buf[:m], grad_out[s].transpose(1, 2), v[s])
+            grad_logits.sub_(delta[s]).mul_(attn)
+            grad_logits5 = grad_logits.view(m, bq, bq, kh, kw)
+            grad_rel_h[s] = grad_logits5.sum(-1)
+            grad_rel_w[s] = grad_logits5.sum(-2)
             grad_logits = grad_logits.to(q.dtype)
-            torch.matmul(grad_logits, k[s], out=grad_q[s])
-            torch.matmul(grad_logits.transpose(-1, -2), q[s], out=grad_k[s])
-        return grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w, None
+            torch.bmm(k[s], grad_logits.transpose(1, 2), out=grad_q[s])
+            grad_kv[s, :d] = torch.bmm(q[s], grad_logits, out=grad_k_buf[:m])
+        return grad_q, grad_kv, grad_rel_h, grad_rel_w, None
+
+
+def _unfold_windows(padded: torch.Tensor, heads: int, step_h: int, len_h: int, step_w: int, len_w: int) -> torch.Tensor:
+    """(B, heads * c, Hp, Wp) -> (B * heads * nh * nw, c, len_h * len_w): every key window, channels first."""
+    B, C, _, _ = padded.shape
+    windows = padded.unfold(2, len_h, step_h).unfold(3, len_w, step_w)  # B, C, nh, nw, len_h, len_w (a view)
+    nh, nw = windows.shape[2], windows.shape[3]
+    windows = windows.reshape(B, heads, C // heads, nh, nw, len_h, len_w).permute(0, 1, 3, 4, 2, 5, 6)
+    return windows.reshape(B * heads * nh * nw, C // heads, len_h * len_w)
+
+
+class _GatherWindows(torch.autograd.Function):
+    """``_unfold_windows`` with a backward that adds each window's gradient back in a few strided passes.
+
+    Windows overlap (stride < length), so autograd's generic unfold backward is slow. Windows ``g`` apart
+    (``g = ceil(length / step)``) do not overlap: each of the g_h * g_w groups is one in-place add into a
+    strided view of the padded gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, padded, heads, step_h, len_h, step_w, len_w):
+        ctx.geometry = (padded.shape, heads, step_h, len_h, step_w, len_w)
+        return _unfold_windows(padded, heads, step_h, len_h, step_w, len_w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_windows):
+        shape, heads, step_h, len_h, step_w, len_w = ctx.geometry
+        B, C, Hp, Wp = shape
+        c = C // heads
+        nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
+        grad_windows = grad_windows.reshape(B, heads, nh, nw, c, len_h, len_w)
+        grad = grad_windows.new_zeros(shape)
+        groups_h, groups_w = min(-(-len_h // step_h), nh), min(-(-len_w // step_w), nw)
+        for gy in range(groups_h):
+            for gx in range(groups_w):
+                part = grad_windows[:, :, gy::groups_h, gx::groups_w]
+                target = grad.as_strided(
+                    (B, heads, part.shape[2], part.shape[3], c, len_h, len_w),
+                    (C * Hp * Wp, c * Hp * Wp, groups_h * step_h * Wp, groups_w * step_w, Hp * Wp, Wp, 1),
+                    gy * step_h * Wp + gx * step_w)
+                target.add_(part)
+        return grad, None, None, None, None, None
 
 
 @register_notrace_module  # a leaf for torch.fx feature extraction: its shape arithmetic is not symbolic
@@ -229,20 +296,7 @@ class HaloAttention(nn.Module):
         inner_v = heads * dim_head_v
         self.proj = nn.Conv2d(inner_v, dim_out, 1, **dd) if inner_v != dim_out else nn.Identity()
 
-        # Gather index for the relative tables: [query row in block, key row in window] -> table row.
-        self.register_buffer(
-            'rel_index', torch.empty(block_size // stride, self.win_size, dtype=torch.long, device=device),
-            persistent=False)
-        self.init_non_persistent_buffers()
         self.reset_parameters()
-
-    def init_non_persistent_buffers(self) -> None:
-        """Fill ``rel_index`` (also after ``to_empty()`` from the meta device; timm calls this)."""
-        device = self.rel_index.device
-        queries = torch.arange(0, self.block_size, self.stride, device=device)
-        window = torch.arange(self.win_size, device=device)
-        offsets = (window[None, :] - self.halo_size) - queries[:, None]
-        self.rel_index.copy_(offsets + self.block_size + self.halo_size - 1)
 
     def reset_parameters(self) -> None:
         trunc_normal_(self.q.weight, std=self.dim ** -0.5)
@@ -265,80 +319,119 @@ class HaloAttention(nn.Module):
         # toward zero, so floor division of a negative size would be wrong for dynamic input sizes.
         return (height + self.stride - 1) // self.stride, (width + self.stride - 1) // self.stride
 
-    def _border_mask(self, num_blocks: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """(num_blocks, win) additive mask: 0 where the window row/column lies inside the image."""
-        starts = torch.arange(num_blocks, device=device) * self.block_size - self.halo_size
-        pos = starts[:, None] + torch.arange(self.win_size, device=device)[None, :]
-        inside = (pos >= 0) & (pos < size)
+    def _window_plan(self, size: int, blocks: int, crop: bool) -> Tuple[int, int, int, int]:
+        """Key windows along one axis: (padding before, padding after, step, length).
+
+        The plain plan pads by the halo and cuts one ``b + 2h`` window per block, ``b`` apart. With ``crop``,
+        maps of one or two blocks (late stages: 8x8 or 16x16 at block 8) get shorter windows that skip the
+        halo rows lying outside the image, which would all be masked: at 8x8 that is 64 keys instead of 196.
+        """
+        b, h = self.block_size, self.halo_size
+        if crop and blocks == 1:
+            return 0, 0, b, size  # the whole axis is one window
+        if crop and blocks == 2 and h < b:
+            # block 0 sees rows [0, b + h), block 1 rows [b - h, size): one length covers both
+            step = b - h
+            length = max(min(size, b + h), size - step)
+            return 0, step + length - size, step, length
+        return h, blocks * b + h - size, b, b + 2 * h
+
+    def _axis_terms(
+            self, size: int, blocks: int, plan: Tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Relative-table rows (blocks, bq, length) of each (block, query, key slot) and the additive border
+        mask (blocks, length): 0 where the key lies inside the image and inside the block's halo window."""
+        b, h, s = self.block_size, self.halo_size, self.stride
+        pad_before, _, step, length = plan
+        block_start = torch.arange(blocks, device=device) * b
+        key_pos = (torch.arange(blocks, device=device) * step - pad_before)[:, None] + torch.arange(
+            length, device=device)[None, :]
+        visible = (key_pos >= 0) & (key_pos < size) & (key_pos >= block_start[:, None] - h) & (
+            key_pos < block_start[:, None] + b + h)
+        query_pos = block_start[:, None] + torch.arange(0, b, s, device=device)[None, :]
+        # Invisible keys may have offsets beyond the table: clamp them to a valid row, the mask removes them.
+        rows = (key_pos[:, None, :] - query_pos[:, :, None] + b + h - 1).clamp(0, 2 * (b + h - 1))
         # A row mask and a column mask can both hit one logit: a quarter of the dtype's lowest finite value
         # keeps their sum (plus any real logit) finite in fp16/bf16/fp32. nan_to_num gives that value in a
         # TorchScript-friendly way (torch.finfo is not scriptable).
         masked = torch.full((), float('-inf'), dtype=dtype, device=device).nan_to_num() / 4
-        return torch.where(inside, torch.zeros_like(masked), masked)
+        return rows, torch.where(visible, torch.zeros_like(masked), masked)
+
+    def _use_custom_kernels(self) -> bool:
+        """Eager mode: the autograd.Function kernels and size-dependent window plans are allowed."""
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return False
+        return not torch.compiler.is_compiling()  # compile and export see plain ATen ops, as written
 
     def _blocked(
-            self, x: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
-        """Project and cut into blocks: q (N, bq^2, d), k/v (N, w^2, d/dv), rel_h/rel_w (N, bq, bq, w)."""
+            self, x: torch.Tensor, custom: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+        """Project and cut into blocks, channels first per block: q (N, d, bq^2), kv (N, d + dv, kh * kw),
+        rel_h (N, bq, bq, kh), rel_w (N, bq, bq, kw), with N = B * heads * nh * nw."""
         B, _, H, W = x.shape
-        b, h, s, win = self.block_size, self.halo_size, self.stride, self.win_size
+        b, s = self.block_size, self.stride
         bq = b // s
         nh, nw = (H + b - 1) // b, (W + b - 1) // b  # ceil division without negatives (see output_size)
         hq, wq = self.output_size(H, W)
-        heads, d, dv = self.heads, self.dim_head, self.dim_head_v
+        heads, d = self.heads, self.dim_head
 
+        # The scale rides on the (small) weight: q comes out scaled, and the tables are divided by it.
         xq = x[:, :, ::s, ::s] if s > 1 else x
-        q = self.q(xq)
+        q_bias = self.q.bias
+        if q_bias is not None:
+            q_bias = q_bias * self.scale
+        q = F.conv2d(xq, self.q.weight * self.scale, q_bias)
         q = F.pad(q, [0, nw * bq - wq, 0, nh * bq - hq])
-        q = q.reshape(B, heads, d, nh, bq, nw, bq).permute(0, 1, 3, 5, 4, 6, 2)
-        q = q.reshape(B, heads, nh, nw, bq, bq, d)
+        q = q.reshape(B, heads, d, nh, bq, nw, bq).permute(0, 1, 3, 5, 2, 4, 6)  # B, heads, nh, nw, d, bq, bq
 
-        # Relative logits per axis: q . table[offset], gathered per (query row, key row) pair.
-        rel_h = torch.einsum('bnhwyxd,ykd->bnhwyxk', q, self.rel_pos_h[self.rel_index])
-        rel_w = torch.einsum('bnhwyxd,xkd->bnhwyxk', q, self.rel_pos_w[self.rel_index])
-        # Border halo and padding: the mask is separable too, so it rides on the per-axis terms.
-        mask_h = self._border_mask(nh, H, rel_h.dtype, x.device)
-        mask_w = self._border_mask(nw, W, rel_w.dtype, x.device)
+        plan_h, plan_w = self._window_plan(H, nh, custom), self._window_plan(W, nw, custom)
+        rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
+        rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
+        # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
+        rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q, self.rel_pos_h[rows_h] / self.scale)
+        rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q, self.rel_pos_w[rows_w] / self.scale)
+        # The border mask is separable too, so it rides on the per-axis terms.
         rel_h = rel_h + mask_h[:, None, None, None, :]
-        rel_w = rel_w + mask_w[None, :, None, None, :]
+        rel_w = rel_w + mask_w[:, None, None, :]
 
-        kv = self.kv(x)
-        kv = F.pad(kv, [h, nw * b - W + h, h, nh * b - H + h])
-        kv = kv.unfold(2, win, b).unfold(3, win, b)  # B, C, nh, nw, win, win (a view)
-        kv = kv.reshape(B, heads, d + dv, nh, nw, win * win).permute(0, 1, 3, 4, 5, 2)
-        kv = kv.reshape(-1, win * win, d + dv)
-        k, v = kv.split([d, dv], dim=-1)
+        kv = F.pad(self.kv(x), [plan_w[0], plan_w[1], plan_h[0], plan_h[1]])
+        if custom:
+            kv = self._gather_windows(kv, plan_h, plan_w)
+        else:
+            kv = _unfold_windows(kv, heads, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
 
         n = B * heads * nh * nw
-        q = q.reshape(n, bq * bq, d) * self.scale
-        return q, k, v, rel_h.reshape(n, bq, bq, win), rel_w.reshape(n, bq, bq, win), [B, nh, nw, hq, wq]
+        return (q.reshape(n, d, bq * bq), kv, rel_h.reshape(n, bq, bq, plan_h[3]),
+                rel_w.reshape(n, bq, bq, plan_w[3]), [B, nh, nw, hq, wq])
 
     @torch.jit.unused
-    def _attend_tiled(self, q, k, v, rel_h, rel_w) -> torch.Tensor:
-        per_window = rel_h.shape[1] ** 2 * rel_h.shape[3] ** 2
+    def _gather_windows(
+            self, kv: torch.Tensor, plan_h: Tuple[int, int, int, int], plan_w: Tuple[int, int, int, int],
+    ) -> torch.Tensor:
+        return _GatherWindows.apply(kv, self.heads, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
+
+    @torch.jit.unused
+    def _attend_tiled(self, q, kv, rel_h, rel_w) -> torch.Tensor:
+        per_window = q.shape[-1] * kv.shape[-1]
         tile = max(1, _TILE_LOGITS // per_window)
-        return _HaloAttentionTiled.apply(q, k, v, rel_h, rel_w, tile)
+        return _HaloAttentionTiled.apply(q, kv, rel_h, rel_w, tile)
 
     def _use_tiled(self, x: torch.Tensor) -> bool:
-        if torch.jit.is_scripting() or torch.jit.is_tracing():
-            return False
-        if torch.compiler.is_compiling():
-            return False  # inductor fuses the broadcast form itself
-        return x.device.type == 'cpu'
+        return x.device.type == 'cpu' and self._use_custom_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        q, k, v, rel_h, rel_w, geom = self._blocked(x)
+        q, kv, rel_h, rel_w, geom = self._blocked(x, self._use_custom_kernels())
         if self._use_tiled(x):
-            out = self._attend_tiled(q, k, v, rel_h, rel_w)
+            out = self._attend_tiled(q, kv, rel_h, rel_w)
         else:
-            out = attend_broadcast(q, k, v, rel_h, rel_w)
+            out = attend_broadcast(q, kv, rel_h, rel_w)
         return self.proj(self._unblock(out, geom))
 
     def _unblock(self, out: torch.Tensor, geom: List[int]) -> torch.Tensor:
         B, nh, nw, hq, wq = geom
         bq = self.block_size // self.stride
-        out = out.reshape(B, self.heads, nh, nw, bq, bq, self.dim_head_v).permute(0, 1, 6, 2, 4, 3, 5)
+        out = out.reshape(B, self.heads, nh, nw, self.dim_head_v, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, self.heads * self.dim_head_v, nh * bq, nw * bq)
         return out[:, :, :hq, :wq]
 
