@@ -15,8 +15,8 @@ def _broadcast_forward(layer: HaloAttention, x: torch.Tensor, custom: bool = Fal
     """The whole-tensor path, called directly. ``custom=False`` is what TorchScript / compile / export run
     (plain windows, autograd's own backward); ``custom=True`` is eager mode on accelerators (cropped windows
     of small maps, the window-gather kernel)."""
-    q, kv, rel_h, rel_w, geom = layer._blocked(x, custom)
-    return layer.proj(layer._unblock(attend_broadcast(q, kv, rel_h, rel_w), geom))
+    q, k, v, rel_h, rel_w, geom = layer._blocked(x, custom)
+    return layer.proj(layer._unblock(attend_broadcast(q, k, v, rel_h, rel_w), geom))
 
 
 def _randomize(layer: HaloAttention, seed: int) -> HaloAttention:

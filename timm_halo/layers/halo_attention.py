@@ -80,7 +80,8 @@ def check_image_input(x: torch.Tensor, channels: int, param_dtype: torch.dtype, 
 
 def attend_broadcast(
         q: torch.Tensor,
-        kv: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         rel_h: torch.Tensor,
         rel_w: torch.Tensor,
 ) -> torch.Tensor:
@@ -88,7 +89,8 @@ def attend_broadcast(
 
     Args:
         q: (N, d, bq * bq) queries of each block, already scaled.
-        kv: (N, d + dv, kh * kw) keys (first d rows) and values of each block's key window.
+        k: (N, d, kh * kw) keys of each block's key window.
+        v: (N, dv, kh * kw) values of each window.
         rel_h: (N, bq, bq, kh) height logits (relative term plus border mask) per query and key row.
         rel_w: (N, bq, bq, kw) width logits per query and key column.
 
@@ -97,8 +99,6 @@ def attend_broadcast(
     """
     n, bq, _, kh = rel_h.shape
     kw = rel_w.shape[-1]
-    d = q.shape[1]
-    k, v = kv[:, :d], kv[:, d:]
     logits = q.transpose(1, 2) @ k
     # The relative terms are separable per axis: add them by broadcasting instead of materialising them.
     logits = logits.view(n, bq, bq, kh, kw) + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
@@ -134,10 +134,9 @@ class _HaloAttentionTiled(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, kv, rel_h, rel_w, tile):
+    def forward(ctx, q, k, v, rel_h, rel_w, tile):
         n, d, num_q = q.shape
-        keys = kv.shape[-1]
-        k, v = kv[:, :d], kv[:, d:]
+        keys = k.shape[-1]
         acc_dtype = torch.promote_types(q.dtype, torch.float32)
         out = q.new_empty(n, v.shape[1], num_q)
         buf = q.new_empty(min(tile, n), num_q, keys, dtype=acc_dtype)
@@ -145,34 +144,30 @@ class _HaloAttentionTiled(torch.autograd.Function):
             s = slice(i, i + tile)
             attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], buf[:min(tile, n - i)])
             torch.bmm(v[s], attn.to(v.dtype).transpose(1, 2), out=out[s])
-        ctx.save_for_backward(q, kv, rel_h, rel_w, out)
+        ctx.save_for_backward(q, k, v, rel_h, rel_w, out)
         ctx.tile = tile
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, kv, rel_h, rel_w, out = ctx.saved_tensors
+        q, k, v, rel_h, rel_w, out = ctx.saved_tensors
         tile = ctx.tile
         n, d, num_q = q.shape
         _, bq, _, kh = rel_h.shape
         kw = rel_w.shape[-1]
-        k, v = kv[:, :d], kv[:, d:]
         grad_out = grad_out.contiguous()
         # Softmax backward needs rowsum(dA * A) == rowsum(dO * O) per query (flash-attention identity).
         acc_dtype = torch.promote_types(out.dtype, torch.float32)
         delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(1).unsqueeze(-1)
-        grad_q, grad_kv = torch.empty_like(q), torch.empty_like(kv)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grad_rel_h, grad_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
-        rows = min(tile, n)
-        attn_buf = q.new_empty(rows, num_q, kh * kw, dtype=acc_dtype)
+        attn_buf = q.new_empty(min(tile, n), num_q, kh * kw, dtype=acc_dtype)
         grad_buf = torch.empty_like(attn_buf)
-        # bmm into a row slice of grad_kv would take a slow per-matrix path: go through contiguous buffers
-        grad_k_buf, grad_v_buf = k.new_empty(rows, d, kh * kw), v.new_empty(rows, v.shape[1], kh * kw)
         for i in range(0, n, tile):
             s, m = slice(i, i + tile), min(tile, n - i)
             attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], attn_buf[:m])
-            grad_kv[s, d:] = torch.bmm(grad_out[s], attn.to(v.dtype), out=grad_v_buf[:m])
+            torch.bmm(grad_out[s], attn.to(v.dtype), out=grad_v[s])
             grad_logits = _bmm_into(grad_buf[:m], grad_out[s].transpose(1, 2), v[s])
             grad_logits.sub_(delta[s]).mul_(attn)
             grad_logits5 = grad_logits.view(m, bq, bq, kh, kw)
@@ -180,17 +175,23 @@ class _HaloAttentionTiled(torch.autograd.Function):
             grad_rel_w[s] = grad_logits5.sum(-2)
             grad_logits = grad_logits.to(q.dtype)
             torch.bmm(k[s], grad_logits.transpose(1, 2), out=grad_q[s])
-            grad_kv[s, :d] = torch.bmm(q[s], grad_logits, out=grad_k_buf[:m])
-        return grad_q, grad_kv, grad_rel_h, grad_rel_w, None
+            torch.bmm(q[s], grad_logits, out=grad_k[s])
+        return grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w, None
 
 
-def _unfold_windows(padded: torch.Tensor, heads: int, step_h: int, len_h: int, step_w: int, len_w: int) -> torch.Tensor:
-    """(B, heads * c, Hp, Wp) -> (B * heads * nh * nw, c, len_h * len_w): every key window, channels first."""
+def _unfold_windows(
+        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every key window of (B, heads * (d + dv), Hp, Wp), channels first: keys (B * heads * nh * nw, d, kh * kw)
+    and values (..., dv, kh * kw), each contiguous."""
     B, C, _, _ = padded.shape
     windows = padded.unfold(2, len_h, step_h).unfold(3, len_w, step_w)  # B, C, nh, nw, len_h, len_w (a view)
     nh, nw = windows.shape[2], windows.shape[3]
     windows = windows.reshape(B, heads, C // heads, nh, nw, len_h, len_w).permute(0, 1, 3, 4, 2, 5, 6)
-    return windows.reshape(B * heads * nh * nw, C // heads, len_h * len_w)
+    n = B * heads * nh * nw
+    k = windows[:, :, :, :, :dim_head].reshape(n, dim_head, len_h * len_w)
+    v = windows[:, :, :, :, dim_head:].reshape(n, C // heads - dim_head, len_h * len_w)
+    return k, v
 
 
 class _GatherWindows(torch.autograd.Function):
@@ -202,29 +203,30 @@ class _GatherWindows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, padded, heads, step_h, len_h, step_w, len_w):
-        ctx.geometry = (padded.shape, heads, step_h, len_h, step_w, len_w)
-        return _unfold_windows(padded, heads, step_h, len_h, step_w, len_w)
+    def forward(ctx, padded, heads, dim_head, step_h, len_h, step_w, len_w):
+        ctx.geometry = (padded.shape, heads, dim_head, step_h, len_h, step_w, len_w)
+        return _unfold_windows(padded, heads, dim_head, step_h, len_h, step_w, len_w)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_windows):
-        shape, heads, step_h, len_h, step_w, len_w = ctx.geometry
+    def backward(ctx, grad_k, grad_v):
+        shape, heads, dim_head, step_h, len_h, step_w, len_w = ctx.geometry
         B, C, Hp, Wp = shape
         c = C // heads
         nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
-        grad_windows = grad_windows.reshape(B, heads, nh, nw, c, len_h, len_w)
-        grad = grad_windows.new_zeros(shape)
+        grad = grad_k.new_zeros(shape)
         groups_h, groups_w = min(-(-len_h // step_h), nh), min(-(-len_w // step_w), nw)
-        for gy in range(groups_h):
-            for gx in range(groups_w):
-                part = grad_windows[:, :, gy::groups_h, gx::groups_w]
-                target = grad.as_strided(
-                    (B, heads, part.shape[2], part.shape[3], c, len_h, len_w),
-                    (C * Hp * Wp, c * Hp * Wp, groups_h * step_h * Wp, groups_w * step_w, Hp * Wp, Wp, 1),
-                    gy * step_h * Wp + gx * step_w)
-                target.add_(part)
-        return grad, None, None, None, None, None
+        for first, part in ((0, grad_k), (dim_head, grad_v)):
+            part = part.reshape(B, heads, nh, nw, -1, len_h, len_w)
+            for gy in range(groups_h):
+                for gx in range(groups_w):
+                    group = part[:, :, gy::groups_h, gx::groups_w]
+                    target = grad.as_strided(
+                        group.shape,
+                        (C * Hp * Wp, c * Hp * Wp, groups_h * step_h * Wp, groups_w * step_w, Hp * Wp, Wp, 1),
+                        first * Hp * Wp + gy * step_h * Wp + gx * step_w)
+                    target.add_(group)
+        return grad, None, None, None, None, None, None
 
 
 @register_notrace_module  # a leaf for torch.fx feature extraction: its shape arithmetic is not symbolic
@@ -363,11 +365,25 @@ class HaloAttention(nn.Module):
             return False
         return not torch.compiler.is_compiling()  # compile and export see plain ATen ops, as written
 
+    def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """q (scaled: the scale rides on the small weight, not on the activations) and kv projections."""
+        q_weight, q_bias = self.q.weight * self.scale, self.q.bias
+        if q_bias is not None:
+            q_bias = q_bias * self.scale
+        if self.stride > 1:
+            return F.conv2d(x[:, :, ::self.stride, ::self.stride], q_weight, q_bias), self.kv(x)
+        # Same input: one convolution for both reads x once.
+        kv_bias = self.kv.bias
+        bias = torch.cat([q_bias, kv_bias]) if q_bias is not None and kv_bias is not None else None
+        qkv = F.conv2d(x, torch.cat([q_weight, self.kv.weight]), bias)
+        q, kv = qkv.split([self.heads * self.dim_head, self.kv.out_channels], dim=1)  # backward: one cat
+        return q, kv
+
     def _blocked(
             self, x: torch.Tensor, custom: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
-        """Project and cut into blocks, channels first per block: q (N, d, bq^2), kv (N, d + dv, kh * kw),
-        rel_h (N, bq, bq, kh), rel_w (N, bq, bq, kw), with N = B * heads * nh * nw."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+        """Project and cut into blocks, channels first per block: q (N, d, bq^2), k (N, d, kh * kw),
+        v (N, dv, kh * kw), rel_h (N, bq, bq, kh), rel_w (N, bq, bq, kw), with N = B * heads * nh * nw."""
         B, _, H, W = x.shape
         b, s = self.block_size, self.stride
         bq = b // s
@@ -375,57 +391,52 @@ class HaloAttention(nn.Module):
         hq, wq = self.output_size(H, W)
         heads, d = self.heads, self.dim_head
 
-        # The scale rides on the (small) weight: q comes out scaled, and the tables are divided by it.
-        xq = x[:, :, ::s, ::s] if s > 1 else x
-        q_bias = self.q.bias
-        if q_bias is not None:
-            q_bias = q_bias * self.scale
-        q = F.conv2d(xq, self.q.weight * self.scale, q_bias)
+        q, kv = self._project(x)
         q = F.pad(q, [0, nw * bq - wq, 0, nh * bq - hq])
         q = q.reshape(B, heads, d, nh, bq, nw, bq).permute(0, 1, 3, 5, 2, 4, 6)  # B, heads, nh, nw, d, bq, bq
 
         plan_h, plan_w = self._window_plan(H, nh, custom), self._window_plan(W, nw, custom)
         rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
         rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
-        # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
+        # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block
+        # (q is scaled, hence the tables are divided by the scale).
         rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q, self.rel_pos_h[rows_h] / self.scale)
         rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q, self.rel_pos_w[rows_w] / self.scale)
         # The border mask is separable too, so it rides on the per-axis terms.
         rel_h = rel_h + mask_h[:, None, None, None, :]
         rel_w = rel_w + mask_w[:, None, None, :]
 
-        kv = F.pad(self.kv(x), [plan_w[0], plan_w[1], plan_h[0], plan_h[1]])
+        kv = F.pad(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]])
         if custom:
-            kv = self._gather_windows(kv, plan_h, plan_w)
+            k, v = self._gather_windows(kv, plan_h, plan_w)
         else:
-            kv = _unfold_windows(kv, heads, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
+            k, v = _unfold_windows(kv, heads, d, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
 
         n = B * heads * nh * nw
-        return (q.reshape(n, d, bq * bq), kv, rel_h.reshape(n, bq, bq, plan_h[3]),
+        return (q.reshape(n, d, bq * bq), k, v, rel_h.reshape(n, bq, bq, plan_h[3]),
                 rel_w.reshape(n, bq, bq, plan_w[3]), [B, nh, nw, hq, wq])
 
     @torch.jit.unused
     def _gather_windows(
             self, kv: torch.Tensor, plan_h: Tuple[int, int, int, int], plan_w: Tuple[int, int, int, int],
-    ) -> torch.Tensor:
-        return _GatherWindows.apply(kv, self.heads, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _GatherWindows.apply(kv, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
 
     @torch.jit.unused
-    def _attend_tiled(self, q, kv, rel_h, rel_w) -> torch.Tensor:
-        per_window = q.shape[-1] * kv.shape[-1]
-        tile = max(1, _TILE_LOGITS // per_window)
-        return _HaloAttentionTiled.apply(q, kv, rel_h, rel_w, tile)
+    def _attend_tiled(self, q, k, v, rel_h, rel_w) -> torch.Tensor:
+        tile = max(1, _TILE_LOGITS // (q.shape[-1] * k.shape[-1]))
+        return _HaloAttentionTiled.apply(q, k, v, rel_h, rel_w, tile)
 
     def _use_tiled(self, x: torch.Tensor) -> bool:
         return x.device.type == 'cpu' and self._use_custom_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        q, kv, rel_h, rel_w, geom = self._blocked(x, self._use_custom_kernels())
+        q, k, v, rel_h, rel_w, geom = self._blocked(x, self._use_custom_kernels())
         if self._use_tiled(x):
-            out = self._attend_tiled(q, kv, rel_h, rel_w)
+            out = self._attend_tiled(q, k, v, rel_h, rel_w)
         else:
-            out = attend_broadcast(q, kv, rel_h, rel_w)
+            out = attend_broadcast(q, k, v, rel_h, rel_w)
         return self.proj(self._unblock(out, geom))
 
     def _unblock(self, out: torch.Tensor, geom: List[int]) -> torch.Tensor:
