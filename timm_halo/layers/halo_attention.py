@@ -225,7 +225,7 @@ class _GatherWindows(torch.autograd.Function):
         grad = grad_k.new_zeros(shape)
         groups_h, groups_w = min(-(-len_h // step_h), nh), min(-(-len_w // step_w), nw)
         for first, part in ((0, grad_k), (dim_head, grad_v)):
-            part = part.reshape(B, heads, nh, nw, -1, len_h, len_w)
+            part = part.reshape(B, heads, nh, nw, part.shape[1], len_h, len_w)
             for gy in range(groups_h):
                 for gx in range(groups_w):
                     group = part[:, :, gy::groups_h, gx::groups_w]
