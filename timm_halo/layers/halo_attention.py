@@ -126,10 +126,13 @@ def _tile_attention(
 ) -> torch.Tensor:
     """Attention probabilities (m, bq^2, kh * kw) of one tile, computed in place in ``buf`` (fp32 or wider)."""
     m, bq, _, kh = rel_h.shape
-    _bmm_into(buf, q.transpose(1, 2), k)
-    logits5 = buf.view(m, bq, bq, kh, rel_w.shape[-1])
-    logits5.add_(rel_h.unsqueeze(-1))
-    logits5.add_(rel_w.unsqueeze(-2))
+    # Relative terms first, written by one broadcast add; the GEMM then accumulates onto them. That is two
+    # passes over the logits instead of three (GEMM, then an add per axis).
+    torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=buf.view(m, bq, bq, kh, rel_w.shape[-1]))
+    if q.dtype == buf.dtype:
+        buf.baddbmm_(q.transpose(1, 2), k)
+    else:  # autocast: reduced-precision GEMM, accumulated in fp32
+        buf.add_(torch.bmm(q.transpose(1, 2), k))
     return torch.softmax(buf, dim=-1, out=buf)
 
 
