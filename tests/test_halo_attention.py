@@ -261,3 +261,17 @@ def test_meta_init_then_materialize():
     reinit_non_persistent_buffers(meta)
     x = torch.randn(1, 16, 9, 9)
     torch.testing.assert_close(meta(x), real(x))
+
+
+@pytest.mark.parametrize('size,cropped_keys', [(8, 8 * 8), (16, 11 * 11), (13, 11 * 11), (24, 14 * 14), (5, 5 * 5)])
+def test_small_maps_get_cropped_key_windows(size, cropped_keys):
+    """Eager mode skips window rows/columns that lie outside the image on maps of one or two blocks per axis
+    (HaloNet's late stages); compile/export keep the plain b + 2h windows. Both match the reference (above)."""
+    layer = HaloAttention(16, block_size=8, halo_size=3, heads=2, dim_head=8)
+    x = torch.randn(1, 16, size, size)
+    with torch.no_grad():
+        k_eager = layer._blocked(x, custom=True)[1]
+        k_plain = layer._blocked(x, custom=False)[1]
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=0, atol=1e-5)
+    assert k_eager.shape[-1] == cropped_keys
+    assert k_plain.shape[-1] == 14 * 14
