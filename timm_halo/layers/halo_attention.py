@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-__all__ = ['HaloAttention', 'attend_broadcast', 'check_image_input']
+__all__ = ['HaloAttention', 'attend_broadcast', 'attend_tiled', 'check_image_input', 'gather_windows']
 
 # Most logits per tile in the tiled CPU kernel (4 MB in fp32): small enough to stay in the cache, large enough
 # that the per-tile overhead (about 15 small parallel ops) is negligible. Tuned on a 2-core x86 VM: a quarter
@@ -140,108 +139,193 @@ def _tile_attention(
     return torch.softmax(buf, dim=-1, out=buf)
 
 
-class _HaloAttentionTiled(torch.autograd.Function):
-    """Same maths as ``attend_broadcast``, tiled over windows; backward recomputes each tile's logits.
+def _attend_tiled_forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, tile: int,
+) -> torch.Tensor:
+    """Same maths as ``attend_broadcast``, ``tile`` windows at a time.
 
     Operands are channels-first per window (q: d x bq^2, k/v: d x keys): on CPU the small-width GEMMs of
     attention are several times faster in this orientation. One logits buffer serves all tiles, so the
     allocator (and the kernel's page faults) see one allocation per call, not several per tile.
     """
+    n, _, num_q = q.shape
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = q.new_empty(n, v.shape[1], num_q)
+    buf = q.new_empty(min(tile, n), num_q, k.shape[-1], dtype=acc_dtype)
+    for i in range(0, n, tile):
+        s = slice(i, i + tile)
+        attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], buf[:min(tile, n - i)])
+        torch.bmm(v[s], attn.to(v.dtype).transpose(1, 2), out=out[s])
+    return out
 
-    @staticmethod
-    def forward(ctx, q, k, v, rel_h, rel_w, tile):
-        n, d, num_q = q.shape
-        keys = k.shape[-1]
-        acc_dtype = torch.promote_types(q.dtype, torch.float32)
-        out = q.new_empty(n, v.shape[1], num_q)
-        buf = q.new_empty(min(tile, n), num_q, keys, dtype=acc_dtype)
-        for i in range(0, n, tile):
-            s = slice(i, i + tile)
-            attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], buf[:min(tile, n - i)])
-            torch.bmm(v[s], attn.to(v.dtype).transpose(1, 2), out=out[s])
-        ctx.save_for_backward(q, k, v, rel_h, rel_w, out)
-        ctx.tile = tile
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, rel_h, rel_w, out = ctx.saved_tensors
-        tile = ctx.tile
-        n, d, num_q = q.shape
-        _, bq, _, kh = rel_h.shape
-        kw = rel_w.shape[-1]
-        grad_out = grad_out.contiguous()
-        # Softmax backward needs rowsum(dA * A) == rowsum(dO * O) per query (flash-attention identity).
-        acc_dtype = torch.promote_types(out.dtype, torch.float32)
-        delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(1).unsqueeze(-1)
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grad_rel_h, grad_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
-        attn_buf = q.new_empty(min(tile, n), num_q, kh * kw, dtype=acc_dtype)
-        grad_buf = torch.empty_like(attn_buf)
-        for i in range(0, n, tile):
-            s, m = slice(i, i + tile), min(tile, n - i)
-            attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], attn_buf[:m])
-            torch.bmm(grad_out[s], attn.to(v.dtype), out=grad_v[s])
-            grad_logits = _bmm_into(grad_buf[:m], grad_out[s].transpose(1, 2), v[s])
-            grad_logits.sub_(delta[s]).mul_(attn)
-            grad_logits5 = grad_logits.view(m, bq, bq, kh, kw)
-            grad_rel_h[s] = grad_logits5.sum(-1)
-            grad_rel_w[s] = grad_logits5.sum(-2)
-            grad_logits = grad_logits.to(q.dtype)
-            torch.bmm(k[s], grad_logits.transpose(1, 2), out=grad_q[s])
-            torch.bmm(q[s], grad_logits, out=grad_k[s])
-        return grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w, None
+def _attend_tiled_backward(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+        rel_w: torch.Tensor, out: torch.Tensor, tile: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``_attend_tiled_forward``; each tile's logits are recomputed, not stored."""
+    n, d, num_q = q.shape
+    _, bq, _, kh = rel_h.shape
+    kw = rel_w.shape[-1]
+    grad_out = grad_out.contiguous()
+    # Softmax backward needs rowsum(dA * A) == rowsum(dO * O) per query (flash-attention identity).
+    acc_dtype = torch.promote_types(out.dtype, torch.float32)
+    delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(1).unsqueeze(-1)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_rel_h, grad_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
+    attn_buf = q.new_empty(min(tile, n), num_q, kh * kw, dtype=acc_dtype)
+    grad_buf = torch.empty_like(attn_buf)
+    for i in range(0, n, tile):
+        s, m = slice(i, i + tile), min(tile, n - i)
+        attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], attn_buf[:m])
+        torch.bmm(grad_out[s], attn.to(v.dtype), out=grad_v[s])
+        grad_logits = _bmm_into(grad_buf[:m], grad_out[s].transpose(1, 2), v[s])
+        grad_logits.sub_(delta[s]).mul_(attn)
+        grad_logits5 = grad_logits.view(m, bq, bq, kh, kw)
+        grad_rel_h[s] = grad_logits5.sum(-1)
+        grad_rel_w[s] = grad_logits5.sum(-2)
+        grad_logits = grad_logits.to(q.dtype)
+        torch.bmm(k[s], grad_logits.transpose(1, 2), out=grad_q[s])
+        torch.bmm(q[s], grad_logits, out=grad_k[s])
+    return grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w
+
+
+# A custom op rather than an autograd.Function: eager mode and torch.compile call the same kernel (inductor
+# treats it as one opaque node and fuses the projections and reshapes around it).
+@torch.library.custom_op('timm_halo::attend_tiled', mutates_args=())
+def attend_tiled(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, tile: int,
+) -> torch.Tensor:
+    """Tiled windowed attention (CPU kernel): arguments and result as ``attend_broadcast``, ``tile`` windows at a
+    time; its backward recomputes each tile's logits instead of storing them."""
+    return _attend_tiled_forward(q, k, v, rel_h, rel_w, tile)
+
+
+@attend_tiled.register_fake
+def _attend_tiled_fake(q, k, v, rel_h, rel_w, tile):
+    return q.new_empty(q.shape[0], v.shape[1], q.shape[2])
+
+
+def _attend_tiled_setup_context(ctx, inputs, output) -> None:
+    q, k, v, rel_h, rel_w, tile = inputs
+    ctx.save_for_backward(q, k, v, rel_h, rel_w, output)
+    ctx.tile = tile
+
+
+# The backward is an op of its own too, so that compiled graphs call the kernel rather than trace its tile loop.
+@torch.library.custom_op('timm_halo::attend_tiled_backward', mutates_args=())
+def _attend_tiled_backward_op(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+        rel_w: torch.Tensor, out: torch.Tensor, tile: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attend_tiled_backward(grad_out, q, k, v, rel_h, rel_w, out, tile)
+
+
+@_attend_tiled_backward_op.register_fake
+def _attend_tiled_backward_fake(grad_out, q, k, v, rel_h, rel_w, out, tile):
+    return tuple(torch.empty_like(t) for t in (q, k, v, rel_h, rel_w))
+
+
+def _attend_tiled_autograd(ctx, grad_out):
+    q, k, v, rel_h, rel_w, out = ctx.saved_tensors
+    return *_attend_tiled_backward_op(grad_out, q, k, v, rel_h, rel_w, out, ctx.tile), None
+
+
+attend_tiled.register_autograd(_attend_tiled_autograd, setup_context=_attend_tiled_setup_context)
+
+
+def _window_views(
+        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every key window of (B, heads * (d + dv), Hp, Wp) as strided views, channels first per window: keys
+    (B, heads, nh, nw, d, len_h, len_w) and values (..., dv, len_h, len_w)."""
+    B, C, _, _ = padded.shape
+    windows = padded.unfold(2, len_h, step_h).unfold(3, len_w, step_w)  # B, C, nh, nw, len_h, len_w (a view)
+    nh, nw = windows.shape[2], windows.shape[3]
+    windows = windows.reshape(B, heads, C // heads, nh, nw, len_h, len_w).permute(0, 1, 3, 4, 2, 5, 6)
+    return windows[:, :, :, :, :dim_head], windows[:, :, :, :, dim_head:]
 
 
 def _unfold_windows(
         padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Every key window of (B, heads * (d + dv), Hp, Wp), channels first: keys (B * heads * nh * nw, d, kh * kw)
-    and values (..., dv, kh * kw), each contiguous."""
-    B, C, _, _ = padded.shape
-    windows = padded.unfold(2, len_h, step_h).unfold(3, len_w, step_w)  # B, C, nh, nw, len_h, len_w (a view)
-    nh, nw = windows.shape[2], windows.shape[3]
-    windows = windows.reshape(B, heads, C // heads, nh, nw, len_h, len_w).permute(0, 1, 3, 4, 2, 5, 6)
-    n = B * heads * nh * nw
-    k = windows[:, :, :, :, :dim_head].reshape(n, dim_head, len_h * len_w)
-    v = windows[:, :, :, :, dim_head:].reshape(n, C // heads - dim_head, len_h * len_w)
-    return k, v
+    """Keys (B * heads * nh * nw, d, len_h * len_w) and values (..., dv, len_h * len_w) of every window."""
+    k, v = _window_views(padded, heads, dim_head, step_h, len_h, step_w, len_w)
+    n = k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3]
+    return k.reshape(n, k.shape[4], len_h * len_w), v.reshape(n, v.shape[4], len_h * len_w)
 
 
-class _GatherWindows(torch.autograd.Function):
-    """``_unfold_windows`` with a backward that adds each window's gradient back in a few strided passes.
+@torch.library.custom_op('timm_halo::gather_windows', mutates_args=())
+def gather_windows(
+        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``_unfold_windows`` as one op whose backward adds each window's gradient back in a few strided passes.
 
     Windows overlap (stride < length), so autograd's generic unfold backward is slow. Windows ``g`` apart
     (``g = ceil(length / step)``) do not overlap: each of the g_h * g_w groups is one in-place add into a
     strided view of the padded gradient.
     """
+    # Copied into fresh tensors (a reshape may return a view, and a custom op's outputs must not alias its input).
+    out = []
+    for view in _window_views(padded, heads, dim_head, step_h, len_h, step_w, len_w):
+        n = view.shape[0] * view.shape[1] * view.shape[2] * view.shape[3]
+        windows = padded.new_empty(n, view.shape[4], len_h * len_w)
+        windows.view(view.shape).copy_(view)
+        out.append(windows)
+    return out[0], out[1]
 
-    @staticmethod
-    def forward(ctx, padded, heads, dim_head, step_h, len_h, step_w, len_w):
-        ctx.geometry = (padded.shape, heads, dim_head, step_h, len_h, step_w, len_w)
-        return _unfold_windows(padded, heads, dim_head, step_h, len_h, step_w, len_w)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_k, grad_v):
-        shape, heads, dim_head, step_h, len_h, step_w, len_w = ctx.geometry
-        B, C, Hp, Wp = shape
-        c = C // heads
-        nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
-        grad = grad_k.new_zeros(shape)
-        groups_h, groups_w = min(-(-len_h // step_h), nh), min(-(-len_w // step_w), nw)
-        for first, part in ((0, grad_k), (dim_head, grad_v)):
-            part = part.reshape(B, heads, nh, nw, part.shape[1], len_h, len_w)
-            for gy in range(groups_h):
-                for gx in range(groups_w):
-                    group = part[:, :, gy::groups_h, gx::groups_w]
-                    target = grad.as_strided(
-                        group.shape,
-                        (C * Hp * Wp, c * Hp * Wp, groups_h * step_h * Wp, groups_w * step_w, Hp * Wp, Wp, 1),
-                        first * Hp * Wp + gy * step_h * Wp + gx * step_w)
-                    target.add_(group)
-        return grad, None, None, None, None, None, None
+@gather_windows.register_fake
+def _gather_windows_fake(padded, heads, dim_head, step_h, len_h, step_w, len_w):
+    B, C, Hp, Wp = padded.shape
+    n = B * heads * ((Hp - len_h) // step_h + 1) * ((Wp - len_w) // step_w + 1)
+    return (padded.new_empty(n, dim_head, len_h * len_w),
+            padded.new_empty(n, C // heads - dim_head, len_h * len_w))
+
+
+def _gather_windows_setup_context(ctx, inputs, output) -> None:
+    padded, *geometry = inputs
+    ctx.geometry = (padded.shape, *geometry)
+    ctx.windows = [(t.shape, t.dtype, t.device) for t in output]
+
+
+@torch.library.custom_op('timm_halo::gather_windows_backward', mutates_args=())
+def _gather_windows_backward_op(
+        grad_k: torch.Tensor, grad_v: torch.Tensor, shape: List[int], heads: int, dim_head: int, step_h: int,
+        len_h: int, step_w: int, len_w: int,
+) -> torch.Tensor:
+    B, C, Hp, Wp = shape
+    c = C // heads
+    nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
+    grad = grad_k.new_zeros(shape)
+    groups_h, groups_w = min(-(-len_h // step_h), nh), min(-(-len_w // step_w), nw)
+    for first, part in ((0, grad_k), (dim_head, grad_v)):
+        part = part.reshape(B, heads, nh, nw, part.shape[1], len_h, len_w)
+        for gy in range(groups_h):
+            for gx in range(groups_w):
+                group = part[:, :, gy::groups_h, gx::groups_w]
+                target = grad.as_strided(
+                    group.shape,
+                    (C * Hp * Wp, c * Hp * Wp, groups_h * step_h * Wp, groups_w * step_w, Hp * Wp, Wp, 1),
+                    first * Hp * Wp + gy * step_h * Wp + gx * step_w)
+                target.add_(group)
+    return grad
+
+
+@_gather_windows_backward_op.register_fake
+def _gather_windows_backward_fake(grad_k, grad_v, shape, heads, dim_head, step_h, len_h, step_w, len_w):
+    return grad_k.new_empty(shape)
+
+
+def _gather_windows_backward(ctx, grad_k, grad_v):
+    shape, *geometry = ctx.geometry
+    # A window output nobody used has no gradient: it contributes zeros.
+    grad_k, grad_v = [g if g is not None else torch.zeros(size, dtype=dtype, device=device)
+                      for g, (size, dtype, device) in zip((grad_k, grad_v), ctx.windows)]
+    return _gather_windows_backward_op(grad_k, grad_v, list(shape), *geometry), None, None, None, None, None, None
+
+
+gather_windows.register_autograd(_gather_windows_backward, setup_context=_gather_windows_setup_context)
 
 
 @register_notrace_module  # a leaf for torch.fx feature extraction: its shape arithmetic is not symbolic
@@ -375,10 +459,16 @@ class HaloAttention(nn.Module):
         return rows, torch.where(visible, torch.zeros_like(masked), masked)
 
     def _use_custom_kernels(self) -> bool:
-        """Eager mode: the autograd.Function kernels and size-dependent window plans are allowed."""
+        """Eager mode and torch.compile: the custom ops and size-dependent window plans are allowed."""
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return False
-        return not torch.compiler.is_compiling()  # compile and export see plain ATen ops, as written
+        return self._not_exporting()
+
+    @torch.jit.unused
+    def _not_exporting(self) -> bool:
+        # Export (torch.export, ONNX) keeps plain ATen ops and plain windows: no custom ops to ship, and no
+        # size-dependent branches in a graph that may take dynamic sizes.
+        return not torch.compiler.is_exporting()
 
     def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """q (scaled: the scale rides on the small weight, not on the activations) and kv projections."""
@@ -438,7 +528,7 @@ class HaloAttention(nn.Module):
     def _gather_windows(
             self, kv: torch.Tensor, plan_h: Tuple[int, int, int, int], plan_w: Tuple[int, int, int, int],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _GatherWindows.apply(kv, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
+        return gather_windows(kv, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
 
     @torch.jit.unused
     def _attend_tiled(self, q, k, v, rel_h, rel_w) -> torch.Tensor:
@@ -446,8 +536,7 @@ class HaloAttention(nn.Module):
         # Up to _TILE_LOGITS per tile, but at least 8 tiles where that still leaves a quarter of it: the tile
         # buffers then stay small next to the layer's own activations, at no cost in speed.
         tile_logits = min(_TILE_LOGITS, max(_TILE_LOGITS // 4, q.shape[0] * per_window // 8))
-        tile = max(1, tile_logits // per_window)
-        return _HaloAttentionTiled.apply(q, k, v, rel_h, rel_w, tile)
+        return attend_tiled(q, k, v, rel_h, rel_w, max(1, tile_logits // per_window))
 
     def _use_tiled(self, x: torch.Tensor) -> bool:
         return x.device.type == 'cpu' and self._use_custom_kernels()
