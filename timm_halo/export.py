@@ -1,8 +1,9 @@
 """Deployment: ONNX and ``torch.export`` of HaloNet models and ``HaloAttention``, checked against eager PyTorch.
 
-While exporting, ``HaloAttention`` runs its whole-tensor path (``attend_broadcast``: the tiled CPU kernel is an
-``autograd.Function`` and is skipped under tracing), so both exporters see plain ATen ops and no data-dependent
-Python control flow: the block/halo geometry depends only on the input's shape.
+While exporting, ``HaloAttention`` runs its whole-tensor path (``attend_broadcast``, with plain key windows: the
+tiled CPU kernel and the window gather are custom ops that eager mode and torch.compile use, not exporters), so
+both exporters see plain ATen ops and no data-dependent Python control flow: the block/halo geometry depends only
+on the input's shape.
 
 Dynamic shapes:
 

@@ -17,17 +17,18 @@ come from the full-resolution window, and the output has ``ceil(H / 2) x ceil(W 
 
 Three implementations share the parameters:
 
-* ``forward`` on CPU in eager mode runs a tiled, flash-attention style kernel (``_HaloAttentionTiled``):
-  the (blocks, b^2, w^2) logits are built tile by tile in one reused buffer so they stay in cache, and the
-  backward pass recomputes them instead of storing them. Operands are channels-first per window (d x keys).
-* Under TorchScript, ``torch.compile``, export/tracing and on accelerators it runs the same maths on
-  whole tensors (``attend_broadcast``): one logits tensor, the relative terms added by broadcasting.
+* ``forward`` on CPU, in eager mode and under ``torch.compile``, runs a tiled, flash-attention style kernel
+  (the custom op ``attend_tiled``): the (blocks, b^2, w^2) logits are built tile by tile in one reused buffer so
+  they stay in cache, and the backward pass recomputes them instead of storing them. Operands are
+  channels-first per window (d x keys).
+* On accelerators, under TorchScript and while tracing or exporting it runs the same maths on whole tensors
+  (``attend_broadcast``): one logits tensor, the relative terms added by broadcasting.
 * ``reference_forward`` is dense attention over every pixel with an explicit window mask and explicit
   relative offsets. It is slow and obviously correct; the tests hold the fast paths to it.
 
-In eager mode (any device) maps of one or two blocks per axis get key windows cropped to the image
-(``_window_plan``), and the window gather has a strided-add backward (``_GatherWindows``). Compile and export
-see plain windows and autograd's own backward: their graphs have no size-dependent branches.
+Outside TorchScript, tracing and export, maps of one or two blocks per axis get key windows cropped to the image
+(``_window_plan``), and the window gather is an op with a strided-add backward (``gather_windows``). Exported
+graphs hold plain ATen ops and plain windows: no custom ops to ship, and no size-dependent branches.
 """
 from typing import List, Optional, Tuple
 
