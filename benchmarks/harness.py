@@ -10,10 +10,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 # The timing loop lives in the package so that `timm-halo bench` (installed without this folder) shares it.
-from timm_halo.bench import interleaved_medians
+from timm_halo.bench import AMP_DTYPES, interleaved_medians
 
-__all__ = ['add_output_args', 'apply_threads', 'interleaved_medians', 'peak_memory', 'peak_memory_in_child',
-           'write_outputs']
+__all__ = ['add_model_run_args', 'add_output_args', 'apply_threads', 'interleaved_medians', 'peak_memory',
+           'peak_memory_in_child', 'write_outputs']
 
 
 def peak_memory_in_child(module: str, args: List[str]) -> int:
@@ -57,6 +57,18 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     base = _read_status_kib('VmRSS')
     fn()
     return max(_read_status_kib('VmHWM') - base, 0) * 1024
+
+
+def add_model_run_args(parser: argparse.ArgumentParser, cpu_batch_size: int) -> None:
+    """The options of a whole-model timing run: device, batch size, repeats, warm-up, AMP, channels-last, compile."""
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--batch-size', type=int, default=None, help=f'default: 8 on cuda, {cpu_batch_size} on cpu')
+    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
+    parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
+                        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model (slow on cpu)')
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:

@@ -16,9 +16,8 @@ from typing import List
 
 import timm
 
-from benchmarks.harness import add_output_args, apply_threads, write_outputs
+from benchmarks.harness import add_model_run_args, add_output_args, apply_threads, write_outputs
 from timm_halo.bench import (
-    AMP_DTYPES,
     ModelResult,
     ModelSpec,
     default_batch_size,
@@ -62,14 +61,7 @@ def print_ratios(rows: List[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    parser.add_argument('--batch-size', type=int, default=None, help='default: 8 on cuda, 2 on cpu')
-    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
-    parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
-                        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
-    parser.add_argument('--compile', action='store_true', help='torch.compile every contender (slow on cpu)')
-    parser.add_argument('--channels-last', action='store_true')
+    add_model_run_args(parser, cpu_batch_size=2)
     parser.add_argument('--no-train', action='store_true', help='inference only: skip the train step')
     add_output_args(parser)
     args = parser.parse_args()

@@ -17,9 +17,8 @@ from typing import List
 
 import timm
 
-from benchmarks.harness import add_output_args, apply_threads, write_outputs
+from benchmarks.harness import add_model_run_args, add_output_args, apply_threads, write_outputs
 from timm_halo.bench import (
-    AMP_DTYPES,
     ModelResult,
     ModelSpec,
     default_repeats,
@@ -65,14 +64,7 @@ def main() -> None:
     parser.add_argument('--sizes', type=int, nargs='+', default=[256, 384, 512, 768],
                         help='input sizes; deviations are relative to the first (default: 256 384 512 768)')
     parser.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
-    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    parser.add_argument('--batch-size', type=int, default=None, help='default: 8 on cuda, 1 on cpu')
-    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
-    parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
-                        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
-    parser.add_argument('--channels-last', action='store_true')
-    parser.add_argument('--compile', action='store_true', help='torch.compile each size\'s model (slow on cpu)')
+    add_model_run_args(parser, cpu_batch_size=1)
     add_output_args(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
