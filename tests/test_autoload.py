@@ -100,6 +100,108 @@ def test_registering_twice_is_harmless(tmp_path):
     assert eval(result.stdout) == NAMES
 
 
+def test_installed_hook_is_this_checkout(tmp_path):
+    """The start-up hook is a copy in site-packages, even for an editable install: it must match this checkout."""
+    code = 'import _timm_halo_autoload as h; print(h.__file__)'
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                            env=_child_env())
+    assert result.returncode == 0, result.stderr
+    installed = Path(result.stdout.strip())
+    assert installed.read_bytes() == (ROOT / '_timm_halo_autoload.py').read_bytes(), (
+        f'{installed} is stale: re-run `pip install -e .` so that child interpreters run this checkout\'s hook')
+
+
+# Around each sequence below: _COUNT_LOADS goes first (counts the hook's plugin loads), _REPORT last (what a
+# plain `import timm` user then sees).
+_REPORT = textwrap.dedent("""
+    import timm
+    print(json.dumps(dict(
+        names=timm.list_models('halonet_h*'),
+        cls=type(timm.create_model('halonet_h1', device='meta')).__module__,
+        plugin_loads=len(_calls),
+    )))
+""")
+_COUNT_LOADS = textwrap.dedent("""
+    import json, sys
+    import _timm_halo_autoload as _hook
+    _calls, _load = [], _hook.load_timm_plugins
+    def _counted():
+        _calls.append(1)
+        return _load()
+    _hook.load_timm_plugins = _counted
+""")
+
+
+def _run_sequence(tmp_path, code: str) -> dict:
+    """Run `code` in a fresh interpreter (start-up hook on), then report as `import timm` sees it."""
+    result = subprocess.run([sys.executable, '-c', _COUNT_LOADS + textwrap.dedent(code) + _REPORT],
+                            capture_output=True, text=True, cwd=tmp_path, env=_child_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _assert_plugins_loaded_once(seen: dict):
+    assert seen['names'] == NAMES
+    assert seen['cls'] == 'timm_halo.models.halonet'  # not timm's own ByobNet halonet_h1
+    assert seen['plugin_loads'] == 1
+
+
+def test_find_spec_probe_before_import(tmp_path):
+    """`importlib.util.find_spec('timm')` (the is-it-installed check of transformers & co.) must not use up the hook.
+
+    The probe sees what it would without the hook, and its spec carries nothing of ours once timm is imported.
+    """
+    seen = _run_sequence(tmp_path, """
+        import importlib.machinery, importlib.util
+        spec = importlib.util.find_spec('timm')
+        plain = importlib.machinery.PathFinder.find_spec('timm')  # what the import system finds without us
+        view = lambda s: (s.name, s.origin, s.submodule_search_locations, type(s.loader), s.cached, s.parent)
+        assert view(spec) == view(plain), (view(spec), view(plain))
+        assert 'timm' not in sys.modules
+        import timm
+        assert spec == timm.__spec__ == plain, 'the probe spec still differs from a plain one'
+        assert 'exec_module' not in vars(spec.loader) and 'exec_module' not in vars(timm.__spec__.loader)
+    """)
+    _assert_plugins_loaded_once(seen)
+
+
+def test_several_probes_then_import(tmp_path):
+    """Probes that never load timm, then `find_spec('timm.models')`, which imports the parent package timm."""
+    seen = _run_sequence(tmp_path, """
+        import importlib.util
+        first, second = importlib.util.find_spec('timm'), importlib.util.find_spec('timm')
+        assert first is not None and first == second
+        assert 'timm' not in sys.modules
+        assert importlib.util.find_spec('timm.models') is not None
+        assert 'timm' in sys.modules  # find_spec of a submodule imports its parent: that is the real import
+        import timm
+    """)
+    _assert_plugins_loaded_once(seen)
+
+
+def test_failed_import_then_retry(tmp_path):
+    """A first `import timm` that raises (torch unimportable at that moment), then a retry that succeeds.
+
+    Also: a reload afterwards neither crashes nor loads the plugins again.
+    """
+    seen = _run_sequence(tmp_path, """
+        import importlib
+        sys.modules['torch'] = None  # makes `import torch` raise ImportError
+        try:
+            import timm
+        except ImportError:
+            pass
+        else:
+            raise AssertionError('import timm should have failed without torch')
+        del sys.modules['torch']
+        for name in [m for m in sys.modules if m == 'timm' or m.startswith('timm.')]:
+            del sys.modules[name]
+        import timm
+        importlib.reload(timm)
+    """)
+    _assert_plugins_loaded_once(seen)
+
+
 @pytest.fixture(scope='module')
 def wheel_venv(tmp_path_factory) -> Path:
     """A fresh venv holding only our wheel; torch/timm come from this interpreter's site-packages by path.

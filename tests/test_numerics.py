@@ -19,15 +19,13 @@ def _layer(stride: int, seed: int = 0) -> HaloAttention:
 
 
 def _run(layer: HaloAttention, x: torch.Tensor, path: str, device_type: str, dtype: torch.dtype) -> torch.Tensor:
-    """Forward under autocast through the tiled CPU kernel or the whole-tensor path (what export/compile run)."""
-    with torch.no_grad(), torch.autocast(device_type, dtype=dtype):
-        if path == 'broadcast':
-            layer._use_tiled = lambda x: False  # instance attribute shadows the method for this call only
-            try:
-                return layer(x)
-            finally:
-                del layer._use_tiled
-        return layer(x)
+    """Forward under autocast through one kernel of the implementation table."""
+    layer.attn_impl = path
+    try:
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype):
+            return layer(x)
+    finally:
+        layer.attn_impl = 'auto'
 
 
 def _value_range(layer: HaloAttention, x: torch.Tensor):
@@ -38,7 +36,7 @@ def _value_range(layer: HaloAttention, x: torch.Tensor):
     return kv.amin(dim=(2, 3)), kv.amax(dim=(2, 3))
 
 
-@pytest.mark.parametrize('path', ['tiled', 'broadcast'])
+@pytest.mark.parametrize('path', ['tiled', 'sdpa', 'broadcast'])
 @pytest.mark.parametrize('stride', [1, 2])
 def test_bf16_autocast_matches_fp32_reference(stride, path):
     layer = _layer(stride)
@@ -50,7 +48,7 @@ def test_bf16_autocast_matches_fp32_reference(stride, path):
         torch.testing.assert_close(out.float(), ref, rtol=0, atol=BF16_TOL * ref.abs().max().item(), msg=str(shape))
 
 
-@pytest.mark.parametrize('path', ['tiled', 'broadcast'])
+@pytest.mark.parametrize('path', ['tiled', 'sdpa', 'broadcast'])
 @pytest.mark.parametrize('stride', [1, 2])
 def test_bf16_autocast_large_inputs_stay_finite_and_bounded(stride, path):
     """Inputs scaled by 1e3 give logits of about 1e6, where bf16's 3 significant digits can change which key a
@@ -114,13 +112,13 @@ def test_fp16_autocast_cuda(stride):
     for shape in SHAPES:
         x = torch.randn(shape[0], 32, *shape[1:], device='cuda')
         ref = layer.reference_forward(x).detach()
-        for path in ('tiled', 'broadcast'):  # on CUDA both run the whole-tensor path
+        for path in ('sdpa', 'broadcast'):  # the kernels that run on CUDA
             out = _run(layer, x, path, 'cuda', torch.float16)
             assert out.dtype == torch.float16 and torch.isfinite(out).all(), shape
             torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
     x = torch.full((1, 32, 7, 9), 3.0, device='cuda')
     ref = layer.reference_forward(x).detach()
-    torch.testing.assert_close(_run(layer, x, 'tiled', 'cuda', torch.float16).float(), ref, rtol=0,
+    torch.testing.assert_close(_run(layer, x, 'auto', 'cuda', torch.float16).float(), ref, rtol=0,
                                atol=1e-2 * ref.abs().max().item())
 
 

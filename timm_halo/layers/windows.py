@@ -1,0 +1,117 @@
+"""Key/value windows of the blocked layout: a plain (differentiable, exportable) gather and a custom op.
+
+Windows overlap (step < length), so autograd's generic ``unfold`` backward is slow on CPU. ``gather_windows`` is
+the same gather as a ``torch.library`` custom op whose backward adds each window's gradient back in a few strided
+passes; that backward is itself differentiable (its derivative is the gather again), so higher-order gradients
+work through it.
+"""
+from typing import List, Tuple
+
+import torch
+
+__all__ = ['gather_windows', 'unfold_windows']
+
+
+def _window_views(
+        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every key window of (B, heads * (d + dv), Hp, Wp) as strided views, channels first per window: keys
+    (B, heads, nh, nw, d, len_h, len_w) and values (..., dv, len_h, len_w)."""
+    B, C, _, _ = padded.shape
+    windows = padded.unfold(2, len_h, step_h).unfold(3, len_w, step_w)  # B, C, nh, nw, len_h, len_w (a view)
+    nh, nw = windows.shape[2], windows.shape[3]
+    windows = windows.reshape(B, heads, C // heads, nh, nw, len_h, len_w).permute(0, 1, 3, 4, 2, 5, 6)
+    return windows[:, :, :, :, :dim_head], windows[:, :, :, :, dim_head:]
+
+
+def unfold_windows(
+        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys (B * heads * nh * nw, d, len_h * len_w) and values (..., dv, len_h * len_w) of every window, in
+    plain ATen ops (autograd of every order, forward-mode AD, export)."""
+    k, v = _window_views(padded, heads, dim_head, step_h, len_h, step_w, len_w)
+    n = k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3]
+    return k.reshape(n, k.shape[4], len_h * len_w), v.reshape(n, v.shape[4], len_h * len_w)
+
+
+@torch.library.custom_op('timm_halo::gather_windows', mutates_args=())
+def gather_windows(
+        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``unfold_windows`` as one op whose backward adds each window's gradient back in a few strided passes:
+    windows ``g = ceil(length / step)`` apart do not overlap, so each of the g_h * g_w groups is one in-place add
+    into a strided view of the padded gradient."""
+    # Copied into fresh tensors (a reshape may return a view, and a custom op's outputs must not alias its input).
+    out = []
+    for view in _window_views(padded, heads, dim_head, step_h, len_h, step_w, len_w):
+        n = view.shape[0] * view.shape[1] * view.shape[2] * view.shape[3]
+        windows = padded.new_empty(n, view.shape[4], len_h * len_w)
+        windows.view(view.shape).copy_(view)
+        out.append(windows)
+    return out[0], out[1]
+
+
+@gather_windows.register_fake
+def _gather_windows_fake(padded, heads, dim_head, step_h, len_h, step_w, len_w):
+    B, C, Hp, Wp = padded.shape
+    n = B * heads * ((Hp - len_h) // step_h + 1) * ((Wp - len_w) // step_w + 1)
+    return (padded.new_empty(n, dim_head, len_h * len_w),
+            padded.new_empty(n, C // heads - dim_head, len_h * len_w))
+
+
+@torch.library.custom_op('timm_halo::scatter_windows', mutates_args=())
+def scatter_windows(
+        grad_k: torch.Tensor, grad_v: torch.Tensor, shape: List[int], heads: int, dim_head: int, step_h: int,
+        len_h: int, step_w: int, len_w: int,
+) -> torch.Tensor:
+    """The adjoint of ``gather_windows``: windows (as it returns them) summed back into a (B, C, Hp, Wp) map."""
+    B, C, Hp, Wp = shape
+    c = C // heads
+    nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
+    grad = grad_k.new_zeros(shape)
+    groups_h, groups_w = min(-(-len_h // step_h), nh), min(-(-len_w // step_w), nw)
+    for first, part in ((0, grad_k), (dim_head, grad_v)):
+        part = part.reshape(B, heads, nh, nw, part.shape[1], len_h, len_w)
+        for gy in range(groups_h):
+            for gx in range(groups_w):
+                group = part[:, :, gy::groups_h, gx::groups_w]
+                target = grad.as_strided(
+                    group.shape,
+                    (C * Hp * Wp, c * Hp * Wp, groups_h * step_h * Wp, groups_w * step_w, Hp * Wp, Wp, 1),
+                    first * Hp * Wp + gy * step_h * Wp + gx * step_w)
+                target.add_(group)
+    return grad
+
+
+@scatter_windows.register_fake
+def _scatter_windows_fake(grad_k, grad_v, shape, heads, dim_head, step_h, len_h, step_w, len_w):
+    return grad_k.new_empty(shape)
+
+
+def _gather_setup_context(ctx, inputs, output) -> None:
+    padded, *geometry = inputs
+    ctx.geometry = (list(padded.shape), *geometry)
+    ctx.windows = [(t.shape, t.dtype, t.device) for t in output]
+
+
+def _gather_backward(ctx, grad_k, grad_v):
+    shape, *geometry = ctx.geometry
+    # A window output nobody used has no gradient: it contributes zeros.
+    grad_k, grad_v = [g if g is not None else torch.zeros(size, dtype=dtype, device=device)
+                      for g, (size, dtype, device) in zip((grad_k, grad_v), ctx.windows)]
+    return scatter_windows(grad_k, grad_v, shape, *geometry), None, None, None, None, None, None
+
+
+def _scatter_setup_context(ctx, inputs, output) -> None:
+    _, _, _, *geometry = inputs
+    ctx.geometry = geometry
+
+
+def _scatter_backward(ctx, grad):
+    # scatter is linear; its adjoint is the gather (double backward, Hessian-vector products).
+    grad_k, grad_v = gather_windows(grad.contiguous(), *ctx.geometry)
+    return grad_k, grad_v, None, None, None, None, None, None, None
+
+
+gather_windows.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+scatter_windows.register_autograd(_scatter_backward, setup_context=_scatter_setup_context)
