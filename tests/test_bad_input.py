@@ -73,16 +73,19 @@ def _expected_nan_outputs(layer: HaloAttention, height: int, width: int, py: int
     return torch.tensor(rows)[:, None] & torch.tensor(cols)[None, :]
 
 
-def _nan_pixel(stride: int, block: int, halo: int, py: int, px: int) -> Callable[[], Any]:
+def _nan_pixel(stride: int, block: int, halo: int, py: int, px: int, path: str = 'auto') -> Callable[[], Any]:
+    """``path``: a kernel of the implementation table, or 'reference' (the dense reference_forward)."""
     def run():
         torch.manual_seed(0)
         layer = HaloAttention(16, block_size=block, halo_size=halo, heads=2, dim_head=8, stride=stride,
-                              dim_out=24).eval()  # with an output projection: it mixes channels, not pixels
+                              dim_out=24,  # with an output projection: it mixes channels, not pixels
+                              attn_impl='auto' if path == 'reference' else path).eval()
+        forward = layer.reference_forward if path == 'reference' else layer
         x = torch.randn(2, 16, 13, 11)
         poisoned = x.clone()
         poisoned[1, 3, py, px] = float('nan')
         with torch.no_grad():
-            return layer(x), layer(poisoned), _expected_nan_outputs(layer, 13, 11, py, px)
+            return forward(x), forward(poisoned), _expected_nan_outputs(layer, 13, 11, py, px)
     return run
 
 
@@ -112,6 +115,12 @@ def _check_shape(*shape: int, finite: bool = True) -> Callable[[torch.Tensor], N
     def check(out: torch.Tensor) -> None:
         assert out.shape == shape, out.shape
         assert not finite or torch.isfinite(out).all()
+    return check
+
+
+def _check_equal(expected: Any) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        assert value == expected, value
     return check
 
 
@@ -149,13 +158,27 @@ CASES = [
     Case('layer: NaN pixel, stride 1', _nan_pixel(1, 4, 1, 6, 3), check=_check_nan_pixel),
     Case('layer: NaN pixel, stride 2, off the query grid', _nan_pixel(2, 4, 2, 9, 5), check=_check_nan_pixel),
     Case('layer: NaN pixel, halo 0', _nan_pixel(1, 3, 0, 12, 10), check=_check_nan_pixel),
+    *[Case(f'layer: NaN pixel, {path}', _nan_pixel(2, 4, 2, 9, 5, path), check=_check_nan_pixel)
+      for path in ('tiled', 'sdpa', 'broadcast', 'reference')],
     # -- HaloAttention: construction
     Case('layer: stride 3', lambda: _layer(stride=3), ValueError, r'stride must be 1 or 2, got 3'),
+    Case('layer: stride 2.0', lambda: _layer(stride=2.0), TypeError, r'stride must be 1 or 2 \(an int\), got 2\.0'),
+    Case('layer: dim_out 0', lambda: _layer(dim_out=0), ValueError, r'dim_out must be an integer >= 1, got 0'),
+    Case('layer: dim_out -3', lambda: _layer(dim_out=-3), ValueError, r'dim_out must be an integer >= 1, got -3'),
+    Case('layer: value_ratio nan', lambda: _layer(value_ratio=float('nan')), ValueError,
+         r'value_ratio must be a finite number > 0, got nan'),
+    Case('layer: value_ratio inf', lambda: _layer(value_ratio=float('inf')), ValueError, r'value_ratio .* got inf'),
+    Case("layer: value_ratio '1'", lambda: _layer(value_ratio='1'), TypeError,
+         r"value_ratio must be a finite number > 0, got '1' of type str"),
+    Case('layer: unknown attn_impl', lambda: _layer(attn_impl='flash'), ValueError,
+         r"unknown attn_impl 'flash'; choose one of auto, tiled, sdpa, broadcast"),
+    Case('layer: tiled on the meta device', _no_grad(lambda: _layer(attn_impl='tiled', device='meta')(
+        torch.randn(1, 16, 8, 8, device='meta'))), RuntimeError, r"attn_impl='tiled' runs on cpu only, got a meta"),
     Case('layer: block not divisible by stride', lambda: _layer(block_size=3, stride=2), ValueError,
          r'block_size \(3\) must be divisible by stride \(2\)'),
     Case('layer: block_size 0', lambda: _layer(block_size=0), ValueError, r'block_size must be an integer >= 1'),
     Case('layer: negative halo', lambda: _layer(halo_size=-1), ValueError, r'halo_size must be an integer >= 0'),
-    Case('layer: non-integer size', lambda: _layer(block_size=4.0), ValueError, r'block_size .* got 4\.0'),
+    Case('layer: non-integer size', lambda: _layer(block_size=4.0), TypeError, r'block_size .* got 4\.0 of type float'),
     Case('layer: heads 0', lambda: _layer(heads=0), ValueError, r'heads must be an integer >= 1'),
     Case('layer: value_ratio leaves no channels', lambda: _layer(dim_head=2, value_ratio=0.1), ValueError,
          r'leaves no value channels'),
@@ -176,14 +199,90 @@ CASES = [
     Case('model: 1x1 image', _no_grad(lambda: _model()(torch.randn(2, 3, 1, 1))),
          check=_check_shape(2, 5)),
     Case('model: NaN pixel', _model_nan, check=_check_model_nan),
-    # -- HaloNet models: construction
+    # -- HaloNet models: feature levels (0 = the stem at reduction 2, 1-4 = the stages, as timm's ResNet)
     Case('model: features_only, out_indices too large',
-         lambda: _model(features_only=True, out_indices=(1, 4)), ValueError,
-         r'out_indices \(1, 4\) out of range: this HaloNet has 4 stages, so valid indices are 0 to 3'),
-    Case('model: features_only, out_indices too negative', lambda: _model(features_only=True, out_indices=(-5,)),
-         ValueError, r'out of range'),
-    Case('model: features_only, out_indices=5 (last n)', lambda: _model(features_only=True, out_indices=5),
-         ValueError, r'out_indices=5 \(the last n stages\) must be 1 to 4'),
+         lambda: _model(features_only=True, out_indices=(1, 5)), ValueError,
+         r'out_indices \(1, 5\) out of range: this HaloNet has 5 feature levels, the stem \(0, reduction 2\) '
+         r'and 4 stages \(1 to 4\), so valid indices are 0 to 4 \(or -5 to -1\)'),
+    Case('model: features_only, out_indices too negative', lambda: _model(features_only=True, out_indices=(-6,)),
+         ValueError, r'out_indices \(-6,\) out of range'),
+    Case('model: features_only, out_indices=6 (last n)', lambda: _model(features_only=True, out_indices=6),
+         ValueError, r'out_indices=6 \(the last n levels\) must be 1 to 5'),
+    Case('model: features_only, out_indices not ints', lambda: _model(features_only=True, out_indices=(1.0, 2)),
+         TypeError, r'out_indices must be an int n \(the last n levels\) or a sequence of int levels, got \(1\.0, 2\)'),
+    Case('model: features_only, out_indices of a 2-stage model',
+         lambda: _model(features_only=True, depths=(1, 1), widths=(16, 32), out_indices=(3,)), ValueError,
+         r'3 feature levels, the stem \(0, reduction 2\) and 2 stages \(1 to 2\), so valid indices are 0 to 2'),
+    Case('model: features_only, out_indices (2, 3, 4) are strides 8, 16, 32',
+         lambda: _model(features_only=True, out_indices=(2, 3, 4)).feature_info.reduction(),
+         check=_check_equal([8, 16, 32])),
+    Case('model: forward_intermediates, index out of range',
+         lambda: _model().forward_intermediates(torch.randn(1, 3, 32, 32), indices=[5]), ValueError,
+         r'indices \(5,\) out of range: this HaloNet has 5 feature levels'),
+    Case('model: forward_intermediates, last n out of range',
+         lambda: _model().forward_intermediates(torch.randn(1, 3, 32, 32), indices=0), ValueError,
+         r'indices=0 \(the last n levels\) must be 1 to 5'),
+    Case('model: prune_intermediate_layers, index out of range', lambda: _model().prune_intermediate_layers([-6]),
+         ValueError, r'indices \(-6,\) out of range'),
+    # -- HaloNet models: construction (model kwargs are checked before any layer is built)
+    Case('model: depths empty', lambda: _model(depths=(), widths=()), ValueError,
+         r'depths must name at least one stage, e.g\. depths=\(3, 3, 10, 3\); got \(\)'),
+    Case('model: depths empty, features_only', lambda: _model(depths=(), widths=(), features_only=True),
+         ValueError, r'depths must name at least one stage'),
+    Case('model: depths empty, features_only with out_indices',
+         lambda: _model(depths=(), widths=(), features_only=True, out_indices=(0,)), ValueError,
+         r'depths must name at least one stage'),
+    Case('model: negative depth', lambda: _model(depths=(-1, 1, 1, 1)), ValueError,
+         r'depths\[0\] of \(-1, 1, 1, 1\) must be an integer >= 1 .*got -1'),
+    Case('model: zero depth', lambda: _model(depths=(1, 0, 1, 1)), ValueError,
+         r'depths\[1\] .* must be an integer >= 1 \(.*a stage cannot be empty: to drop a stage, remove its entry '
+         r'from both depths and widths\), got 0'),
+    Case('model: depths not a sequence', lambda: _model(depths=4), TypeError,
+         r'depths must be a sequence with one integer per stage, e\.g\. depths=\(3, 3, 10, 3\); got 4'),
+    Case('model: non-integer depth', lambda: _model(depths=(1, 1.5, 1, 1)), TypeError,
+         r'depths\[1\] .* must be an integer >= 1 .*got 1\.5 of type float'),
+    Case('model: width 0', lambda: _model(widths=(16, 0, 64, 64)), ValueError,
+         r'widths\[1\] of \(16, 0, 64, 64\) must be an integer >= 1 .*got 0'),
+    Case('model: negative width', lambda: _model(widths=(-16, 32, 64, 64)), ValueError,
+         r'widths\[0\] .* must be an integer >= 1 .*got -16'),
+    Case('model: width not divisible by heads', lambda: _model(heads=3), ValueError,
+         r'widths\[0\]=16 is not divisible by heads=3 .*use widths that are multiples of 3'),
+    Case('model: out_ratio 0', lambda: _model(out_ratio=0), ValueError,
+         r'out_ratio must be a finite number > 0 \(the paper\'s rb, e\.g\. 1\.0.*got 0$'),
+    Case('model: negative out_ratio', lambda: _model(out_ratio=-1.0), ValueError, r'out_ratio .* got -1\.0'),
+    Case('model: out_ratio nan', lambda: _model(out_ratio=float('nan')), ValueError,
+         r'out_ratio must be a finite number > 0 .*got nan'),
+    Case('model: out_ratio leaves no channels', lambda: _model(out_ratio=0.01), ValueError,
+         r'out_ratio=0\.01 leaves stage 0 \(width 16\) with round\(16 \* 0\.01\) = 0 output channels; '
+         r'use out_ratio >= 0\.0625'),
+    Case('model: value_ratio nan', lambda: _model(value_ratio=float('nan')), ValueError,
+         r'value_ratio must be a finite number > 0 \(the paper\'s rv, e\.g\. 1\.0.*got nan'),
+    Case('model: value_ratio inf', lambda: _model(value_ratio=float('inf')), ValueError, r'value_ratio .* got inf'),
+    Case('model: value_ratio not a number', lambda: _model(value_ratio='2'), TypeError,
+         r"value_ratio must be a finite number > 0 .*got '2' of type str"),
+    Case('model: value_ratio leaves no value channels', lambda: _model(value_ratio=0.1), ValueError,
+         r'value_ratio=0\.1 leaves stage 0 \(width 16, 8 heads of 2 channels\) with no value channels per head; '
+         r'use value_ratio >= 0\.5'),
+    Case('model: negative num_features', lambda: _model(num_features=-1), ValueError,
+         r'num_features must be an integer >= 0 \(width of the final 1x1 conv; 0 for none\), got -1'),
+    Case('model: heads 0', lambda: _model(heads=0), ValueError,
+         r'heads must be an integer >= 1 \(attention heads per block\), got 0'),
+    Case('model: stem_chs 0', lambda: _model(stem_chs=0), ValueError,
+         r'stem_chs must be an integer >= 1 \(stem conv width\), got 0'),
+    Case('model: block_size 0', lambda: _model(block_size=0), ValueError,
+         r'HaloNet: block_size must be an integer >= 1 .*got 0'),
+    Case('model: odd block_size', lambda: _model(block_size=5), ValueError,
+         r'HaloNet: block_size must be even, got 5: stages 2-4 downsample with stride-2 attention.*block_size=6'),
+    Case('model: odd block_size, one stage (no stride-2 stage)',
+         lambda: _model(block_size=5, depths=(1,), widths=(16,)).stages[0].blocks[0].attn.block_size,
+         check=_check_equal(5)),
+    Case('model: negative halo_size', lambda: _model(halo_size=-1), ValueError,
+         r'HaloNet: halo_size must be an integer >= 0 \(halo h; 0 for none\), got -1'),
+    Case('model: float block_size', lambda: _model(block_size=4.0), TypeError,
+         r'HaloNet: block_size must be an integer >= 1 .*got 4\.0 of type float'),
+    Case('model: in_chans 0', lambda: _model(in_chans=0), ValueError, r'in_chans must be an integer >= 1'),
+    Case('model: negative num_classes', lambda: _model(num_classes=-1), ValueError,
+         r'num_classes must be an integer >= 0 \(0 for no classifier\), got -1'),
     Case('model: misspelt kwarg', lambda: _model(halo_sise=2), TypeError, r"unexpected keyword argument 'halo_sise'"),
     Case('model: unknown name', lambda: timm.create_model('halonet_h9'), RuntimeError, r'halonet_h9'),
     Case('model: depths and widths differ in length', lambda: _model(depths=(1, 1), widths=(8, 16, 32)),
@@ -203,13 +302,3 @@ def test_bad_input(case: Case):
         assert info.type is case.error  # not a subclass (e.g. no AssertionError posing as something else)
     else:
         case.check(case.run())
-
-
-def test_catalogue_is_in_readme():
-    """README's table and this catalogue describe the same behaviour."""
-    from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
-    section = readme.split('## Behaviour on bad input', 1)[1].split('\n## ', 1)[0]
-    for phrase in ('4-D NCHW', 'input channels', 'parameters are', 'floating point', 'non-empty', 'B = 0',
-                   '1x1', 'NaN', 'stride', 'out_indices', 'keyword', 'halo larger than the block'):
-        assert phrase in section, phrase

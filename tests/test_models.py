@@ -5,7 +5,7 @@ import sys
 import pytest
 import timm
 import torch
-from timm.models import get_pretrained_cfg, group_parameters
+from timm.models import byoanet, get_pretrained_cfg, group_parameters
 from timm.optim import create_optimizer_v2
 
 from timm_halo.models import PAPER_PARAMS_M, HaloNet
@@ -14,10 +14,17 @@ from timm_halo.summary import family, summarize
 NAMES = [f'halonet_h{i}' for i in range(8)]
 # Small versions of each paper model (their b, h, rv, rb; one block per stage) for real forward/backward.
 SMALL = dict(depths=(1, 1, 1, 1))
+# Smaller still, for the feature-level tests: narrow stages and 4x4 blocks.
+TINY = dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 64), stem_chs=16, block_size=4)
 
 
 def _small(name: str, **kwargs) -> HaloNet:
     return timm.create_model(name, **{**SMALL, **kwargs})
+
+
+def _tiny(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, **{**TINY, **kwargs}).eval()
 
 
 def test_family_is_registered():
@@ -114,16 +121,121 @@ def test_features_only(name):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         feats = model(x)
-    assert len(feats) == 4
+    assert len(feats) == 5 and model.feature_info.out_indices == (0, 1, 2, 3, 4)
     assert [f.shape[1] for f in feats] == model.feature_info.channels()
-    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [4, 8, 16, 32]
+    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [2, 4, 8, 16, 32]
 
     torch.manual_seed(0)
-    partial = _small(name, features_only=True, out_indices=(1, 3)).eval()
+    partial = _small(name, features_only=True, out_indices=(2, 4)).eval()
     with torch.no_grad():
         picked = partial(x)
-    torch.testing.assert_close(picked, [feats[1], feats[3]])
-    assert partial.feature_info.channels() == [model.feature_info.channels()[i] for i in (1, 3)]
+    torch.testing.assert_close(picked, [feats[2], feats[4]])
+    assert partial.feature_info.channels() == [model.feature_info.channels()[i] for i in (2, 4)]
+
+
+# -- feature levels follow timm's convention: level 0 is the stem (reduction 2), levels 1-4 the stages.
+# Compared against timm's own models rather than constants. timm's ByobNet halonet_h1 needs H and W divisible
+# by 8 blocks at stride 32, so it runs on the meta device at 256 px (shapes only).
+
+def test_feature_levels_match_timm_halonet_h1_and_resnet():
+    ours = timm.create_model('halonet_h1', features_only=True, device='meta')
+    theirs = byoanet.halonet_h1(features_only=True, device='meta')
+    resnet = timm.create_model('resnet50', features_only=True, device='meta')
+    assert ours.feature_info.reduction() == theirs.feature_info.reduction() == resnet.feature_info.reduction()
+    assert ours.feature_info.out_indices == theirs.feature_info.out_indices == resnet.feature_info.out_indices
+    # the same architecture (rb = 1, df = 0) as timm's reference: the same widths at every level
+    assert ours.feature_info.channels() == theirs.feature_info.channels()
+    # the stem level is the stem conv + BN + ReLU before the max pool, as ByobNet's stem.conv1 / ResNet's act1
+    assert ours.feature_info.module_name()[0] == 'stem.0'
+    assert theirs.feature_info.module_name()[0] == 'stem.conv1'
+    unwrapped = timm.create_model('halonet_h1', device='meta')
+    assert len(unwrapped.feature_info) == len(byoanet.halonet_h1(device='meta').feature_info) == 5
+
+
+@pytest.mark.parametrize('out_indices', [(0, 1, 2, 3, 4), (2, 3, 4), (1, 2, 3), (0, 4), (-1,), 3])
+def test_out_indices_give_the_strides_of_timm_halonet_h1(out_indices):
+    size = 256
+    ours = _tiny('halonet_h1', features_only=True, out_indices=out_indices)
+    theirs = byoanet.halonet_h1(features_only=True, out_indices=out_indices, device='meta')
+    with torch.no_grad():
+        got = [f.shape[-2:] for f in ours(torch.randn(1, 3, size, size))]
+    expected = [f.shape[-2:] for f in theirs(torch.empty(1, 3, size, size, device='meta'))]
+    assert got == expected
+    assert ours.feature_info.reduction() == theirs.feature_info.reduction() == [size // h for h, _ in got]
+
+
+def test_out_indices_2_3_4_are_strides_8_16_32():
+    """The old 4-level indexing raised for (2, 3, 4) and read (1, 2, 3) as strides 8/16/32."""
+    model = _tiny('halonet_h0', features_only=True, out_indices=(2, 3, 4))
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 64))
+    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [8, 16, 32]
+    model = _tiny('halonet_h0', features_only=True, out_indices=(1, 2, 3))
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 64))
+    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [4, 8, 16]
+
+
+@pytest.mark.parametrize('name, kwargs, channels, last_module', [
+    # level 0: stem_chs; level i: round(widths[i - 1] * out_ratio); the last: num_features when df > 0
+    ('halonet_h0', {}, [16, 8, 16, 32, 32], 'stages.3'),  # rb = 0.5
+    ('halonet_h1', {}, [16, 16, 32, 64, 64], 'stages.3'),  # rb = 1
+    ('halonet_h3', {}, [16, 24, 48, 96, 1024], 'final_conv'),  # rb = 1.5, df = 1024
+    ('halonet_h1', dict(num_features=40, out_ratio=2.0), [16, 32, 64, 128, 40], 'final_conv'),
+])
+def test_channels_per_level(name, kwargs, channels, last_module):
+    model = _tiny(name, features_only=True, **kwargs)
+    assert model.feature_info.channels() == channels
+    with torch.no_grad():
+        assert [f.shape[1] for f in model(torch.randn(1, 3, 32, 32))] == channels
+    plain = _tiny(name, **kwargs)
+    assert [info['num_chs'] for info in plain.feature_info] == channels
+    assert plain.feature_info[0] == dict(num_chs=16, reduction=2, module='stem.0')
+    assert plain.feature_info[-1]['module'] == last_module
+
+
+@pytest.mark.parametrize('indices', [None, (0,), (0, 2), (1, 2, 3), (2, 3, 4), (-2, -1), 2, 5])
+def test_forward_intermediates_and_features_only_take_the_same_levels(indices):
+    x = torch.randn(1, 3, 48, 40)
+    model = _tiny('halonet_h3')
+    kwargs = {} if indices is None else dict(out_indices=indices)
+    features = _tiny('halonet_h3', features_only=True, **kwargs)  # same seed: same weights
+    getter = _tiny('halonet_h3', features_only=True, feature_cls='getter', **kwargs)  # timm's pruning wrapper
+    with torch.no_grad():
+        inters = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+        early = model.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True)
+        for maps in (features(x), getter(x), early):
+            assert len(maps) == len(inters)
+            for a, b in zip(maps, inters):
+                torch.testing.assert_close(a, b)
+    assert features.feature_info.reduction() == getter.feature_info.reduction()
+    assert [t.shape[1] for t in inters] == features.feature_info.channels() == getter.feature_info.channels()
+
+
+@pytest.mark.parametrize('indices, kept_stages', [([0], 0), ([0, 1], 1), ([1, 3], 3), (2, 4), ([4], 4)])
+def test_prune_intermediate_layers(indices, kept_stages):
+    x = torch.randn(1, 3, 64, 64)
+    model = _tiny('halonet_h3')
+    with torch.no_grad():
+        full = model.forward_intermediates(x, intermediates_only=True)
+        kept = model.prune_intermediate_layers(indices)
+        assert len(model.stages) == kept_stages
+        assert kept == ([3, 4] if indices == 2 else list(indices))
+        pruned = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+        for a, b in zip(pruned, [full[i] for i in kept]):
+            torch.testing.assert_close(a, b)
+        # no classifier and no pooling: forward ends at the last kept level
+        out = model(x)
+    torch.testing.assert_close(out, full[max(kept)])
+    assert model.num_features == full[max(kept)].shape[1]
+    assert (model.stem[1].__class__ is torch.nn.Identity) == (kept_stages == 0)  # the max pool follows level 0
+
+
+def test_feature_levels_leave_the_state_dict_layout_alone():
+    model = _tiny('halonet_h3')
+    prefixes = {k.split('.')[0] for k in model.state_dict()}
+    assert prefixes == {'stem', 'stages', 'final_conv', 'head'}
+    assert 'stem.0.conv.weight' in model.state_dict() and 'stages.0.blocks.0.conv1.conv.weight' in model.state_dict()
 
 
 def test_fx_feature_extraction():
@@ -157,13 +269,13 @@ def test_forward_intermediates_agree_with_features_and_forward():
         with pytest.raises(ValueError, match='NCHW'):
             model.forward_intermediates(x, output_fmt='NHWC')
 
-        kept = model.prune_intermediate_layers(indices=[0, 1])
-        assert kept == [0, 1] and len(model.stages) == 2
-        pruned = model.forward_intermediates(x, intermediates_only=True, indices=[0, 1])
-        for a, b in zip(pruned, inters[:2]):
+        kept = model.prune_intermediate_layers(indices=[0, 1, 2])
+        assert kept == [0, 1, 2] and len(model.stages) == 2  # level 0 is the stem, level i stage i
+        pruned = model.forward_intermediates(x, intermediates_only=True, indices=[0, 1, 2])
+        for a, b in zip(pruned, inters[:3]):
             torch.testing.assert_close(a, b)
         # as timm's models do after pruning: no classifier, no pooling, forward ends at the last kept stage
-        torch.testing.assert_close(model(x), inters[1])
+        torch.testing.assert_close(model(x), inters[2])
 
 
 def test_classifier_options():

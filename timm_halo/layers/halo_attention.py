@@ -107,7 +107,10 @@ def _resolve_impl_name(attn_impl: Optional[str]) -> str:
 
 
 def _check_int(name: str, value, lowest: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f'HaloAttention: {name} must be an integer >= {lowest}, got {value!r} of type {type(value).__name__}')
+    if value < lowest:
         raise ValueError(f'HaloAttention: {name} must be an integer >= {lowest}, got {value!r}')
 
 
@@ -153,14 +156,19 @@ class HaloAttention(nn.Module):
             _check_int(name, value, lowest)
         if dim_out is not None:
             _check_int('dim_out', dim_out, 1)
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride not in (1, 2):
-            raise ValueError(f'HaloAttention: stride must be the integer 1 or 2, got {stride!r}')
+        if isinstance(stride, bool) or not isinstance(stride, int):
+            raise TypeError(f'HaloAttention: stride must be 1 or 2 (an int), got {stride!r} of type '
+                            f'{type(stride).__name__}')
+        if stride not in (1, 2):
+            raise ValueError(f'HaloAttention: stride must be 1 or 2, got {stride!r}')
         if block_size % stride:
             raise ValueError(
                 f'HaloAttention: block_size ({block_size}) must be divisible by stride ({stride}) '
                 'so that every block keeps the same number of queries')
-        if isinstance(value_ratio, bool) or not isinstance(value_ratio, (int, float)) or not math.isfinite(
-                value_ratio) or value_ratio <= 0:
+        if isinstance(value_ratio, bool) or not isinstance(value_ratio, (int, float)):
+            raise TypeError(f'HaloAttention: value_ratio must be a finite number > 0, got {value_ratio!r} of type '
+                            f'{type(value_ratio).__name__}')
+        if not math.isfinite(value_ratio) or value_ratio <= 0:
             raise ValueError(f'HaloAttention: value_ratio must be a finite number > 0, got {value_ratio!r}')
         dim_head_v = int(round(dim_head * value_ratio))
         if dim_head_v < 1:
@@ -346,15 +354,17 @@ class HaloAttention(nn.Module):
         return gather_windows(kv, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
 
     def _unblock(self, out: torch.Tensor, geom: List[int]) -> torch.Tensor:
-        """(N, dv, bq^2) back to (B, heads * dv, hq, wq), always in a fresh tensor: a view of the kernel's output
-        (which its backward may have saved) would break an in-place op applied after the layer."""
+        """(N, dv, bq^2) back to (B, heads * dv, hq, wq).
+
+        The crop is a negative ``F.pad``: it always returns a fresh tensor (a view of the kernel's output, which
+        its backward may have saved, would break an in-place op applied after the layer), and inductor lowers it
+        for symbolic sizes where a slice fails (torch.compile with changing input sizes)."""
         B, nh, nw, hq, wq = geom
         bq = self.block_size // self.stride
         heads, dv = self.heads, self.dim_head_v
-        y = out.new_empty([B, heads * dv, nh * bq, nw * bq])
-        y.view(B, heads, dv, nh, bq, nw, bq).copy_(
-            out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6))
-        return y[:, :, :hq, :wq]
+        out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(B, heads * dv, nh * bq, nw * bq)
+        return F.pad(out, [0, wq - nw * bq, 0, hq - nh * bq])
 
     # ---- forward ------------------------------------------------------------------------------------------------
 

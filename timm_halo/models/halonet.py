@@ -18,12 +18,18 @@ these choices, and they reproduce every parameter count of the paper's table to 
 * stem: 7x7 stride-2 conv (64 ch) + BN + ReLU + 3x3 stride-2 max pool, as ResNet;
 * df > 0: a final 1x1 conv + BN + ReLU to df channels before global pooling (H3-H7); none for H0-H2.
 
+Feature levels (`feature_info`, `features_only` / `out_indices`, `forward_intermediates`) follow timm's ResNet
+and ByobNet: level 0 is the stem conv + BN + ReLU output before the max pool (reduction 2), levels 1-4 are
+the stages (reductions 4, 8, 16, 32; the last one after the final 1x1 conv when df > 0).
+
 With rb = 1 these choices reduce to timm's own `halonet_h1` reference layout (8.10M params).
 """
+import math
+import numbers
 import re
 import warnings
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -93,6 +99,101 @@ def halonet_args(variant: str) -> HaloNetArgs:
         out_ratio=f['out_ratio'],
         num_features=f['df'],
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, lowest: int, hint: str = '') -> None:
+    """`value` must be an integer (not a bool) >= `lowest`: TypeError for another type, ValueError below it."""
+    hint = f' ({hint})' if hint else ''
+    if not _is_int(value):
+        raise TypeError(f'HaloNet: {name} must be an integer >= {lowest}{hint}, got {value!r} '
+                        f'of type {type(value).__name__}')
+    if value < lowest:
+        raise ValueError(f'HaloNet: {name} must be an integer >= {lowest}{hint}, got {value!r}')
+
+
+def _check_ratio(name: str, value: Any, hint: str) -> None:
+    """`value` must be a real number (not a bool), finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'HaloNet: {name} must be a finite number > 0 ({hint}), got {value!r} '
+                        f'of type {type(value).__name__}')
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f'HaloNet: {name} must be a finite number > 0 ({hint}), got {value!r}')
+
+
+def _check_stage_list(name: str, values: Any, example: str, hint: str) -> Tuple[int, ...]:
+    """A non-empty sequence of integers >= 1, one per stage (depths, widths)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f'HaloNet: {name} must be a sequence with one integer per stage, e.g. {name}={example}; '
+                        f'got {values!r} of type {type(values).__name__}')
+    if not len(values):
+        raise ValueError(f'HaloNet: {name} must name at least one stage, e.g. {name}={example}; got {tuple(values)}')
+    for i, value in enumerate(values):
+        _check_int(f'{name}[{i}] of {tuple(values)}', value, 1, hint)
+    return tuple(values)
+
+
+def _check_depths(depths: Any) -> Tuple[int, ...]:
+    return _check_stage_list(
+        'depths', depths, '(3, 3, 10, 3)',
+        'blocks in that stage; its first block downsamples, so a stage cannot be empty: '
+        'to drop a stage, remove its entry from both depths and widths')
+
+
+def _check_model_args(
+        depths: Any,
+        widths: Any,
+        block_size: Any,
+        halo_size: Any,
+        value_ratio: Any,
+        out_ratio: Any,
+        num_features: Any,
+        heads: Any,
+        stem_chs: Any,
+        in_chans: Any,
+        num_classes: Any,
+) -> None:
+    """Validate HaloNet's constructor kwargs up front, naming the kwarg, the bad value and the fix.
+
+    HaloAttention validates its own arguments, but in terms of the layer (dim_head, stride, ...); the model
+    knows which of its kwargs produced them, so it checks what the layer would otherwise report second-hand.
+    """
+    depths = _check_depths(depths)
+    widths = _check_stage_list('widths', widths, '(64, 128, 256, 512)', 'query/key width of that stage')
+    if len(depths) != len(widths):
+        raise ValueError(
+            f'HaloNet: depths {depths} and widths {widths} must have the same length (one entry per stage)')
+    _check_int('stem_chs', stem_chs, 1, 'stem conv width')
+    _check_int('in_chans', in_chans, 1, 'input image channels')
+    _check_int('num_classes', num_classes, 0, '0 for no classifier')
+    _check_int('num_features', num_features, 0, 'width of the final 1x1 conv; 0 for none')
+    _check_int('heads', heads, 1, 'attention heads per block')
+    _check_int('block_size', block_size, 1, 'halo attention block size b')
+    _check_int('halo_size', halo_size, 0, 'halo h; 0 for none')
+    if len(depths) > 1 and block_size % 2:
+        strided = f'stages 2-{len(depths)} downsample' if len(depths) > 2 else 'stage 2 downsamples'
+        raise ValueError(
+            f'HaloNet: block_size must be even, got {block_size}: {strided} with stride-2 attention, which '
+            f'needs blocks divisible by the stride; use e.g. block_size={block_size + 1}')
+    _check_ratio('out_ratio', out_ratio, "the paper's rb, e.g. 1.0: block output width = round(width * out_ratio)")
+    _check_ratio('value_ratio', value_ratio, "the paper's rv, e.g. 1.0: value width = round(width * value_ratio)")
+    for i, width in enumerate(widths):
+        if width % heads:
+            raise ValueError(
+                f'HaloNet: widths[{i}]={width} is not divisible by heads={heads} (each head gets width / heads '
+                f'channels); use widths that are multiples of {heads}, or another number of heads')
+        if int(round(width * out_ratio)) < 1:
+            raise ValueError(
+                f'HaloNet: out_ratio={out_ratio} leaves stage {i} (width {width}) with round({width} * {out_ratio}) '
+                f'= 0 output channels; use out_ratio >= {1 / width:.3g} or wider widths')
+        if int(round(width // heads * value_ratio)) < 1:
+            raise ValueError(
+                f'HaloNet: value_ratio={value_ratio} leaves stage {i} (width {width}, {heads} heads of '
+                f'{width // heads} channels) with no value channels per head; use value_ratio >= '
+                f'{1 / (width // heads):.3g}')
 
 
 class HaloBottleneck(nn.Module):
@@ -189,6 +290,10 @@ class HaloStage(nn.Module):
 class HaloNet(nn.Module):
     """HaloNet backbone with the timm model API.
 
+    Feature levels (``feature_info``, ``forward_intermediates``, ``features_only`` / ``out_indices``) follow timm's
+    ResNet and ByobNet: index 0 is the stem (conv + BN + ReLU before the max pool, reduction 2), index i >= 1 is
+    stage i (reductions 4, 8, 16, 32 for four stages).
+
     Args:
         depths: blocks per stage.
         widths: base (query/key) width per stage.
@@ -241,8 +346,9 @@ class HaloNet(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         if drop_block_rate:
             raise ValueError(f'HaloNet has no DropBlock layers: drop_block_rate must be 0, got {drop_block_rate}')
-        if len(depths) != len(widths):
-            raise ValueError(f'HaloNet: depths {depths} and widths {widths} must have the same length')
+        _check_model_args(
+            depths, widths, block_size, halo_size, value_ratio, out_ratio, num_features, heads, stem_chs,
+            in_chans, num_classes)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -252,10 +358,11 @@ class HaloNet(nn.Module):
             ConvNormAct(in_chans, stem_chs, 7, stride=2, act_layer=act_layer, **dd),
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
         )
+        # level 0: the stem conv's output before the max pool (ResNet's act1, ByobNet's stem.conv1)
+        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='stem.0')]
         reduction = 4
         in_chs = stem_chs
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        self.feature_info = []
         stages = []
         for i, (depth, width) in enumerate(zip(depths, widths)):
             stride = 1 if i == 0 else 2
@@ -339,7 +446,8 @@ class HaloNet(nn.Module):
 
         Args:
             x: Input image tensor.
-            indices: Take last n stages if int, all if None, select matching indices if sequence.
+            indices: Feature levels (0 = stem, i = stage i, as feature_info): the last n if int, all if None,
+                those listed if a sequence.
             norm: Unused (HaloNet has no final norm); accepted for API compatibility.
             stop_early: Stop iterating over stages when last desired intermediate hit.
             output_fmt: Shape of intermediate feature outputs (only 'NCHW').
@@ -350,18 +458,25 @@ class HaloNet(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"HaloNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
+        num_levels = len(self.stages) + 1  # the stem, then each (remaining) stage
+        if not torch.jit.is_scripting():
+            _check_out_indices(indices, num_levels - 1, 'indices')
         intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
+        take_indices, max_index = feature_take_indices(num_levels, indices)
+        last_idx = len(self.stages)
 
         self._check_input(x)
-        x = self.stem(x)
+        x = self.stem[0](x)  # conv + BN + ReLU
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.stem[1](x)  # max pool
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
             stages = self.stages
         else:
-            stages = self.stages[:max_index + 1]
+            stages = self.stages[:max_index]
         feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
+        for stage in stages:
+            feat_idx += 1
             x = stage(x)
             if feat_idx == last_idx:
                 # feature_info names final_conv as the last feature (as timm's ByobNet does)
@@ -379,10 +494,18 @@ class HaloNet(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Prune layers not required for specified intermediates."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if max_index < len(self.feature_info) - 1:
+        """Prune layers not required for specified intermediates (feature levels as in forward_intermediates).
+
+        Returns:
+            The absolute indices kept.
+        """
+        _check_out_indices(indices, len(self.stages), 'indices')
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        self.stages = self.stages[:max_index]  # stage i is level i + 1
+        if max_index == 0:
+            self.stem[1] = nn.Identity()  # the max pool follows the stem feature (no parameters)
+        if prune_end:
             self.final_conv = nn.Identity()
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
             prune_head = True
@@ -534,24 +657,37 @@ def checkpoint_filter_fn(
     return cleaned
 
 
-def _check_out_indices(out_indices: Any, num_stages: int) -> None:
-    """timm indexes feature_info with out_indices unchecked (a bare IndexError); name the problem instead."""
-    if isinstance(out_indices, int):  # timm: an int n means the last n stages
-        if not 1 <= out_indices <= num_stages:
-            raise ValueError(f'out_indices={out_indices} (the last n stages) must be 1 to {num_stages}')
+def _check_out_indices(out_indices: Any, num_stages: int, name: str = 'out_indices') -> None:
+    """timm indexes feature_info with out_indices unchecked (a bare IndexError) and asserts in
+    feature_take_indices; name the problem instead. Levels are the stem (0) and the stages (1 to num_stages)."""
+    if out_indices is None:
         return
-    bad = [i for i in out_indices if not -num_stages <= i < num_stages]
+    levels = num_stages + 1
+    layout = (f'this HaloNet has {levels} feature levels, the stem (0, reduction 2) and {num_stages} '
+              f'stage{"s" if num_stages > 1 else ""} (1 to {num_stages})')
+
+    is_sequence = isinstance(out_indices, Sequence) and not isinstance(out_indices, (str, bytes))
+    if not (_is_int(out_indices) or is_sequence and all(_is_int(i) for i in out_indices)):
+        raise TypeError(
+            f'{name} must be an int n (the last n levels) or a sequence of int levels, got {out_indices!r}; '
+            f'{layout}')
+    if isinstance(out_indices, numbers.Integral):  # timm: an int n means the last n levels
+        if not 1 <= out_indices <= levels:
+            raise ValueError(f'{name}={out_indices} (the last n levels) must be 1 to {levels}: {layout}')
+        return
+    bad = [i for i in out_indices if not -levels <= i < levels]
     if bad or not len(out_indices):
         raise ValueError(
-            f'out_indices {tuple(out_indices)} out of range: this HaloNet has {num_stages} stages, '
-            f'so valid indices are 0 to {num_stages - 1} (or -{num_stages} to -1)')
+            f'{name} {tuple(out_indices)} out of range: {layout}, so valid indices are 0 to {levels - 1} '
+            f'(or -{levels} to -1)')
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
     model_args = halonet_args(variant)
     model_args.update(kwargs)
+    num_stages = len(_check_depths(model_args['depths']))  # before out_indices are checked against it
     if model_args.get('features_only') and 'out_indices' in model_args:
-        _check_out_indices(model_args['out_indices'], len(model_args['depths']))
+        _check_out_indices(model_args['out_indices'], num_stages)
     strict = model_args.get('pretrained_strict', True)
     build = partial(
         build_model_with_cfg,
@@ -559,7 +695,8 @@ def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn if strict else partial(checkpoint_filter_fn, strict=False),
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        # all levels by default: the stem (0) and every stage, as timm's ResNet / ByobNet (0, 1, 2, 3, 4)
+        feature_cfg=dict(out_indices=tuple(range(num_stages + 1)), flatten_sequential=True),
         **model_args,
     )
     if not pretrained:
