@@ -31,3 +31,43 @@ def test_console_script_rejects_unknown_model():
     result = subprocess.run(['timm-halo', '--model', 'halonet_h9', '--skip-family'], capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown model 'halonet_h9'" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which('timm-halo') is None, reason='console script not installed')
+def test_console_script_hub_errors_are_one_line_with_exit_codes(tmp_path):
+    """Bad input to hub-export / hub-inspect: one line on stderr, exit 1 (failure) or 2 (bad argument)."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model('halonet_h1', depths=[1, 1, 1, 1], widths=[16, 32, 64, 64], stem_chs=16)
+    folder = tmp_path / 'folder'
+    timm.models.save_for_hf(model, str(folder), safe_serialization=True)
+    config = json.loads((folder / 'config.json').read_text())
+    config['architecture'] = 'resnet18'
+    (folder / 'config.json').write_text(json.dumps(config))
+    save_file(model.state_dict(), str(tmp_path / 'model.safetensors'))
+
+    runs = [
+        (['hub-inspect', str(folder)], 1, "names architecture 'resnet18'"),
+        (['hub-export', '--model', 'resnet18', '--checkpoint', str(tmp_path / 'model.safetensors'),
+          '--output', str(tmp_path / 'out')], 2, "unknown model 'resnet18'"),
+    ]
+    for argv, code, expected in runs:
+        result = subprocess.run(['timm-halo', *argv], capture_output=True, text=True, timeout=300)
+        assert result.returncode == code, result.stderr
+        assert 'Traceback' not in result.stderr and expected in result.stderr
+        errors = [line for line in result.stderr.splitlines() if 'error:' in line]
+        assert len(errors) == 1 and errors[0].startswith(f'timm-halo {argv[0]}: error: ')
+
+
+def test_export_to_an_unwritable_output_is_one_line(tmp_path, capsys):
+    from timm_halo.cli import main
+
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')
+    assert main(['export', '--model', 'halonet_h0', '--img-size', '32', '--output', str(blocker / 'x.onnx')]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'timm-halo export: error: cannot write --output {blocker / "x.onnx"}: ')
+    assert err.count('\n') == 1

@@ -7,10 +7,12 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -25,7 +27,16 @@ from safetensors.torch import load_file, save_file
 from timm.models import byoanet, get_pretrained_cfg, is_model_pretrained
 
 from timm_halo.cli import main as cli_main
-from timm_halo.hub import PAPER_TITLE, PAPER_URL, PretrainedWeightsError, model_card, read_checkpoint
+from timm_halo.hub import (
+    PAPER_TITLE,
+    PAPER_URL,
+    PretrainedWeightsError,
+    _input_size_overlay,
+    export_for_hub,
+    model_card,
+    read_checkpoint,
+    warn_if_classifier_dropped,
+)
 from timm_halo.models import HaloNet
 
 NAMES = [f'halonet_h{i}' for i in range(8)]
@@ -366,22 +377,59 @@ class _RunsCode:
         return os.mkdir, (self.marker,)
 
 
-def test_pickle_carrying_code_is_refused(tmp_path):
+class _Custom:
+    """A harmless class of the user's: weights_only refuses it as well (torch's message differs)."""
+
+    def __init__(self):
+        self.lr = 0.1
+
+
+# What we explain whenever torch.load(weights_only=True) refuses a pickle, however torch words the refusal
+REFUSAL = ('references Python objects other than tensors', 'torch.load(weights_only=True)',
+           'safetensors.torch.save_file(', "torch.save(sd, 'model.pth')")
+
+
+@pytest.mark.parametrize('payload, global_name', [('runs-code', 'posix.mkdir'), ('custom-class', '_Custom')])
+def test_pickle_carrying_objects_is_refused_and_explained(tmp_path, capsys, payload, global_name):
     marker = tmp_path / 'code-ran'
     evil = tmp_path / 'evil.pth'
-    torch.save({'state_dict': tiny().state_dict(), 'payload': _RunsCode(marker)}, evil)
+    obj = _RunsCode(marker) if payload == 'runs-code' else _Custom()
+    torch.save({'state_dict': tiny().state_dict(), 'payload': obj}, evil)
+    # what the detection rests on: torch refuses with pickle.UnpicklingError (message wording varies by version)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(evil, weights_only=True)
 
     with pytest.raises(PretrainedWeightsError) as info:
         timm.create_model('halonet_h1', pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)), **TINY)
     msg = str(info.value)
-    assert f"from file '{evil}'" in msg and 'weights_only=True' in msg and 'posix.mkdir' in msg
-    with pytest.raises(PretrainedWeightsError, match='weights_only=True'):
+    assert f"from file '{evil}'" in msg and global_name in msg
+    for needle in REFUSAL:
+        assert needle in msg, needle
+    with pytest.raises(PretrainedWeightsError) as info:
         read_checkpoint(evil)
+    assert global_name in str(info.value) and all(needle in str(info.value) for needle in REFUSAL)
+    capsys.readouterr()
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(evil),
                      '--output', str(tmp_path / 'out')]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('timm-halo hub-export: error: ') and err.count('\n') == 1
+    assert 'references Python objects other than tensors' in err and global_name in err
     assert not marker.exists()
-    torch.load(evil, weights_only=False)  # what the refusal prevented
-    assert marker.exists()
+    if payload == 'runs-code':
+        torch.load(evil, weights_only=False)  # what the refusal prevented
+        assert marker.exists()
+
+
+def test_old_format_pickle_refusal_is_explained(tmp_path):
+    """torch cannot list the globals of a pre-1.6 (non-zip) checkpoint: the explanation still comes, hedged."""
+    old = tmp_path / 'old.pth'
+    with open(old, 'wb') as f:
+        torch.save({'state_dict': tiny().state_dict(), 'payload': _Custom()}, f, _use_new_zipfile_serialization=False)
+    with pytest.raises(PretrainedWeightsError) as info:
+        read_checkpoint(old)
+    msg = str(info.value)
+    assert 'old-format' in msg and 'references Python objects other than tensors' in msg
+    assert 'safetensors.torch.save_file(' in msg
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
@@ -398,6 +446,7 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, damage, suffix):
     msg = str(info.value)
     assert f"for halonet_h1 from file '{bad}'" in msg
     assert ('not a valid safetensors file' if suffix == '.safetensors' else 'truncated or corrupt') in msg
+    assert 'references Python objects' not in msg and 'non-allowlisted' not in msg  # not taken for a refusal
 
 
 def test_checkpoint_of_another_architecture_is_not_loaded_partially(tmp_path):
@@ -498,7 +547,10 @@ def test_cli_hub_export_and_inspect(tmp_path, capsys):
     assert 'classifier has 5 classes but num_classes=7' in capsys.readouterr().err
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output', str(out),
                      '--model-args', json.dumps(TINY)]) == 1
-    assert 'is not empty' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'is not empty' in err and 'pass --overwrite' in err  # the CLI flag, not the Python argument
+    with pytest.raises(ValueError, match='pass overwrite=True'):
+        export_for_hub(ckpt, out, 'halonet_h1', model_args=TINY)
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(tmp_path / 'none.pth'),
                      '--output', str(tmp_path / 'y')]) == 1
     assert 'none.pth' in capsys.readouterr().err
@@ -514,3 +566,161 @@ def test_cli_hub_inspect_of_hub_repos_offline(published, monkeypatch, capsys):
     assert cli_main(['hub-inspect', 'me/nothing']) == 1
     err = capsys.readouterr().err
     assert "Could not get config.json of Hugging Face Hub repo 'me/nothing'" in err and 'HF_HUB_OFFLINE is set' in err
+
+
+def test_cli_hub_export_writes_the_trained_input_size(tmp_path, capsys):
+    model = tiny(seed=6, num_classes=5)
+    ckpt = tmp_path / 'model.safetensors'
+    save_file(model.state_dict(), str(ckpt))
+    common = ['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--model-args', json.dumps(TINY)]
+
+    assert cli_main(common + ['--output', str(tmp_path / 'default')]) == 0
+    cfg = json.loads((tmp_path / 'default' / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['input_size'] == [3, 256, 256] and cfg['pool_size'] == [8, 8]  # halonet_h1's default cfg
+
+    out = tmp_path / 'at224'
+    assert cli_main(common + ['--output', str(out), '--img-size', '224']) == 0
+    assert 'input size (3, 224, 224)' in capsys.readouterr().out
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['input_size'] == [3, 224, 224] and cfg['pool_size'] == [7, 7]
+    assert 'Image size: 224 x 224' in (out / 'README.md').read_text()
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert timm.data.resolve_data_config({}, model=reloaded)['input_size'] == (3, 224, 224)
+
+    with pytest.raises(SystemExit) as info:  # a bad argument: argparse's exit code 2
+        cli_main(common + ['--output', str(tmp_path / 'tiny-size'), '--img-size', '16'])
+    assert info.value.code == 2
+    assert '--img-size must be an integer >= 32' in capsys.readouterr().err
+
+
+def test_input_size_overlay_sets_test_input_size_when_the_cfg_has_one():
+    cfg = timm.models.PretrainedCfg(input_size=(3, 256, 256), test_input_size=(3, 288, 288), pool_size=(8, 8),
+                                    test_pool_size=(9, 9))
+    assert _input_size_overlay(cfg, 3, None) == dict(input_size=(3, 256, 256))
+    assert _input_size_overlay(cfg, 1, 320) == dict(
+        input_size=(1, 320, 320), test_input_size=(1, 320, 320), pool_size=(10, 10), test_pool_size=(10, 10))
+
+
+@pytest.fixture
+def saved_folder(tmp_path) -> Path:
+    """A tiny 5-class HaloNet written by timm's save_for_hf."""
+    folder = tmp_path / 'saved'
+    timm.models.save_for_hf(tiny(seed=7, num_classes=5), str(folder), safe_serialization=True)
+    return folder
+
+
+def edit_config(folder: Path, edit) -> dict:
+    path = folder / 'config.json'
+    config = json.loads(path.read_text())
+    config = edit(config) or config
+    path.write_text(json.dumps(config))
+    return config
+
+
+BAD_CONFIGS = {
+    'no-architecture': (lambda c: c.pop('architecture') and None, 'has no "architecture"'),
+    'model_args-list': (lambda c: c.update(model_args=[1, 1, 1, 1]), '"model_args" must be a JSON object'),
+    'model_args-unknown-key': (lambda c: c['model_args'].update(depthz=[1, 1, 1, 1]),
+                               'does not take: depthz (did you mean depths?)'),
+    'not-halonet': (lambda c: c.update(architecture='resnet18'),
+                    "architecture 'resnet18', which is a timm model but not a timm-halo HaloNet"),
+    'unregistered': (lambda c: c.update(architecture='halonet_h9'), "'halonet_h9', which is not a registered"),
+    'not-an-object': (lambda c: [c], 'must hold a JSON object'),
+    'bad-num_classes': (lambda c: c.update(num_classes='five'), 'num_classes must be an integer >= 0'),
+    'bad-model_args-value': (lambda c: c['model_args'].update(depths='abc'),
+                             "Could not build halonet_h1 from config.json of local folder"),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_CONFIGS))
+def test_cli_hub_inspect_refuses_bad_configs_in_one_line(saved_folder, capsys, case):
+    edit, expected = BAD_CONFIGS[case]
+    edit_config(saved_folder, edit)
+    for extra in ([], ['--no-load']):
+        if case == 'bad-model_args-value' and extra:
+            continue  # only building the model finds a bad value
+        assert cli_main(['hub-inspect', str(saved_folder), *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith('timm-halo hub-inspect: error: ') and err.count('\n') == 1, err
+        assert expected in err and 'config.json' in err
+
+
+def test_cli_hub_export_refuses_a_model_that_is_not_a_halonet(tmp_path, capsys):
+    ckpt = tmp_path / 'model.safetensors'
+    save_file(tiny().state_dict(), str(ckpt))
+    for model, expected in (('resnet18', "unknown model 'resnet18'"), ('halonet_h9', "unknown model 'halonet_h9'")):
+        with pytest.raises(SystemExit) as info:
+            cli_main(['hub-export', '--model', model, '--checkpoint', str(ckpt), '--output', str(tmp_path / 'o')])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f'timm-halo hub-export: error: {expected}' in err and 'halonet_h0, halonet_h1' in err
+    with pytest.raises(ValueError, match="unknown model 'resnet18'"):
+        export_for_hub(ckpt, tmp_path / 'o', 'resnet18')
+    assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.parametrize('source', ['local-dir', 'hf-hub'])
+def test_num_classes_disagreement_in_config_warns_through_timm(saved_folder, offline_hub, source):
+    """A config.json whose top-level num_classes (10) disagrees with pretrained_cfg / model_args (5): timm builds
+    a 5-class model, takes 10 as the weights' count and so discards the weights' 5-way classifier."""
+    saved = load_file(str(saved_folder / 'model.safetensors'))
+    edit_config(saved_folder, lambda c: c.update(num_classes=10))
+    name = f'local-dir:{saved_folder}'
+    if source == 'hf-hub':
+        seed_hf_cache(offline_hub, 'me/disagrees', saved_folder)
+        name = 'hf-hub:me/disagrees'
+    with pytest.warns(UserWarning) as record:
+        model = timm.create_model(name, pretrained=True)
+    (msg,) = [str(w.message) for w in record if 'number of classes' in str(w.message)]
+    assert 'num_classes=10, pretrained_cfg.num_classes=5, model_args.num_classes=5' in msg
+    assert 'timm uses the top-level num_classes=10' in msg and 'new random 5-way one' in msg
+    assert ('local folder' if source == 'local-dir' else "Hub repo 'me/disagrees'") in msg
+    # what the warning is about: the head is not the saved one, everything else is
+    assert model.num_classes == 5 and not torch.equal(model.head.fc.weight, saved['head.fc.weight'])
+    assert torch.equal(model.stem[0].conv.weight, saved['stem.0.conv.weight'])
+
+
+def test_stale_pretrained_cfg_num_classes_warns_and_the_top_level_wins(saved_folder):
+    edit_config(saved_folder, lambda c: c['pretrained_cfg'].update(num_classes=1000))
+    with pytest.warns(UserWarning, match=r'top-level num_classes=5 .* ignores pretrained_cfg.num_classes=1000'):
+        model = timm.create_model(f'local-dir:{saved_folder}', pretrained=True)
+    saved = load_file(str(saved_folder / 'model.safetensors'))
+    assert model.num_classes == 5 and torch.equal(model.head.fc.weight, saved['head.fc.weight'])
+
+
+def test_consistent_config_loads_without_warnings(saved_folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert timm.create_model(f'local-dir:{saved_folder}', pretrained=True).num_classes == 5
+
+
+def test_cli_hub_inspect_shows_the_num_classes_disagreement(saved_folder, capsys):
+    edit_config(saved_folder, lambda c: c.update(num_classes=10))
+    assert cli_main(['hub-inspect', str(saved_folder)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert lines and all(line.startswith('timm-halo hub-inspect: warning: ') for line in lines)
+    assert 'num_classes=10, pretrained_cfg.num_classes=5' in lines[0]
+    assert 'timm re-initialised its classifier at random' in captured.out
+    assert 'num_classes   10; the model was built with 5' in captured.out
+
+
+def test_classifier_that_fits_but_is_dropped_warns(tmp_path):
+    """A 5-class checkpoint loaded with num_classes=5 but no num_classes in the overlay: the cfg says 1000, so
+    timm drops a classifier that fits. warn_if_classifier_dropped (for checkpoint filters) says so."""
+    weights = tiny(seed=8, num_classes=5).state_dict()
+    model = timm.create_model('halonet_h1', num_classes=5, **TINY)  # pretrained cfg: 1000 classes
+    with pytest.warns(UserWarning, match=r"classifier \(head.fc\) has 5 classes.*num_classes=1000.*num_classes=5\)"):
+        warn_if_classifier_dropped(weights, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        warn_if_classifier_dropped(tiny(num_classes=1000).state_dict(), model)  # a new head on purpose: quiet
+        warn_if_classifier_dropped(weights, timm.create_model('halonet_h1', num_classes=1000, **TINY))
+
+
+def test_classifier_that_fits_but_is_dropped_warns_through_timm(tmp_path):
+    ckpt = tmp_path / 'five.safetensors'
+    save_file(tiny(seed=8, num_classes=5).state_dict(), str(ckpt))
+    with pytest.warns(UserWarning, match=r"classifier \(head.fc\) has 5 classes"):
+        timm.create_model('halonet_h1', pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(ckpt)),
+                          **TINY)

@@ -363,8 +363,15 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     print(f'exporting {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) to {output} '
           f'for input {"x".join(map(str, example.shape))} (dynamic batch'
           f'{", height and width" if args.dynamic_size else ""}) ...', flush=True)
-    export_onnx(model, output, example, dynamic_batch=True, dynamic_size=args.dynamic_size)
-    report = onnx_parity(output, model, parity_inputs(model, example, True, args.dynamic_size), args.atol)
+    try:
+        export_onnx(model, output, example, dynamic_batch=True, dynamic_size=args.dynamic_size)
+        report = onnx_parity(output, model, parity_inputs(model, example, True, args.dynamic_size), args.atol)
+    except OSError as e:
+        print(f'timm-halo export: error: cannot write --output {output}: {e}', file=sys.stderr)
+        return 1
+    except ImportError as e:  # onnxruntime / onnxscript not installed: the message says what to install
+        print(f'timm-halo export: error: {e}', file=sys.stderr)
+        return 1
     print(f'wrote {output} ({output.stat().st_size / 1e6:.1f} MB)')
     print(f'ONNX Runtime vs PyTorch: {report}')
     if not report.ok:

@@ -5,11 +5,13 @@ Loading and publishing go through timm's own machinery (``timm.create_model('hf-
 what timm leaves to the model author:
 
 * clear errors: a failed pretrained load names the architecture, the repo/file it looked for, why it failed,
-  and how to load a local file instead (``PretrainedWeightsError``);
+  and how to load a local file instead (``PretrainedWeightsError``); a config.json whose class counts disagree
+  (so that timm would silently re-initialise the classifier) gets a ``UserWarning``;
 * cfgs for weights that are planned but not yet published (``UnpublishedCfg``): they carry their ``hf_hub_id``
   but timm does not count them as having weights, so ``timm.list_models(pretrained=True)`` stays honest;
 * a model card for ``push_to_hf_hub(model_card=...)`` (``model_card``);
-* ``export_for_hub`` / ``inspect_hub_model`` and the ``timm-halo hub-export`` / ``hub-inspect`` commands.
+* ``export_for_hub`` / ``inspect_hub_model`` and the ``timm-halo hub-export`` / ``hub-inspect`` commands, which
+  check config.json (``check_hub_config``) and their arguments first and fail with one line, not a traceback.
 
 Naming on the Hub: the project's own weights go to ``hf-hub:timm-halo/<model>.<tag>`` (timm's ``org/arch.tag``
 convention under our org; timm's ``hf_hub_id='timm/'`` auto-completion only applies to the ``timm`` org).
@@ -20,6 +22,8 @@ import json
 import os
 import pickle
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 from types import CodeType, TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -51,6 +55,10 @@ __all__ = [
     'model_card',
     'export_for_hub',
     'inspect_hub_model',
+    'check_hub_config',
+    'num_classes_conflict',
+    'halonet_models',
+    'warn_if_classifier_dropped',
     'add_cli_commands',
 ]
 
@@ -147,13 +155,94 @@ _READ_CODES = (
 )
 
 
-def _is_refused_pickle(exc: BaseException) -> bool:
-    """torch.load(weights_only=True) refused a global the pickle references (as opposed to unreadable bytes)."""
-    # timm re-raises torch's UnpicklingError as a RuntimeError; garbage bytes raise UnpicklingError too
-    for e in (exc, exc.__cause__):
-        if isinstance(e, pickle.UnpicklingError) and 'Unsupported global' in str(e):
-            return True
-    return False
+def _exception_chain(exc: BaseException) -> List[BaseException]:
+    """``exc`` and every exception it was raised from or while handling (``__cause__``, ``__context__``)."""
+    chain: List[BaseException] = []
+    todo: List[Optional[BaseException]] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is not None and not any(e is seen for seen in chain):
+            chain.append(e)
+            todo += [e.__cause__, e.__context__]
+    return chain
+
+
+def _torch_load_path(exc: BaseException) -> Optional[str]:
+    """The file ``torch.load`` was reading when ``exc`` (or an exception it came from) was raised in it."""
+    load_code = torch.serialization.load.__code__
+    for e in _exception_chain(exc):
+        tb: Optional[TracebackType] = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is load_code:
+                f = tb.tb_frame.f_locals.get(load_code.co_varnames[0])  # torch.load's first argument
+                if isinstance(f, (str, os.PathLike)):
+                    return os.fspath(f)
+            tb = tb.tb_next
+    return None
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f'{module}.{name}')
+
+
+def _pickle_kind(path: Optional[str]) -> str:
+    """'zip' (torch.save since torch 1.6), 'legacy' (older torch.save), or '' (neither, or unreadable)."""
+    if not path or not os.path.isfile(path):
+        return ''
+    if zipfile.is_zipfile(path):
+        return 'zip'
+    try:
+        with open(path, 'rb') as f:
+            return 'legacy' if _NoGlobals(f).load() == torch.serialization.MAGIC_NUMBER else ''
+    except Exception:
+        return ''
+
+
+def _unsafe_globals(path: str) -> Optional[List[str]]:
+    """Globals a zip checkpoint's pickle references that torch.load(weights_only=True) does not allow, or None
+    when torch cannot list them (no such API, or the archive is damaged)."""
+    get = getattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', None)  # torch >= 2.5
+    if get is None:
+        return None
+    try:
+        return [str(g) for g in get(path)]
+    except Exception:
+        return None
+
+
+_CONVERT_HINT = (
+    'If you trust the file, convert it once to plain tensors and load that instead: '
+    "ckpt = torch.load(path, weights_only=False); sd = ckpt.get('state_dict', ckpt); "
+    "safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors') "
+    "(or torch.save(sd, 'model.pth') for a plain state dict).")
+
+
+def _refused_pickle_reason(exc: BaseException, path: Optional[str] = None) -> Optional[str]:
+    """Why torch.load(weights_only=True) failed on a pickle checkpoint, or None when ``exc`` is not such a failure.
+
+    torch raises ``pickle.UnpicklingError`` both when weights_only refuses a global the pickle references and when
+    the pickle bytes are damaged (timm re-raises either as a RuntimeError ``from`` it); the message text differs
+    between torch versions, so the two are told apart by looking into the file instead: torch lists the globals of
+    a zip checkpoint (torch.serialization.get_unsafe_globals_in_checkpoint).
+    """
+    if not any(isinstance(e, pickle.UnpicklingError) for e in _exception_chain(exc)):
+        return None
+    path = path or _torch_load_path(exc)
+    kind = _pickle_kind(path)
+    names = _unsafe_globals(path) if kind == 'zip' else None
+    if names:
+        return ('it is a pickle checkpoint that references Python objects other than tensors '
+                f"({', '.join(names)}), and timm-halo only loads weights with torch.load(weights_only=True), "
+                'which refuses to create them (unpickling can run arbitrary code). ' + _CONVERT_HINT)
+    if kind == 'legacy':  # torch cannot list the globals of this format: say what is likely, and the fix
+        return ('torch.load(weights_only=True) refused this old-format (torch < 1.6) pickle checkpoint: it '
+                'most likely references Python objects other than tensors, which timm-halo does not load '
+                '(unpickling can run arbitrary code), or it is damaged. ' + _CONVERT_HINT)
+    if kind == 'zip':
+        return 'it could not be read as a checkpoint (truncated or corrupt?): its pickle data is damaged'
+    return ('it could not be read as a checkpoint (truncated or corrupt?): it is neither a safetensors file nor '
+            'a torch.save checkpoint')
 
 
 def _not_found_reason(exc: BaseException) -> Optional[str]:
@@ -177,12 +266,10 @@ def _not_found_reason(exc: BaseException) -> Optional[str]:
     return None
 
 
-def _read_failure_reason(exc: BaseException) -> str:
-    if _is_refused_pickle(exc):
-        return ('it is a pickle checkpoint that references Python objects other than tensors, and weights are '
-                'loaded with torch.load(weights_only=True), which refuses to run them. If you trust the file, '
-                're-save its tensors with safetensors.torch.save_file and load that instead. '
-                f'Details: {exc}')
+def _read_failure_reason(exc: BaseException, path: Optional[str] = None) -> str:
+    refused = _refused_pickle_reason(exc, path)
+    if refused is not None:
+        return refused
     if isinstance(exc, SafetensorError):
         return f'it is not a valid safetensors file (truncated or corrupt?): {exc}'
     return f'it could not be read as a checkpoint (truncated or corrupt?): {type(exc).__name__}: {exc}'
@@ -225,6 +312,195 @@ def no_weights_message(arch: str, cfg: Dict[str, Any]) -> str:
     return msg + '\n' + _LOCAL_HINT.format(arch=arch)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# config.json of a Hub repo or save_for_hf folder
+# --------------------------------------------------------------------------------------------------------------
+
+# Keys of config.json's model_args that timm's builder takes besides the model's constructor arguments
+_BUILD_ARGS = ('pretrained_strict', 'features_only', 'out_indices', 'feature_cls')
+
+
+def halonet_models() -> List[str]:
+    """The architectures this plugin registers with timm: ``halonet_h0`` ... ``halonet_h7``."""
+    import timm
+    from timm.models import model_entrypoint
+
+    return [n for n in timm.list_models('halonet_*') if model_entrypoint(n).__module__.startswith('timm_halo.')]
+
+
+def is_halonet(name: str) -> bool:
+    """Whether ``name`` (``arch`` or ``arch.tag``, with a known tag) is one of this plugin's architectures."""
+    from timm.models import split_model_name_tag
+
+    if not isinstance(name, str):
+        return False
+    arch, tag = split_model_name_tag(name)
+    return arch in halonet_models() and (not tag or name in get_arch_pretrained_cfgs(arch))
+
+
+def model_arg_names() -> List[str]:
+    """The keyword arguments a HaloNet build takes (constructor arguments and timm's builder options)."""
+    from inspect import Parameter, signature
+
+    from timm_halo.models import HaloNet
+
+    params = signature(HaloNet.__init__).parameters.values()
+    named = [p.name for p in params if p.name != 'self' and p.kind in (Parameter.POSITIONAL_OR_KEYWORD,
+                                                                        Parameter.KEYWORD_ONLY)]
+    return sorted(set(named) | set(_BUILD_ARGS))
+
+
+def unknown_model_args(model_args: Dict[str, Any]) -> List[str]:
+    """Keys of ``model_args`` that no HaloNet build takes, each with a close known name when there is one."""
+    from difflib import get_close_matches
+
+    known = model_arg_names()
+    unknown = []
+    for key in sorted(k for k in model_args if k not in known):
+        close = get_close_matches(str(key), known, n=1)
+        unknown.append(f'{key} (did you mean {close[0]}?)' if close else str(key))
+    return unknown
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return 'object'
+    if isinstance(value, (list, tuple)):
+        return 'list'
+    if isinstance(value, bool):
+        return 'boolean'
+    if isinstance(value, (int, float)):
+        return 'number'
+    return 'string' if isinstance(value, str) else 'null'
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_hub_config(config: Any, where: str) -> None:
+    """Refuse a config.json that timm's parser would meet with a bare KeyError / AttributeError / TypeError,
+    or that does not describe a HaloNet of this plugin. ``where`` names the file in messages.
+
+    Raises:
+        PretrainedWeightsError: naming the problem and the fix.
+    """
+    remake = 'or write the folder again with timm.models.save_for_hf / `timm-halo hub-export`'
+    if not isinstance(config, dict):
+        raise PretrainedWeightsError(
+            f'{where} must hold a JSON object (architecture, num_classes, model_args, pretrained_cfg), got a '
+            f'{_json_type(config)}; {remake}')
+    arch = config.get('architecture')
+    if arch is None:
+        raise PretrainedWeightsError(
+            f'{where} has no "architecture": timm needs the model name it was saved from, e.g. '
+            f'"architecture": "halonet_h1"; add it, {remake}')
+    if not isinstance(arch, str):
+        raise PretrainedWeightsError(
+            f'{where}: "architecture" must be a model name string such as "halonet_h1", got a {_json_type(arch)} '
+            f'({json.dumps(arch)[:80]})')
+    for key, example in (('model_args', '{"depths": [1, 1, 1, 1]}'), ('pretrained_cfg', '{"input_size": ...}')):
+        if key in config and not isinstance(config[key], dict):
+            raise PretrainedWeightsError(
+                f'{where}: "{key}" must be a JSON object of keyword arguments (e.g. {example}), got a '
+                f'{_json_type(config[key])} ({json.dumps(config[key])[:80]}); fix it, {remake}')
+    if not is_halonet(arch):
+        import timm
+
+        what = 'a timm model but not a timm-halo HaloNet' if timm.is_model(arch) else 'not a registered timm model'
+        raise PretrainedWeightsError(
+            f'{where} names architecture {arch!r}, which is {what}: timm-halo inspects and exports only its '
+            f'HaloNets ({", ".join(halonet_models())}). Load other models with timm.create_model('
+            "'local-dir:<folder>' or 'hf-hub:<repo>', pretrained=True), their plugin imported")
+    counts = [('num_classes', config.get('num_classes')),
+              ('pretrained_cfg.num_classes', (config.get('pretrained_cfg') or {}).get('num_classes')),
+              ('model_args.num_classes', (config.get('model_args') or {}).get('num_classes'))]
+    for name, value in counts:
+        if value is not None and not _is_count(value):
+            raise PretrainedWeightsError(f'{where}: {name} must be an integer >= 0, got {json.dumps(value)[:80]}')
+    unknown = unknown_model_args(config.get('model_args') or {})
+    if unknown:
+        raise PretrainedWeightsError(
+            f'{where}: model_args has keys that {arch} does not take: {", ".join(unknown)}. Correct or remove '
+            f'them; {arch} takes {", ".join(model_arg_names())}')
+
+
+def num_classes_conflict(config: Any, where: str) -> Optional[str]:
+    """A warning when config.json disagrees with itself on the number of classes, else None.
+
+    timm (``_parse_model_cfg``) replaces ``pretrained_cfg.num_classes`` by the top-level ``num_classes`` and takes
+    that as the classes of the weights; the model is built with ``model_args.num_classes`` when present. If the two
+    differ, ``timm.create_model(..., pretrained=True)`` discards the weights' classifier and initialises a new
+    random one, saying so only in a log line.
+    """
+    if not isinstance(config, dict) or not isinstance(config.get('pretrained_cfg'), dict):
+        return None  # timm's older flat layout: a single num_classes
+    model_args = config.get('model_args') if isinstance(config.get('model_args'), dict) else {}
+    top, nested, built = (config.get('num_classes'), config['pretrained_cfg'].get('num_classes'),
+                          model_args.get('num_classes'))
+    values = [(name, v) for name, v in (('num_classes', top), ('pretrained_cfg.num_classes', nested),
+                                        ('model_args.num_classes', built)) if _is_count(v)]
+    if len({v for _, v in values}) < 2:
+        return None
+    weights = top if _is_count(top) else nested
+    msg = f'{where} disagrees on the number of classes: ' + ', '.join(f'{n}={v}' for n, v in values) + '. '
+    if _is_count(top) and _is_count(nested) and top != nested:
+        msg += (f'timm uses the top-level num_classes={top} as the class count of the weights and ignores '
+                f'pretrained_cfg.num_classes={nested}. ')
+    if _is_count(built) and _is_count(weights) and built != weights:
+        msg += (f'The model is built with model_args.num_classes={built} classes (unless num_classes is passed), so '
+                f'with pretrained=True timm discards the weights\' classifier ({built} != {weights}) and '
+                f'initialises a new random {built}-way one. ')
+    return msg + ("Fix config.json: set all of them to the number of outputs of the weights' classifier "
+                  "(head.fc.weight.shape[0]).")
+
+
+def warn_if_classifier_dropped(state_dict: Dict[str, Any], model: nn.Module) -> None:
+    """Warn when timm is about to discard a checkpoint's classifier that fits the model as built.
+
+    For a checkpoint filter (``pretrained_filter_fn``), which sees the weights and the built model just before
+    timm's ``load_pretrained`` drops the classifier: timm does so whenever the model's num_classes differs from
+    its pretrained cfg's, even when the weights' classifier has exactly the model's classes, e.g. a 5-class
+    checkpoint loaded with ``num_classes=5`` but without ``num_classes=5`` in ``pretrained_cfg_overlay``, or a
+    config.json whose class counts disagree.
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier, cfg_classes = cfg.get('classifier'), cfg.get('num_classes')
+    built = getattr(model, 'num_classes', None)
+    if not classifier or not _is_count(cfg_classes) or not _is_count(built) or built == cfg_classes:
+        return
+    for name in (classifier,) if isinstance(classifier, str) else tuple(classifier):
+        weight = state_dict.get(f'{name}.weight')
+        if isinstance(weight, torch.Tensor) and weight.ndim >= 1 and weight.shape[0] == built:
+            warnings.warn(
+                f"The weights' classifier ({name}) has {built} classes, as the model has, but the pretrained cfg "
+                f'says num_classes={cfg_classes}; timm goes by the cfg, so it discards this classifier and '
+                f'initialises a new random {built}-way one. To keep it, give the weights\' count: '
+                f'pretrained_cfg_overlay=dict(file=..., num_classes={built}), or fix num_classes in config.json.',
+                UserWarning, stacklevel=2)
+            return
+
+
+def _source_config(cfg: Dict[str, Any]) -> Optional[Tuple[Any, str]]:
+    """(config.json as parsed JSON, its description) of a 'local-dir:' / 'hf-hub:' source, when at hand."""
+    path: Any = None
+    if cfg.get('source') == 'local-dir' and cfg.get('file'):
+        path, where = Path(cfg['file']) / 'config.json', f"config.json of local folder '{cfg['file']}'"
+    elif cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
+        repo, revision = timm_hub.hf_split(cfg['hf_hub_id'])
+        where = f"config.json of Hugging Face Hub repo '{cfg['hf_hub_id']}'"
+        try:  # timm has just downloaded it (a custom cache_dir is not looked at)
+            path = huggingface_hub.try_to_load_from_cache(repo, 'config.json', revision=revision)
+        except Exception:
+            path = None
+    if not isinstance(path, (str, Path)) or not os.path.isfile(path):
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding='utf-8')), where
+    except (OSError, ValueError):
+        return None
+
+
 def build_pretrained(
         build: Callable[[], nn.Module],
         variant: str,
@@ -240,6 +516,11 @@ def build_pretrained(
     arch = cfg.get('architecture') or variant
     if not _weights_source(cfg)[0]:
         raise PretrainedWeightsError(no_weights_message(arch, cfg))
+    source_config = _source_config(cfg)
+    if source_config is not None:
+        conflict = num_classes_conflict(*source_config)
+        if conflict:
+            warnings.warn(conflict, UserWarning, stacklevel=5)  # user -> timm.create_model -> entrypoint -> here
     try:
         return build()
     except Exception as e:
@@ -260,7 +541,7 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     try:
         return load_state_dict(path, weights_only=True)
     except Exception as e:
-        raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {_read_failure_reason(e)}") from e
+        raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {_read_failure_reason(e, path)}") from e
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -411,6 +692,7 @@ def export_for_hub(
         dataset: Optional[str] = None,
         repo_id: Optional[str] = None,
         overwrite: bool = False,
+        img_size: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Write a Hub-ready folder for a checkpoint: timm's save_for_hf layout plus a README model card.
 
@@ -429,20 +711,30 @@ def export_for_hub(
         dataset: training data, for the model card.
         repo_id: the Hub repo it is meant for, for the model card's usage snippet.
         overwrite: allow writing into a non-empty folder.
+        img_size: the input size the checkpoint was trained at (square), written to config.json's ``input_size``
+            (and ``test_input_size`` / ``pool_size`` where the cfg has them); default: the model's default cfg.
 
     Returns:
-        A summary: folder, files, architecture, params, num_classes, in_chans, max |logit diff| on reload.
+        A summary: folder, files, architecture, params, num_classes, in_chans, input_size, max |logit diff| on
+        reload.
     """
     import timm
     from timm.models import save_for_hf
 
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"Output '{output}' exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ValueError(f"Output folder '{output}' is not empty; choose a new folder or pass overwrite=True")
-    if not timm.is_model(model_name):
-        raise ValueError(f'Unknown model {model_name!r}; choose from {", ".join(timm.list_models("halonet_*"))}')
+    problem = output_problem(output, overwrite, 'overwrite=True')
+    if problem:
+        raise ValueError(problem)
+    if not is_halonet(model_name):
+        raise ValueError(model_name_problem(model_name))
+    unknown = unknown_model_args(model_args or {})
+    if unknown:
+        raise ValueError(
+            f'{model_name} takes no model_args {", ".join(unknown)}; it takes {", ".join(model_arg_names())}')
+    default_cfg = timm.models.get_pretrained_cfg(model_name)
+    size_problem = img_size_problem(img_size, default_cfg)
+    if size_problem:
+        raise ValueError(size_problem)
     ckpt_classes, in_chans = _checkpoint_head_and_chans(read_checkpoint(checkpoint))
     if num_classes is None:
         num_classes = ckpt_classes
@@ -459,8 +751,7 @@ def export_for_hub(
     overlay: Dict[str, Any] = dict(file=str(checkpoint), num_classes=ckpt_classes)
     if in_chans is not None:
         model_args.setdefault('in_chans', in_chans)
-        size = timm.models.get_pretrained_cfg(model_name).input_size
-        overlay['input_size'] = (in_chans, *size[1:])
+    overlay.update(_input_size_overlay(default_cfg, in_chans or default_cfg.input_size[0], img_size))
     model = timm.create_model(
         model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **model_args).eval()
 
@@ -487,8 +778,45 @@ def export_for_hub(
         params=sum(p.numel() for p in model.parameters()),
         num_classes=model.num_classes,
         in_chans=model.in_chans,
+        input_size=tuple(model.pretrained_cfg['input_size']),
         reload_max_abs_diff=diff,
     )
+
+
+def output_problem(output: Union[str, Path], overwrite: bool, overwrite_flag: str) -> Optional[str]:
+    """Why ``output`` cannot be exported to (``overwrite_flag`` names the option that allows a non-empty one)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        return f"Output '{output}' exists and is not a folder; choose a folder"
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        return (f"Output folder '{output}' is not empty; choose a new folder, or pass {overwrite_flag} to write "
+                'into it (files of the same names are replaced)')
+    return None
+
+
+def model_name_problem(name: str) -> str:
+    return f'unknown model {name!r}: hub-export writes timm-halo HaloNets; choose from {", ".join(halonet_models())}'
+
+
+def img_size_problem(img_size: Optional[int], default_cfg: PretrainedCfg) -> Optional[str]:
+    lowest = (default_cfg.min_input_size or (3, 32, 32))[-1]
+    if img_size is not None and (not _is_count(img_size) or img_size < lowest):
+        return f'img_size must be an integer >= {lowest} (the model\'s min_input_size), got {img_size!r}'
+    return None
+
+
+def _input_size_overlay(default_cfg: PretrainedCfg, in_chans: int, img_size: Optional[int]) -> Dict[str, Any]:
+    """pretrained_cfg entries for the exported input: channels, and the trained size when given."""
+    size = tuple(default_cfg.input_size[1:]) if img_size is None else (img_size, img_size)
+    overlay: Dict[str, Any] = dict(input_size=(in_chans, *size))
+    if img_size is not None:
+        if default_cfg.test_input_size:
+            overlay['test_input_size'] = (in_chans, img_size, img_size)
+        # the final feature map at that size (HaloNet's stride-2 stages round up: a reduction of 32)
+        for key in ('pool_size', 'test_pool_size'):
+            if getattr(default_cfg, key):
+                overlay[key] = (-(-img_size // 32), -(-img_size // 32))
+    return overlay
 
 
 def _split_source(source: str) -> Tuple[str, str]:
@@ -506,37 +834,47 @@ def _split_source(source: str) -> Tuple[str, str]:
 def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
     """What a Hub-ready folder or Hub repo holds: architecture, config, files, and (``load``) the built model.
 
-    Uses timm's own config parsing; with ``load`` the model is built with ``timm.create_model(<source>,
-    pretrained=True)`` (a strict load, downloading the weights for a Hub repo unless HF_HUB_OFFLINE is set).
+    config.json is checked first (``check_hub_config``: a HaloNet of this plugin, well-formed, known model_args),
+    then parsed by timm; with ``load`` the model is built with ``timm.create_model(<source>, pretrained=True)``
+    (a strict load, downloading the weights for a Hub repo unless HF_HUB_OFFLINE is set). ``warnings`` in the
+    result lists what looked wrong without stopping the inspection (a num_classes disagreement, say).
 
     Raises:
-        PretrainedWeightsError: the folder/repo or its config.json cannot be found or read.
+        PretrainedWeightsError: the folder/repo or its config.json cannot be found, read or used, or the model
+            cannot be built from it.
     """
     import timm
 
     kind, ident = _split_source(source)
     if kind == 'local-dir':
         folder = Path(ident)
-        if not (folder / 'config.json').is_file():
+        config_path = folder / 'config.json'
+        where = f"config.json of local folder '{folder}'"
+        if not config_path.is_file():
             raise PretrainedWeightsError(f"'{folder}' has no config.json: it is not a save_for_hf / hub-export folder")
-        try:
-            cfg, arch, model_args = timm_hub.load_model_config_from_path(folder)
-        except ValueError as e:
-            raise PretrainedWeightsError(f"Could not parse '{folder / 'config.json'}': {e}") from e
     else:
         repo, revision = timm_hub.hf_split(ident)
+        where = f"config.json of Hugging Face Hub repo '{ident}'"
         try:
-            config_path = huggingface_hub.hf_hub_download(repo, 'config.json', revision=revision)
+            config_path = Path(huggingface_hub.hf_hub_download(repo, 'config.json', revision=revision))
         except Exception as e:
             reason = _not_found_reason(e) or f'{type(e).__name__}: {e}'
             raise PretrainedWeightsError(
                 f"Could not get config.json of Hugging Face Hub repo '{ident}': {reason}") from e
-        folder = Path(config_path).parent
-        cfg, arch, model_args = timm_hub.load_model_config_from_hf(ident)
-    if not timm.is_model(arch):
-        raise PretrainedWeightsError(
-            f"config.json names architecture {arch!r}, which is not a registered timm model (is its plugin "
-            'installed and imported?)')
+        folder = config_path.parent
+    try:
+        raw = json.loads(config_path.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+        raise PretrainedWeightsError(f'Could not parse {where}: {e}') from e
+    check_hub_config(raw, where)
+    try:
+        if kind == 'local-dir':
+            cfg, arch, model_args = timm_hub.load_model_config_from_path(folder)
+        else:
+            cfg, arch, model_args = timm_hub.load_model_config_from_hf(ident)
+    except Exception as e:
+        raise PretrainedWeightsError(f'Could not parse {where} with timm: {type(e).__name__}: {e}') from e
+    conflict = num_classes_conflict(raw, where)
     info: Dict[str, Any] = dict(
         source=f'{kind}:{ident}',
         architecture=arch,
@@ -544,19 +882,29 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
         label_names=len(cfg.get('label_names') or ()),
         model_args=model_args,
         pretrained_cfg={k: v for k, v in cfg.items() if k not in ('file', 'source', 'hf_hub_id')},
+        warnings=[conflict] if conflict else [],
     )
     if load:
-        model = timm.create_model(f'{kind}:{ident}', pretrained=True).eval()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                model = timm.create_model(f'{kind}:{ident}', pretrained=True).eval()
+        except (TypeError, ValueError) as e:  # the constructor refused model_args (weight errors are ours)
+            raise PretrainedWeightsError(
+                f'Could not build {arch} from {where}: its model_args {json.dumps(model_args)} are refused: {e}') from e
+        for w in caught:
+            if str(w.message) not in info['warnings']:
+                info['warnings'].append(str(w.message))
+        # timm discards the weights' classifier when the model's classes differ from the cfg's (see the warning)
+        info['classifier_reinitialised'] = bool(model.num_classes != cfg.get('num_classes'))
+        info['num_classes_built'] = model.num_classes
         info['params'] = sum(p.numel() for p in model.parameters())
         info['weights_finite'] = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                                      if t.is_floating_point())
-        try:
-            facts = describe_model(model)
-            info['gmacs'] = facts['gmacs']
-            info['settings'] = {k: facts[k] for k in ('block_size', 'halo_size', 'heads', 'value_ratio',
-                                                      'out_ratio', 'depths', 'widths', 'final_conv')}
-        except TypeError:
-            pass  # another timm architecture: no HaloNet facts to add
+        facts = describe_model(model)
+        info['gmacs'] = facts['gmacs']
+        info['settings'] = {k: facts[k] for k in ('block_size', 'halo_size', 'heads', 'value_ratio',
+                                                  'out_ratio', 'depths', 'widths', 'final_conv')}
     # files present locally (for a Hub repo: those in the cache snapshot, i.e. what has been downloaded)
     info['files'] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return info
@@ -577,21 +925,54 @@ def json_object_arg(text: str) -> Dict[str, Any]:
     return value
 
 
+def _one_line(message: str) -> str:
+    """A multi-line message as one line (sentences kept apart)."""
+    parts = [part.strip() for part in str(message).splitlines() if part.strip()]
+    out = ''
+    for part in parts:
+        out += part if not out else (' ' if out[-1] in '.:;!?' else '; ') + part
+    return out
+
+
+def _fail(command: str, message: Any) -> int:
+    print(f'timm-halo {command}: error: {_one_line(str(message))}', file=sys.stderr)
+    return 1
+
+
 def _cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import timm
+
+    parser = getattr(args, 'subcommand_parser', parser)  # usage and errors of `timm-halo hub-export`
+    if not is_halonet(args.model):
+        parser.error(model_name_problem(args.model))
+    problem = img_size_problem(args.img_size, timm.models.get_pretrained_cfg(args.model))
+    if problem:
+        parser.error(problem.replace('img_size', '--img-size', 1))
+    if args.num_classes is not None and args.num_classes < 0:
+        parser.error(f'--num-classes must be >= 0 (0 drops the classifier), got {args.num_classes}')
+    unknown = unknown_model_args(args.model_args or {})
+    if unknown:
+        parser.error(f'--model-args: {args.model} takes no {", ".join(unknown)}; it takes '
+                     f'{", ".join(model_arg_names())}')
+    problem = output_problem(args.output, args.overwrite, '--overwrite')
+    if problem:
+        return _fail('hub-export', problem)
     try:
         labels = None
         if args.labels:
             labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
         summary = export_for_hub(
             args.checkpoint, args.output, args.model, num_classes=args.num_classes, model_args=args.model_args,
-            label_names=labels, dataset=args.dataset, repo_id=args.repo_id, overwrite=args.overwrite)
+            label_names=labels, dataset=args.dataset, repo_id=args.repo_id, overwrite=args.overwrite,
+            img_size=args.img_size)
     except (PretrainedWeightsError, ValueError, TypeError, OSError) as e:
-        print(f'timm-halo hub-export: error: {e}', file=sys.stderr)
-        return 1
+        return _fail('hub-export', e)
+    except Exception as e:  # anything else still gets one line, not a traceback
+        return _fail('hub-export', f'{type(e).__name__}: {e}')
     out = sys.stdout
     print(f"wrote {summary['output']}: {', '.join(summary['files'])}", file=out)
     print(f"  {summary['architecture']}: {summary['params'] / 1e6:.2f}M params, {summary['num_classes']} classes, "
-          f"{summary['in_chans']} input channels", file=out)
+          f"{summary['in_chans']} input channels, input size {summary['input_size']}", file=out)
     print(f"  reloaded through timm.create_model('local-dir:{summary['output']}', pretrained=True): "
           f"max |logit diff| {summary['reload_max_abs_diff']:g}", file=out)
     repo = args.repo_id or '<user>/<repo>'
@@ -604,20 +985,27 @@ def _cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     try:
         info = inspect_hub_model(args.source, load=not args.no_load)
     except (PretrainedWeightsError, ValueError) as e:
-        print(f'timm-halo hub-inspect: error: {e}', file=sys.stderr)
-        return 1
+        return _fail('hub-inspect', e)
+    except Exception as e:  # anything else still gets one line, not a traceback
+        return _fail('hub-inspect', f'{type(e).__name__}: {e}')
+    for message in info['warnings']:
+        print(f'timm-halo hub-inspect: warning: {_one_line(message)}', file=sys.stderr)
     out = sys.stdout
     cfg = info['pretrained_cfg']
     print(f"source        {info['source']}", file=out)
     print(f"architecture  {info['architecture']}", file=out)
     if 'params' in info:
-        print(f"params        {info['params'] / 1e6:.2f}M ({info['params']:,}), loaded strictly; "
+        loaded = ('loaded, but timm re-initialised its classifier at random (see the warning)'
+                  if info['classifier_reinitialised'] else 'loaded strictly')
+        print(f"params        {info['params'] / 1e6:.2f}M ({info['params']:,}), {loaded}; "
               f"all weights finite: {'yes' if info['weights_finite'] else 'NO'}", file=out)
     if 'gmacs' in info:
         print(f"GMACs         {info['gmacs']:.2f} at {cfg.get('input_size')}", file=out)
         print(f"settings      {json.dumps(info['settings'])}", file=out)
+    built = info.get('num_classes_built', info['num_classes'])
     print(f"num_classes   {info['num_classes']}" + (f" ({info['label_names']} label names)"
-                                                    if info['label_names'] else ''), file=out)
+                                                    if info['label_names'] else '')
+          + (f'; the model was built with {built}' if built != info['num_classes'] else ''), file=out)
     print(f"input         {cfg.get('input_size')}, {cfg.get('interpolation')}, crop_pct {cfg.get('crop_pct')}, "
           f"mean {cfg.get('mean')}, std {cfg.get('std')}", file=out)
     print(f"model_args    {json.dumps(info['model_args'])}", file=out)
@@ -644,7 +1032,10 @@ def add_cli_commands(subparsers: Any) -> None:
     export.add_argument('--dataset', default=None, help='training data, for the model card (e.g. ImageNet-1k)')
     export.add_argument('--repo-id', default=None, help='Hub repo it is meant for, for the model card')
     export.add_argument('--overwrite', action='store_true', help='allow a non-empty output folder')
-    export.set_defaults(handler=_cmd_hub_export)
+    export.add_argument('--img-size', type=int, default=None,
+                        help="the (square) input size the checkpoint was trained at, written to config.json's "
+                             "input_size (default: the model's default cfg, e.g. 256 for halonet_h1)")
+    export.set_defaults(handler=_cmd_hub_export, subcommand_parser=export)
 
     inspect = subparsers.add_parser(
         'hub-inspect', help='show architecture, params and config of a Hub-ready folder or Hub repo',

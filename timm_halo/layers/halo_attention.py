@@ -212,7 +212,8 @@ class HaloAttention(nn.Module):
             f'stride={self.stride}, attn_impl={self.attn_impl!r}')
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, self.dim, self.q.weight.dtype, 'HaloAttention')
+        # rel_pos_h, not q.weight: q may be wrapped or replaced (PEFT, quantisation) and have no weight
+        check_image_input(x, self.dim, self.rel_pos_h.dtype, 'HaloAttention')
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial size of the output for an input of ``height x width``."""

@@ -10,11 +10,13 @@ recomputation through ``attend_broadcast`` (same maths), so double backward and 
 Forward-mode AD and ``torch.func`` transforms are not handled by custom ops: the layer routes those calls to the
 plain path before they reach this kernel.
 """
+import threading
 from typing import Tuple
 
 import torch
 
 from .broadcast import attend_broadcast
+from .tile_pool import run_tiles
 
 __all__ = ['attend_tiled', 'TILE_LOGITS']
 
@@ -52,19 +54,36 @@ def _tile_attention(
     return torch.softmax(buf, dim=-1, out=buf)
 
 
+_scratch = threading.local()
+
+
+def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable per-thread buffer of at least ``numel`` elements: the allocator (and the page faults of fresh
+    memory) see one allocation per thread, not one per tile."""
+    buf = getattr(_scratch, slot, None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, slot, buf)
+    return buf[:numel]
+
+
 def _forward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
         tile_logits: int,
 ) -> torch.Tensor:
     n, _, num_q = q.shape
-    tile = _tile_windows(n, num_q * k.shape[-1], tile_logits)
+    num_k = k.shape[-1]
+    tile = _tile_windows(n, num_q * num_k, tile_logits)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     out = q.new_empty(n, v.shape[1], num_q)
-    buf = q.new_empty(min(tile, n), num_q, k.shape[-1], dtype=acc_dtype)
-    for i in range(0, n, tile):
-        s = slice(i, i + tile)
-        attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], scale, buf[:min(tile, n - i)])
+
+    def run(start: int, stop: int) -> None:
+        s, m = slice(start, stop), stop - start
+        buf = _scratch_buffer('attn', m * num_q * num_k, acc_dtype).view(m, num_q, num_k)
+        attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], scale, buf)
         torch.bmm(v[s], attn.to(v.dtype).transpose(1, 2), out=out[s])
+
+    run_tiles(run, n, tile)
     return out
 
 
@@ -78,26 +97,31 @@ def _backward(
     kw = rel_w.shape[-1]
     tile = _tile_windows(n, num_q * kh * kw, tile_logits)
     grad_out = grad_out.contiguous()
-    # Softmax backward needs rowsum(dA * A) == rowsum(dO * O) per query (flash-attention identity).
     acc_dtype = torch.promote_types(out.dtype, torch.float32)
-    delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(1).unsqueeze(-1)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grad_rel_h, grad_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
-    attn_buf = q.new_empty(min(tile, n), num_q, kh * kw, dtype=acc_dtype)
-    grad_buf = torch.empty_like(attn_buf)
-    for i in range(0, n, tile):
-        s, m = slice(i, i + tile), min(tile, n - i)
-        attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], scale, attn_buf[:m])
+
+    def run(start: int, stop: int) -> None:
+        s, m = slice(start, stop), stop - start
+        # Softmax backward needs rowsum(dA * A) == rowsum(dO * O) per query (flash-attention identity).
+        delta = (grad_out[s].to(acc_dtype) * out[s].to(acc_dtype)).sum(1).unsqueeze(-1)
+        attn_buf = _scratch_buffer('attn', m * num_q * kh * kw, acc_dtype).view(m, num_q, kh * kw)
+        grad_buf = _scratch_buffer('grad', m * num_q * kh * kw, acc_dtype).view(m, num_q, kh * kw)
+        attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], scale, attn_buf)
         torch.bmm(grad_out[s], attn.to(v.dtype), out=grad_v[s])
-        grad_logits = _bmm_into(grad_buf[:m], grad_out[s].transpose(1, 2), v[s])
-        grad_logits.sub_(delta[s]).mul_(attn)
+        grad_logits = _bmm_into(grad_buf, grad_out[s].transpose(1, 2), v[s])
+        grad_logits.sub_(delta).mul_(attn)
         grad_logits5 = grad_logits.view(m, bq, bq, kh, kw)
-        grad_rel_h[s] = grad_logits5.sum(-1)
-        grad_rel_w[s] = grad_logits5.sum(-2)
+        torch.sum(grad_logits5, -1, out=grad_rel_h[s]) if grad_rel_h.dtype == acc_dtype else grad_rel_h[s].copy_(
+            grad_logits5.sum(-1))
+        torch.sum(grad_logits5, -2, out=grad_rel_w[s]) if grad_rel_w.dtype == acc_dtype else grad_rel_w[s].copy_(
+            grad_logits5.sum(-2))
         grad_logits = grad_logits.to(q.dtype)
         # beta=0: the output slices' old contents are ignored; alpha applies the content scale.
         torch.baddbmm(grad_q[s], k[s], grad_logits.transpose(1, 2), beta=0, alpha=scale, out=grad_q[s])
         torch.baddbmm(grad_k[s], q[s], grad_logits, beta=0, alpha=scale, out=grad_k[s])
+
+    run_tiles(run, n, tile)
     return grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w
 
 
@@ -138,12 +162,16 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _differentiable_backward(ctx, grad_out, inputs):
-    """``create_graph=True``: the same gradients through plain ops, so that they can be differentiated again."""
-    needed = [t for t in inputs if t.requires_grad]
+    """``create_graph=True``: the same gradients through plain ops, so that they can be differentiated again.
+
+    The recomputation reads fresh aliases of the inputs: ``rel_h``/``rel_w`` are functions of ``q``, and a gradient
+    taken with respect to ``q`` itself would also run through them (counted again by the outer backward)."""
+    aliases = [t.view_as(t) for t in inputs]
+    needed = [a for a in aliases if a.requires_grad]
     with torch.enable_grad():
-        out = attend_broadcast(*inputs, ctx.scale)
+        out = attend_broadcast(*aliases, ctx.scale)
     found = iter(torch.autograd.grad(out, needed, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(found) if t.requires_grad else None for t in inputs)
+    return tuple(next(found) if a.requires_grad else None for a in aliases)
 
 
 def _autograd(ctx, grad_out):

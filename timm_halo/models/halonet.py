@@ -55,7 +55,13 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from timm_halo.hub import HF_HUB_ORG, PretrainedWeightsError, UnpublishedCfg, build_pretrained
+from timm_halo.hub import (
+    HF_HUB_ORG,
+    PretrainedWeightsError,
+    UnpublishedCfg,
+    build_pretrained,
+    warn_if_classifier_dropped,
+)
 from timm_halo.layers import HaloAttention
 from timm_halo.layers.halo_attention import check_image_input
 
@@ -212,6 +218,7 @@ class HaloBottleneck(nn.Module):
             qkv_bias: bool = False,
             act_layer: Union[str, Callable] = 'relu',
             drop_path: float = 0.,
+            attn_impl: Optional[str] = None,
             device=None,
             dtype=None,
     ):
@@ -235,6 +242,7 @@ class HaloBottleneck(nn.Module):
             stride=stride,
             value_ratio=value_ratio,
             qkv_bias=qkv_bias,
+            attn_impl=attn_impl,
             **dd,
         )
         self.post_attn = BatchNormAct2d(self.attn.dim_out, act_layer=act_layer, **dd)
@@ -311,6 +319,8 @@ class HaloNet(nn.Module):
         drop_path_rate: stochastic depth rate, increasing linearly over blocks.
         act_layer: activation.
         qkv_bias: bias in the attention projections.
+        attn_impl: HaloAttention kernel for every block ('auto', 'tiled', 'sdpa', 'broadcast'); None reads
+            TIMM_HALO_ATTN_IMPL, else 'auto'.
         zero_init_last: zero-init the last BN gamma of every residual branch.
         bn_momentum: override BatchNorm momentum (timm's train.py ``--bn-momentum``).
         bn_eps: override BatchNorm epsilon (timm's train.py ``--bn-eps``).
@@ -335,6 +345,7 @@ class HaloNet(nn.Module):
             drop_path_rate: float = 0.,
             act_layer: Union[str, Callable] = 'relu',
             qkv_bias: bool = False,
+            attn_impl: Optional[str] = None,
             zero_init_last: bool = True,
             bn_momentum: Optional[float] = None,
             bn_eps: Optional[float] = None,
@@ -380,6 +391,7 @@ class HaloNet(nn.Module):
                 heads=heads,
                 value_ratio=value_ratio,
                 qkv_bias=qkv_bias,
+                attn_impl=attn_impl,
                 act_layer=act_layer,
                 **dd,
             ))
@@ -654,6 +666,7 @@ def checkpoint_filter_fn(
         cleaned = _from_timm_byobnet(cleaned, target)
     if strict:
         _check_matches(cleaned, model, target)
+    warn_if_classifier_dropped(cleaned, model)
     return cleaned
 
 
