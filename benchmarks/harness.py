@@ -1,18 +1,20 @@
 """Measurement harness: interleaved medians, CPU peak-RSS in a child process, CUDA allocator peaks."""
 import argparse
+import contextlib
 import gc
 import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
 # The timing loop lives in the package so that `timm-halo bench` (installed without this folder) shares it.
 from timm_halo.bench import AMP_DTYPES, interleaved_medians
 
-__all__ = ['add_model_run_args', 'add_output_args', 'apply_threads', 'interleaved_medians', 'peak_memory',
+__all__ = ['add_model_run_args', 'add_output_args', 'apply_threads', 'busy_load', 'interleaved_medians', 'peak_memory',
            'peak_memory_in_child', 'write_outputs']
 
 
@@ -78,6 +80,22 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
     parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
+    parser.add_argument('--load', type=int, default=0, metavar='N',
+                        help='N busy-loop processes run during the timings (a shared machine); default 0')
+
+
+@contextlib.contextmanager
+def busy_load(processes: int) -> Iterator[None]:
+    """``processes`` busy-loop processes for the duration: what DataLoader workers, a second job or a CPU quota
+    do to a shared machine. Started before and stopped after the timed block."""
+    procs = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(processes)]
+    try:
+        time.sleep(0.5 if procs else 0)  # let the scheduler spread them
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def apply_threads(threads: Optional[int]) -> None:

@@ -28,6 +28,7 @@ from timm.layers.halo_attn import HaloAttn
 from benchmarks.harness import (
     add_output_args,
     apply_threads,
+    busy_load,
     interleaved_medians,
     peak_memory,
     peak_memory_in_child,
@@ -37,10 +38,13 @@ from timm_halo.layers import HaloAttention
 
 SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
     'stage1 B8 C64 64x64': (8, 64, 64),
+    'stage2 B8 C128 32x32': (8, 128, 32),
     'stage3 B8 C256 16x16': (8, 256, 16),
+    'stage4 B8 C512 8x8': (8, 512, 8),
 }
 BLOCK, HALO, HEADS = 8, 3, 8
-OURS = ('timm_halo', 'timm_halo compiled')
+# 'timm_halo' is attn_impl='auto'; the others force one kernel of the implementation table.
+OURS = ('timm_halo', 'timm_halo sdpa', 'timm_halo broadcast', 'timm_halo compiled')
 PEERS = ('timm', 'lucidrains')
 
 
@@ -51,7 +55,9 @@ def lucidrains_available() -> bool:
 def make_layer(impl: str, channels: int, device: torch.device) -> torch.nn.Module:
     """The layer ``impl`` with ``channels`` in and out, 8 heads of C/8, on ``device``."""
     if impl in OURS:
-        layer = HaloAttention(channels, block_size=BLOCK, halo_size=HALO, heads=HEADS, dim_head=channels // HEADS)
+        kernel = impl.split()[1] if impl in ('timm_halo sdpa', 'timm_halo broadcast') else 'auto'
+        layer = HaloAttention(channels, block_size=BLOCK, halo_size=HALO, heads=HEADS, dim_head=channels // HEADS,
+                              attn_impl=kernel)
         layer = layer.to(device)
         # dynamic=False: each shape gets its own layer, so no shape ever needs a dynamic graph.
         return torch.compile(layer, dynamic=False) if impl == 'timm_halo compiled' else layer
@@ -86,34 +92,37 @@ def measure_memory(impl: str, shape: str, device: torch.device) -> int:
     return peak_memory(lambda: _fwd_bwd(layer, x), device)
 
 
-def impls_to_run(with_compiled: bool) -> List[str]:
+def impls_to_run(with_compiled: bool, kernels: bool) -> List[str]:
     impls = ['timm']
     if lucidrains_available():
         impls.append('lucidrains')
     else:
         print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
     impls.append('timm_halo')
+    if kernels:
+        impls += ['timm_halo sdpa', 'timm_halo broadcast']
     if with_compiled:
         impls.append('timm_halo compiled')
     return impls
 
 
-def run(device: torch.device, repeats: int, impls: List[str]) -> List[dict]:
+def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> List[dict]:
     rows = []
     for shape, (batch, channels, size) in SHAPES.items():
         torch.manual_seed(0)
         layers = {impl: make_layer(impl, channels, device) for impl in impls}
         x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
 
-        fwd_t = interleaved_medians({i: partial(_fwd, m, x) for i, m in layers.items()}, device, repeats)
-        bwd_t = interleaved_medians({i: partial(_fwd_bwd, m, x) for i, m in layers.items()}, device, repeats)
+        with busy_load(load):
+            fwd_t = interleaved_medians({i: partial(_fwd, m, x) for i, m in layers.items()}, device, repeats)
+            bwd_t = interleaved_medians({i: partial(_fwd_bwd, m, x) for i, m in layers.items()}, device, repeats)
         del layers
         if device.type == 'cuda':
             mem = {i: measure_memory(i, shape, device) for i in impls}
         else:
             mem = {i: peak_memory_in_child('benchmarks.layer', ['--impl', i, '--shape', shape]) for i in impls}
         for impl in impls:
-            rows.append(dict(shape=shape, impl=impl, fwd_ms=fwd_t[impl] * 1e3, fwd_bwd_ms=bwd_t[impl] * 1e3,
+            rows.append(dict(shape=shape, impl=impl, load=load, fwd_ms=fwd_t[impl] * 1e3, fwd_bwd_ms=bwd_t[impl] * 1e3,
                              peak_mb=mem[impl] / 2**20))
     return rows
 
@@ -141,6 +150,10 @@ def header(device: torch.device) -> str:
             f'torch {torch.__version__} | {torch.get_num_threads()} threads | medians of interleaved runs')
 
 
+def load_note(load: int) -> str:
+    return f'{load} busy-loop process(es) running' if load else 'quiet (no other load)'
+
+
 def print_table(rows: List[dict], device: torch.device) -> None:
     print(header(device))
     print('| shape | impl | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | fwd speedup | fwd+bwd speedup | memory ratio |')
@@ -164,17 +177,23 @@ def main() -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--compile', action='store_true', help='add torch.compile(HaloAttention) (slow to compile)')
+    parser.add_argument('--kernels', action='store_true', help="add attn_impl='sdpa' and 'broadcast' as contenders")
+    parser.add_argument('--shapes', nargs='+', choices=list(SHAPES), default=None, help='default: all four stages')
     add_output_args(parser)
     parser.add_argument('--measure-memory', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--impl', help=argparse.SUPPRESS)
     parser.add_argument('--shape', help=argparse.SUPPRESS)
     args = parser.parse_args()
     apply_threads(args.threads)
+    if args.shapes:
+        for name in [s for s in SHAPES if s not in args.shapes]:
+            del SHAPES[name]
     device = torch.device(args.device)
     if args.measure_memory:
         print(json.dumps(dict(peak_bytes=measure_memory(args.impl, args.shape, device))))
         return
-    rows = run(device, args.repeats, impls_to_run(args.compile))
+    rows = run(device, args.repeats, impls_to_run(args.compile, args.kernels), args.load)
+    print(load_note(args.load))
     print_table(rows, device)
     write_outputs(dict(benchmark='layer', header=header(device), args=vars(args), rows=rows, ratios=ratios(rows)),
                   args.json, args.plot)

@@ -1,7 +1,8 @@
 """Whole-model speed: ours halonet_h1 vs timm's own halonet_h1 vs resnet50, inference and train step.
 
     python -m benchmarks.model [--device cpu|cuda] [--batch-size N] [--repeats N] [--amp [bf16|fp16]]
-                               [--compile] [--channels-last] [--no-train] [--threads N] [--json PATH] [--plot PATH]
+                               [--compile] [--channels-last] [--no-train] [--threads N] [--load N] [--json PATH]
+                               [--plot PATH]
 
 Contenders: ours ``timm.create_model('halonet_h1')`` and timm's ByobNet ``timm.models.byoanet.halonet_h1()``
 at 256 px; ``timm.create_model('resnet50')`` at 224 px (timm's own input size) and at 256 px. The train step is
@@ -16,7 +17,7 @@ from typing import List
 
 import timm
 
-from benchmarks.harness import add_model_run_args, add_output_args, apply_threads, write_outputs
+from benchmarks.harness import add_model_run_args, add_output_args, apply_threads, busy_load, write_outputs
 from timm_halo.bench import (
     ModelResult,
     ModelSpec,
@@ -72,10 +73,12 @@ def main() -> None:
 
     results: List[ModelResult] = []
     for train in (False,) if args.no_train else (False, True):
-        results += measure_models(contenders(), device, batch_size, train=train, repeats=repeats,
-                                  warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
-                                  channels_last=args.channels_last)
-    header = run_header(device, f'Models, batch {batch_size}, {repeats} repeats', args.amp, args.compile,
+        with busy_load(args.load):
+            results += measure_models(contenders(), device, batch_size, train=train, repeats=repeats,
+                                      warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
+                                      channels_last=args.channels_last)
+    load = f'{args.load} busy-loop process(es)' if args.load else 'quiet'
+    header = run_header(device, f'Models, batch {batch_size}, {repeats} repeats, {load}', args.amp, args.compile,
                         args.channels_last)
     print(header)
     print(format_table(results))

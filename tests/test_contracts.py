@@ -9,8 +9,8 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torch.nn.utils import prune
 from torch.func import jacfwd, jacrev, jvp, vmap
+from torch.nn.utils import prune
 
 import timm_halo  # noqa: F401  (registers the halonet_* models with timm)
 from timm_halo import HaloAttention
@@ -149,7 +149,7 @@ def test_replaced_and_pruned_projections_take_effect(impl):
             return 3 * self.inner(t)
 
     layer.q = Scaled(layer.q)
-    nn.utils.prune.l1_unstructured(layer.kv, 'weight', amount=0.5)
+    prune.l1_unstructured(layer.kv, 'weight', amount=0.5)
     with torch.no_grad():
         after, ref = layer(x), layer.reference_forward(x)
     assert (after - before).abs().max() > 1e-2
