@@ -39,6 +39,14 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return out.copy_(torch.bmm(a, b))
 
 
+def _sum_into(out: torch.Tensor, x: torch.Tensor, dim: int) -> None:
+    """``out[:] = x.sum(dim)`` without a temporary when the dtypes agree (under autocast they may not)."""
+    if out.dtype == x.dtype:
+        torch.sum(x, dim, out=out)
+    else:
+        out.copy_(x.sum(dim))
+
+
 def _tile_attention(
         q: torch.Tensor, k: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float, buf: torch.Tensor,
 ) -> torch.Tensor:
@@ -112,14 +120,12 @@ def _backward(
         grad_logits = _bmm_into(grad_buf, grad_out[s].transpose(1, 2), v[s])
         grad_logits.sub_(delta).mul_(attn)
         grad_logits5 = grad_logits.view(m, bq, bq, kh, kw)
-        torch.sum(grad_logits5, -1, out=grad_rel_h[s]) if grad_rel_h.dtype == acc_dtype else grad_rel_h[s].copy_(
-            grad_logits5.sum(-1))
-        torch.sum(grad_logits5, -2, out=grad_rel_w[s]) if grad_rel_w.dtype == acc_dtype else grad_rel_w[s].copy_(
-            grad_logits5.sum(-2))
+        _sum_into(grad_rel_h[s], grad_logits5, -1)
+        _sum_into(grad_rel_w[s], grad_logits5, -2)
         grad_logits = grad_logits.to(q.dtype)
-        # beta=0: the output slices' old contents are ignored; alpha applies the content scale.
-        torch.baddbmm(grad_q[s], k[s], grad_logits.transpose(1, 2), beta=0, alpha=scale, out=grad_q[s])
-        torch.baddbmm(grad_k[s], q[s], grad_logits, beta=0, alpha=scale, out=grad_k[s])
+        # The content scale goes on the small (d x queries, d x keys) results, not on the tile of logits.
+        torch.bmm(k[s], grad_logits.transpose(1, 2), out=grad_q[s]).mul_(scale)
+        torch.bmm(q[s], grad_logits, out=grad_k[s]).mul_(scale)
 
     run_tiles(run, n, tile)
     return grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w
