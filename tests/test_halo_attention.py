@@ -278,7 +278,7 @@ def test_custom_ops_pass_opcheck():
 
 def test_compiled_graph_calls_the_cpu_kernels():
     """torch.compile runs the same kernels as eager mode (not the whole-tensor path), as single graph nodes."""
-    layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8)
+    layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8, attn_impl='tiled')
     x = torch.randn(2, 16, 12, 12, requires_grad=True)
     graphs = []
 

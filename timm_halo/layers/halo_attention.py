@@ -383,6 +383,9 @@ class HaloAttention(nn.Module):
             impl = self._select_impl(x)
             gather_op = self._use_custom_kernels() and not _plain_autograd_required()
         q, k, v, rel_h, rel_w, geom = self._blocked(x, self._use_custom_kernels(), gather_op)
+        if impl == 'tiled' and self.attn_impl == 'auto' and q.shape[0] * q.shape[2] * k.shape[2] <= _tiled.TILE_LOGITS:
+            # All logits fit in one tile (late stages, small batches): tiling buys nothing, one tensor is faster.
+            impl = 'broadcast'
         if impl == 'broadcast':
             out = attend_broadcast(q, k, v, rel_h, rel_w, self.scale)
         else:
