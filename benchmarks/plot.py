@@ -1,6 +1,7 @@
 """Draw the JSON that a benchmark wrote with ``--json`` as a PNG (needs matplotlib).
 
     python -m benchmarks.plot RESULTS.json [-o OUT.png]
+    python -m benchmarks.plot layer_quiet.json --loaded layer_load1.json -o layer_load.png
 
 The scripts' ``--plot PATH`` option calls the same code directly.
 """
@@ -79,6 +80,30 @@ def _plot_resolution(data: Dict[str, Any], fig) -> None:
 _PLOTTERS = {'layer': _plot_layer, 'model': _plot_model, 'resolution': _plot_resolution}
 
 
+def plot_quiet_vs_loaded(quiet: Dict[str, Any], loaded: Dict[str, Any], path: str) -> None:
+    """fwd+bwd time of every layer contender, quiet and under load (two ``benchmarks.layer --json`` files)."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r['shape'] for r in quiet['rows']))
+    fig = plt.figure(figsize=(15, 4 * len(shapes)), layout='constrained')
+    axes = fig.subplots(len(shapes), 1, squeeze=False)[:, 0]
+    load = loaded['rows'][0].get('load', '?')
+    for ax, shape in zip(axes, shapes):
+        impls = [r['impl'] for r in quiet['rows'] if r['shape'] == shape]
+        series = {}
+        for name, data in (('quiet', quiet), (f'{load} busy process(es)', loaded)):
+            by_impl = {r['impl']: r['fwd_bwd_ms'] for r in data['rows'] if r['shape'] == shape}
+            series[name] = [by_impl.get(i, 0.0) for i in impls]
+        _grouped_bars(ax, impls, series, 'fwd+bwd ms', f'{shape}: fwd+bwd ms, quiet vs loaded (lower is better)')
+        ax.legend(fontsize=8)
+    fig.suptitle(textwrap.fill(quiet.get('header', 'layer'), 200), fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(data: Dict[str, Any], path: str) -> None:
     """Write a PNG of one benchmark's results (the dict a script writes with ``--json``)."""
     import matplotlib
@@ -101,11 +126,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('json_path', help='file written by a benchmark with --json')
     parser.add_argument('-o', '--output', help='PNG to write (default: the JSON path with .png)')
+    parser.add_argument('--loaded', metavar='JSON', help='a layer run with --load N: plot quiet vs loaded')
     args = parser.parse_args()
     with open(args.json_path) as f:
         data = json.load(f)
     out = args.output or os.path.splitext(args.json_path)[0] + '.png'
-    plot(data, out)
+    if args.loaded:
+        with open(args.loaded) as f:
+            plot_quiet_vs_loaded(data, json.load(f), out)
+    else:
+        plot(data, out)
     print(f'wrote {out}')
 
 
