@@ -167,17 +167,16 @@ def _exception_chain(exc: BaseException) -> List[BaseException]:
     return chain
 
 
-def _torch_load_path(exc: BaseException) -> Optional[str]:
-    """The file ``torch.load`` was reading when ``exc`` (or an exception it came from) was raised in it."""
-    load_code = torch.serialization.load.__code__
-    for e in _exception_chain(exc):
-        tb: Optional[TracebackType] = e.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code is load_code:
-                f = tb.tb_frame.f_locals.get(load_code.co_varnames[0])  # torch.load's first argument
-                if isinstance(f, (str, os.PathLike)):
-                    return os.fspath(f)
-            tb = tb.tb_next
+def _pickle_checkpoint_path(kind: str, loc: Any) -> Optional[str]:
+    """The pickle file timm's loader reads for a weights source (a pickle is only read when no safetensors is)."""
+    if kind == 'file':
+        return str(loc)
+    if kind == 'local-dir' and loc:
+        return os.path.join(str(loc), 'pytorch_model.bin')
+    if kind == 'hf-hub':
+        repo, filename = loc
+        cached = huggingface_hub.try_to_load_from_cache(repo, filename or 'pytorch_model.bin')
+        return cached if isinstance(cached, str) else None
     return None
 
 
@@ -228,7 +227,6 @@ def _refused_pickle_reason(exc: BaseException, path: Optional[str] = None) -> Op
     """
     if not any(isinstance(e, pickle.UnpicklingError) for e in _exception_chain(exc)):
         return None
-    path = path or _torch_load_path(exc)
     kind = _pickle_kind(path)
     names = _unsafe_globals(path) if kind == 'zip' else None
     if names:
@@ -291,7 +289,7 @@ def load_failure_message(arch: str, cfg: Dict[str, Any], exc: BaseException) -> 
     elif isinstance(exc, PretrainedWeightsError):
         reason = str(exc)
     elif any(code in _READ_CODES for code in codes):
-        reason = _read_failure_reason(exc)
+        reason = _read_failure_reason(exc, _pickle_checkpoint_path(kind, loc))
     else:
         reason = f'{type(exc).__name__}: {exc}'
     return f'Could not load pretrained weights for {arch} from {where}: {reason}{hint}'

@@ -235,18 +235,19 @@ class HaloAttention(nn.Module):
         return not torch.compiler.is_exporting()
 
     @torch.jit.unused
-    def _select_impl(self, x: torch.Tensor) -> str:
-        """The one place that decides which kernel runs; explicit choices it cannot honour are errors."""
-        graph_only = not self._use_custom_kernels()  # tracing or export: plain ATen ops only
-        plain_autograd = _plain_autograd_required()
+    def _select_impl(self, x: torch.Tensor, custom_ok: bool, plain_autograd: bool) -> str:
+        """The one place that decides which kernel runs; explicit choices it cannot honour are errors.
+
+        ``custom_ok``: eager or torch.compile (not tracing/export); ``plain_autograd``: forward-mode AD or a
+        torch.func transform is active."""
         if self.attn_impl == 'auto':
-            return self._auto_impl(x, graph_only or plain_autograd)
+            return self._auto_impl(x, custom_ok and not plain_autograd, custom_ok)
         impl = ATTN_IMPLS[self.attn_impl]
         if impl.devices is not None and x.device.type not in impl.devices:
             raise RuntimeError(
                 f'HaloAttention: attn_impl={self.attn_impl!r} runs on {"/".join(impl.devices)} only, got a '
                 f'{x.device.type} input; use attn_impl="auto" (or "sdpa" / "broadcast")')
-        if impl.custom_op and graph_only:
+        if impl.custom_op and not custom_ok:
             raise RuntimeError(
                 f'HaloAttention: attn_impl={self.attn_impl!r} is a custom op that tracing and export cannot '
                 'capture; use attn_impl="auto" (exports the "broadcast" path) or "broadcast"')
@@ -257,12 +258,18 @@ class HaloAttention(nn.Module):
         return self.attn_impl
 
     @torch.jit.unused
-    def _auto_impl(self, x: torch.Tensor, plain_only: bool) -> str:
-        if plain_only:
+    def _auto_impl(self, x: torch.Tensor, custom_op_ok: bool, crop: bool) -> str:
+        if not custom_op_ok or x.device.type != 'cpu':
             return 'broadcast'
-        if x.device.type == 'cpu':
-            return 'tiled'
-        return 'broadcast'
+        # All logits of the call fit in one tile (late stages, small batches): tiling buys nothing there, and one
+        # whole-tensor call is faster.
+        B, _, H, W = x.shape
+        b, bq = self.block_size, self.block_size // self.stride
+        nh, nw = (H + b - 1) // b, (W + b - 1) // b
+        keys = self._window_plan(H, nh, crop)[3] * self._window_plan(W, nw, crop)[3]
+        if B * self.heads * nh * nw * bq * bq * keys <= _tiled.TILE_LOGITS:
+            return 'broadcast'
+        return 'tiled'
 
     # ---- blocks and windows -------------------------------------------------------------------------------------
 
@@ -377,15 +384,14 @@ class HaloAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        crop = self._use_custom_kernels()  # eager / compile: size-dependent window plans allowed
         if torch.jit.is_scripting():
             impl, gather_op = 'broadcast', False
         else:
-            impl = self._select_impl(x)
-            gather_op = self._use_custom_kernels() and not _plain_autograd_required()
-        q, k, v, rel_h, rel_w, geom = self._blocked(x, self._use_custom_kernels(), gather_op)
-        if impl == 'tiled' and self.attn_impl == 'auto' and q.shape[0] * q.shape[2] * k.shape[2] <= _tiled.TILE_LOGITS:
-            # All logits fit in one tile (late stages, small batches): tiling buys nothing, one tensor is faster.
-            impl = 'broadcast'
+            plain_autograd = _plain_autograd_required()
+            impl = self._select_impl(x, crop, plain_autograd)
+            gather_op = crop and not plain_autograd
+        q, k, v, rel_h, rel_w, geom = self._blocked(x, crop, gather_op)
         if impl == 'broadcast':
             out = attend_broadcast(q, k, v, rel_h, rel_w, self.scale)
         else:
