@@ -25,15 +25,7 @@ from typing import Dict, List, Tuple
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from benchmarks.harness import (
-    add_output_args,
-    apply_threads,
-    busy_load,
-    interleaved_medians,
-    peak_memory,
-    peak_memory_in_child,
-    write_outputs,
-)
+from timm_halo.bench import busy_load, interleaved_medians, peak_memory, peak_memory_in_child, write_json
 from timm_halo.layers import HaloAttention
 
 SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
@@ -114,8 +106,8 @@ def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> 
         x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
 
         with busy_load(load):
-            fwd_t = interleaved_medians({i: partial(_fwd, m, x) for i, m in layers.items()}, device, repeats)
-            bwd_t = interleaved_medians({i: partial(_fwd_bwd, m, x) for i, m in layers.items()}, device, repeats)
+            fwd_t = interleaved_medians({i: partial(_fwd, m, x) for i, m in layers.items()}, repeats)
+            bwd_t = interleaved_medians({i: partial(_fwd_bwd, m, x) for i, m in layers.items()}, repeats)
         del layers
         if device.type == 'cuda':
             mem = {i: measure_memory(i, shape, device) for i in impls}
@@ -179,12 +171,16 @@ def main() -> None:
     parser.add_argument('--compile', action='store_true', help='add torch.compile(HaloAttention) (slow to compile)')
     parser.add_argument('--kernels', action='store_true', help="add attn_impl='sdpa' and 'broadcast' as contenders")
     parser.add_argument('--shapes', nargs='+', choices=list(SHAPES), default=None, help='default: all four stages')
-    add_output_args(parser)
+    parser.add_argument('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument('--load', type=int, default=0, metavar='N', help='N busy-loop processes during the timings')
+    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
+    parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
     parser.add_argument('--measure-memory', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--impl', help=argparse.SUPPRESS)
     parser.add_argument('--shape', help=argparse.SUPPRESS)
     args = parser.parse_args()
-    apply_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.shapes:
         for name in [s for s in SHAPES if s not in args.shapes]:
             del SHAPES[name]
@@ -195,8 +191,13 @@ def main() -> None:
     rows = run(device, args.repeats, impls_to_run(args.compile, args.kernels), args.load)
     print(load_note(args.load))
     print_table(rows, device)
-    write_outputs(dict(benchmark='layer', header=header(device), args=vars(args), rows=rows, ratios=ratios(rows)),
-                  args.json, args.plot)
+    data = dict(benchmark='layer', header=header(device), args=vars(args), rows=rows, ratios=ratios(rows))
+    write_json(data, args.json)
+    if args.plot:
+        from benchmarks.plot import plot
+
+        plot(data, args.plot)
+        print(f'wrote {args.plot}')
 
 
 if __name__ == '__main__':

@@ -17,16 +17,16 @@ from typing import List
 
 import timm
 
-from benchmarks.harness import add_model_run_args, add_output_args, apply_threads, busy_load, write_outputs
 from timm_halo.bench import (
     ModelResult,
     ModelSpec,
-    default_batch_size,
-    default_repeats,
+    add_run_args,
+    busy_load,
     format_table,
     measure_models,
-    resolve_device_and_amp,
+    resolve_run,
     run_header,
+    write_json,
 )
 
 OURS = 'ours halonet_h1'
@@ -62,14 +62,11 @@ def print_ratios(rows: List[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_run_args(parser, cpu_batch_size=2)
+    add_run_args(parser, cpu_batch_size=2)
     parser.add_argument('--no-train', action='store_true', help='inference only: skip the train step')
-    add_output_args(parser)
+    parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
     args = parser.parse_args()
-    apply_threads(args.threads)
-    device, amp_dtype = resolve_device_and_amp(args, parser)
-    batch_size = args.batch_size or default_batch_size(device)
-    repeats = args.repeats or default_repeats(device)
+    device, amp_dtype, batch_size, repeats = resolve_run(args, parser)
 
     results: List[ModelResult] = []
     for train in (False,) if args.no_train else (False, True):
@@ -77,16 +74,19 @@ def main() -> None:
             results += measure_models(contenders(), device, batch_size, train=train, repeats=repeats,
                                       warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
                                       channels_last=args.channels_last)
-    load = f'{args.load} busy-loop process(es)' if args.load else 'quiet'
-    header = run_header(device, f'Models, batch {batch_size}, {repeats} repeats, {load}', args.amp, args.compile,
-                        args.channels_last)
+    header = run_header(device, f'Models, batch {batch_size}, {repeats} repeats', args)
     print(header)
     print(format_table(results))
     ratio_rows = ratios(results)
     print_ratios(ratio_rows)
-    write_outputs(dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results],
-                       ratios=ratio_rows), args.json, args.plot)
+    data = dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results],
+                ratios=ratio_rows)
+    write_json(data, args.json)
+    if args.plot:
+        from benchmarks.plot import plot
 
+        plot(data, args.plot)
+        print(f'wrote {args.plot}')
 
 if __name__ == '__main__':
     main()

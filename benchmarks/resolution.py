@@ -17,14 +17,15 @@ from typing import List
 
 import timm
 
-from benchmarks.harness import add_model_run_args, add_output_args, apply_threads, write_outputs
 from timm_halo.bench import (
     ModelResult,
     ModelSpec,
-    default_repeats,
+    add_run_args,
+    busy_load,
     measure_models,
-    resolve_device_and_amp,
+    resolve_run,
     run_header,
+    write_json,
 )
 
 TOLERANCE_PCT = 15.0
@@ -64,30 +65,31 @@ def main() -> None:
     parser.add_argument('--sizes', type=int, nargs='+', default=[256, 384, 512, 768],
                         help='input sizes; deviations are relative to the first (default: 256 384 512 768)')
     parser.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
-    add_model_run_args(parser, cpu_batch_size=1)
-    add_output_args(parser)
+    add_run_args(parser, cpu_batch_size=1)  # 768 px costs 9x a 256 px image: a run within minutes on 2 cores
+    parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
     args = parser.parse_args()
-    apply_threads(args.threads)
-    device, amp_dtype = resolve_device_and_amp(args, parser)
+    device, amp_dtype, batch_size, repeats = resolve_run(args, parser)
     if not timm.is_model(args.model):
         parser.error(f'unknown model {args.model!r}')
-    # Batch 1 on CPU: 768 px costs 9x a 256 px image, and the run should stay within minutes on 2 cores.
-    batch_size = args.batch_size or (8 if device.type == 'cuda' else 1)
-    repeats = args.repeats or default_repeats(device)
 
     specs = [ModelSpec(args.model, partial(timm.create_model, args.model), size) for size in args.sizes]
     rows: List[dict] = []
     for train in (False, True) if args.train else (False,):
-        rows += rows_for(measure_models(specs, device, batch_size, train=train, repeats=repeats, warmup=args.warmup,
-                                        amp_dtype=amp_dtype, compiled=args.compile, channels_last=args.channels_last))
+        with busy_load(args.load):
+            rows += rows_for(measure_models(specs, device, batch_size, train=train, repeats=repeats,
+                                            warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
+                                            channels_last=args.channels_last))
     header = run_header(device, f'{args.model} cost vs resolution, batch {batch_size}, {repeats} repeats, '
-                                f'deviation from linear in pixels normalised to {args.sizes[0]} px', args.amp,
-                        args.compile, args.channels_last)
+                                f'deviation from linear in pixels normalised to {args.sizes[0]} px', args)
     print(header)
     print_rows(rows)
-    write_outputs(dict(benchmark='resolution', header=header, args=vars(args), tolerance_pct=TOLERANCE_PCT,
-                       rows=rows), args.json, args.plot)
+    data = dict(benchmark='resolution', header=header, args=vars(args), tolerance_pct=TOLERANCE_PCT, rows=rows)
+    write_json(data, args.json)
+    if args.plot:
+        from benchmarks.plot import plot
 
+        plot(data, args.plot)
+        print(f'wrote {args.plot}')
 
 if __name__ == '__main__':
     main()

@@ -2,6 +2,7 @@
 
 Nothing here asserts on a measured time: the machines running the suite are shared and noisy.
 """
+import json
 import re
 import subprocess
 import sys
@@ -12,9 +13,8 @@ import timm
 import torch
 
 import timm_halo.bench as bench
-from timm_halo.bench import ModelResult, ModelSpec, amp_dtype_for, measure_models, model_gmacs, timm_spec
+from timm_halo.bench import ModelResult, ModelSpec, measure_models, model_gmacs, summarize, timm_spec
 from timm_halo.cli import main as cli_main
-from timm_halo.summary import summarize
 
 CPU = torch.device('cpu')
 
@@ -36,19 +36,31 @@ def test_bench_command_prints_table_with_img_per_s_and_gmacs():
     assert row, out
     ms, img_per_s, gmacs = (float(row.group(i)) for i in (1, 2, 3))
     assert ms > 0 and img_per_s > 0
-    assert gmacs == pytest.approx(summarize('halonet_h0', 64).gmacs, abs=0.005)  # the table rounds to 2 places
+    assert gmacs == pytest.approx(summarize('halonet_h0', 64)['gmacs'], abs=0.005)  # the table rounds to 2 places
     assert '| train |' not in out  # the train step is opt-in (--train)
 
 
 def test_bench_command_rejects_unknown_model_and_fp16_on_cpu(capsys):
+    for argv, message in ((['bench', '--model', 'halonet_h9'], "unknown model 'halonet_h9'"),
+                          (['bench', '--device', 'cpu', '--amp', 'fp16'], '--amp fp16 is only supported on CUDA')):
+        with pytest.raises(SystemExit) as e:
+            cli_main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_options_before_the_command_are_honoured_or_refused(capsys, tmp_path):
+    """`timm-halo --model halonet_h0 --img-size 64 bench` benchmarks halonet_h0 at 64 (not the command's
+    defaults); an option the command does not take is an error, not ignored."""
+    out = tmp_path / 'bench.json'
+    assert cli_main(['--model', 'halonet_h0', '--img-size', '64', '--batch-size', '1', 'bench', '--repeats', '1',
+                     '--warmup', '0', '--json', str(out)]) == 0
+    assert '| halonet_h0 | 64 | 1 | infer |' in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())['rows']
+    assert (row['label'], row['img_size'], row['batch_size']) == ('halonet_h0', 64, 1)
     with pytest.raises(SystemExit) as e:
-        cli_main(['bench', '--model', 'halonet_h9'])
-    assert e.value.code == 2
-    assert "unknown model 'halonet_h9'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match='only supported on CUDA'):
-        amp_dtype_for(CPU, 'fp16')
-    assert amp_dtype_for(CPU, 'bf16') is torch.bfloat16
-    assert amp_dtype_for(CPU, None) is None
+        cli_main(['--skip-family', 'bench'])
+    assert e.value.code == 2 and '--skip-family does not apply to bench' in capsys.readouterr().err
 
 
 class _FakeClock:
@@ -61,9 +73,8 @@ class _FakeClock:
         return self.now
 
 
-def test_interleaved_medians_calls_every_contender_round_robin(monkeypatch):
+def test_interleaved_medians_calls_every_contender_round_robin():
     clock = _FakeClock()
-    monkeypatch.setattr(bench.time, 'perf_counter', clock)
     calls = []
     durations = {'a': iter([9, 9, 1, 5, 3]), 'b': iter([9, 9, 2, 2, 20]), 'c': iter([9, 9, 7, 7, 7])}
 
@@ -72,22 +83,33 @@ def test_interleaved_medians_calls_every_contender_round_robin(monkeypatch):
         clock.now += next(durations[name])
 
     fns = {name: partial(contender, name) for name in 'abc'}
-    medians = bench.interleaved_medians(fns, CPU, repeats=3, warmup=2)
+    medians = bench.interleaved_medians(fns, repeats=3, warmup=2, timer=clock)
     assert calls == list('abc') * 5  # 2 warm-up rounds + 3 timed rounds, one call per contender per round
     assert medians == {'a': 3, 'b': 2, 'c': 7}  # warm-up durations (9) never count
 
 
-def test_benchmarks_harness_shares_the_package_timing_loop():
-    harness = pytest.importorskip('benchmarks.harness', reason='benchmarks/ is only in a source checkout')
-    assert harness.interleaved_medians is bench.interleaved_medians
+def test_benchmark_scripts_use_the_package_harness():
+    for script in ('model', 'resolution', 'layer'):
+        module = pytest.importorskip(f'benchmarks.{script}', reason='benchmarks/ is only in a source checkout')
+        assert module.__dict__.get('measure_models', bench.measure_models) is bench.measure_models
+        assert module.__dict__.get('interleaved_medians', bench.interleaved_medians) is bench.interleaved_medians
+    with pytest.raises(ImportError):
+        import benchmarks.harness  # noqa: F401  (the one harness is timm_halo.bench)
+
+
+def test_benchmarks_is_not_importable_outside_the_checkout(tmp_path):
+    """The editable install exposes timm_halo only, not the checkout's top-level benchmarks/ or tests/."""
+    code = 'import importlib.util as u; print(u.find_spec("benchmarks"), u.find_spec("timm_halo") is not None)'
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.split() == ['None', 'True'], result.stdout + result.stderr
 
 
 def test_gmacs_match_summarize():
     spec = timm_spec('halonet_h1')
     assert spec.img_size == 256  # the model's own input size
-    assert model_gmacs(spec.factory, spec.img_size) == pytest.approx(summarize('halonet_h1').gmacs, rel=1e-9)
+    assert model_gmacs(spec.factory, spec.img_size) == pytest.approx(summarize('halonet_h1')['gmacs'], rel=1e-9)
     assert model_gmacs(partial(timm.create_model, 'halonet_h0'), 64) == pytest.approx(
-        summarize('halonet_h0', 64).gmacs, rel=1e-9)
+        summarize('halonet_h0', 64)['gmacs'], rel=1e-9)
 
 
 def test_measure_models_infer_and_train_step():
@@ -96,12 +118,12 @@ def test_measure_models_infer_and_train_step():
     train = measure_models(specs[:1], CPU, batch_size=2, train=True, repeats=1, warmup=0, amp_dtype=torch.bfloat16,
                            channels_last=True)
     assert [(r.img_size, r.mode) for r in infer + train] == [(64, 'infer'), (48, 'infer'), (64, 'train')]
-    for r in infer + train:
-        assert r.seconds > 0 and r.gmacs > 0
-        assert r.img_per_s == pytest.approx(2 / r.seconds)
-        assert r.gmac_per_s == pytest.approx(r.step_gmacs * r.img_per_s)
-        assert r.as_dict()['mode'] == r.mode
-    assert train[0].step_gmacs == pytest.approx(3 * infer[0].gmacs)  # fwd+bwd counted as three forwards
+    for r, size in zip(infer + train, (64, 48, 64)):
+        assert r.seconds > 0 and r.gmacs == pytest.approx(model_gmacs(_tiny_h0, size), rel=1e-9)
+    # the derived figures, on numbers worked out by hand: 2 images in 0.5 s, 3 GMACs per forward
+    step = ModelResult('x', 64, 2, True, 0.5, 3.0)
+    assert (step.img_per_s, step.step_gmacs, step.gmac_per_s) == (4.0, 9.0, 36.0)  # fwd+bwd = three forwards
+    assert step.as_dict()['mode'] == 'train' and ModelResult('x', 64, 2, False, 0.5, 3.0).gmac_per_s == 12.0
     with pytest.raises(ValueError, match='duplicate'):
         measure_models([specs[0], specs[0]], CPU, batch_size=1, repeats=1, warmup=0)
 

@@ -6,17 +6,17 @@ import sys
 
 import pytest
 
-from timm_halo.models import PAPER_PARAMS_M
+from timm_halo.models.halonet import FAMILY
 
 
 def test_default_command_shows_family_and_runs_a_forward():
     result = subprocess.run([sys.executable, '-m', 'timm_halo'], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for name, paper in PAPER_PARAMS_M.items():
+    for name, paper in ((name, f['params_m']) for name, f in FAMILY.items()):
         row = re.search(rf'^{name}\s+(\d+)\s+([\d.]+)M\s+([\d.]+)M\s+([+-][\d.]+)%\s+([\d.]+)', out, re.M)
         assert row, f'no table row for {name}'
-        assert abs(float(row.group(2)) / paper - 1) < 0.03
+        assert abs(float(row.group(2)) / paper - 1) < 0.003  # README: every count within 0.3%
         assert float(row.group(5)) > 0
     assert "timm.create_model('halonet_h0') -> timm_halo.models.halonet.HaloNet" in out
     assert 'logits (1, 1000)' in out

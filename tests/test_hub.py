@@ -35,9 +35,9 @@ from timm_halo.hub import (
     export_for_hub,
     model_card,
     read_checkpoint,
-    warn_if_classifier_dropped,
 )
 from timm_halo.models import HaloNet
+from timm_halo.models._pretrained import warn_if_classifier_dropped
 
 NAMES = [f'halonet_h{i}' for i in range(8)]
 # A small HaloNet-H1 (the paper's b, h, rv, rb; one narrow block per stage): every code path, little compute.
@@ -45,13 +45,12 @@ TINY = dict(depths=[1, 1, 1, 1], widths=[16, 32, 64, 64], stem_chs=16)
 REPO = 'me/halonet_h1-mydata'
 LABELS = ['cat', 'dog', 'owl', 'fox', 'emu']
 
-# Until plugin autoload lands, a fresh interpreter must import the plugin itself: this is the only such line.
-PLUGIN_IMPORT = 'import timm_halo  # registers halonet_h*; drop this line once plugin autoload lands'
+MODEL_ARGS = [f'{k}={v}' for k, v in TINY.items()]  # the CLI's --model-args key=value pairs
 
 
 def child_command(code: str) -> List[str]:
-    """A fresh interpreter running `code` after `import timm` (and the plugin import, see PLUGIN_IMPORT)."""
-    return [sys.executable, '-c', f'import timm\n{PLUGIN_IMPORT}\n{code}']
+    """A fresh interpreter running `code` after `import timm` (the plugin autoloads)."""
+    return [sys.executable, '-c', f'import timm\n{code}']
 
 
 def offline_env(hf_home: Path) -> Dict[str, str]:
@@ -219,37 +218,28 @@ def published(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Default cfgs: planned Hub ids, honest registry, clear errors without weights
+# Default cfgs: an honest registry, clear errors without weights
 # ------------------------------------------------------------------------------------------------------------
 
-def test_cfgs_carry_planned_hub_ids_without_claiming_weights():
-    pretrained = timm.list_models(pretrained=True)
-    tagged = timm.list_models('halonet_h*', include_tags=True)
+def test_cfgs_claim_no_weights():
+    assert not [m for m in timm.list_models(pretrained=True) if m.startswith('halonet_h')]
     for name in NAMES:
-        default = get_pretrained_cfg(name)
-        assert default.tag == 'untrained' and not default.has_weights
-        planned = get_pretrained_cfg(f'{name}.in1k')
-        assert planned.hf_hub_id == f'timm-halo/{name}.in1k' and planned.hf_hub_filename == 'model.safetensors'
-        assert not planned.has_weights
-        assert not is_model_pretrained(name) and not is_model_pretrained(f'{name}.in1k')
-        assert {f'{name}.untrained', f'{name}.in1k'} <= set(tagged)
-        # the same fields in a plain cfg count as weights: the Unpublished class is what keeps the registry honest
-        assert timm.models.PretrainedCfg(**planned.__dict__).has_weights
-    assert not [m for m in pretrained if m.startswith('halonet_h')]
+        assert timm.list_models(name, include_tags=True) == [f'{name}.untrained']
+        assert get_pretrained_cfg(name).tag == 'untrained' and not is_model_pretrained(name)
 
 
-def test_pretrained_without_weights_says_where_to_look():
+def test_pretrained_without_weights_says_how_to_load_a_file():
     with pytest.raises(PretrainedWeightsError) as info:
         timm.create_model('halonet_h1', pretrained=True, **TINY)
     msg = str(info.value)
     assert "'halonet_h1.untrained' names no weight file" in msg
-    assert 'https://huggingface.co/timm-halo/halonet_h1.in1k (model.safetensors)' in msg
     assert "pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')" in msg and 'local-dir:' in msg
 
 
-def test_planned_hub_weights_not_downloadable_offline(offline_hub):
+def test_hub_weights_not_downloadable_offline(offline_hub):
+    overlay = dict(hf_hub_id='timm-halo/halonet_h1.in1k', hf_hub_filename='model.safetensors')
     with pytest.raises(PretrainedWeightsError) as info:
-        timm.create_model('halonet_h1.in1k', pretrained=True, **TINY)
+        timm.create_model('halonet_h1', pretrained=True, pretrained_cfg_overlay=overlay, **TINY)
     msg = str(info.value)
     assert "Hugging Face Hub repo 'timm-halo/halonet_h1.in1k' (looked for model.safetensors)" in msg
     assert 'HF_HUB_OFFLINE is set' in msg and str(offline_hub) in msg
@@ -516,7 +506,7 @@ def test_cli_hub_export_and_inspect(tmp_path, capsys):
     labels.write_text('\n'.join(LABELS) + '\n')
     out = tmp_path / 'export'
     rc = cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output', str(out),
-                   '--model-args', json.dumps(TINY), '--labels', str(labels), '--dataset', 'mydata',
+                   '--model-args', *MODEL_ARGS, '--labels', str(labels), '--dataset', 'mydata',
                    '--repo-id', REPO])
     printed = capsys.readouterr().out
     assert rc == 0
@@ -539,14 +529,14 @@ def test_cli_hub_export_and_inspect(tmp_path, capsys):
 
     # --num-classes 0 publishes the backbone alone; a count that disagrees with the checkpoint is refused
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output',
-                     str(tmp_path / 'backbone'), '--model-args', json.dumps(TINY), '--num-classes', '0']) == 0
+                     str(tmp_path / 'backbone'), '--model-args', *MODEL_ARGS, '--num-classes', '0']) == 0
     assert json.loads((tmp_path / 'backbone' / 'config.json').read_text())['num_classes'] == 0
     capsys.readouterr()
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output',
-                     str(tmp_path / 'x'), '--model-args', json.dumps(TINY), '--num-classes', '7']) == 1
+                     str(tmp_path / 'x'), '--model-args', *MODEL_ARGS, '--num-classes', '7']) == 1
     assert 'classifier has 5 classes but num_classes=7' in capsys.readouterr().err
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output', str(out),
-                     '--model-args', json.dumps(TINY)]) == 1
+                     '--model-args', *MODEL_ARGS]) == 1
     err = capsys.readouterr().err
     assert 'is not empty' in err and 'pass --overwrite' in err  # the CLI flag, not the Python argument
     with pytest.raises(ValueError, match='pass overwrite=True'):
@@ -572,7 +562,7 @@ def test_cli_hub_export_writes_the_trained_input_size(tmp_path, capsys):
     model = tiny(seed=6, num_classes=5)
     ckpt = tmp_path / 'model.safetensors'
     save_file(model.state_dict(), str(ckpt))
-    common = ['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--model-args', json.dumps(TINY)]
+    common = ['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--model-args', *MODEL_ARGS]
 
     assert cli_main(common + ['--output', str(tmp_path / 'default')]) == 0
     cfg = json.loads((tmp_path / 'default' / 'config.json').read_text())['pretrained_cfg']

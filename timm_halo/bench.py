@@ -1,54 +1,130 @@
-"""Model throughput: interleaved median timing, GMACs per image and img/s.
+"""The benchmark harness of ``timm-halo bench`` and the scripts in ``benchmarks/``: GMACs (the family table too),
+interleaved median timings, peak memory, and the options and outputs every run shares.
 
-Shared by ``timm-halo bench`` and ``benchmarks/model.py`` / ``benchmarks/resolution.py`` (the ``benchmarks``
-folder is not packaged, so the measuring code lives here).
+Contenders are timed round-robin in one process (``interleaved_medians``), so that a noisy, shared machine slows
+every contender alike; the clock is torch.utils.benchmark's, which synchronises the accelerator.
+``torch.utils.benchmark.Timer`` itself does not fit: each ``timeit`` sample adds two warm-up calls (costly for
+model steps of seconds), and ``blocked_autorange`` times one contender after another.
 """
 import argparse
 import contextlib
+import gc
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils.benchmark.utils.timer import timer as sync_timer
+from torch.utils.flop_counter import FlopCounterMode
 
-from timm_halo.summary import count_gmacs
+from timm_halo.models.halonet import FAMILY
 
 # A fwd+bwd step costs about three forwards: the backward computes gradients w.r.t. both inputs and weights.
 TRAIN_MACS_FACTOR = 3.0
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+def count_gmacs(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> float:
+    """Multiply-accumulates (1e9) of one forward at ``img_size``; the model may live on the meta device."""
+    x = torch.empty(1, in_chans, img_size, img_size, device=next(model.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 2e9
 
 
-def interleaved_medians(
-        fns: Dict[str, Callable[[], object]],
-        device: torch.device,
-        repeats: int = 7,
-        warmup: int = 2,
-) -> Dict[str, float]:
+def model_gmacs(factory: Callable[[], torch.nn.Module], img_size: int) -> float:
+    """Forward GMACs of one image, counted on a meta-device copy (no weights allocated, nothing computed)."""
+    with torch.device('meta'):
+        model = factory()
+    return count_gmacs(model.eval(), img_size)
+
+
+def summarize(name: str, img_size: Optional[int] = None) -> Dict[str, Any]:
+    """Params (measured on the meta device) and GMACs of one of the family, against the paper's table."""
+    model = timm.create_model(name, device='meta')
+    size = img_size or model.pretrained_cfg['input_size'][-1]
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    paper = FAMILY[name]
+    return dict(name=name, img_size=size, params_m=params_m, paper_params_m=paper['params_m'],
+                params_diff_pct=100.0 * (params_m / paper['params_m'] - 1.0), gmacs=count_gmacs(model, size),
+                paper_top1=paper['top1'])
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2,
+                        timer: Callable[[], float] = sync_timer) -> Dict[str, float]:
     """Median seconds per call of each fn, calling them round-robin so drift hits every contender alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    _sync(device)
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
+            start = timer()
             fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak extra memory of one call, in bytes: the CUDA allocator's peak, or on CPU the peak RSS growth (the
+    high-water mark is reset first through /proc/self/clear_refs, Linux >= 4.0)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+
+    def status_kib(field: str) -> int:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+    gc.collect()
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # reset the peak resident set size to the current one
+    base = status_kib('VmRSS')
+    fn()
+    return max(status_kib('VmHWM') - base, 0) * 1024
+
+
+def peak_memory_in_child(module: str, args: List[str]) -> int:
+    """Run ``python -m module --measure-memory ARGS`` in a fresh process; it prints {"peak_bytes": N} last.
+
+    The child runs with glibc's mmap threshold fixed at 64 KiB: by default glibc raises the threshold after large
+    frees and keeps later tensors on its heap, so a call's RSS peak reads low. Fixed, every large tensor is mapped
+    on allocation and returned on free; that costs page faults, which is why timings run in the parent.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    out = subprocess.run([sys.executable, '-m', module, '--measure-memory', *args],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])['peak_bytes']
+
+
+@contextlib.contextmanager
+def busy_load(processes: int) -> Iterator[None]:
+    """``processes`` busy-loop processes for the duration (what DataLoader workers or a second job do to a shared
+    machine), started before and stopped after the timed block."""
+    procs = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(processes)]
+    try:
+        time.sleep(0.5 if procs else 0)  # let the scheduler spread them
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+# -- whole models ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -68,6 +144,10 @@ class ModelResult:
     gmacs: float  # forward GMACs of one image
 
     @property
+    def mode(self) -> str:
+        return 'train' if self.train else 'infer'
+
+    @property
     def img_per_s(self) -> float:
         return self.batch_size / self.seconds
 
@@ -83,72 +163,25 @@ class ModelResult:
     def as_dict(self) -> Dict[str, Any]:
         return dict(asdict(self), mode=self.mode, img_per_s=self.img_per_s, gmac_per_s=self.gmac_per_s)
 
-    @property
-    def mode(self) -> str:
-        return 'train' if self.train else 'infer'
 
-
-def timm_spec(name: str, img_size: Optional[int] = None, label: Optional[str] = None) -> ModelSpec:
+def timm_spec(name: str, img_size: Optional[int] = None) -> ModelSpec:
     """A ``timm.create_model(name)`` contender, at the model's own input size unless one is given."""
     if img_size is None:
         cfg = timm.get_pretrained_cfg(name)
         img_size = cfg.input_size[-1] if cfg is not None else 224
-    return ModelSpec(label or name, partial(timm.create_model, name), img_size)
+    return ModelSpec(name, partial(timm.create_model, name), img_size)
 
 
-def model_gmacs(factory: Callable[[], torch.nn.Module], img_size: int) -> float:
-    """Forward GMACs of one image, counted on a meta-device copy (no weights allocated, nothing computed)."""
-    with torch.device('meta'):
-        model = factory()
-    return count_gmacs(model.eval(), img_size)
-
-
-def default_device() -> torch.device:
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
-
-def default_batch_size(device: torch.device) -> int:
-    # Small on CPU so a whole benchmark stays within minutes on a 2-core machine.
-    return 8 if device.type == 'cuda' else 2
-
-
-def default_repeats(device: torch.device) -> int:
-    return 20 if device.type == 'cuda' else 5
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return f'cuda ({torch.cuda.get_device_name(device)})'
-    return f'{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
-
-
-def amp_dtype_for(device: torch.device, amp: Optional[str]) -> Optional[torch.dtype]:
-    """The autocast dtype for ``--amp`` (None: off). fp16 autocast is only offered on CUDA."""
-    if amp is None:
-        return None
-    if amp not in AMP_DTYPES:
-        raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}')
-    if amp == 'fp16' and device.type != 'cuda':
-        raise ValueError('fp16 autocast is only supported on CUDA here; use bf16 on CPU')
-    return AMP_DTYPES[amp]
-
-
-def _infer_step(model: torch.nn.Module, x: torch.Tensor, autocast: Callable[[], Any]) -> None:
-    with torch.no_grad(), autocast():
-        model(x)
-
-
-def _train_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: Callable[[], Any]) -> None:
-    # fwd + loss + bwd; no optimizer step, so the figure is the network's cost alone. No loss scaling with
-    # fp16: underflowing gradients cost the same time.
+def _step(model: torch.nn.Module, x: torch.Tensor, target: Optional[torch.Tensor], autocast: Callable[[], Any]):
+    if target is None:
+        with torch.no_grad(), autocast():
+            model(x)
+        return
+    # fwd + loss + bwd; no optimizer step, so the figure is the network's cost alone
     model.zero_grad(set_to_none=True)
     with autocast():
         out = model(x)
     F.cross_entropy(out.float(), target).backward()
-
-
-def _key(spec: ModelSpec) -> str:
-    return f'{spec.label} @{spec.img_size}'
 
 
 def measure_models(
@@ -166,32 +199,25 @@ def measure_models(
 
     All models are built first and stay in memory, so that each timing round visits every contender.
     """
-    if compiled:
-        warmup = max(warmup, 1)  # the first call compiles
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     autocast = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
     fns: Dict[str, Callable[[], None]] = {}
     gmacs: Dict[str, float] = {}
-    for spec in specs:
-        key = _key(spec)
+    keys = [f'{spec.label} @{spec.img_size}' for spec in specs]
+    for key, spec in zip(keys, specs):
         if key in fns:
             raise ValueError(f'duplicate contender {key!r}')
         gmacs[key] = model_gmacs(spec.factory, spec.img_size)
         torch.manual_seed(0)
         model = spec.factory().to(device=device, memory_format=memory_format).train(train)
-        x = torch.randn(batch_size, 3, spec.img_size, spec.img_size, device=device)
-        x = x.contiguous(memory_format=memory_format)
-        if compiled:
-            model = torch.compile(model)
-        if train:
-            target = torch.randint(0, 10, (batch_size,), device=device)
-            fns[key] = partial(_train_step, model, x, target, autocast)
-        else:
-            fns[key] = partial(_infer_step, model, x, autocast)
-    seconds = interleaved_medians(fns, device, repeats=repeats, warmup=warmup)
-    return [ModelResult(s.label, s.img_size, batch_size, train, seconds[_key(s)], gmacs[_key(s)]) for s in specs]
+        x = torch.randn(batch_size, 3, spec.img_size, spec.img_size, device=device).contiguous(
+            memory_format=memory_format)
+        target = torch.randint(0, 10, (batch_size,), device=device) if train else None
+        fns[key] = partial(_step, torch.compile(model) if compiled else model, x, target, autocast)
+    seconds = interleaved_medians(fns, repeats=repeats, warmup=max(warmup, 1) if compiled else warmup)
+    return [ModelResult(s.label, s.img_size, batch_size, train, seconds[k], gmacs[k]) for k, s in zip(keys, specs)]
 
 
 def format_table(results: Sequence[ModelResult]) -> str:
@@ -204,66 +230,65 @@ def format_table(results: Sequence[ModelResult]) -> str:
     return '\n'.join(lines)
 
 
-def run_header(device: torch.device, what: str, amp: Optional[str] = None, compiled: bool = False,
-               channels_last: bool = False) -> str:
-    flags = [f'amp {amp}' if amp else 'fp32', 'compiled' if compiled else 'eager']
-    if channels_last:
-        flags.append('channels-last')
-    return (f'{what} | device {device_description(device)} | torch {torch.__version__} | timm {timm.__version__} '
-            f'| {", ".join(flags)} | medians of interleaved runs | train GMAC/s counts fwd+bwd as '
-            f'{TRAIN_MACS_FACTOR:g}x the forward')
+# -- what every run shares: options, device and AMP, header, JSON ----------------------------------------------
+
+def add_run_args(parser: argparse.ArgumentParser, cpu_batch_size: int = 2) -> None:
+    """Device, batch size, repeats, warm-up, AMP, channels-last, compile, threads, busy load, JSON output."""
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--batch-size', type=int, default=argparse.SUPPRESS,
+                        help=f'default: 8 on cuda, {cpu_batch_size} on cpu')
+    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
+    parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
+                        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model (slow on cpu)')
+    # On a shared 2-core machine two OpenMP threads wait on each other whenever a neighbour takes a core;
+    # --threads 1 then gives steadier (and often faster) figures.
+    parser.add_argument('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument('--load', type=int, default=0, metavar='N',
+                        help='N busy-loop processes run during the timings (a shared machine); default 0')
+    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
+    parser.set_defaults(cpu_batch_size=cpu_batch_size)
 
 
-# -- `timm-halo bench` -------------------------------------------------------------------------------------------
-
-def resolve_device_and_amp(
-        args: argparse.Namespace, parser: argparse.ArgumentParser,
-) -> Tuple[torch.device, Optional[torch.dtype]]:
-    """The run's device (``--device``, else cuda if present) and autocast dtype (``--amp``); parser errors if
-    the machine can't do what was asked. Shared by ``timm-halo bench`` and the benchmark scripts."""
-    device = torch.device(args.device) if args.device else default_device()
+def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser
+                ) -> Tuple[torch.device, Optional[torch.dtype], int, int]:
+    """(device, autocast dtype, batch size, repeats) of a run from ``add_run_args``' options, after setting the
+    threads; ``parser.error`` (exit 2) for what this machine cannot do."""
+    device = torch.device(args.device) if args.device else torch.device(
+        'cuda' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
-    try:
-        return device, amp_dtype_for(device, args.amp)
-    except ValueError as e:
-        parser.error(str(e))
+    if args.amp == 'fp16' and device.type != 'cuda':
+        parser.error('--amp fp16 is only supported on CUDA here; use bf16 on CPU')
+    on_cuda = device.type == 'cuda'
+    batch_size = getattr(args, 'batch_size', None) or (8 if on_cuda else args.cpu_batch_size)
+    repeats = args.repeats or (20 if on_cuda else 5)
+    if batch_size < 1 or repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error('--batch-size, --repeats and --threads must be >= 1, --warmup >= 0')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2:  # several threads that wait on each other can slow down by 10x when a neighbour is busy
+        print(f'note: load average {load:.1f} on {cores} cores before starting: expect noisy figures'
+              + ('' if torch.get_num_threads() == 1 else '; --threads 1 is steadier on a shared machine'),
+              file=sys.stderr)
+    return device, AMP_DTYPES.get(args.amp), batch_size, repeats
 
 
-def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not timm.is_model(args.model):
-        parser.error(f'unknown model {args.model!r}')
-    device, amp_dtype = resolve_device_and_amp(args, parser)
-    batch_size = args.batch_size or default_batch_size(device)
-    repeats = args.repeats or default_repeats(device)
-    if batch_size < 1 or repeats < 1 or (args.img_size is not None and args.img_size < 32):
-        parser.error('--batch-size and --repeats must be >= 1 and --img-size >= 32')
-    spec = timm_spec(args.model, args.img_size)
-    results = []
-    for train in (False, True) if args.train else (False,):
-        results += measure_models([spec], device, batch_size, train=train, repeats=repeats, warmup=args.warmup,
-                                  amp_dtype=amp_dtype, compiled=args.compile, channels_last=args.channels_last)
-    print(run_header(device, f'timm-halo bench {args.model}', args.amp, args.compile, args.channels_last))
-    print(format_table(results))
-    return 0
+def run_header(device: torch.device, what: str, args: argparse.Namespace) -> str:
+    where = (f'cuda ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else
+             f'{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
+    flags = [f'amp {args.amp}' if args.amp else 'fp32', 'compiled' if args.compile else 'eager']
+    flags += ['channels-last'] if args.channels_last else []
+    flags += [f'{args.load} busy-loop process(es)' if args.load else 'quiet']
+    return (f'{what} | device {where} | torch {torch.__version__} | timm {timm.__version__} | {", ".join(flags)} '
+            f'| medians of interleaved runs | train GMAC/s counts fwd+bwd as {TRAIN_MACS_FACTOR:g}x the forward')
 
 
-def add_cli_commands(subparsers: Any) -> None:
-    """Add ``bench`` to the ``timm-halo`` command; it sets ``handler``."""
-    bench = subparsers.add_parser(
-        'bench', help='measure a model\'s inference (and train step) img/s, GMACs and GMAC/s on this machine',
-        description='Time a timm model on the available device (cuda if there is one, else cpu): median of '
-                    'repeated steps, img/s, GMACs per image and achieved GMAC/s. For peers and ratios run '
-                    'python -m benchmarks.model from a source checkout.')
-    bench.add_argument('--model', default='halonet_h1', help='any timm model name (default: halonet_h1)')
-    bench.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s own)')
-    bench.add_argument('--batch-size', type=int, default=None, help='default: 8 on cuda, 2 on cpu')
-    bench.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
-    bench.add_argument('--repeats', type=int, default=None, help='timed steps (default: 20 on cuda, 5 on cpu)')
-    bench.add_argument('--warmup', type=int, default=1, help='untimed steps first (default: 1)')
-    bench.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    bench.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
-                       help='autocast (bf16 by default; fp16 on cuda only)')
-    bench.add_argument('--channels-last', action='store_true')
-    bench.add_argument('--compile', action='store_true', help='torch.compile the model (slow to start on cpu)')
-    bench.set_defaults(handler=_cmd_bench)
+def write_json(data: Dict[str, Any], path: Optional[str]) -> None:
+    if path:
+        with open(path, 'w') as f:
+            json.dump(data, f, indent=1, default=str)
+        print(f'wrote {path}')

@@ -1,97 +1,313 @@
-"""`timm-halo` command line: a thin layer over timm's own APIs."""
+"""The `timm-halo` command: every subcommand is defined here; the work is done by timm, timm_halo.bench, .export
+and .hub.
+
+Errors: a bad argument prints the usage and `timm-halo <command>: error: ...` and exits 2; a failure prints one
+line `timm-halo <command>: error: ...` and exits 1; never a traceback. Options given before the command
+(`timm-halo --model halonet_h0 bench`) count as if given after it; one the command does not take is an error.
+"""
 import argparse
 import sys
 import time
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import timm
 import torch
-from huggingface_hub.utils import tqdm
+from timm.utils import ParseKwargs
 
 import timm_halo
-from timm_halo.bench import add_cli_commands as add_bench_commands
-from timm_halo.export import add_cli_commands as add_export_commands
-from timm_halo.hub import add_cli_commands as add_hub_commands
-from timm_halo.summary import family, summarize
+from timm_halo import bench, hub
+from timm_halo.models.halonet import FAMILY
+
+# Options of the default command `info` that the main parser takes too, and each command's defaults for them
+GLOBAL_OPTIONS = ('model', 'img_size', 'batch_size', 'skip_family')
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    'info': dict(model='halonet_h0', batch_size=1), 'bench': dict(model='halonet_h1'),
+    'export': dict(model='halonet_h0', batch_size=2), 'hub-export': {}, 'hub-inspect': {},
+}
 
 
-def _print_family(stream) -> None:
-    rows = []
-    for name in tqdm(family(), desc='measuring the family', unit='model', file=sys.stderr):
-        rows.append(summarize(name))
-    print('HaloNet family: params measured here vs the paper; GMACs of one image at the input size', file=stream)
-    print(f'{"model":<12}{"input":>6}{"params":>9}{"paper":>8}{"diff":>8}{"GMACs":>8}{"top-1*":>8}', file=stream)
-    for r in rows:
-        print(
-            f'{r.name:<12}{r.img_size:>6}{r.params_m:>8.2f}M{r.paper_params_m:>7.1f}M{r.params_diff_pct:>+7.2f}%'
-            f'{r.gmacs:>8.2f}{r.paper_top1:>8.1f}', file=stream)
-    print('* ImageNet top-1 reported in the paper; no weights ship with this package yet.\n', file=stream)
+class ModelKwargs(ParseKwargs):
+    """timm's ``--model-kwargs`` syntax (train.py): ``key=value`` pairs, values as Python literals."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [v for v in values if '=' not in v]
+        if bad:
+            parser.error(f'{option_string} takes key=value pairs such as depths="(1, 1, 1, 1)", got {bad[0]!r}')
+        super().__call__(parser, namespace, values, option_string)
 
 
-def _run_forward(model_name: str, img_size: Optional[int], batch_size: int, stream) -> None:
+def fail(command: str, message: Any) -> int:
+    """A failure: one line on stderr, exit status 1."""
+    lines = [part.strip() for part in str(message).splitlines() if part.strip()]
+    print(f'timm-halo {command}: error: {" ".join(lines)}', file=sys.stderr)
+    return 1
+
+
+def _check_model(parser: argparse.ArgumentParser, name: str, halonets_only: bool = True) -> None:
+    if not (hub.is_halonet(name) if halonets_only else timm.is_model(name)):
+        parser.error(f'unknown model {name!r}' + (f'; choose from {", ".join(FAMILY)}' if halonets_only else ''))
+
+
+def _check_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, lowest: int = 32) -> None:
+    if args.img_size is not None and args.img_size < lowest:
+        parser.error(f'--img-size must be an integer >= {lowest}, got {args.img_size}')
+    if getattr(args, 'batch_size', None) is not None and args.batch_size < 1:
+        parser.error(f'--batch-size must be >= 1, got {args.batch_size}')
+
+
+# -- info (the default) ---------------------------------------------------------------------------------------------
+
+def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _check_model(parser, args.model)
+    _check_sizes(parser, args)
+    print(f'timm-halo {timm_halo.__version__} | timm {timm.__version__} | torch {torch.__version__} | '
+          f'{torch.get_num_threads()} CPU threads\n')
+    if not args.skip_family:
+        from huggingface_hub.utils import tqdm
+
+        rows = [bench.summarize(name) for name in tqdm(FAMILY, desc='measuring the family', unit='model')]
+        print('HaloNet family: params measured here vs the paper; GMACs of one image at the input size')
+        print(f'{"model":<12}{"input":>6}{"params":>9}{"paper":>8}{"diff":>8}{"GMACs":>8}{"top-1*":>8}')
+        for r in rows:
+            print(f"{r['name']:<12}{r['img_size']:>6}{r['params_m']:>8.2f}M{r['paper_params_m']:>7.1f}M"
+                  f"{r['params_diff_pct']:>+7.2f}%{r['gmacs']:>8.2f}{r['paper_top1']:>8.1f}")
+        print('* ImageNet top-1 reported in the paper; no weights ship with this package yet.\n')
+
     torch.manual_seed(0)
-    model = timm.create_model(model_name).eval()
-    size = img_size or model.pretrained_cfg['input_size'][-1]
-    x = torch.randn(batch_size, 3, size, size)
+    model = timm.create_model(args.model).eval()
+    size = args.img_size or model.pretrained_cfg['input_size'][-1]
+    x = torch.randn(args.batch_size, 3, size, size)
     with torch.no_grad():
         start = time.perf_counter()
         logits = model(x)
         elapsed = time.perf_counter() - start
-    print(f'timm.create_model({model_name!r}) -> {type(model).__module__}.{type(model).__name__}', file=stream)
-    print(f'  forward {tuple(x.shape)} -> logits {tuple(logits.shape)} in {elapsed:.2f}s', file=stream)
-
-    features = timm.create_model(model_name, features_only=True).eval()
-    with torch.no_grad():
-        maps = features(x)
-    print('  features_only pyramid:', file=stream)
-    for info, fmap in zip(features.feature_info.get_dicts(), maps):
-        print(f'    {info["module"]:<12} reduction {info["reduction"]:>2}  {tuple(fmap.shape)}', file=stream)
-
-    # The fast path the model just ran, held against the dense reference on its first attention layer.
-    attn = model.stages[0].blocks[0].attn
-    probe = torch.randn(1, attn.dim, 13, 11)
-    with torch.no_grad():
+        print(f'timm.create_model({args.model!r}) -> {type(model).__module__}.{type(model).__name__}')
+        print(f'  forward {tuple(x.shape)} -> logits {tuple(logits.shape)} in {elapsed:.2f}s')
+        features = timm.create_model(args.model, features_only=True).eval()
+        print('  features_only pyramid:')
+        for info, fmap in zip(features.feature_info.get_dicts(), features(x)):
+            print(f'    {info["module"]:<12} reduction {info["reduction"]:>2}  {tuple(fmap.shape)}')
+        # The fast path the model just ran, held against the dense reference on its first attention layer.
+        attn = model.stages[0].blocks[0].attn
+        probe = torch.randn(1, attn.dim, 13, 11)
         diff = (attn(probe) - attn.reference_forward(probe)).abs().max().item()
-    print(f'  HaloAttention fast path vs dense reference (13x11 map, masked borders): max |diff| {diff:.1e}',
-          file=stream)
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    out = sys.stdout
-    print(f'timm-halo {timm_halo.__version__} | timm {timm.__version__} | torch {torch.__version__} | '
-          f'{torch.get_num_threads()} CPU threads\n', file=out)
-    if not args.skip_family:
-        _print_family(out)
-    _run_forward(args.model, args.img_size, args.batch_size, out)
+    print(f'  HaloAttention fast path vs dense reference (13x11 map, masked borders): max |diff| {diff:.1e}')
     return 0
+
+
+# -- bench -----------------------------------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _check_model(parser, args.model, halonets_only=False)
+    _check_sizes(parser, args)
+    device, amp_dtype, batch_size, repeats = bench.resolve_run(args, parser)
+    spec = bench.timm_spec(args.model, args.img_size)
+    results = []
+    with bench.busy_load(args.load):
+        for train in (False, True) if args.train else (False,):
+            results += bench.measure_models([spec], device, batch_size, train=train, repeats=repeats,
+                                            warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
+                                            channels_last=args.channels_last)
+    header = bench.run_header(device, f'timm-halo bench {args.model}', args)
+    print(header)
+    print(bench.format_table(results))
+    bench.write_json(dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results]),
+                     args.json)
+    return 0
+
+
+# -- export ----------------------------------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from timm_halo import export as ex
+
+    _check_model(parser, args.model)
+    _check_sizes(parser, args, lowest=1)
+    if not args.atol >= 0:
+        parser.error('--atol must be >= 0')
+    output = Path(args.output or f'{args.model}.onnx')
+    torch.manual_seed(0)  # as `timm-halo info`: the same untrained weights on every run
+    try:
+        model = timm.create_model(args.model, **args.model_args).eval()
+    except (TypeError, ValueError) as e:
+        parser.error(f'cannot build {args.model} with --model-args {args.model_args}: {e}')
+    ex.wake_residual_branches(model)  # else timm's zero-init of each residual branch would hide every attention
+    example = ex.example_input(model, args.img_size, args.batch_size)
+    print(f'exporting {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) to {output} '
+          f'for input {"x".join(map(str, example.shape))} (dynamic batch'
+          f'{", height and width" if args.dynamic_size else ""}) ...', flush=True)
+    try:
+        ex.export_onnx(model, output, example, dynamic_batch=True, dynamic_size=args.dynamic_size)
+    except OSError as e:
+        return fail('export', f'cannot write --output {output}: {e}')
+    report = ex.onnx_parity(output, model, ex.parity_inputs(model, example, True, args.dynamic_size), args.atol)
+    print(f'wrote {output} ({output.stat().st_size / 1e6:.1f} MB)')
+    print(f'ONNX Runtime vs PyTorch: {report}')
+    if not report.ok:
+        return fail('export', f'{output} does not match PyTorch within --atol {args.atol:g}')
+    return 0
+
+
+# -- hub-export and hub-inspect --------------------------------------------------------------------------------------
+
+def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.model is None:
+        parser.error('the following arguments are required: --model')
+    _check_model(parser, args.model)
+    problem = hub.img_size_problem(args.img_size, timm.models.get_pretrained_cfg(args.model))
+    if problem:
+        parser.error(problem.replace('img_size', '--img-size', 1))
+    if args.num_classes is not None and args.num_classes < 0:
+        parser.error(f'--num-classes must be >= 0 (0 drops the classifier), got {args.num_classes}')
+    unknown = hub.unknown_model_args(args.model_args)
+    if unknown:
+        parser.error(f'--model-args: {args.model} takes no {", ".join(unknown)}; it takes '
+                     f'{", ".join(hub.model_arg_names())}')
+    problem = hub.output_problem(args.output, args.overwrite, '--overwrite')
+    if problem:
+        return fail('hub-export', problem)
+    labels = None
+    if args.labels:
+        labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+    summary = hub.export_for_hub(
+        args.checkpoint, args.output, args.model, num_classes=args.num_classes, model_args=args.model_args,
+        label_names=labels, dataset=args.dataset, repo_id=args.repo_id, overwrite=args.overwrite,
+        img_size=args.img_size)
+    print(f"wrote {summary['output']}: {', '.join(summary['files'])}")
+    print(f"  {summary['architecture']}: {summary['params'] / 1e6:.2f}M params, {summary['num_classes']} classes, "
+          f"{summary['in_chans']} input channels, input size {summary['input_size']}")
+    print(f"  reloaded through timm.create_model('local-dir:{summary['output']}', pretrained=True): "
+          f"max |logit diff| {summary['reload_max_abs_diff']:g}")
+    repo = args.repo_id or '<user>/<repo>'
+    print(f"next: hf upload {repo} {summary['output']}   (then timm.create_model('hf-hub:{repo}', pretrained=True))")
+    return 0
+
+
+def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    info = hub.inspect_hub_model(args.source, load=not args.no_load)
+    for message in info['warnings']:
+        print(f'timm-halo hub-inspect: warning: {" ".join(message.split())}', file=sys.stderr)
+    cfg = info['pretrained_cfg']
+    print(f"source        {info['source']}")
+    print(f"architecture  {info['architecture']}")
+    if 'params' in info:
+        loaded = ('loaded, but timm re-initialised its classifier at random (see the warning)'
+                  if info['classifier_reinitialised'] else 'loaded strictly')
+        print(f"params        {info['params'] / 1e6:.2f}M ({info['params']:,}), {loaded}; "
+              f"all weights finite: {'yes' if info['weights_finite'] else 'NO'}")
+        print(f"GMACs         {info['gmacs']:.2f} at {cfg.get('input_size')}")
+        print(f"settings      {json.dumps(info['settings'])}")
+    built = info.get('num_classes_built', info['num_classes'])
+    print(f"num_classes   {info['num_classes']}" + (f" ({info['label_names']} label names)"
+                                                    if info['label_names'] else '')
+          + (f'; the model was built with {built}' if built != info['num_classes'] else ''))
+    print(f"input         {cfg.get('input_size')}, {cfg.get('interpolation')}, crop_pct {cfg.get('crop_pct')}, "
+          f"mean {cfg.get('mean')}, std {cfg.get('std')}")
+    print(f"model_args    {json.dumps(info['model_args'])}")
+    print('files         ' + ', '.join(f'{n} ({s / 1e6:.2f} MB)' for n, s in info['files'].items()))
+    shown = {k: v for k, v in cfg.items() if k != 'label_names'}
+    print('pretrained_cfg ' + json.dumps(shown, indent=2, default=str))
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------------------------------
+
+def _add_global_options(p: argparse.ArgumentParser, *names: str, sub: bool = True) -> None:
+    """The options the main parser shares with commands; in a command they default to 'not given', so that the
+    same option given before the command is kept."""
+    help_ = dict(model='model name', img_size="(square) input size (default: the model's own)",
+                 batch_size='images per batch', skip_family='skip the family table')
+    for name in names:
+        default = argparse.SUPPRESS if sub else (False if name == 'skip_family' else None)
+        kind = dict(action='store_true') if name == 'skip_family' else dict(type=None if name == 'model' else int)
+        p.add_argument('--' + name.replace('_', '-'), default=default, help=help_[name], **kind)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='timm-halo', description='HaloNet backbones for timm: family overview and a real forward pass.')
-    sub = parser.add_subparsers(dest='command')
-    info = sub.add_parser('info', help='show the H0-H7 family and run a forward pass (the default command)')
-    for p in (parser, info):
-        p.add_argument('--model', default='halonet_h0', help='model for the forward pass (default: halonet_h0)')
-        p.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s own)')
-        p.add_argument('--batch-size', type=int, default=1)
-        p.add_argument('--skip-family', action='store_true', help='skip the family table')
-    add_hub_commands(sub)  # hub-export, hub-inspect (timm_halo/hub.py)
-    add_bench_commands(sub)  # bench (timm_halo/bench.py)
-    add_export_commands(sub)  # export (timm_halo/export.py)
+        prog='timm-halo', description='HaloNet backbones for timm: family overview and a real forward pass '
+                                      '(the default command, info), benchmarks, ONNX export, Hub folders.')
+    _add_global_options(parser, *GLOBAL_OPTIONS, sub=False)
+    sub = parser.add_subparsers(dest='command', metavar='{info,bench,export,hub-export,hub-inspect}')
+    parser.commands = {}  # name: (its parser, the global options it takes)
+
+    def command(name: str, handler, help: str, description: str, *options: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        _add_global_options(p, *options)
+        p.set_defaults(handler=handler)
+        parser.commands[name] = (p, set(options))
+        return p
+
+    command('info', cmd_info, 'show the H0-H7 family and run a forward pass (the default command)',
+            'Measure the family (params, GMACs) and run a forward pass of --model (default halonet_h0).',
+            *GLOBAL_OPTIONS)
+
+    p = command('bench', cmd_bench, "time a model's inference (and train step): img/s, GMACs, GMAC/s",
+                'Time a timm model on the available device (cuda if there is one, else cpu): median of repeated '
+                'steps, img/s, GMACs per image and achieved GMAC/s. For peers and ratios run python -m '
+                'benchmarks.model from a source checkout. --model: any timm model (default halonet_h1).',
+                'model', 'img_size')
+    p.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
+    bench.add_run_args(p)  # --batch-size among them
+    parser.commands['bench'][1].add('batch_size')
+
+    p = command('export', cmd_export, 'export a model to ONNX and check it against PyTorch in ONNX Runtime',
+                "Build a registered HaloNet with timm (seed 0, untrained; each residual branch gets a small random "
+                "gain instead of timm's zero-init, so that every attention layer shows in the check), export it "
+                'with torch.onnx.export (dynamic batch), run it in ONNX Runtime and compare with PyTorch. Exits 1 '
+                'if the max abs difference exceeds --atol. --model default halonet_h0, --batch-size 2.',
+                'model', 'img_size', 'batch_size')
+    p.add_argument('--format', default='onnx', choices=['onnx'], help='export format (default: onnx)')
+    p.add_argument('--output', default=None, help='file to write (default: <model>.onnx)')
+    p.add_argument('--dynamic-size', action='store_true',
+                   help='also make height/width dynamic (slow to export; checked at a second size)')
+    p.add_argument('--atol', type=float, default=1e-4, help='parity tolerance (default: 1e-4)')
+    p.add_argument('--model-args', nargs='*', default={}, action=ModelKwargs,
+                   help='constructor kwargs as key=value, e.g. num_classes=10 depths="(1, 1, 1, 1)"')
+
+    p = command('hub-export', cmd_hub_export, 'write a Hub-ready folder (weights, config.json, model card) for a '
+                'checkpoint', "Load a checkpoint into a registered HaloNet (--model) through timm, then write "
+                "timm's save_for_hf folder plus a README model card, and check that it reloads with the same "
+                'logits. --img-size: the size the checkpoint was trained at, written to config.json (default: '
+                "the model's own).", 'model', 'img_size')
+    p.add_argument('--checkpoint', required=True, help='.safetensors, or .pth/.pth.tar/.bin (weights only)')
+    p.add_argument('--output', required=True, help='folder to write')
+    p.add_argument('--num-classes', type=int, default=None,
+                   help="the checkpoint's classes (default: read from its classifier); 0 drops the classifier")
+    p.add_argument('--model-args', nargs='*', default={}, action=ModelKwargs,
+                   help='constructor kwargs the checkpoint was trained with, e.g. depths="(1, 1, 1, 1)"')
+    p.add_argument('--labels', default=None, help='text file with one class name per line')
+    p.add_argument('--dataset', default=None, help='training data, for the model card (e.g. ImageNet-1k)')
+    p.add_argument('--repo-id', default=None, help='Hub repo it is meant for, for the model card')
+    p.add_argument('--overwrite', action='store_true', help='allow a non-empty output folder')
+
+    p = command('hub-inspect', cmd_hub_inspect, 'show architecture, params and config of a Hub-ready folder or '
+                'Hub repo', 'Read config.json with timm, build the model with its weights, and print what it is.')
+    p.add_argument('source', help="folder, 'org/name' Hub repo, or a 'local-dir:' / 'hf-hub:' name")
+    p.add_argument('--no-load', action='store_true', help='only read config.json; do not build the model')
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, 'handler', None) is not None:  # subcommands that bring their own handler
-        return args.handler(args, parser)
-    if args.model not in timm.list_models('halonet_*'):
-        parser.error(f'unknown model {args.model!r}; choose from {", ".join(timm.list_models("halonet_*"))}')
-    if args.batch_size < 1 or (args.img_size is not None and args.img_size < 32):
-        parser.error('--batch-size must be >= 1 and --img-size >= 32')
-    return cmd_info(args)
+    command = args.command or 'info'
+    cmd_parser, taken = parser.commands[command]
+    for name in GLOBAL_OPTIONS:
+        given = getattr(args, name, None)
+        if name not in taken and given not in (None, False):
+            cmd_parser.error(f"--{name.replace('_', '-')} does not apply to {command}")
+        if given is None:
+            setattr(args, name, DEFAULTS[command].get(name))
+    try:
+        return cmd_parser.get_default('handler')(args, cmd_parser)
+    except (hub.PretrainedWeightsError, ValueError, OSError) as e:
+        return fail(command, e)
+    except Exception as e:  # anything else still gets one line, not a traceback
+        return fail(command, f'{type(e).__name__}: {e}')
 
 
 if __name__ == '__main__':

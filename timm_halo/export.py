@@ -18,31 +18,12 @@ Dynamic shapes:
 
 The parity checks compare fp32 outputs of ONNX Runtime (or the exported program) with the eager module.
 """
-import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-
-from timm_halo.hub import json_object_arg
-
-__all__ = [
-    'ONNX_ATOL',
-    'ExportParityError',
-    'ParityReport',
-    'example_input',
-    'wake_residual_branches',
-    'export_program',
-    'program_parity',
-    'export_onnx',
-    'onnx_parity',
-    'parity_inputs',
-    'export_onnx_checked',
-    'add_cli_commands',
-]
 
 # Max abs difference allowed between ONNX Runtime and eager PyTorch in fp32. Kernels differ (ORT's MatMul and
 # Softmax vs ATen's), so outputs agree to rounding, not bit for bit; typical diffs are 1e-7 to 1e-5.
@@ -315,66 +296,3 @@ def export_onnx_checked(
     if not report.ok:
         raise ExportParityError(f'{path}: ONNX Runtime disagrees with PyTorch: {report}')
     return report
-
-
-# -- command line: `timm-halo export` ------------------------------------------------------------------------------
-
-def add_cli_commands(subparsers: Any) -> None:
-    """Add ``export`` to the ``timm-halo`` command (sets ``handler``)."""
-    export = subparsers.add_parser(
-        'export', help='export a model to ONNX and check it against PyTorch in ONNX Runtime',
-        description='Build a registered HaloNet with timm (seed 0, untrained; each residual branch gets a small '
-                    'random gain instead of timm\'s zero-init, so that every attention layer shows in the check), '
-                    'export it with torch.onnx.export (dynamic batch), run it in ONNX Runtime and compare with '
-                    'PyTorch. Exits non-zero if the max abs difference exceeds --atol.')
-    export.add_argument('--model', default='halonet_h0', help='architecture (default: halonet_h0)')
-    export.add_argument('--format', default='onnx', choices=['onnx'], help='export format (default: onnx)')
-    export.add_argument('--output', default=None, help='file to write (default: <model>.onnx)')
-    export.add_argument('--img-size', type=int, default=None, help="input size (default: the model's own)")
-    export.add_argument('--batch-size', type=int, default=2, help='batch of the example input (default: 2)')
-    export.add_argument('--dynamic-size', action='store_true',
-                        help='also make height/width dynamic (slow to export; checked at a second size)')
-    export.add_argument('--atol', type=float, default=ONNX_ATOL, help=f'parity tolerance (default: {ONNX_ATOL:g})')
-    export.add_argument('--model-args', type=json_object_arg, default=None,
-                        help='constructor kwargs as JSON, e.g. \'{"num_classes": 10}\'')
-    export.set_defaults(handler=_cmd_export)
-
-
-def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import timm
-
-    import timm_halo  # noqa: F401  (registers the models)
-    known = timm.list_models('halonet_*')
-    if args.model not in known:
-        parser.error(f'unknown model {args.model!r}; choose from {", ".join(known)}')
-    if args.batch_size < 1 or (args.img_size is not None and args.img_size < 1):
-        parser.error('--batch-size and --img-size must be >= 1')
-    if not args.atol >= 0:
-        parser.error('--atol must be >= 0')
-    output = Path(args.output or f'{args.model}.onnx')
-    torch.manual_seed(0)  # as `timm-halo info`: the same untrained weights on every run
-    try:
-        model = timm.create_model(args.model, **(args.model_args or {})).eval()
-    except (TypeError, ValueError) as e:
-        parser.error(f'cannot build {args.model} with --model-args {args.model_args}: {e}')
-    # Untrained: without this, timm's zero-init of each residual branch would hide every attention layer
-    wake_residual_branches(model)
-    example = example_input(model, args.img_size, args.batch_size)
-    print(f'exporting {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) to {output} '
-          f'for input {"x".join(map(str, example.shape))} (dynamic batch'
-          f'{", height and width" if args.dynamic_size else ""}) ...', flush=True)
-    try:
-        export_onnx(model, output, example, dynamic_batch=True, dynamic_size=args.dynamic_size)
-        report = onnx_parity(output, model, parity_inputs(model, example, True, args.dynamic_size), args.atol)
-    except OSError as e:
-        print(f'timm-halo export: error: cannot write --output {output}: {e}', file=sys.stderr)
-        return 1
-    except ImportError as e:  # onnxruntime / onnxscript not installed: the message says what to install
-        print(f'timm-halo export: error: {e}', file=sys.stderr)
-        return 1
-    print(f'wrote {output} ({output.stat().st_size / 1e6:.1f} MB)')
-    print(f'ONNX Runtime vs PyTorch: {report}')
-    if not report.ok:
-        print(f'error: {output} does not match PyTorch within --atol {args.atol:g}', file=sys.stderr)
-        return 1
-    return 0

@@ -55,56 +55,42 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from timm_halo.hub import (
-    HF_HUB_ORG,
-    PretrainedWeightsError,
-    UnpublishedCfg,
-    build_pretrained,
-    warn_if_classifier_dropped,
-)
 from timm_halo.layers import HaloAttention
 from timm_halo.layers.halo_attention import check_image_input
 
+from ._pretrained import PretrainedWeightsError, build_pretrained, warn_if_classifier_dropped
+
 __all__ = ['HaloNet', 'HaloNetArgs', 'halonet_args']
 
-# The paper's family: b, h, rv, rb, l3, df, s. See the module docstring for how they map to widths.
-_FAMILY: Dict[str, Dict[str, Any]] = {
-    'halonet_h0': dict(block_size=8, halo_size=3, value_ratio=1.0, out_ratio=0.5, l3=7, df=0, img_size=256),
-    'halonet_h1': dict(block_size=8, halo_size=3, value_ratio=1.0, out_ratio=1.0, l3=10, df=0, img_size=256),
-    'halonet_h2': dict(block_size=8, halo_size=3, value_ratio=1.0, out_ratio=1.25, l3=11, df=0, img_size=256),
-    'halonet_h3': dict(block_size=10, halo_size=3, value_ratio=1.0, out_ratio=1.5, l3=12, df=1024, img_size=320),
-    'halonet_h4': dict(block_size=12, halo_size=2, value_ratio=1.0, out_ratio=3.0, l3=12, df=1280, img_size=384),
-    'halonet_h5': dict(block_size=14, halo_size=2, value_ratio=2.5, out_ratio=2.0, l3=23, df=1536, img_size=448),
-    'halonet_h6': dict(block_size=8, halo_size=4, value_ratio=3.0, out_ratio=2.75, l3=24, df=1536, img_size=512),
-    'halonet_h7': dict(block_size=10, halo_size=3, value_ratio=4.0, out_ratio=3.5, l3=26, df=2048, img_size=600),
+# The paper's family, the one table of its numbers: block size b, halo h, value ratio rv, bottleneck ratio rb,
+# stage-3 depth l3, final conv width df (0: none), input size s; the paper's params (millions) and ImageNet top-1.
+# README's family table and the tests are checked against it.
+FAMILY: Dict[str, Dict[str, Any]] = {
+    name: dict(zip(('b', 'h', 'rv', 'rb', 'l3', 'df', 's', 'params_m', 'top1'), row)) for name, row in {
+        #              b   h   rv    rb    l3  df    s    params top-1
+        'halonet_h0': (8, 3, 1.0, 0.5, 7, 0, 256, 5.5, 77.9),
+        'halonet_h1': (8, 3, 1.0, 1.0, 10, 0, 256, 8.1, 79.9),
+        'halonet_h2': (8, 3, 1.0, 1.25, 11, 0, 256, 9.4, 80.4),
+        'halonet_h3': (10, 3, 1.0, 1.5, 12, 1024, 320, 11.8, 81.9),
+        'halonet_h4': (12, 2, 1.0, 3.0, 12, 1280, 384, 19.1, 83.3),
+        'halonet_h5': (14, 2, 2.5, 2.0, 23, 1536, 448, 30.7, 84.0),
+        'halonet_h6': (8, 4, 3.0, 2.75, 24, 1536, 512, 43.4, 84.4),
+        'halonet_h7': (10, 3, 4.0, 3.5, 26, 2048, 600, 67.4, 84.9),
+    }.items()
 }
-
-# The paper's parameter counts (millions) and ImageNet top-1, for documentation and tests.
-PAPER_PARAMS_M = {
-    'halonet_h0': 5.5, 'halonet_h1': 8.1, 'halonet_h2': 9.4, 'halonet_h3': 11.8,
-    'halonet_h4': 19.1, 'halonet_h5': 30.7, 'halonet_h6': 43.4, 'halonet_h7': 67.4,
-}
-PAPER_TOP1 = {
-    'halonet_h0': 77.9, 'halonet_h1': 79.9, 'halonet_h2': 80.4, 'halonet_h3': 81.9,
-    'halonet_h4': 83.3, 'halonet_h5': 84.0, 'halonet_h6': 84.4, 'halonet_h7': 84.9,
-}
+PAPER_PARAMS_M = {name: f['params_m'] for name, f in FAMILY.items()}
+PAPER_TOP1 = {name: f['top1'] for name, f in FAMILY.items()}
 
 HaloNetArgs = Dict[str, Any]
 
 
 def halonet_args(variant: str) -> HaloNetArgs:
     """Constructor kwargs of `HaloNet` for one of the paper's models, e.g. ``halonet_args('halonet_h1')``."""
-    if variant not in _FAMILY:
-        raise ValueError(f'Unknown HaloNet variant {variant!r}; known: {", ".join(_FAMILY)}')
-    f = _FAMILY[variant]
-    return dict(
-        depths=(3, 3, f['l3'], 3),
-        block_size=f['block_size'],
-        halo_size=f['halo_size'],
-        value_ratio=f['value_ratio'],
-        out_ratio=f['out_ratio'],
-        num_features=f['df'],
-    )
+    if variant not in FAMILY:
+        raise ValueError(f'Unknown HaloNet variant {variant!r}; known: {", ".join(FAMILY)}')
+    f = FAMILY[variant]
+    return dict(depths=(3, 3, f['l3'], 3), block_size=f['b'], halo_size=f['h'], value_ratio=f['rv'],
+                out_ratio=f['rb'], num_features=f['df'])
 
 
 def _is_int(value: Any) -> bool:
@@ -739,23 +725,8 @@ def _cfg(img_size: int, **kwargs) -> Dict[str, Any]:
     }
 
 
-# Weights the project has published on the Hub, as 'model.tag' (none yet). Every model also has a cfg for its
-# planned ImageNet-1k weights, 'halonet_hX.in1k' at hf-hub:timm-halo/halonet_hX.in1k (model.safetensors). Until
-# the tag is listed here that cfg is an UnpublishedCfg: timm does not count it as weights, so the untrained
-# cfg stays the default and timm.list_models(pretrained=True) lists none of ours. Listing a tag here makes it
-# a normal cfg, which timm then makes the architecture's default (`halonet_hX` -> `halonet_hX.in1k`).
-PUBLISHED_WEIGHTS: Tuple[str, ...] = ()
-
-
-def _hub_cfg(model_tag: str, img_size: int) -> Union[Dict[str, Any], UnpublishedCfg]:
-    cfg = _cfg(img_size, hf_hub_id=f'{HF_HUB_ORG}/{model_tag}', hf_hub_filename='model.safetensors')
-    return cfg if model_tag in PUBLISHED_WEIGHTS else UnpublishedCfg(**cfg)
-
-
-default_cfgs = generate_default_cfgs({
-    **{f'{name}.untrained': _cfg(args['img_size']) for name, args in _FAMILY.items()},
-    **{f'{name}.in1k': _hub_cfg(f'{name}.in1k', args['img_size']) for name, args in _FAMILY.items()},
-})
+# Untrained cfgs only: add a cfg with its hf_hub_id here when weights are published.
+default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg(f['s']) for name, f in FAMILY.items()})
 
 
 def _register(fn: Callable[..., HaloNet]) -> Callable[..., HaloNet]:
@@ -766,6 +737,9 @@ def _register(fn: Callable[..., HaloNet]) -> Callable[..., HaloNet]:
     other clash still warns as timm intends.
     """
     name = fn.__name__
+    f = FAMILY[name]
+    fn.__doc__ = (f"HaloNet-H{name[-1]}: b={f['b']}, h={f['h']}, rv={f['rv']:g}, rb={f['rb']:g}, l3={f['l3']}"
+                  + (f", df={f['df']}" if f['df'] else '') + f", {f['s']}px; {f['params_m']}M params.")
     ours_already = is_model(name) and model_entrypoint(name).__module__ == fn.__module__
     with warnings.catch_warnings():
         if name == 'halonet_h1' or ours_already:
@@ -775,47 +749,39 @@ def _register(fn: Callable[..., HaloNet]) -> Callable[..., HaloNet]:
 
 @_register
 def halonet_h0(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H0: b=8, h=3, rv=1, rb=0.5, l3=7, 256px; 5.5M params."""
     return _create_halonet('halonet_h0', pretrained=pretrained, **kwargs)
 
 
 @_register
 def halonet_h1(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H1: b=8, h=3, rv=1, rb=1, l3=10, 256px; 8.1M params."""
     return _create_halonet('halonet_h1', pretrained=pretrained, **kwargs)
 
 
 @_register
 def halonet_h2(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H2: b=8, h=3, rv=1, rb=1.25, l3=11, 256px; 9.4M params."""
     return _create_halonet('halonet_h2', pretrained=pretrained, **kwargs)
 
 
 @_register
 def halonet_h3(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H3: b=10, h=3, rv=1, rb=1.5, l3=12, df=1024, 320px; 11.8M params."""
     return _create_halonet('halonet_h3', pretrained=pretrained, **kwargs)
 
 
 @_register
 def halonet_h4(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H4: b=12, h=2, rv=1, rb=3, l3=12, df=1280, 384px; 19.1M params."""
     return _create_halonet('halonet_h4', pretrained=pretrained, **kwargs)
 
 
 @_register
 def halonet_h5(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H5: b=14, h=2, rv=2.5, rb=2, l3=23, df=1536, 448px; 30.7M params."""
     return _create_halonet('halonet_h5', pretrained=pretrained, **kwargs)
 
 
 @_register
 def halonet_h6(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H6: b=8, h=4, rv=3, rb=2.75, l3=24, df=1536, 512px; 43.4M params."""
     return _create_halonet('halonet_h6', pretrained=pretrained, **kwargs)
 
 
 @_register
 def halonet_h7(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H7: b=10, h=3, rv=4, rb=3.5, l3=26, df=2048, 600px; 67.4M params."""
     return _create_halonet('halonet_h7', pretrained=pretrained, **kwargs)
