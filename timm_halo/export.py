@@ -55,28 +55,23 @@ class ParityReport:
                 f'{self.max_abs_output:.3g}) over inputs {shapes}')
 
 
-def _input_spec(model: nn.Module) -> Tuple[int, int]:
-    """(channels, default side) of a module's input: a timm model's cfg, or a HaloAttention layer."""
-    from timm_halo.layers import HaloAttention
-    if isinstance(model, HaloAttention):
-        # Not a multiple of the block size, so the padding and border masking are part of the check.
-        return model.dim, 2 * model.block_size + 3
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    if 'input_size' in cfg:
-        return int(getattr(model, 'in_chans', cfg['input_size'][0])), int(cfg['input_size'][-1])
-    raise ValueError(
-        f'cannot tell the input size of a {type(model).__name__}: pass an example input explicitly')
-
-
 def example_input(
         model: nn.Module, img_size: Optional[int] = None, batch_size: int = 2, seed: int = 0,
 ) -> torch.Tensor:
     """A seeded standard-normal NCHW input for ``model``: its default size (a timm model's ``pretrained_cfg``)
-    unless ``img_size`` is given; for a ``HaloAttention``, a map that is not a multiple of its block size."""
-    channels, default_size = _input_spec(model)
-    size = img_size or default_size
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, channels, size, size, generator=generator)
+    unless ``img_size`` is given; for a ``HaloAttention``, a map that is not a multiple of its block size (so that
+    padding and border masking are part of the check)."""
+    from timm_halo.layers import HaloAttention
+
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if isinstance(model, HaloAttention):
+        channels, size = model.dim, 2 * model.block_size + 3
+    elif 'input_size' in cfg:
+        channels, size = int(getattr(model, 'in_chans', cfg['input_size'][0])), int(cfg['input_size'][-1])
+    else:
+        raise ValueError(f'cannot tell the input size of a {type(model).__name__}: pass an example input explicitly')
+    return torch.randn(batch_size, channels, img_size or size, img_size or size,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -> nn.Module:
@@ -143,13 +138,16 @@ def _max_abs_diff(expected: Sequence[torch.Tensor], got: Sequence[Any]) -> float
     return worst
 
 
-def _eager(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    with torch.no_grad():
-        return _flat_outputs(model(x))
-
-
-def _max_abs(tensors: Sequence[torch.Tensor]) -> float:
-    return max((float(t.detach().abs().nan_to_num().max()) for t in tensors if t.numel()), default=0.0)
+def _parity(run: Any, model: nn.Module, inputs: Sequence[torch.Tensor], atol: float, path: Optional[Path]
+            ) -> ParityReport:
+    """Run ``run`` (the exported graph) and the eager ``model`` on each input; report the worst max abs diff."""
+    worst = scale = 0.0
+    for x in inputs:
+        with torch.no_grad():
+            expected, got = _flat_outputs(model(x)), run(x)
+        worst = max(worst, _max_abs_diff(expected, got))
+        scale = max([scale] + [float(t.abs().nan_to_num().max()) for t in expected if t.numel()])
+    return ParityReport(path, worst, atol, [tuple(x.shape) for x in inputs], scale)
 
 
 def export_program(
@@ -178,14 +176,7 @@ def program_parity(
 ) -> ParityReport:
     """Run the exported program and the eager ``model`` on each input; report the worst max abs difference."""
     module = program.module()
-    worst = scale = 0.0
-    for x in inputs:
-        with torch.no_grad():
-            got = _flat_outputs(module(x))
-        expected = _eager(model, x)
-        worst, scale = max(worst, _max_abs_diff(expected, got)), max(scale, _max_abs(expected))
-    return ParityReport(None, worst, atol, [tuple(x.shape) for x in inputs], scale)
-
+    return _parity(lambda x: _flat_outputs(module(x)), model, inputs, atol, None)
 
 def export_onnx(
         model: nn.Module,
@@ -203,7 +194,8 @@ def export_onnx(
     model.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    num_outputs = len(_eager(model, example))
+    with torch.no_grad():
+        num_outputs = len(_flat_outputs(model(example)))
     output_names = ['output'] if num_outputs == 1 else [f'output_{i}' for i in range(num_outputs)]
     with torch.no_grad():
         torch.onnx.export(
@@ -253,14 +245,8 @@ def onnx_parity(
         path: Union[str, Path], model: nn.Module, inputs: Sequence[torch.Tensor], atol: float = ONNX_ATOL,
 ) -> ParityReport:
     """Run the ONNX file in ONNX Runtime (CPU) and the eager ``model`` on each input; report the worst diff."""
-    model.eval()
     session = _ort_session(path)
-    worst = scale = 0.0
-    for x in inputs:
-        expected = _eager(model, x)
-        worst, scale = max(worst, _max_abs_diff(expected, _ort_outputs(session, x))), max(scale, _max_abs(expected))
-    return ParityReport(Path(path), worst, atol, [tuple(x.shape) for x in inputs], scale)
-
+    return _parity(lambda x: _ort_outputs(session, x), model.eval(), inputs, atol, Path(path))
 
 def parity_inputs(
         model: nn.Module, example: torch.Tensor, dynamic_batch: bool, dynamic_size: bool,

@@ -151,43 +151,20 @@ def describe_model(model: nn.Module, gmacs: bool = True) -> Dict[str, Any]:
     if not isinstance(model, HaloNet):
         raise TypeError(f'describe_model() describes timm_halo HaloNet models, got {type(model).__name__}')
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    attn = model.stages[0].blocks[0].attn
-    stages = [dict(
-        depth=len(stage.blocks),
-        width=stage.blocks[0].attn.dim,
-        out_chs=stage.blocks[-1].conv3.conv.out_channels,
-    ) for stage in model.stages]
-    input_size = tuple(cfg.get('input_size') or (model.in_chans, 256, 256))
-    input_size = (model.in_chans, *input_size[1:])
+    attn, last = model.stages[0].blocks[0].attn, model.stages[0].blocks[-1]
+    input_size = (model.in_chans, *tuple(cfg.get('input_size') or (3, 256, 256))[1:])
     facts: Dict[str, Any] = dict(
-        architecture=cfg.get('architecture') or type(model).__name__,
-        params=sum(p.numel() for p in model.parameters()),
-        num_classes=model.num_classes,
-        num_features=model.num_features,
-        in_chans=model.in_chans,
-        input_size=input_size,
-        block_size=attn.block_size,
-        halo_size=attn.halo_size,
-        heads=attn.heads,
-        value_ratio=attn.dim_head_v / attn.dim_head,
-        out_ratio=stages[0]['out_chs'] / stages[0]['width'],
-        depths=[s['depth'] for s in stages],
-        widths=[s['width'] for s in stages],
-        stage_channels=[s['out_chs'] for s in stages],
+        architecture=cfg.get('architecture') or type(model).__name__, num_classes=model.num_classes,
+        params=sum(p.numel() for p in model.parameters()), in_chans=model.in_chans, input_size=input_size,
+        block_size=attn.block_size, halo_size=attn.halo_size, heads=attn.heads,
+        value_ratio=attn.dim_head_v / attn.dim_head, out_ratio=last.conv3.conv.out_channels / attn.dim,
+        depths=[len(stage.blocks) for stage in model.stages],
+        widths=[stage.blocks[0].attn.dim for stage in model.stages],
         final_conv=model.num_features if not isinstance(model.final_conv, nn.Identity) else 0,
     )
-    if gmacs:
-        # Count on a meta-device copy: shapes only, no compute, no second set of weights in memory.
-        meta = copy.deepcopy(model).to('meta').eval()
-        facts['gmacs'] = count_gmacs(meta, input_size[-1], in_chans=input_size[0])
+    if gmacs:  # counted on a meta-device copy: shapes only, no compute, no second set of weights in memory
+        facts['gmacs'] = count_gmacs(copy.deepcopy(model).to('meta').eval(), input_size[-1], input_size[0])
     return facts
-
-
-def _paper_name(arch: str) -> str:
-    """'halonet_h1' -> 'HaloNet-H1'."""
-    if arch.startswith('halonet_h') and arch[len('halonet_h'):].isdigit():
-        return f'HaloNet-H{arch[len("halonet_h"):]}'
-    return arch
 
 
 def model_card(
@@ -198,21 +175,15 @@ def model_card(
         license: str = 'apache-2.0',
         details: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """A model card for ``timm.models.push_to_hf_hub(model, repo_id, model_card=model_card(model, repo_id))``.
-
-    It states what the model is (architecture and its settings, the paper, params, GMACs, input size, classes)
-    and how to load it; timm renders it as the repo's README.md.
-
-    Args:
-        model: the HaloNet being published.
-        repo_id: the Hub repo, for the usage snippet (``'me/halonet_h1-mydata'``).
-        dataset: training data, e.g. ``'ImageNet-1k'`` (also becomes the card's ``datasets`` metadata).
-        description: a first paragraph of your own; a factual default otherwise.
-        license: the weights' license (Hub metadata).
-        details: extra ``Model Details`` entries, e.g. ``{'Top-1': '79.1 (ImageNet-1k val)'}``.
+    """A model card for ``timm.models.push_to_hf_hub(model, repo_id, model_card=model_card(model, repo_id))``:
+    what the model is (architecture and settings, paper, params, GMACs, input size, classes) and how to load it;
+    timm renders it as the repo's README.md. ``dataset`` also becomes the card's ``datasets`` metadata;
+    ``description`` replaces the factual first paragraph; ``details`` adds ``Model Details`` entries, e.g.
+    ``{'Top-1': '79.1 (ImageNet-1k val)'}``.
     """
     facts = describe_model(model)
     arch = facts['architecture']
+    paper_name = f'HaloNet-H{arch[-1]}' if arch in FAMILY else arch
     c, h, w = facts['input_size']
     settings = (f"block size b={facts['block_size']}, halo h={facts['halo_size']}, value ratio "
                 f"rv={facts['value_ratio']:g}, bottleneck ratio rb={facts['out_ratio']:g}, "
@@ -222,7 +193,7 @@ def model_card(
     head = f"{facts['num_classes']}-way classifier" if facts['num_classes'] else 'no classifier (feature backbone)'
     if description is None:
         description = (
-            f'A {_paper_name(arch)} image classification model ({arch}, {head}): a ResNet-style backbone whose '
+            f'A {paper_name} image classification model ({arch}, {head}): a ResNet-style backbone whose '
             'bottleneck blocks use blocked local self-attention with a halo (HaloNet, Vaswani et al., CVPR 2021), '
             'implemented by the timm-halo plugin for timm. '
             + (f'Trained on {dataset if isinstance(dataset, str) else ", ".join(dataset)}.'
@@ -287,34 +258,21 @@ def export_for_hub(
 ) -> Dict[str, Any]:
     """Write a Hub-ready folder for a checkpoint: timm's save_for_hf layout plus a README model card.
 
-    The checkpoint (.safetensors, or a .pth/.pth.tar/.bin read with weights_only=True, timm training checkpoints
-    and timm's ByobNet ``halonet_h1`` layout included) is loaded through ``timm.create_model(model_name,
-    pretrained=True, pretrained_cfg_overlay=dict(file=...))``; its classes and input channels are read from
-    the weights. The folder is then reloaded through ``local-dir:`` and checked to give the same logits.
-
-    Args:
-        checkpoint: the weights.
-        output: folder to write (must be empty unless ``overwrite``).
-        model_name: registered architecture, e.g. ``'halonet_h1'``.
-        num_classes: the checkpoint's classes (checked), or 0 to publish the backbone without its classifier.
-        model_args: constructor kwargs the checkpoint was trained with, e.g. ``{'depths': [1, 1, 1, 1]}``.
-        label_names: class names, one per class (stored in config.json as timm's ``label_names``).
-        dataset: training data, for the model card.
-        repo_id: the Hub repo it is meant for, for the model card's usage snippet.
-        overwrite: allow writing into a non-empty folder.
-        img_size: the input size the checkpoint was trained at (square), written to config.json's ``input_size``
-            (and ``test_input_size`` / ``pool_size`` where the cfg has them); default: the model's default cfg.
-
-    Returns:
-        A summary: folder, files, architecture, params, num_classes, in_chans, input_size, max |logit diff| on
-        reload.
+    The checkpoint (.safetensors, or .pth/.pth.tar/.bin read with weights_only=True; timm training checkpoints and
+    timm's ByobNet ``halonet_h1`` layout included) is loaded through ``timm.create_model(model_name,
+    pretrained=True, pretrained_cfg_overlay=dict(file=...))``, its classes and input channels read from the
+    weights (``num_classes=0`` publishes the backbone alone); ``model_args`` are the constructor kwargs it was
+    trained with, ``img_size`` the (square) size it was trained at, written to config.json's ``input_size`` (and
+    ``test_input_size`` / ``pool_size``). The folder is reloaded through ``local-dir:`` and checked to give the
+    same logits. Returns a summary: folder, files, architecture, params, classes, input, max |logit diff|.
     """
     output = Path(output)
     problem = output_problem(output, overwrite, 'overwrite=True')
     if problem:
         raise ValueError(problem)
     if not is_halonet(model_name):
-        raise ValueError(model_name_problem(model_name))
+        raise ValueError(f'unknown model {model_name!r}: hub-export writes timm-halo HaloNets; choose from '
+                         f'{", ".join(FAMILY)}')
     unknown = unknown_model_args(model_args or {})
     if unknown:
         raise ValueError(
@@ -380,10 +338,6 @@ def output_problem(output: Union[str, Path], overwrite: bool, overwrite_flag: st
         return (f"Output folder '{output}' is not empty; choose a new folder, or pass {overwrite_flag} to write "
                 'into it (files of the same names are replaced)')
     return None
-
-
-def model_name_problem(name: str) -> str:
-    return f'unknown model {name!r}: hub-export writes timm-halo HaloNets; choose from {", ".join(FAMILY)}'
 
 
 def img_size_problem(img_size: Optional[int], default_cfg: PretrainedCfg) -> Optional[str]:
