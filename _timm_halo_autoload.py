@@ -23,10 +23,8 @@ def load_timm_plugins() -> list:
     import warnings
     from importlib.metadata import entry_points
 
-    eps = entry_points()
-    group = eps.select(group=ENTRY_POINT_GROUP) if hasattr(eps, 'select') else eps.get(ENTRY_POINT_GROUP, [])
     loaded, seen = [], set()
-    for ep in group:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.value in seen:  # the same distribution can be visible twice (e.g. wheel + editable)
             continue
         seen.add(ep.value)
