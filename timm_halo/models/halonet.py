@@ -47,6 +47,7 @@ from timm.layers import (
 from timm.models import (
     build_model_with_cfg,
     checkpoint_seq,
+    clean_state_dict,
     generate_default_cfgs,
     is_model,
     model_entrypoint,
@@ -642,11 +643,7 @@ def checkpoint_filter_fn(
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
             break
-    cleaned = {}
-    for k, v in state_dict.items():
-        while k.startswith(('module.', '_orig_mod.')):
-            k = k.split('.', 1)[1]
-        cleaned[k] = v
+    cleaned = clean_state_dict(state_dict)  # DDP / torch.compile prefixes
     target = model.state_dict()
     if _is_timm_byobnet(cleaned):
         cleaned = _from_timm_byobnet(cleaned, target)
