@@ -48,7 +48,7 @@ class AttnImpl(NamedTuple):
 
 ATTN_IMPLS: Dict[str, AttnImpl] = {
     'tiled': AttnImpl(('cpu',), True, 'tiled flash-style CPU kernel (tiled.py)'),
-    'sdpa': AttnImpl(None, False, 'one fused scaled_dot_product_attention call (sdpa.py)'),
+    'sdpa': AttnImpl(None, False, "fused scaled_dot_product_attention calls (sdpa.py); 'auto' on CUDA, first order"),
     'broadcast': AttnImpl(None, False, 'whole tensors in plain ATen ops (broadcast.py)'),
 }
 _IMPL_NAMES = ('auto', *ATTN_IMPLS)
@@ -130,7 +130,8 @@ class HaloAttention(nn.Module):
         value_ratio: value channels per head relative to ``dim_head`` (the paper's rv).
         qkv_bias: add a bias to the q and kv projections.
         attn_impl: the attention kernel: ``'auto'``, ``'tiled'`` (CPU), ``'sdpa'`` or ``'broadcast'``
-            (see ``ATTN_IMPLS``). ``None`` reads the environment variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
+            (see ``ATTN_IMPLS``; ``'auto'`` runs ``'tiled'`` on CPU, ``'sdpa'`` on CUDA, ``'broadcast'`` where those
+            cannot run). ``None`` reads the environment variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
     """
 
     def __init__(
@@ -217,9 +218,10 @@ class HaloAttention(nn.Module):
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial size of the output for an input of ``height x width``."""
-        # (n + s - 1) // s rather than -(-n // s): the ONNX exporter turns // into Div, which truncates
-        # toward zero, so floor division of a negative size would be wrong for dynamic input sizes.
-        return (height + self.stride - 1) // self.stride, (width + self.stride - 1) // self.stride
+        # Written as a strided convolution's size, (n - 1) // s + 1: torch.compile's symbolic shapes then see the
+        # same expression as a model's strided shortcut and can add the two (it cannot prove (n + 1) // 2 equal to
+        # it, and would specialise the size). n >= 1, so the ONNX exporter's truncating Div is exact too.
+        return (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
 
     # ---- which kernel runs --------------------------------------------------------------------------------------
 
@@ -259,6 +261,12 @@ class HaloAttention(nn.Module):
 
     @torch.jit.unused
     def _auto_impl(self, x: torch.Tensor, custom_op_ok: bool, crop: bool) -> str:
+        """``custom_op_ok``: eager or torch.compile, no forward-mode AD / torch.func; ``crop``: eager or compile."""
+        if x.device.type == 'cuda':
+            # Fused SDPA (flash / memory-efficient / cuDNN) in fp32 and under autocast; fp64 has no fused CUDA kernel
+            # (SDPA would run its math backend), and tracing, export, forward AD and torch.func keep plain ops.
+            fused = custom_op_ok and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            return 'sdpa' if fused else 'broadcast'
         if not custom_op_ok or x.device.type != 'cpu':
             return 'broadcast'
         # All logits of the call fit in one tile (late stages, small batches): tiling buys nothing there, and one
@@ -284,9 +292,10 @@ class HaloAttention(nn.Module):
         if crop and blocks == 1:
             return 0, 0, b, size  # the whole axis is one window
         if crop and blocks == 2 and h < b:
-            # block 0 sees rows [0, b + h), block 1 rows [b - h, size): one length covers both
+            # block 0 sees rows [0, b + h), block 1 rows [b - h, size) with b < size <= 2b: one length, the
+            # shorter of the image and b + h, covers both (a branch, not min(): plain sizes for torch.compile)
             step = b - h
-            length = max(min(size, b + h), size - step)
+            length = size if size <= b + h else b + h
             return 0, step + length - size, step, length
         return h, blocks * b + h - size, b, b + 2 * h
 
@@ -323,13 +332,17 @@ class HaloAttention(nn.Module):
         b, s = self.block_size, self.stride
         bq = b // s
         nh, nw = (H + b - 1) // b, (W + b - 1) // b  # ceil division without negatives (see output_size)
+        if crop:
+            nh, nw = _concrete_if_small(nh), _concrete_if_small(nw)
         hq, wq = self.output_size(H, W)
         heads, d = self.heads, self.dim_head
 
         # The projections are called as modules: hooks, wrappers (LoRA, pruning, quantisation) all apply.
         q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
         kv = self.kv(x)
-        q = _pad(q, [0, nw * bq - wq, 0, nh * bq - hq], crop)
+        # Padded from q's own size (a slice's size expression differs from output_size's), so the padded axes are
+        # exactly nh * bq and nw * bq for symbolic shapes too.
+        q = _pad(q, [0, nw * bq - q.shape[-1], 0, nh * bq - q.shape[-2]], crop)
         q = q.reshape(B, heads, d, nh, bq, nw, bq).permute(0, 1, 3, 5, 2, 4, 6)
         n = B * heads * nh * nw
         # One contiguous copy, shared by the attention and (as a view) the relative terms.
@@ -434,8 +447,28 @@ class HaloAttention(nn.Module):
         return self.proj(rearrange(out, 'b n d (h w) -> b (n d) h w', h=hq))
 
 
+def _concrete_if_small(blocks: int) -> int:
+    """1 or 2 as a plain int, other counts unchanged. A no-op in eager mode; under torch.compile with dynamic sizes
+    the cropped window plans of one- and two-block maps already guard on these values, and a constant (instead of
+    a symbolic ``(H + 7) // 8`` known to equal it) keeps every reshape of those blocks static."""
+    if blocks == 1:
+        return 1
+    if blocks == 2:
+        return 2
+    return blocks
+
+
 def _pad(x: torch.Tensor, pad: List[int], skip_empty: bool) -> torch.Tensor:
-    """Zero padding; in eager mode no copy at all when nothing is padded (exporters keep the plain op)."""
-    if skip_empty and max(pad) == 0:
+    """Zero padding; in eager mode no copy at all when nothing is padded (exporters keep the plain op).
+
+    Under torch.compile the pad always stays: its output size (``nh * b``) is what lets the symbolic shape
+    engine split the padded axis into blocks. Skipping it leaves an ``H // ((H + 7) // 8)`` it cannot simplify,
+    and the nested expressions of a whole model take dynamo minutes to trace for a second input size."""
+    if skip_empty and max(pad) == 0 and not _compiling():
         return x
     return F.pad(x, pad)
+
+
+@torch.jit.unused
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
