@@ -218,16 +218,20 @@ def test_compile_training_with_changing_sizes():
 
 
 def test_compile_model_training_with_changing_sizes():
-    """A whole model through dynamo and AOTAutograd, sizes 64 then 96 (the second trace is dynamic): the custom ops'
+    """A whole model through dynamo and AOTAutograd, sizes 64, 96, 80 (the second trace is dynamic): the custom ops'
     fake kernels, window plans on symbolic sizes, strided stages whose sizes must match their shortcuts'. Outputs
-    and every parameter gradient equal eager mode's."""
+    and every parameter gradient equal eager mode's, and the third size (the same block counts per layer as the
+    second) reuses the dynamic graph instead of compiling again."""
+    from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = timm.create_model('halonet_h0', depths=(1, 1, 1, 1), widths=(16, 32, 64, 64), stem_chs=16, heads=2,
                               num_classes=5)
     params = [p for p in model.parameters() if p.requires_grad]
-    compiled = torch.compile(model, backend='aot_eager')
-    for size in (64, 96):
+    counter = CompileCounterWithBackend('aot_eager')
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    for size in (64, 96, 80):
         x = torch.randn(2, 3, size, size)
         out = compiled(x)
         grads = torch.autograd.grad(out.square().sum(), params)
@@ -236,6 +240,8 @@ def test_compile_model_training_with_changing_sizes():
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+        frames.append(counter.frame_count)
+    assert frames == [1, 2, 2], f'compiled frames after each size: {frames}'
     torch._dynamo.reset()
 
 

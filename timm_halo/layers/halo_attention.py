@@ -292,11 +292,9 @@ class HaloAttention(nn.Module):
         if crop and blocks == 1:
             return 0, 0, b, size  # the whole axis is one window
         if crop and blocks == 2 and h < b:
-            # block 0 sees rows [0, b + h), block 1 rows [b - h, size) with b < size <= 2b: one length, the
-            # shorter of the image and b + h, covers both (a branch, not min(): plain sizes for torch.compile)
-            step = b - h
-            length = size if size <= b + h else b + h
-            return 0, step + length - size, step, length
+            # block 0 sees rows [0, b + h), block 1 rows [b - h, size) with b < size <= 2b: windows of b + h rows
+            # cover both (padded after by 2b - size >= 0; a constant length keeps torch.compile's graph general)
+            return 0, 2 * b - size, b - h, b + h
         return h, blocks * b + h - size, b, b + 2 * h
 
     def _axis_terms(
@@ -464,7 +462,7 @@ def _pad(x: torch.Tensor, pad: List[int], skip_empty: bool) -> torch.Tensor:
     Under torch.compile the pad always stays: its output size (``nh * b``) is what lets the symbolic shape
     engine split the padded axis into blocks. Skipping it leaves an ``H // ((H + 7) // 8)`` it cannot simplify,
     and the nested expressions of a whole model take dynamo minutes to trace for a second input size."""
-    if skip_empty and max(pad) == 0 and not _compiling():
+    if skip_empty and not _compiling() and max(pad) == 0:
         return x
     return F.pad(x, pad)
 
