@@ -1,0 +1,133 @@
+"""timm's ``HaloAttn`` on our kernels: the same constructor, parameters and answers, a faster forward.
+
+timm's pretrained hybrids (halonet26t, sehalonet33ts, halonet50ts, eca_halonext26ts, haloregnetz_b,
+lamhalobotnet50ts_256, halo2botnet50ts_256) use ``timm.layers.halo_attn.HaloAttn``. ``TimmHaloAttn`` subclasses
+it and overrides ``forward`` only, reproducing timm's semantics exactly:
+
+* kv is zero-padded by the halo *after* the projection and the padded keys are attended (content logit 0,
+  value 0): no border mask, no cropped windows;
+* the relative logit of query ``i`` (its index inside the block, after the strided q conv when strided) and key
+  slot ``j`` of the window is ``q_i . R[j - i + win - 1]``, per axis (``pos_embed.height_rel`` / ``width_rel``),
+  scaled with the content logits when ``scale_pos_embed``;
+* q/k and v widths may differ (``qk_ratio``, ``dim_head``); kv channels are ``[k, v]`` per head;
+* stride 2 by the strided q conv, or ``AvgPool2d(2)`` after attention (``avg_down``, odd block sizes).
+
+Those per-axis terms are exactly what our kernels take (``rel_h``/``rel_w``, here without a mask), so the
+blocks and windows go to the same kernels as ``HaloAttention``, chosen by ``HaloAttention``'s own methods
+(``attn_impl`` / ``TIMM_HALO_ATTN_IMPL`` / ``'auto'``, see ``ATTN_IMPLS``). ``timm_halo.accelerate`` swaps the
+class of existing ``HaloAttn`` instances to this one (state dict, hooks and parameters untouched).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import register_notrace_module
+from timm.layers.halo_attn import HaloAttn
+
+from .broadcast import attend_broadcast
+from .halo_attention import HaloAttention, _plain_autograd_required, _resolve_impl_name, check_image_input
+from .windows import gather_windows, unfold_windows
+
+__all__ = ['TimmHaloAttn']
+
+
+@register_notrace_module  # a leaf for torch.fx (timm's feature extraction): the shape checks need real sizes
+class TimmHaloAttn(HaloAttn):
+    """``timm.layers.halo_attn.HaloAttn`` with the forward pass on timm-halo's kernels (same maths, same state dict).
+
+    Args: those of ``HaloAttn``, plus ``attn_impl``: ``'auto'``, ``'tiled'`` (CPU), ``'sdpa'`` or
+    ``'broadcast'``; ``None`` reads ``TIMM_HALO_ATTN_IMPL``, else ``'auto'`` (as ``HaloAttention``).
+
+    Unlike timm's ``assert``, an input whose height or width is not a multiple of ``block_size`` raises a
+    ``ValueError``.
+    """
+
+    def __init__(self, *args, attn_impl: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attn_impl = _resolve_impl_name(attn_impl)
+
+    # The kernel choice is HaloAttention's, method for method, so both layers pick alike. Those methods read the
+    # attributes below: ``heads``, ``stride`` (query subsampling inside a block: timm's ``block_stride``; 1 with
+    # ``avg_down``, which pools after attention) and ``_window_plan`` (timm's windows: pad by the halo on both
+    # sides, one window of ``win_size`` every ``block_size``; never cropped).
+    _select_impl = HaloAttention._select_impl
+    _auto_impl = HaloAttention._auto_impl
+    _use_custom_kernels = HaloAttention._use_custom_kernels
+    _not_exporting = HaloAttention._not_exporting
+    _attend_custom = HaloAttention._attend_custom
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def stride(self) -> int:
+        return self.block_stride
+
+    def _window_plan(self, size: int, blocks: int, crop: bool) -> Tuple[int, int, int, int]:
+        """(padding before, padding after, step, length) of the key windows along one axis."""
+        return self.halo_size, self.halo_size, self.block_size, self.win_size
+
+    def extra_repr(self) -> str:
+        return (
+            f'heads={self.num_heads}, dim_head_qk={self.dim_head_qk}, dim_head_v={self.dim_head_v}, '
+            f'block_size={self.block_size}, halo_size={self.halo_size}, block_stride={self.block_stride}, '
+            f'scale_pos_embed={self.scale_pos_embed}, attn_impl={self.attn_impl!r}')
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image_input(x, self.q.in_channels, self.pos_embed.height_rel.dtype, 'TimmHaloAttn')
+        H, W = x.shape[2], x.shape[3]
+        if H % self.block_size != 0 or W % self.block_size != 0:
+            raise ValueError(
+                f'TimmHaloAttn (timm HaloAttn semantics) needs height and width divisible by block_size '
+                f'{self.block_size}, got {H} x {W}; for a timm halo model choose an input size whose feature maps '
+                f'at every halo stage are multiples of the block size')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if torch.jit.is_scripting():
+            impl, gather_op = 'broadcast', False
+        else:
+            custom_ok = self._use_custom_kernels()  # eager / torch.compile; not tracing, export
+            plain_autograd = _plain_autograd_required()  # forward AD, torch.func
+            impl = self._select_impl(x, custom_ok, plain_autograd)
+            gather_op = custom_ok and not plain_autograd
+
+        B, _, H, W = x.shape
+        heads, d, dv = self.num_heads, self.dim_head_qk, self.dim_head_v
+        b, h, win, bq = self.block_size, self.halo_size, self.win_size, self.block_size_ds
+        nh, nw = H // b, W // b
+        n = B * heads * nh * nw
+
+        # Queries per block, channels first: (N, d, bq * bq); the strided q conv (if any) has subsampled them.
+        q = self.q(x).reshape(B, heads, d, nh, bq, nw, bq).permute(0, 1, 3, 5, 2, 4, 6).reshape(n, d, bq * bq)
+        # Per-axis relative terms: entry [i, j] = q_i . R[j - i + win - 1] (i: the query inside its block, j: the
+        # key slot of the window). timm attends the padded keys too, so there is no mask.
+        rows = torch.arange(win, device=x.device)[None, :] - torch.arange(bq, device=x.device)[:, None] + win - 1
+        table_h, table_w = self.pos_embed.height_rel, self.pos_embed.width_rel
+        if self.scale_pos_embed:  # scale * (q . k + rel): the scale goes on the (small) tables
+            table_h, table_w = table_h * self.scale, table_w * self.scale
+        q_blocks = q.view(n, d, bq, bq)
+        rel_h = torch.einsum('ndyx,ykd->nyxk', q_blocks, table_h[rows])
+        rel_w = torch.einsum('ndyx,xkd->nyxk', q_blocks, table_w[rows])
+
+        # Keys and values: projected, then zero-padded by the halo (padded keys are attended with k = v = 0).
+        kv = F.pad(self.kv(x), [h, h, h, h])
+        if gather_op:
+            k, v = self._gather_windows(kv)
+        else:
+            k, v = unfold_windows(kv, heads, d, b, win, b, win)
+
+        if impl == 'broadcast':
+            out = attend_broadcast(q, k, v, rel_h, rel_w, self.scale)
+        else:
+            out = self._attend_custom(impl, q, k, v, rel_h, rel_w)
+
+        out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(B, heads * dv, nh * bq, nw * bq)
+        return self.pool(out)
+
+    @torch.jit.unused
+    def _gather_windows(self, kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b, win = self.block_size, self.win_size
+        return gather_windows(kv, self.num_heads, self.dim_head_qk, b, win, b, win)
