@@ -2,9 +2,9 @@
 interleaved median timings, peak memory, and the options and outputs every run shares.
 
 Contenders are timed round-robin in one process (``interleaved_medians``), so that a noisy, shared machine slows
-every contender alike; the clock is torch.utils.benchmark's, which synchronises the accelerator.
-``torch.utils.benchmark.Timer`` itself does not fit: each ``timeit`` sample adds two warm-up calls (costly for
-model steps of seconds), and ``blocked_autorange`` times one contender after another.
+every contender alike. ``torch.utils.benchmark.Timer`` does not fit that: each ``timeit`` sample adds two warm-up
+calls (costly for model steps of seconds), and ``blocked_autorange`` times one contender after another; importing
+it also makes torch log a CUDA_HOME warning on machines without a CUDA runtime.
 """
 import argparse
 import contextlib
@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark.utils.timer import timer as sync_timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm_halo.models.halonet import FAMILY
@@ -57,6 +56,13 @@ def summarize(name: str, img_size: Optional[int] = None) -> Dict[str, Any]:
     return dict(name=name, img_size=size, params_m=params_m, paper_params_m=paper['params_m'],
                 params_diff_pct=100.0 * (params_m / paper['params_m'] - 1.0), gmacs=count_gmacs(model, size),
                 paper_top1=paper['top1'])
+
+
+def sync_timer() -> float:
+    """A clock that waits for the GPU's queued work first (torch.utils.benchmark's timer does the same)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2,
