@@ -70,6 +70,18 @@ def test_layer_matches_timm(cfg, impl):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('impl', IMPLS)
+def test_channels_last_matches_timm(impl):
+    cfg = LAYER_CFGS['stride2-odd-block']
+    stock, ours = _layer_pair(cfg, impl)
+    stock, ours = stock.to(memory_format=torch.channels_last), ours.to(memory_format=torch.channels_last)
+    x = _layer_input(cfg).contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected, got = stock(x), ours(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0],
+                               rtol=1e-10, atol=1e-10)
+
+
 def test_layer_keeps_timm_constructor_state_dict_and_isinstance():
     ours = TimmHaloAttn(64, dim_out=128, stride=2, num_heads=4, block_size=8, halo_size=3, qk_ratio=0.5)
     stock = HaloAttn(64, dim_out=128, stride=2, num_heads=4, block_size=8, halo_size=3, qk_ratio=0.5)
@@ -104,6 +116,7 @@ def test_auto_runs_tiled_for_large_calls_and_broadcast_for_small(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.filterwarnings('ignore::FutureWarning')  # torch.func scripts a helper on first use
 def test_forward_ad_and_torch_func_run_the_plain_path(monkeypatch):
     calls = _count_tiled_calls(monkeypatch)
     cfg = LAYER_CFGS['stride2']
@@ -120,6 +133,7 @@ def test_forward_ad_and_torch_func_run_the_plain_path(monkeypatch):
         torch.func.jvp(ours, (x,), (tangent,))
 
 
+@pytest.mark.filterwarnings('ignore::FutureWarning', 'ignore::torch.jit.TracerWarning')
 def test_torchscript_and_tracing_give_timm_answers():
     cfg = LAYER_CFGS['qk_ratio-scale_pos-bias']
     stock, ours = _layer_pair(cfg)
