@@ -27,6 +27,7 @@ import timm
 import torch
 from timm.layers.halo_attn import HaloAttn
 
+from benchmarks.plot import save_results
 from timm_halo import accelerate
 from timm_halo.bench import (
     ModelResult,
@@ -37,7 +38,6 @@ from timm_halo.bench import (
     measure_models,
     resolve_run,
     run_header,
-    write_json,
 )
 from timm_halo.layers import ATTN_IMPLS
 
@@ -196,10 +196,7 @@ def main() -> None:
         print(format_targets(ratio_rows))
     data = dict(benchmark='accelerate', header=header, args=vars(args), rows=[r.as_dict() for r in results],
                 ratios=ratio_rows)
-    write_json(data, args.json)
-    if args.plot:
-        plot(data, args.plot)
-        print(f'wrote {args.plot}')
+    save_results(data, args.json, args.plot, draw=plot)
 
 
 if __name__ == '__main__':

@@ -25,7 +25,8 @@ from typing import Dict, List, Tuple
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from timm_halo.bench import busy_load, interleaved_medians, peak_memory, peak_memory_in_child, write_json
+from benchmarks.plot import save_results
+from timm_halo.bench import busy_load, interleaved_medians, peak_memory, peak_memory_in_child
 from timm_halo.layers import HaloAttention
 
 SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
@@ -192,12 +193,7 @@ def main() -> None:
     print(load_note(args.load))
     print_table(rows, device)
     data = dict(benchmark='layer', header=header(device), args=vars(args), rows=rows, ratios=ratios(rows))
-    write_json(data, args.json)
-    if args.plot:
-        from benchmarks.plot import plot
-
-        plot(data, args.plot)
-        print(f'wrote {args.plot}')
+    save_results(data, args.json, args.plot)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ from typing import List
 
 import timm
 
+from benchmarks.plot import save_results
 from timm_halo.bench import (
     ModelResult,
     ModelSpec,
@@ -26,7 +27,6 @@ from timm_halo.bench import (
     measure_models,
     resolve_run,
     run_header,
-    write_json,
 )
 
 OURS = 'ours halonet_h1'
@@ -81,12 +81,7 @@ def main() -> None:
     print_ratios(ratio_rows)
     data = dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results],
                 ratios=ratio_rows)
-    write_json(data, args.json)
-    if args.plot:
-        from benchmarks.plot import plot
-
-        plot(data, args.plot)
-        print(f'wrote {args.plot}')
+    save_results(data, args.json, args.plot)
 
 if __name__ == '__main__':
     main()

@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import textwrap
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 
 def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel: str, title: str) -> None:
@@ -120,6 +120,18 @@ def plot(data: Dict[str, Any], path: str) -> None:
     fig.suptitle(textwrap.fill(data.get('header', kind), 200), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_results(data: Dict[str, Any], json_path: Optional[str], png_path: Optional[str],
+                 draw: Optional[Callable[[Dict[str, Any], str], None]] = None) -> None:
+    """A benchmark script's ``--json`` and ``--plot`` outputs: the JSON file, and a PNG drawn by ``draw``
+    (default: ``plot``)."""
+    from timm_halo.bench import write_json
+
+    write_json(data, json_path)
+    if png_path:
+        (draw or plot)(data, png_path)
+        print(f'wrote {png_path}')
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from typing import List
 
 import timm
 
+from benchmarks.plot import save_results
 from timm_halo.bench import (
     ModelResult,
     ModelSpec,
@@ -25,7 +26,6 @@ from timm_halo.bench import (
     measure_models,
     resolve_run,
     run_header,
-    write_json,
 )
 
 TOLERANCE_PCT = 15.0
@@ -84,12 +84,7 @@ def main() -> None:
     print(header)
     print_rows(rows)
     data = dict(benchmark='resolution', header=header, args=vars(args), tolerance_pct=TOLERANCE_PCT, rows=rows)
-    write_json(data, args.json)
-    if args.plot:
-        from benchmarks.plot import plot
-
-        plot(data, args.plot)
-        print(f'wrote {args.plot}')
+    save_results(data, args.json, args.plot)
 
 if __name__ == '__main__':
     main()
