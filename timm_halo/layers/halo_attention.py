@@ -387,6 +387,21 @@ class HaloAttention(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
+    def _call_plan(self, x: torch.Tensor) -> Tuple[str, bool, bool]:
+        """For this call: the kernel, whether windows are cut by the ``gather_windows`` op, and whether
+        size-dependent window plans (cropped windows) are allowed (eager and torch.compile)."""
+        crop = self._use_custom_kernels()
+        if torch.jit.is_scripting():
+            return 'broadcast', False, crop
+        else:
+            plain_autograd = _plain_autograd_required()
+            return self._select_impl(x, crop, plain_autograd), crop and not plain_autograd, crop
+
+    def _attend(self, impl: str, q, k, v, rel_h, rel_w) -> torch.Tensor:
+        if impl == 'broadcast':
+            return attend_broadcast(q, k, v, rel_h, rel_w, self.scale)
+        return self._attend_custom(impl, q, k, v, rel_h, rel_w)
+
     @torch.jit.unused
     def _attend_custom(self, impl: str, q, k, v, rel_h, rel_w) -> torch.Tensor:
         if impl == 'tiled':
@@ -395,19 +410,9 @@ class HaloAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        crop = self._use_custom_kernels()  # eager / compile: size-dependent window plans allowed
-        if torch.jit.is_scripting():
-            impl, gather_op = 'broadcast', False
-        else:
-            plain_autograd = _plain_autograd_required()
-            impl = self._select_impl(x, crop, plain_autograd)
-            gather_op = crop and not plain_autograd
+        impl, gather_op, crop = self._call_plan(x)
         q, k, v, rel_h, rel_w, geom = self._blocked(x, crop, gather_op)
-        if impl == 'broadcast':
-            out = attend_broadcast(q, k, v, rel_h, rel_w, self.scale)
-        else:
-            out = self._attend_custom(impl, q, k, v, rel_h, rel_w)
-        return self.proj(self._unblock(out, geom))
+        return self.proj(self._unblock(self._attend(impl, q, k, v, rel_h, rel_w), geom))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense attention over all pixels with an explicit window mask: slow, for tests only.

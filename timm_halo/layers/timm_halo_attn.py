@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from timm.layers.halo_attn import HaloAttn
 
-from .broadcast import attend_broadcast
-from .halo_attention import HaloAttention, _plain_autograd_required, _resolve_impl_name, check_image_input
+from .halo_attention import HaloAttention, _resolve_impl_name, check_image_input
 from .windows import gather_windows, unfold_windows
 
 __all__ = ['TimmHaloAttn']
@@ -55,6 +54,8 @@ class TimmHaloAttn(HaloAttn):
     _use_custom_kernels = HaloAttention._use_custom_kernels
     _not_exporting = HaloAttention._not_exporting
     _attend_custom = HaloAttention._attend_custom
+    _call_plan = HaloAttention._call_plan
+    _attend = HaloAttention._attend
 
     @property
     def heads(self) -> int:
@@ -85,13 +86,7 @@ class TimmHaloAttn(HaloAttn):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if torch.jit.is_scripting():
-            impl, gather_op = 'broadcast', False
-        else:
-            custom_ok = self._use_custom_kernels()  # eager / torch.compile; not tracing, export
-            plain_autograd = _plain_autograd_required()  # forward AD, torch.func
-            impl = self._select_impl(x, custom_ok, plain_autograd)
-            gather_op = custom_ok and not plain_autograd
+        impl, gather_op, _ = self._call_plan(x)  # timm's windows are never cropped
 
         B, _, H, W = x.shape
         heads, d, dv = self.num_heads, self.dim_head_qk, self.dim_head_v
@@ -118,11 +113,7 @@ class TimmHaloAttn(HaloAttn):
         else:
             k, v = unfold_windows(kv, heads, d, b, win, b, win)
 
-        if impl == 'broadcast':
-            out = attend_broadcast(q, k, v, rel_h, rel_w, self.scale)
-        else:
-            out = self._attend_custom(impl, q, k, v, rel_h, rel_w)
-
+        out = self._attend(impl, q, k, v, rel_h, rel_w)
         out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, heads * dv, nh * bq, nw * bq)
         return self.pool(out)
