@@ -37,7 +37,8 @@ SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
 }
 BLOCK, HALO, HEADS = 8, 3, 8
 # 'timm_halo' is attn_impl='auto'; the others force one kernel of the implementation table.
-OURS = ('timm_halo', 'timm_halo sdpa', 'timm_halo broadcast', 'timm_halo compiled')
+KERNELS = ('timm_halo fused', 'timm_halo tiled', 'timm_halo sdpa', 'timm_halo broadcast')
+OURS = ('timm_halo', *KERNELS, 'timm_halo compiled')
 PEERS = ('timm', 'lucidrains')
 
 
@@ -48,7 +49,7 @@ def lucidrains_available() -> bool:
 def make_layer(impl: str, channels: int, device: torch.device) -> torch.nn.Module:
     """The layer ``impl`` with ``channels`` in and out, 8 heads of C/8, on ``device``."""
     if impl in OURS:
-        kernel = impl.split()[1] if impl in ('timm_halo sdpa', 'timm_halo broadcast') else 'auto'
+        kernel = impl.split()[1] if impl in KERNELS else 'auto'
         layer = HaloAttention(channels, block_size=BLOCK, halo_size=HALO, heads=HEADS, dim_head=channels // HEADS,
                               attn_impl=kernel)
         layer = layer.to(device)
@@ -93,7 +94,7 @@ def impls_to_run(with_compiled: bool, kernels: bool) -> List[str]:
         print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
     impls.append('timm_halo')
     if kernels:
-        impls += ['timm_halo sdpa', 'timm_halo broadcast']
+        impls += list(KERNELS)
     if with_compiled:
         impls.append('timm_halo compiled')
     return impls
@@ -170,7 +171,7 @@ def main() -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--compile', action='store_true', help='add torch.compile(HaloAttention) (slow to compile)')
-    parser.add_argument('--kernels', action='store_true', help="add attn_impl='sdpa' and 'broadcast' as contenders")
+    parser.add_argument('--kernels', action='store_true', help='add each kernel of the table as a contender')
     parser.add_argument('--shapes', nargs='+', choices=list(SHAPES), default=None, help='default: all four stages')
     parser.add_argument('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument('--load', type=int, default=0, metavar='N', help='N busy-loop processes during the timings')

@@ -2,7 +2,7 @@
 
     python -m benchmarks.model [--device cpu|cuda] [--batch-size N] [--repeats N] [--amp [bf16|fp16]]
                                [--compile] [--channels-last] [--no-train] [--threads N] [--load N] [--json PATH]
-                               [--plot PATH]
+                               [--plot PATH] [--kernels IMPL ...]
 
 Contenders: ours ``timm.create_model('halonet_h1')`` and timm's ByobNet ``timm.models.byoanet.halonet_h1()``
 at 256 px; ``timm.create_model('resnet50')`` at 224 px (timm's own input size) and at 256 px. The train step is
@@ -32,9 +32,10 @@ from timm_halo.bench import (
 OURS = 'ours halonet_h1'
 
 
-def contenders() -> List[ModelSpec]:
+def contenders(kernels: List[str]) -> List[ModelSpec]:
     return [
         ModelSpec(OURS, partial(timm.create_model, 'halonet_h1'), 256),
+        *[ModelSpec(f'{OURS} {k}', partial(timm.create_model, 'halonet_h1', attn_impl=k), 256) for k in kernels],
         ModelSpec('timm halonet_h1', timm.models.byoanet.halonet_h1, 256),
         ModelSpec('resnet50', partial(timm.create_model, 'resnet50'), 224),
         ModelSpec('resnet50', partial(timm.create_model, 'resnet50'), 256),
@@ -65,13 +66,15 @@ def main() -> None:
     add_run_args(parser, cpu_batch_size=2)
     parser.add_argument('--no-train', action='store_true', help='inference only: skip the train step')
     parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
+    parser.add_argument('--kernels', nargs='+', default=[], metavar='IMPL',
+                        help="also run ours with these attn_impl kernels forced (e.g. --kernels tiled)")
     args = parser.parse_args()
     device, amp_dtype, batch_size, repeats = resolve_run(args, parser)
 
     results: List[ModelResult] = []
     for train in (False,) if args.no_train else (False, True):
         with busy_load(args.load):
-            results += measure_models(contenders(), device, batch_size, train=train, repeats=repeats,
+            results += measure_models(contenders(args.kernels), device, batch_size, train=train, repeats=repeats,
                                       warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
                                       channels_last=args.channels_last)
     header = run_header(device, f'Models, batch {batch_size}, {repeats} repeats', args)

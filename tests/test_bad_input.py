@@ -159,7 +159,7 @@ CASES = [
     Case('layer: NaN pixel, stride 2, off the query grid', _nan_pixel(2, 4, 2, 9, 5), check=_check_nan_pixel),
     Case('layer: NaN pixel, halo 0', _nan_pixel(1, 3, 0, 12, 10), check=_check_nan_pixel),
     *[Case(f'layer: NaN pixel, {path}', _nan_pixel(2, 4, 2, 9, 5, path), check=_check_nan_pixel)
-      for path in ('tiled', 'sdpa', 'broadcast', 'reference')],
+      for path in ('fused', 'tiled', 'sdpa', 'broadcast', 'reference')],
     # -- HaloAttention: construction
     Case('layer: stride 3', lambda: _layer(stride=3), ValueError, r'stride must be 1 or 2, got 3'),
     Case('layer: stride 2.0', lambda: _layer(stride=2.0), TypeError, r'stride must be 1 or 2 \(an int\), got 2\.0'),
@@ -171,9 +171,11 @@ CASES = [
     Case("layer: value_ratio '1'", lambda: _layer(value_ratio='1'), TypeError,
          r"value_ratio must be a finite number > 0, got '1' of type str"),
     Case('layer: unknown attn_impl', lambda: _layer(attn_impl='flash'), ValueError,
-         r"unknown attn_impl 'flash'; choose one of auto, tiled, sdpa, broadcast"),
+         r"unknown attn_impl 'flash'; choose one of auto, fused, tiled, sdpa, broadcast"),
     Case('layer: tiled on the meta device', _no_grad(lambda: _layer(attn_impl='tiled', device='meta')(
         torch.randn(1, 16, 8, 8, device='meta'))), RuntimeError, r"attn_impl='tiled' runs on cpu only, got a meta"),
+    Case('layer: fused on the meta device', _no_grad(lambda: _layer(attn_impl='fused', device='meta')(
+        torch.randn(1, 16, 8, 8, device='meta'))), RuntimeError, r"attn_impl='fused' runs on cpu only, got a meta"),
     Case('layer: block not divisible by stride', lambda: _layer(block_size=3, stride=2), ValueError,
          r'block_size \(3\) must be divisible by stride \(2\)'),
     Case('layer: block_size 0', lambda: _layer(block_size=0), ValueError, r'block_size must be an integer >= 1'),

@@ -16,7 +16,7 @@ import timm_halo  # noqa: F401  (registers the halonet_* models with timm)
 from timm_halo import HaloAttention
 from timm_halo.layers import ATTN_IMPLS
 
-KERNELS = list(ATTN_IMPLS)  # tiled, sdpa, broadcast
+KERNELS = list(ATTN_IMPLS)  # fused, tiled, sdpa, broadcast
 
 
 def _layer(stride: int = 1, impl: str = 'auto', dtype=torch.double, **kwargs) -> HaloAttention:
@@ -34,7 +34,7 @@ def _reference(layer: HaloAttention):
 
 # ---- higher-order gradients ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('impl', ['auto', 'tiled', 'broadcast'])
+@pytest.mark.parametrize('impl', ['auto', 'fused', 'tiled', 'broadcast'])
 @pytest.mark.parametrize('stride,size', [(1, (9, 7)), (2, (8, 11)), (1, (4, 4))])
 def test_gradient_penalty_matches_reference(impl, stride, size):
     """Double backward (gradient penalties, R1): d/dparams of ||dL/dx||^2, against the dense reference."""
@@ -100,10 +100,11 @@ def test_jacfwd_jacrev_vmap_match_reference():
     torch.testing.assert_close(vmap(layer)(xs), torch.stack([layer.reference_forward(x) for x in xs]))
 
 
-def test_explicit_custom_op_kernel_refuses_forward_mode():
-    layer = _layer(1, 'tiled')
+@pytest.mark.parametrize('impl', ['fused', 'tiled'])
+def test_explicit_custom_op_kernel_refuses_forward_mode(impl):
+    layer = _layer(1, impl)
     x = torch.randn(1, 8, 6, 6, dtype=torch.double)
-    with pytest.raises(RuntimeError, match=r"attn_impl='tiled' is a custom op without forward-mode AD"):
+    with pytest.raises(RuntimeError, match=rf"attn_impl='{impl}' is a custom op without forward-mode AD"):
         jvp(layer, (x,), (x,))
 
 
@@ -281,7 +282,8 @@ def test_models_pass_attn_impl_to_every_layer():
     assert impls == {'sdpa'}
 
 
-def test_explicit_custom_op_kernel_refuses_export():
-    layer = _layer(1, 'tiled', dtype=torch.float32).eval()
-    with pytest.raises(RuntimeError, match=r"attn_impl='tiled' is a custom op that tracing and export cannot"):
+@pytest.mark.parametrize('impl', ['fused', 'tiled'])
+def test_explicit_custom_op_kernel_refuses_export(impl):
+    layer = _layer(1, impl, dtype=torch.float32).eval()
+    with pytest.raises(RuntimeError, match=rf"attn_impl='{impl}' is a custom op that tracing and export cannot"):
         torch.export.export(layer, (torch.randn(1, 8, 8, 8),))

@@ -11,7 +11,7 @@ from timm_halo.layers import HaloAttention
 
 # Every kernel of the implementation table, as eager mode runs it (cropped windows on maps of one or two blocks
 # per axis, the window-gather op), plus the plain-window variants that TorchScript, tracing and export run.
-PATHS = ['tiled', 'sdpa', 'broadcast', 'sdpa-plain', 'broadcast-plain']
+PATHS = ['fused', 'tiled', 'sdpa', 'broadcast', 'sdpa-plain', 'broadcast-plain']
 
 
 def _forward(layer: HaloAttention, x: torch.Tensor, path: str) -> torch.Tensor:

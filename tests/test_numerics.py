@@ -36,7 +36,7 @@ def _value_range(layer: HaloAttention, x: torch.Tensor):
     return kv.amin(dim=(2, 3)), kv.amax(dim=(2, 3))
 
 
-@pytest.mark.parametrize('path', ['tiled', 'sdpa', 'broadcast'])
+@pytest.mark.parametrize('path', ['fused', 'tiled', 'sdpa', 'broadcast'])
 @pytest.mark.parametrize('stride', [1, 2])
 def test_bf16_autocast_matches_fp32_reference(stride, path):
     layer = _layer(stride)
@@ -48,7 +48,7 @@ def test_bf16_autocast_matches_fp32_reference(stride, path):
         torch.testing.assert_close(out.float(), ref, rtol=0, atol=BF16_TOL * ref.abs().max().item(), msg=str(shape))
 
 
-@pytest.mark.parametrize('path', ['tiled', 'sdpa', 'broadcast'])
+@pytest.mark.parametrize('path', ['fused', 'tiled', 'sdpa', 'broadcast'])
 @pytest.mark.parametrize('stride', [1, 2])
 def test_bf16_autocast_large_inputs_stay_finite_and_bounded(stride, path):
     """Inputs scaled by 1e3 give logits of about 1e6, where bf16's 3 significant digits can change which key a
@@ -83,7 +83,7 @@ def test_masked_positions_get_exactly_zero_weight_in_bf16():
     x = torch.randn(3, 32, 1, 1) * 50
     with torch.no_grad():
         v = layer.kv(x).unflatten(1, (layer.heads, 2 * layer.dim_head))[:, :, layer.dim_head:].flatten(1, 2)
-        for path in ('tiled', 'broadcast'):
+        for path in ('fused', 'tiled', 'broadcast'):
             out = _run(layer, x, path, 'cpu', torch.bfloat16).float()
             with torch.autocast('cpu', dtype=torch.bfloat16):
                 v_bf16 = layer.kv(x).unflatten(1, (layer.heads, 2 * layer.dim_head))[:, :, layer.dim_head:]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from timm_halo import HaloAttention
+from timm_halo.layers import fused_cpu
 from timm_halo.layers import halo_attention as halo_module
 from timm_halo.layers import sdpa as sdpa_module
 from timm_halo.layers.broadcast import attend_broadcast
@@ -214,7 +215,8 @@ def test_auto_picks_sdpa_on_cuda_where_it_can_run():
         assert layer._select_impl(_fake_x('cuda', dtype), False, False) == 'broadcast'
     assert layer._auto_impl(_fake_x('cuda', torch.float64), True, True) == 'broadcast'  # no fused fp64 kernel
     assert layer._auto_impl(_fake_x('mps'), True, True) == 'broadcast'
-    assert layer._auto_impl(_fake_x('cpu'), True, True) in ('tiled', 'broadcast')
+    cpu_kernels = ('fused',) if fused_cpu.available() else ('tiled', 'broadcast')
+    assert layer._auto_impl(_fake_x('cpu'), True, True) in cpu_kernels
 
 
 def test_compile_traces_the_sdpa_path_in_one_graph():

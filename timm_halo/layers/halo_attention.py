@@ -30,6 +30,7 @@ from einops import rearrange
 from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from torch import nn
 
+from . import fused_cpu as _fused
 from . import tiled as _tiled
 from .broadcast import attend_broadcast
 from .sdpa import attend_sdpa
@@ -47,7 +48,8 @@ class AttnImpl(NamedTuple):
 
 
 ATTN_IMPLS: Dict[str, AttnImpl] = {
-    'tiled': AttnImpl(('cpu',), True, 'tiled flash-style CPU kernel (tiled.py)'),
+    'fused': AttnImpl(('cpu',), True, "C kernel built on first use (fused_cpu.py); 'auto' on CPU where it builds"),
+    'tiled': AttnImpl(('cpu',), True, 'tiled flash-style CPU kernel in ATen ops (tiled.py)'),
     'sdpa': AttnImpl(None, False, "fused scaled_dot_product_attention calls (sdpa.py); 'auto' on CUDA, first order"),
     'broadcast': AttnImpl(None, False, 'whole tensors in plain ATen ops (broadcast.py)'),
 }
@@ -129,9 +131,10 @@ class HaloAttention(nn.Module):
         stride: 1, or 2 for strided attention (queries subsampled inside each block).
         value_ratio: value channels per head relative to ``dim_head`` (the paper's rv).
         qkv_bias: add a bias to the q and kv projections.
-        attn_impl: the attention kernel: ``'auto'``, ``'tiled'`` (CPU), ``'sdpa'`` or ``'broadcast'``
-            (see ``ATTN_IMPLS``; ``'auto'`` runs ``'tiled'`` on CPU, ``'sdpa'`` on CUDA, ``'broadcast'`` where those
-            cannot run). ``None`` reads the environment variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
+        attn_impl: the attention kernel: ``'auto'``, ``'fused'`` or ``'tiled'`` (CPU), ``'sdpa'`` or ``'broadcast'``
+            (see ``ATTN_IMPLS``; ``'auto'`` runs ``'fused'`` on CPU (``'tiled'`` where no C compiler could build
+            it), ``'sdpa'`` on CUDA, ``'broadcast'`` where those cannot run). ``None`` reads the environment
+            variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
     """
 
     def __init__(
@@ -253,6 +256,10 @@ class HaloAttention(nn.Module):
             raise RuntimeError(
                 f'HaloAttention: attn_impl={self.attn_impl!r} is a custom op that tracing and export cannot '
                 'capture; use attn_impl="auto" (exports the "broadcast" path) or "broadcast"')
+        if self.attn_impl == 'fused' and not _fused.available():
+            raise RuntimeError(
+                "HaloAttention: attn_impl='fused' builds a C kernel on first use, and that failed "
+                f"({_fused.unavailable_reason()}); use attn_impl='auto' (runs 'tiled' then) or 'tiled'")
         if impl.custom_op and plain_autograd:
             raise RuntimeError(
                 f'HaloAttention: attn_impl={self.attn_impl!r} is a custom op without forward-mode AD or torch.func '
@@ -269,6 +276,8 @@ class HaloAttention(nn.Module):
             return 'sdpa' if fused else 'broadcast'
         if not custom_op_ok or x.device.type != 'cpu':
             return 'broadcast'
+        if _fused.available():
+            return 'fused'
         # All logits of the call fit in one tile (late stages, small batches): tiling buys nothing there, and one
         # whole-tensor call is faster.
         B, _, H, W = x.shape
@@ -404,6 +413,8 @@ class HaloAttention(nn.Module):
 
     @torch.jit.unused
     def _attend_custom(self, impl: str, q, k, v, rel_h, rel_w) -> torch.Tensor:
+        if impl == 'fused':
+            return _fused.attend_fused(q, k, v, rel_h, rel_w, self.scale)
         if impl == 'tiled':
             return _tiled.attend_tiled(q, k, v, rel_h, rel_w, self.scale, _tiled.TILE_LOGITS)
         return attend_sdpa(q, k, v, rel_h, rel_w, self.scale)

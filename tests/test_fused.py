@@ -1,0 +1,166 @@
+"""The fused C kernel (layers/fused_cpu.py, fused_cpu.c) against the whole-tensor kernel and the layer's reference.
+
+The layer-level paths (every case of test_halo_attention.py, test_numerics.py) run it as ``'fused'`` too; here are
+the kernel's own edges: padded key rows of every width, query counts that are not a multiple of the backward's
+query block, odd channel counts, masked keys, NaN rows, threads, dtypes, the custom op's registration, and what
+happens without a C compiler.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from timm_halo.layers import HaloAttention, attend_broadcast, attend_fused, fused_cpu
+
+pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason=f'no C kernel: {fused_cpu.unavailable_reason()}')
+
+MASKED = torch.finfo(torch.float32).min / 4  # the layer's border mask value
+
+
+def _inputs(n, d, dv, bq, kh, kw, dtype=torch.float64, seed=0, mask=True):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(n, d, bq * bq, generator=g, dtype=dtype), torch.randn(n, d, kh * kw, generator=g, dtype=dtype)
+    v = torch.randn(n, dv, kh * kw, generator=g, dtype=dtype)
+    rel_h, rel_w = torch.randn(n, bq, bq, kh, generator=g, dtype=dtype), torch.randn(n, bq, bq, kw, generator=g,
+                                                                                     dtype=dtype)
+    if mask:  # border keys as the layer masks them: whole key rows / columns of some windows
+        rel_h[::3, ..., 0] = MASKED
+        rel_w[1::4, ..., -1] = MASKED
+    return [t.requires_grad_() for t in (q, k, v, rel_h, rel_w)]
+
+
+# (windows, d, dv, bq, kh, kw): stage-1 and stage-3 shapes, rows of 1, 16 (exactly one vector), 17 and 33 keys,
+# query counts 1, 9 and 25 (not multiples of the backward's block of 4), odd channel counts
+SHAPES = [(6, 8, 8, 8, 14, 14), (3, 32, 32, 8, 11, 11), (4, 5, 7, 3, 5, 1), (3, 3, 2, 1, 16, 16),
+          (2, 4, 6, 5, 17, 33), (5, 1, 1, 2, 2, 3)]
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_matches_broadcast_kernel_fp64_outputs_and_gradients(shape):
+    args = _inputs(*shape)
+    grad = torch.randn(shape[0], shape[2], shape[3] ** 2, dtype=torch.float64)
+    ref = attend_broadcast(*args, 0.37)
+    out = attend_fused(*args, 0.37)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', SHAPES[:3], ids=lambda s: 'x'.join(map(str, s)))
+def test_fp32_matches_fp64_reference(shape):
+    args64 = _inputs(*shape, mask=False)
+    args32 = [t.detach().float().requires_grad_() for t in args64]
+    grad = torch.randn(shape[0], shape[2], shape[3] ** 2, dtype=torch.float64)
+    ref = attend_broadcast(*args64, 0.37)
+    out = attend_fused(*args32, 0.37)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    ref_grads = torch.autograd.grad(ref, args64, grad)
+    for a, b in zip(torch.autograd.grad(out, args32, grad.float()), ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_and_gradgradcheck():
+    args = _inputs(3, 3, 2, 3, 4, 5)
+    assert torch.autograd.gradcheck(lambda *a: attend_fused(*a, 0.5), args)
+    assert torch.autograd.gradgradcheck(lambda *a: attend_fused(*a, 0.5), args)
+
+
+def test_masked_keys_get_exactly_zero_probability():
+    # Values of fully masked key columns are huge: any probability leaking to them would show in the output.
+    q, k, v, rel_h, rel_w = (t.detach() for t in _inputs(4, 8, 8, 8, 14, 14, dtype=torch.float32, mask=False))
+    rel_w[..., -3:] = MASKED
+    v = v.view(4, 8, 14, 14).clone()
+    v[..., -3:] = 1e30
+    out = attend_fused(q, k, v.view(4, 8, -1), rel_h, rel_w, 0.35)
+    kept = attend_broadcast(q, k.view(4, 8, 14, 14)[..., :-3].reshape(4, 8, -1), v[..., :-3].reshape(4, 8, -1),
+                            rel_h, rel_w[..., :-3], 0.35)
+    torch.testing.assert_close(out, kept, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_stays_in_its_query_row_as_in_softmax():
+    q, k, v, rel_h, rel_w = (t.detach() for t in _inputs(2, 4, 4, 4, 5, 5, dtype=torch.float32))
+    q[1, :, 5] = float('nan')
+    out, ref = attend_fused(q, k, v, rel_h, rel_w, 0.5), attend_broadcast(q, k, v, rel_h, rel_w, 0.5)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().sum() == 4  # query 5 of window 1, every channel
+    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+def test_threads_do_not_change_the_result():
+    args = [t.detach() for t in _inputs(37, 8, 8, 8, 14, 14, dtype=torch.float32)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = attend_fused(*args, 0.35)
+        torch.set_num_threads(3)
+        three = attend_fused(*args, 0.35)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)  # windows are independent: same arithmetic whichever thread runs them
+
+
+def test_bf16_is_computed_in_fp32_and_returned_in_bf16():
+    args = [t.detach().bfloat16().requires_grad_() for t in _inputs(3, 8, 8, 4, 6, 6, dtype=torch.float32)]
+    out = attend_fused(*args, 0.35)
+    assert out.dtype == torch.bfloat16
+    ref = attend_broadcast(*(t.detach().float() for t in args), 0.35)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in args)
+
+
+def test_custom_op_registration_passes_opcheck():
+    args = [t.detach().float() for t in _inputs(3, 4, 4, 3, 5, 6, dtype=torch.float32)]
+    torch.library.opcheck(torch.ops.timm_halo.attend_fused.default, (*args, 0.5))
+
+
+def test_layer_auto_runs_the_fused_kernel_on_cpu():
+    layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8)
+    x = torch.randn(2, 16, 12, 12)
+    assert layer._call_plan(x)[0] == 'fused'
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert layer._call_plan(x)[0] == 'fused'
+        assert layer(x).dtype == torch.bfloat16
+
+
+def _run_without_compiler(tmp_path, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'CC': str(tmp_path / 'no-such-compiler'), 'TIMM_HALO_CACHE': str(tmp_path / 'cache')}
+    env.pop('TIMM_HALO_ATTN_IMPL', None)
+    return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_without_a_compiler_auto_runs_tiled_and_fused_is_a_clear_error(tmp_path):
+    code = (
+        'import torch\n'
+        'from timm_halo.layers import HaloAttention, fused_cpu\n'
+        'layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8)\n'
+        'x = torch.randn(4, 16, 64, 64)\n'  # more logits than one tile: 'auto' would run 'broadcast' below that
+        'print(fused_cpu.available(), layer._call_plan(x)[0])\n'
+        'out = layer(x)\n'
+        'layer.attn_impl = "broadcast"\n'
+        'torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)\n'
+        'layer.attn_impl = "fused"\n'
+        'try:\n'
+        '    layer(x)\n'
+        'except RuntimeError as e:\n'
+        '    print("error:", e)\n')
+    done = _run_without_compiler(tmp_path, code)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == 'False tiled'
+    assert lines[1].startswith("error: HaloAttention: attn_impl='fused' builds a C kernel on first use, and that ")
+    assert 'no-such-compiler' in lines[1] and "use attn_impl='auto'" in lines[1]
+
+
+def test_built_library_is_cached_and_reused(tmp_path):
+    cache = tmp_path / 'cache'
+    code = 'from timm_halo.layers import fused_cpu; print(fused_cpu.available())'
+    env = {**os.environ, 'TIMM_HALO_CACHE': str(cache)}
+    first = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.stdout.strip() == 'True', first.stderr
+    built = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(built) == 2 and all(name.endswith('.so') for name in built)  # float and double, no leftovers
+    second = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert second.stdout.strip() == 'True', second.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == built
