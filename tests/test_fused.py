@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from timm_halo.layers import HaloAttention, attend_broadcast, attend_fused, fused_cpu
+from timm_halo.layers.fused_cpu import attend_fused_tables, expand_tables
 
 pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason=f'no C kernel: {fused_cpu.unavailable_reason()}')
 
@@ -110,9 +111,59 @@ def test_bf16_is_computed_in_fp32_and_returned_in_bf16():
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in args)
 
 
+def _table_inputs(layer: HaloAttention, x: torch.Tensor):
+    with torch.no_grad():
+        q, k, v, tables, _ = layer._blocked(x, crop=True, gather_op=True, tables=True)
+        plain = layer._blocked(x, crop=True, gather_op=True)[3]
+    return q, k, v, tables, plain
+
+
+# (channels, H, W, block, halo, stride): plain windows, one block per axis, two blocks, stride 2, halo > block
+GEOMETRIES = [(8, 13, 11, 4, 1, 1), (8, 7, 5, 8, 3, 1), (8, 13, 16, 8, 3, 1), (8, 10, 9, 4, 1, 2),
+              (8, 9, 14, 2, 5, 1), (8, 16, 11, 8, 2, 2)]
+
+
+@pytest.mark.parametrize('geometry', GEOMETRIES, ids=lambda g: 'x'.join(map(str, g)))
+def test_table_form_gives_the_layers_relative_terms(geometry):
+    """What the kernel reads from the table products (expand_tables, its plain-op twin) is exactly the layer's
+    per-axis terms of every other kernel, masks included."""
+    channels, H, W, block, halo, stride = geometry
+    layer = HaloAttention(channels, block_size=block, halo_size=halo, heads=2, dim_head=4, stride=stride).double()
+    q, _, _, tables, (rel_h, rel_w) = _table_inputs(layer, torch.randn(3, channels, H, W, dtype=torch.double))
+    got_h, got_w = expand_tables(q, *tables)
+    torch.testing.assert_close(got_h, rel_h, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(got_w, rel_w, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize('geometry', GEOMETRIES[:4], ids=lambda g: 'x'.join(map(str, g)))
+def test_table_kernel_matches_broadcast_kernel(geometry):
+    channels, H, W, block, halo, stride = geometry
+    layer = HaloAttention(channels, block_size=block, halo_size=halo, heads=2, dim_head=4, stride=stride).double()
+    q, k, v, tables, (rel_h, rel_w) = _table_inputs(layer, torch.randn(2, channels, H, W, dtype=torch.double))
+    q, k, v, qt_h, qt_w = (t.clone().requires_grad_() for t in (q, k, v, *tables[:2]))
+    out = attend_fused_tables(q, k, v, qt_h, qt_w, *tables[2:], layer.scale)
+    ref = attend_broadcast(q, k, v, *expand_tables(q, qt_h, qt_w, *tables[2:]), layer.scale)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    inputs = (q, k, v, qt_h, qt_w)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_custom_op_registration_passes_opcheck():
-    args = [t.detach().float() for t in _inputs(3, 4, 4, 3, 5, 6, dtype=torch.float32)]
-    torch.library.opcheck(torch.ops.timm_halo.attend_fused.default, (*args, 0.5))
+    layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4, stride=2)
+    q, k, v, tables, _ = _table_inputs(layer, torch.randn(2, 8, 10, 9))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, *tables[:2])]
+    torch.library.opcheck(torch.ops.timm_halo.attend_fused.default, (*inputs, *tables[2:], layer.scale))
+
+
+def test_table_row_outside_the_table_is_an_error_not_a_read_out_of_bounds():
+    layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4)
+    q, k, v, tables, _ = _table_inputs(layer, torch.randn(1, 8, 8, 8))
+    base_h = tables[2].clone()
+    base_h[1, 0] = tables[0].shape[1] - 2  # key rows run past the last table row
+    with pytest.raises(IndexError, match='relative-table row outside the table'):
+        attend_fused_tables(q, k, v, tables[0], tables[1], base_h, *tables[3:], layer.scale)
 
 
 def test_layer_auto_runs_the_fused_kernel_on_cpu():

@@ -267,7 +267,7 @@ def test_custom_ops_pass_opcheck():
     layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4, stride=2)
     x = torch.randn(2, 8, 10, 9)
     with torch.no_grad():
-        q, k, v, rel_h, rel_w, _ = layer._blocked(x, crop=True, gather_op=True)
+        q, k, v, (rel_h, rel_w), _ = layer._blocked(x, crop=True, gather_op=True)
     inputs = [t.clone().requires_grad_() for t in (q, k, v, rel_h, rel_w)]
     torch.library.opcheck(attend_tiled, (*inputs, layer.scale, 300))  # 300 logits: several tiles
     padded = torch.randn(2, 16, 12, 11, requires_grad=True)

@@ -2,15 +2,19 @@
  *
  * Built on first use by fused_cpu.py, once for float and once for double (-DHALO_DOUBLE), and called through
  * ctypes on a range of windows; the caller runs ranges on its own threads (ctypes releases the GIL).
- * Layouts, window w:
- *   q (d, Q), k (d, K), v (dv, K), out (dv, Q), stats (Q, 2), rel_h (Q, kh), rel_w (Q, kw);  K = kh * kw,
- * query i = (yi, xi) and key j = (jh, jw) row-major. The logit of (i, j) is
- *   scale * q[:, i] . k[:, j] + rel_h[i, jh] + rel_w[i, jw].
+ * Layouts, window w (n windows; nh x nw blocks per image and head, window w is block (w / nw % nh, w % nw)):
+ *   q (d, Q), k (d, K), v (dv, K), out (dv, Q), stats (Q, 2);  K = kh * kw, Q = bq * bq,
+ *   qt_h (Rh, Q), qt_w (Rw, Q): each query's dot products with every row of the relative tables,
+ *   base_h (nh, bq), base_w (nw, bq): the table row of key row / column 0 for each block and query row / column,
+ *   mask_h (nh, kh), mask_w (nw, kw): additive border masks (0 or a very negative number),
+ * query i = (y, x) and key j = (jh, jw) row-major. The logit of (i, j) in block (by, bx) is
+ *   scale * q[:, i] . k[:, j] + qt_h[base_h[by, y] + jh, i] + mask_h[by, jh] + qt_w[base_w[bx, x] + jw, i] + mask_w[bx, jw]
  * Each window's keys and values are first copied into rows of kwp >= kw columns, a whole number of vectors; pad
  * columns get a very negative logit, hence probability exactly 0. Rows are then processed as GCC/Clang vector
  * types (64 bytes: AVX-512, or two AVX2 / four SSE / NEON registers), so no loop has a scalar tail and the code
- * does not depend on the auto-vectoriser. The forward saves each query's max logit and log-sum-exp (stats); the
- * backward recomputes the probabilities from them (flash-attention style) and accumulates a window's dk, dv in L1.
+ * does not depend on the auto-vectoriser. The forward saves each query's max logit and 1 / sum of exp (stats); the
+ * backward recomputes the very same probabilities from them (flash-attention style) and accumulates a window's dk, dv in L1.
+ * Functions return 0, 1 when out of memory, 2 when a table row lies outside its table (a caller's bug).
  */
 #include <float.h>
 #include <math.h>
@@ -34,6 +38,7 @@ typedef int32_t I;
 #define VL ((int)(VBYTES / sizeof(T)))
 #define QB 4 /* queries per step of the backward: a window's dk and dv accumulators are read and written once per QB */
 typedef T vec __attribute__((vector_size(VBYTES)));
+enum { G_D, G_DV, G_Q, G_KH, G_KW, G_RH, G_RW, G_NH, G_NW, G_BQ, G_COUNT };  /* the caller's geometry array */
 typedef I ivec __attribute__((vector_size(VBYTES)));
 
 static inline vec splat(T x) { return (vec){0} + x; }
@@ -54,12 +59,22 @@ static inline T hsum(vec x) {  /* halving steps: a few shuffles and adds, not VL
     return s;
 }
 
-/* exp for x <= 0 (a logit minus its row's max): exactly 0 below -87, as ATen's softmax gives for masked keys;
- * NaN stays NaN. fp32: range reduction by ln 2 and a degree-6 polynomial (about 1 ulp); fp64: libm. */
+/* exp for x <= 0 (a logit minus its row's max), on whole vectors: exactly 0 below the smallest normal number's log
+ * (masked keys get zero probability, as in ATen's softmax), NaN stays NaN. Range reduction by ln 2 (split in a
+ * high and low part), then a polynomial on |r| <= ln(2) / 2: degree 6 (about 1 ulp) in fp32, 13 (Taylor) in fp64. */
 static inline vec exp_nonpos(vec x) {
 #ifdef HALO_DOUBLE
-    for (int l = 0; l < VL; ++l) x[l] = exp(x[l]);
-    return x;
+    const vec lo = splat(-708.0), magic = splat(6755399441055744.0);  /* 1.5 * 2^52: adding it rounds */
+    const ivec under = x < lo;
+    const vec xc = vselect(under, lo, x);
+    const vec n = (xc * 1.4426950408889634 + magic) - magic;
+    const vec r = (xc - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
+    vec p = splat(1.0 / 6227020800.0);  /* 1 / 13! */
+    static const double inv_fact[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                        1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                                        1.0 / 6.0, 0.5, 1.0, 1.0};
+    for (int t = 0; t < 13; ++t) p = p * r + inv_fact[t];
+    const ivec two_n = (__builtin_convertvector(n, ivec) + 1023) << 52;
 #else
     const vec lo = splat(-87.0f), magic = splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
     const ivec under = x < lo;
@@ -75,19 +90,22 @@ static inline vec exp_nonpos(vec x) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     const ivec two_n = (__builtin_convertvector(n, ivec) + 127) << 23;
-    return vselect(under, splat(0), p * (vec)two_n);
 #endif
+    return vselect(under, splat(0), p * (vec)two_n);
 }
 
 typedef struct {
     int d, dv, Q, kh, kw, kwp, nv; /* nv: vectors per padded row of kh * kwp keys */
+    int rows_h, rows_w, nh, nw, bq; /* table rows per axis, blocks per axis, queries per block side */
     vec *k, *v, *rw, *colsum;      /* padded copies: k (d, nv), v (dv, nv); a rel_w row; column sums (bwd) */
     vec *row, *dp, *gk, *gv;       /* QB rows each of probabilities and their gradient; padded dk, dv (backward) */
     void *mem;
 } Scratch;
 
-static int scratch_init(Scratch *s, int d, int dv, int Q, int kh, int kw, int backward) {
-    s->d = d; s->dv = dv; s->Q = Q; s->kh = kh; s->kw = kw;
+static int scratch_init(Scratch *s, const int32_t *g, int backward) {
+    const int d = g[G_D], dv = g[G_DV], kh = g[G_KH], kw = g[G_KW];
+    s->d = d; s->dv = dv; s->Q = g[G_Q]; s->kh = kh; s->kw = kw;
+    s->rows_h = g[G_RH]; s->rows_w = g[G_RW]; s->nh = g[G_NH]; s->nw = g[G_NW]; s->bq = g[G_BQ];
     s->kwp = (kw + VL - 1) / VL * VL;
     s->nv = kh * s->kwp / VL;
     const size_t nv = (size_t)s->nv, rwv = (size_t)(s->kwp / VL);
@@ -151,15 +169,33 @@ static void rows_combination(vec *dst, const vec *src, int channels, int nv, con
     }
 }
 
+/* Where query i of window w reads its relative terms: rows of qt_h / qt_w (stride Q) and the block's masks. */
+typedef struct {
+    const T *qt_h, *qt_w, *mask_h, *mask_w;
+} RelTerms;
+
+static int rel_terms(const Scratch *s, int64_t w, int i, const T *qt_h, const T *qt_w, const int32_t *base_h,
+                     const int32_t *base_w, const T *mask_h, const T *mask_w, RelTerms *r) {
+    const int by = (int)(w / s->nw % s->nh), bx = (int)(w % s->nw), y = i / s->bq, x = i % s->bq;
+    const int row_h = base_h[by * s->bq + y], row_w = base_w[bx * s->bq + x];
+    if (row_h < 0 || row_h + s->kh > s->rows_h || row_w < 0 || row_w + s->kw > s->rows_w) return 0;
+    r->qt_h = qt_h + (w * s->rows_h + row_h) * s->Q + i;
+    r->qt_w = qt_w + (w * s->rows_w + row_w) * s->Q + i;
+    r->mask_h = mask_h + (size_t)by * s->kh;
+    r->mask_w = mask_w + (size_t)bx * s->kw;
+    return 1;
+}
+
 /* The padded row of logits of query i (see the top comment) in row. */
-static void logits_row(const Scratch *s, const T *q, const T *rh, const T *rw, T scale, int i, vec *row) {
-    const int rwv = s->kwp / VL;
-    memcpy(s->rw, rw + (size_t)i * s->kw, sizeof(T) * (size_t)s->kw);
+static void logits_row(const Scratch *s, const RelTerms *r, const T *q, T scale, int i, vec *row) {
+    const int rwv = s->kwp / VL, Q = s->Q;
+    T *rw = (T *)s->rw;  /* its pad columns hold PAD_LOGIT */
+    for (int jw = 0; jw < s->kw; ++jw) rw[jw] = r->qt_w[(size_t)jw * Q] + r->mask_w[jw];
     for (int jh = 0; jh < s->kh; ++jh) {
-        const T a = rh[(size_t)i * s->kh + jh];
+        const T a = r->qt_h[(size_t)jh * Q] + r->mask_h[jh];
         for (int u = 0; u < rwv; ++u) row[jh * rwv + u] = s->rw[u] + a;
     }
-    rows_combination(row, s->k, s->d, s->nv, q + i, s->Q, scale);
+    rows_combination(row, s->k, s->d, s->nv, q + i, Q, scale);
 }
 
 /* dst[c * stride] = factor * sum_j p[j] * src[c, j], four channels at a time (independent accumulators). */
@@ -184,20 +220,27 @@ static void rows_dot(const vec *p, const vec *src, int channels, int nv, T facto
     }
 }
 
-int halo_fwd(int64_t start, int64_t stop, int d, int dv, int Q, int kh, int kw, T scale,
-             const T *q, const T *k, const T *v, const T *rel_h, const T *rel_w, T *out, T *stats) {
+int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T *q, const T *k, const T *v,
+             const T *qt_h, const T *qt_w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
+             const T *mask_w, T *out, T *stats) {
     Scratch s;
-    if (!scratch_init(&s, d, dv, Q, kh, kw, 0)) return 1;
+    if (!scratch_init(&s, geom, 0)) return 1;
+    const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw;
     const int64_t K = (int64_t)kh * kw;
     const int nv = s.nv;
     vec *row = s.row;
     for (int64_t w = start; w < stop; ++w) {
-        const T *qw = q + w * d * Q, *rh = rel_h + w * Q * kh, *rw = rel_w + w * Q * kw;
+        const T *qw = q + w * d * Q;
         T *ow = out + w * dv * Q, *lw = stats + w * Q * 2;
         pad_rows(&s, d, k + w * d * K, s.k);
         pad_rows(&s, dv, v + w * dv * K, s.v);
         for (int i = 0; i < Q; ++i) {
-            logits_row(&s, qw, rh, rw, scale, i, row);
+            RelTerms r;
+            if (!rel_terms(&s, w, i, qt_h, qt_w, base_h, base_w, mask_h, mask_w, &r)) {
+                free(s.mem);
+                return 2;
+            }
+            logits_row(&s, &r, qw, scale, i, row);
             vec mv = row[0];
             ivec nan = row[0] != row[0];
             for (int j = 1; j < nv; ++j) {
@@ -217,26 +260,31 @@ int halo_fwd(int64_t start, int64_t stop, int d, int dv, int Q, int kh, int kw, 
                 sv += row[j];
             }
             const T sum = hsum(sv);
-            lw[2 * i] = m;  /* max and log-sum apart: m + log(sum) would round to m where every key is masked */
-            lw[2 * i + 1] = (T)log((double)sum);
-            rows_dot(row, s.v, dv, nv, (T)1 / sum, ow + i, Q);
+            const T inv_sum = (T)1 / sum;
+            lw[2 * i] = m;  /* the backward recomputes exactly these probabilities: exp(logit - m) * inv_sum */
+            lw[2 * i + 1] = inv_sum;
+            rows_dot(row, s.v, dv, nv, inv_sum, ow + i, Q);
         }
     }
     free(s.mem);
     return 0;
 }
 
-int halo_bwd(int64_t start, int64_t stop, int d, int dv, int Q, int kh, int kw, T scale,
-             const T *q, const T *k, const T *v, const T *rel_h, const T *rel_w, const T *out, const T *stats,
-             const T *grad_out, T *grad_q, T *grad_k, T *grad_v, T *grad_rel_h, T *grad_rel_w) {
+int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T *q, const T *k, const T *v,
+             const T *qt_h, const T *qt_w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
+             const T *mask_w, const T *out, const T *stats, const T *grad_out, T *grad_q, T *grad_k, T *grad_v,
+             T *grad_qt_h, T *grad_qt_w) {
     Scratch s;
-    if (!scratch_init(&s, d, dv, Q, kh, kw, 1)) return 1;
+    if (!scratch_init(&s, geom, 1)) return 1;
+    const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw;
     const int64_t K = (int64_t)kh * kw;
     const int nv = s.nv, rwv = s.kwp / VL;
     for (int64_t w = start; w < stop; ++w) {
-        const T *qw = q + w * d * Q, *rh = rel_h + w * Q * kh, *rw = rel_w + w * Q * kw;
+        const T *qw = q + w * d * Q;
         const T *ow = out + w * dv * Q, *lw = stats + w * Q * 2, *gw = grad_out + w * dv * Q;
-        T *gq = grad_q + w * d * Q, *grh = grad_rel_h + w * Q * kh, *grw = grad_rel_w + w * Q * kw;
+        T *gq = grad_q + w * d * Q;
+        memset(grad_qt_h + w * s.rows_h * Q, 0, sizeof(T) * (size_t)s.rows_h * Q);  /* rows no query reads get 0 */
+        memset(grad_qt_w + w * s.rows_w * Q, 0, sizeof(T) * (size_t)s.rows_w * Q);
         pad_rows(&s, d, k + w * d * K, s.k);
         pad_rows(&s, dv, v + w * dv * K, s.v);
         memset(s.gk, 0, (size_t)(d + dv) * nv * VBYTES);  /* gk and gv are adjacent */
@@ -248,12 +296,17 @@ int halo_bwd(int64_t start, int64_t stop, int d, int dv, int Q, int kh, int kw, 
                 vec *row = s.row + (size_t)t * nv, *dp = s.dp + (size_t)t * nv;
                 probs[t] = row;
                 grads[t] = dp;
-                logits_row(&s, qw, rh, rw, scale, i, row);
+                RelTerms r;
+                if (!rel_terms(&s, w, i, qt_h, qt_w, base_h, base_w, mask_h, mask_w, &r)) {
+                    free(s.mem);
+                    return 2;
+                }
+                logits_row(&s, &r, qw, scale, i, row);
                 T delta = 0;  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
                 for (int c = 0; c < dv; ++c) delta += gw[(size_t)c * Q + i] * ow[(size_t)c * Q + i];
-                const T m = lw[2 * i], log_sum = lw[2 * i + 1];
+                const T m = lw[2 * i], inv_sum = lw[2 * i + 1];
                 for (int j = 0; j < nv; ++j) {
-                    row[j] = exp_nonpos(row[j] - m - log_sum);
+                    row[j] = exp_nonpos(row[j] - m) * inv_sum;
                     dp[j] = splat(0);
                 }
                 rows_combination(dp, s.v, dv, nv, gw + i, Q, 1);  /* dP = dO . v */
@@ -267,9 +320,10 @@ int halo_bwd(int64_t start, int64_t stop, int d, int dv, int Q, int kh, int kw, 
                         acc += dp[jh * rwv + u];
                         colsum[u] += dp[jh * rwv + u];
                     }
-                    grh[(size_t)i * kh + jh] = hsum(acc);
+                    ((T *)r.qt_h - qt_h + grad_qt_h)[(size_t)jh * Q] = hsum(acc);
                 }
-                memcpy(grw + (size_t)i * kw, colsum, sizeof(T) * (size_t)kw);
+                T *grad_w = (T *)r.qt_w - qt_w + grad_qt_w;
+                for (int jw = 0; jw < kw; ++jw) grad_w[(size_t)jw * Q] = ((T *)colsum)[jw];
                 rows_dot(dp, s.k, d, nv, scale, gq + i, Q);
             }
             /* dv[c] += sum_t P[t] dO[c, t] and dk[c] += sum_t dS[t] q[c, t] * scale: QB queries per pass */

@@ -3,7 +3,7 @@
 The tiled kernel (tiled.py) makes about a dozen passes of ATen ops over each tile of logits; at HaloNet's head
 widths (8-16 channels) those passes, not the arithmetic, are its cost. Here each query's row of logits is built,
 normalised and consumed in an L1-resident buffer, forward and backward (flash-attention style: the forward keeps
-each query's max logit and log-sum-exp, the backward recomputes the probabilities from it).
+each query's max logit and 1 / sum of exp, the backward recomputes the same probabilities from them).
 
 The C file is compiled on first use with the system C compiler (``cc``, or ``$CC``) for this machine
 (``-march=native``) into a cache (``$TIMM_HALO_CACHE``, else ``~/.cache/timm_halo``) keyed by the source, compiler
@@ -26,10 +26,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .broadcast import attend_broadcast
 from .tile_pool import run_tiles
-from .tiled import differentiable_backward
 
-__all__ = ['attend_fused', 'available', 'unavailable_reason', 'DTYPES']
+__all__ = ['attend_fused', 'attend_fused_tables', 'available', 'expand_tables', 'unavailable_reason', 'DTYPES']
 
 CACHE_ENV = 'TIMM_HALO_CACHE'
 DTYPES = {torch.float32: 'float', torch.float64: 'double'}  # the C kernel's scalar type
@@ -78,9 +78,9 @@ def _build_one(compiler, version: str, scalar: str) -> ctypes.CDLL:
                 os.remove(tmp)
     lib = ctypes.CDLL(str(target))
     real = {'float': ctypes.c_float, 'double': ctypes.c_double}[scalar]
-    head = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_int] * 5 + [real]
-    lib.halo_fwd.argtypes = head + [ctypes.c_void_p] * 7
-    lib.halo_bwd.argtypes = head + [ctypes.c_void_p] * 13
+    head = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, real]  # window range, geometry, scale
+    lib.halo_fwd.argtypes = head + [ctypes.c_void_p] * 11
+    lib.halo_bwd.argtypes = head + [ctypes.c_void_p] * 17
     lib.halo_fwd.restype = lib.halo_bwd.restype = ctypes.c_int
     return lib
 
@@ -131,94 +131,162 @@ def _check(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _run(fn, tensors, dims, scale: float, n: int) -> None:
-    """``fn`` (the C kernel) over all ``n`` windows, in ranges spread over the tile pool's threads: a few ranges
-    per thread, so a thread slowed by another process hands its share to the others."""
-    ptrs = [t.data_ptr() for t in tensors]
+_ERRORS = {1: MemoryError('HaloAttention: the fused CPU kernel could not allocate its scratch buffers'),
+           2: IndexError('HaloAttention: a relative-table row outside the table (fused CPU kernel); please report')}
+
+
+def _run(fn, tensors, q: torch.Tensor, v: torch.Tensor, tables, scale: float) -> None:
+    """``fn`` (the C kernel) over all windows, in ranges spread over the tile pool's threads: a few ranges per
+    thread, so a thread slowed by another process hands its share to the others."""
+    qt_h, qt_w, base_h, base_w, mask_h, mask_w = tables
+    n, d, num_q = q.shape
+    geometry = torch.tensor([d, v.shape[1], num_q, mask_h.shape[1], mask_w.shape[1], qt_h.shape[1], qt_w.shape[1],
+                             base_h.shape[0], base_w.shape[0], base_h.shape[1]], dtype=torch.int32)
+    ptrs = [t.data_ptr() for t in (geometry, *tensors)]
     chunk = max(1, -(-n // (8 * torch.get_num_threads())))
 
     def run(start: int, stop: int) -> None:
-        if fn(start, stop, *dims, scale, *ptrs) != 0:
-            raise MemoryError('HaloAttention: the fused CPU kernel could not allocate its scratch buffers')
+        status = fn(start, stop, ptrs[0], scale, *ptrs[1:])
+        if status:
+            raise _ERRORS[status]
 
     run_tiles(run, n, chunk)
 
 
-def _dims(q: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> Tuple[int, ...]:
-    return q.shape[1], v.shape[1], q.shape[2], rel_h.shape[-1], rel_w.shape[-1]  # d, dv, Q, kh, kw
-
-
-def _forward(q, k, v, rel_h, rel_w, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    lib = _library(_check(q, k, v, rel_h, rel_w))
-    q, k, v, rel_h, rel_w = (t.contiguous() for t in (q, k, v, rel_h, rel_w))
+def _forward(q, k, v, tables, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    lib = _library(_check(q, k, v, *tables[:2], *tables[4:]))
+    q, k, v, *tables = (t.contiguous() for t in (q, k, v, *tables))
     n, _, num_q = q.shape
-    out, stats = q.new_empty(n, v.shape[1], num_q), q.new_empty(n, num_q, 2)  # per query: max, log-sum-exp
-    _run(lib.halo_fwd, (q, k, v, rel_h, rel_w, out, stats), _dims(q, v, rel_h, rel_w), scale, n)
+    out, stats = q.new_empty(n, v.shape[1], num_q), q.new_empty(n, num_q, 2)  # per query: max logit, 1 / sum of exp
+    _run(lib.halo_fwd, (q, k, v, *tables, out, stats), q, v, tables, scale)
     return out, stats
 
 
-def _backward(grad_out, q, k, v, rel_h, rel_w, out, stats, scale: float):
-    lib = _library(_check(grad_out, q, k, v, rel_h, rel_w, out, stats))
-    inputs = tuple(t.contiguous() for t in (q, k, v, rel_h, rel_w, out, stats, grad_out))
-    grads = tuple(t.new_empty(t.shape) for t in inputs[:5])  # contiguous (the kernel's layout)
-    _run(lib.halo_bwd, inputs + grads, _dims(*(inputs[i] for i in (0, 2, 3, 4))), scale, q.shape[0])
+def _backward(grad_out, q, k, v, tables, out, stats, scale: float):
+    lib = _library(_check(grad_out, q, k, v, *tables[:2], *tables[4:], out, stats))
+    q, k, v, *tables = (t.contiguous() for t in (q, k, v, *tables))
+    out, stats, grad_out = out.contiguous(), stats.contiguous(), grad_out.contiguous()
+    grads = tuple(t.new_empty(t.shape) for t in (q, k, v, *tables[:2]))  # contiguous (the kernel's layout)
+    _run(lib.halo_bwd, (q, k, v, *tables, out, stats, grad_out, *grads), q, v, tables, scale)
     return grads
 
 
 @torch.library.custom_op('timm_halo::attend_fused', mutates_args=())
 def _attend_fused(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor,
+        base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, rel_h, rel_w, scale)
+    return _forward(q, k, v, (qt_h, qt_w, base_h, base_w, mask_h, mask_w), scale)
 
 
 @_attend_fused.register_fake
-def _attend_fused_fake(q, k, v, rel_h, rel_w, scale):
+def _attend_fused_fake(q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, scale):
     return q.new_empty(q.shape[0], v.shape[1], q.shape[2]), q.new_empty(q.shape[0], q.shape[2], 2)
 
 
 # The backward is an op of its own, so that compiled graphs call the kernel (inductor sees one opaque node).
 @torch.library.custom_op('timm_halo::attend_fused_backward', mutates_args=())
 def _attend_fused_backward(
-        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-        rel_w: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, scale: float,
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt_h: torch.Tensor,
+        qt_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
+        out: torch.Tensor, stats: torch.Tensor, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, q, k, v, rel_h, rel_w, out, stats, scale)
+    return _backward(grad_out, q, k, v, (qt_h, qt_w, base_h, base_w, mask_h, mask_w), out, stats, scale)
 
 
 @_attend_fused_backward.register_fake
-def _attend_fused_backward_fake(grad_out, q, k, v, rel_h, rel_w, out, stats, scale):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_h, rel_w))  # contiguous, as the kernel writes them
+def _attend_fused_backward_fake(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats, scale):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, qt_h, qt_w))  # contiguous, as the kernel writes them
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, rel_h, rel_w, scale = inputs
+    *tensors, scale = inputs
     out, stats = output
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, stats)
+    ctx.save_for_backward(*tensors, out, stats)
     ctx.mark_non_differentiable(stats)
     ctx.scale = scale
 
 
 def _autograd(ctx, grad_out, _grad_stats):
-    q, k, v, rel_h, rel_w, out, stats = ctx.saved_tensors
+    q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation (double backward)
-        grads = differentiable_backward(grad_out, (q, k, v, rel_h, rel_w), ctx.scale)
+        aliases = [t.view_as(t) for t in (q, k, v, qt_h, qt_w)]  # see tiled.differentiable_backward
+        needed = [a for a in aliases if a.requires_grad]
+        with torch.enable_grad():
+            rel_h, rel_w = expand_tables(aliases[0], *aliases[3:], base_h, base_w, mask_h, mask_w)
+            result = attend_broadcast(*aliases[:3], rel_h, rel_w, ctx.scale)
+        found = iter(torch.autograd.grad(result, needed, grad_out, create_graph=True, allow_unused=True))
+        grads = tuple(next(found) if a.requires_grad else None for a in aliases)
     else:
-        grads = _attend_fused_backward(grad_out, q, k, v, rel_h, rel_w, out, stats, ctx.scale)
-    return *grads, None
+        grads = _attend_fused_backward(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats,
+                                       ctx.scale)
+    return *grads, None, None, None, None, None
 
 
 _attend_fused.register_autograd(_autograd, setup_context=_setup_context)
 
 
+def expand_tables(
+        q: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor,
+        mask_h: torch.Tensor, mask_w: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-axis relative terms (rel_h, rel_w of ``attend_broadcast``) that ``attend_fused_tables`` reads from
+    its table products, in plain ops (the kernel's double backward, and tests)."""
+    n, _, num_q = q.shape
+    (nh, bq), nw, kh, kw = base_h.shape, base_w.shape[0], mask_h.shape[1], mask_w.shape[1]
+    rows_h = base_h.long()[:, :, None] + torch.arange(kh, device=q.device)  # (nh, bq, kh): (block row, y, key row)
+    rows_w = base_w.long()[:, :, None] + torch.arange(kw, device=q.device)
+    qt_h = qt_h.view(-1, nh, nw, qt_h.shape[1], bq, bq)  # (., by, bx, table row, y, x)
+    qt_w = qt_w.view(-1, nh, nw, qt_w.shape[1], bq, bq)
+    lead = qt_h.shape[0]
+    rel_h = qt_h.gather(3, rows_h.permute(0, 2, 1)[None, :, None, :, :, None].expand(lead, nh, nw, kh, bq, bq))
+    rel_w = qt_w.gather(3, rows_w.permute(0, 2, 1)[None, None, :, :, None, :].expand(lead, nh, nw, kw, bq, bq))
+    rel_h = rel_h + mask_h[None, :, None, :, None, None]
+    rel_w = rel_w + mask_w[None, None, :, :, None, None]
+    return (rel_h.permute(0, 1, 2, 4, 5, 3).reshape(n, bq, bq, kh),
+            rel_w.permute(0, 1, 2, 4, 5, 3).reshape(n, bq, bq, kw))
+
+
+def _widened(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], Optional[torch.dtype]]:
+    """The kernel computes in fp32 or fp64: other float dtypes (bf16/fp16 under autocast) are widened to fp32, and
+    the result is cast back to the returned dtype."""
+    dtype = tensors[0].dtype
+    if dtype in DTYPES and all(t.dtype == dtype for t in tensors):
+        return tensors, None
+    wide = torch.promote_types(torch.promote_types(*(t.dtype for t in tensors[:2])), torch.float32)
+    return tuple(t.to(wide) for t in tensors), tensors[2].dtype
+
+
+def attend_fused_tables(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor,
+        base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Fused windowed attention (CPU) that reads each query's relative terms from its products with the tables.
+
+    Args:
+        q, k, v, scale: as ``attend_broadcast``; windows ordered (batch x heads, block row, block column).
+        qt_h, qt_w: (N, rows, bq * bq) each query's dot product with every row of the height / width table.
+        base_h, base_w: (blocks along H, bq) / (blocks along W, bq) int32: the table row of key row / column 0 for
+            each block and query row / column; key row jh reads row ``base + jh``.
+        mask_h, mask_w: (blocks along H, kh) / (blocks along W, kw) additive border masks.
+
+    Returns:
+        (N, dv, bq * bq)
+    """
+    (q, k, v, qt_h, qt_w, mask_h, mask_w), cast = _widened(q, k, v, qt_h, qt_w, mask_h, mask_w)
+    out = _attend_fused(q, k, v, qt_h, qt_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h, mask_w,
+                        scale)[0]
+    return out if cast is None else out.to(cast)
+
+
 def attend_fused(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Fused windowed attention (CPU): arguments and result as ``attend_broadcast``. The kernel computes in fp32
-    or fp64; other dtypes (bf16/fp16 under autocast) are computed in fp32 and the result cast back."""
-    dtype = torch.promote_types(q.dtype, v.dtype)
-    if dtype in DTYPES and all(t.dtype == dtype for t in (q, k, v, rel_h, rel_w)):
-        return _attend_fused(q, k, v, rel_h, rel_w, scale)[0]
-    wide = torch.promote_types(dtype, torch.float32)
-    out = _attend_fused(*(t.to(wide) for t in (q, k, v, rel_h, rel_w)), scale)[0]
-    return out.to(v.dtype)
+    """Fused windowed attention (CPU) with the kernel interface of ``attend_broadcast``: the per-axis terms are
+    given whole (one table row per key row and query: base 0, no mask)."""
+    n, bq, _, kh = rel_h.shape
+    kw = rel_w.shape[-1]
+    zeros = torch.zeros(1, bq, dtype=torch.int32, device=q.device)
+    return attend_fused_tables(q, k, v, rel_h.reshape(n, bq * bq, kh).transpose(1, 2),
+                               rel_w.reshape(n, bq * bq, kw).transpose(1, 2), zeros, zeros,
+                               rel_h.new_zeros(1, kh), rel_w.new_zeros(1, kw), scale)

@@ -328,10 +328,13 @@ class HaloAttention(nn.Module):
         return rows, torch.where(visible, torch.zeros_like(masked), masked)
 
     def _blocked(
-            self, x: torch.Tensor, crop: bool, gather_op: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+            self, x: torch.Tensor, crop: bool, gather_op: bool, tables: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
         """Project and cut into blocks, channels first per block: q (N, d, bq^2), k (N, d, kh * kw),
-        v (N, dv, kh * kw), rel_h (N, bq, bq, kh), rel_w (N, bq, bq, kw), with N = B * heads * nh * nw.
+        v (N, dv, kh * kw) with N = B * heads * nh * nw, and the relative terms: [rel_h (N, bq, bq, kh),
+        rel_w (N, bq, bq, kw)] (the kernel interface of ``attend_broadcast``), or with ``tables`` what
+        ``attend_fused_tables`` reads instead: [q . rel_pos_h (N, rows, bq^2), q . rel_pos_w, base_h, base_w,
+        mask_h, mask_w].
 
         ``crop``: cropped key windows on maps of one or two blocks per axis; ``gather_op``: cut the windows with
         the ``gather_windows`` custom op (fast backward) instead of plain ``unfold``."""
@@ -354,26 +357,31 @@ class HaloAttention(nn.Module):
         n = B * heads * nh * nw
         # One contiguous copy, shared by the attention and (as a view) the relative terms.
         q = q.reshape(n, d, bq * bq)
-        q_blocks = q.view(B, heads, nh, nw, d, bq, bq)
 
         plan_h, plan_w = self._window_plan(H, nh, crop), self._window_plan(W, nw, crop)
         rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
         rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
-        # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
-        rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
-        rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q_blocks, self.rel_pos_w[rows_w])
-        # The border mask is separable too, so it rides on the per-axis terms.
-        rel_h = rel_h + mask_h[:, None, None, None, :]
-        rel_w = rel_w + mask_w[:, None, None, :]
+        if tables:
+            # Every query's products with the whole tables, one GEMM per axis and no copies: the kernel reads
+            # key row jh's term at row rows[..., 0] + jh (the window plans never need the clamp of _axis_terms).
+            rel = [torch.matmul(self.rel_pos_h, q), torch.matmul(self.rel_pos_w, q), rows_h[:, :, 0],
+                   rows_w[:, :, 0], mask_h, mask_w]
+        else:
+            # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
+            q_blocks = q.view(B, heads, nh, nw, d, bq, bq)
+            rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
+            rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q_blocks, self.rel_pos_w[rows_w])
+            # The border mask is separable too, so it rides on the per-axis terms.
+            rel_h = rel_h + mask_h[:, None, None, None, :]
+            rel_w = rel_w + mask_w[:, None, None, :]
+            rel = [rel_h.reshape(n, bq, bq, plan_h[3]), rel_w.reshape(n, bq, bq, plan_w[3])]
 
         kv = _pad(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
         if gather_op:
             k, v = self._gather_windows(kv, plan_h, plan_w)
         else:
             k, v = unfold_windows(kv, heads, d, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
-
-        return (q, k, v, rel_h.reshape(n, bq, bq, plan_h[3]),
-                rel_w.reshape(n, bq, bq, plan_w[3]), [B, nh, nw, hq, wq])
+        return q, k, v, rel, [B, nh, nw, hq, wq]
 
     @torch.jit.unused
     def _gather_windows(
@@ -406,24 +414,27 @@ class HaloAttention(nn.Module):
             plain_autograd = _plain_autograd_required()
             return self._select_impl(x, crop, plain_autograd), crop and not plain_autograd, crop
 
-    def _attend(self, impl: str, q, k, v, rel_h, rel_w) -> torch.Tensor:
+    def _attend(self, impl: str, q, k, v, rel: List[torch.Tensor]) -> torch.Tensor:
+        """``rel``: [rel_h, rel_w], or for ``'fused'`` also the table form of ``_blocked(tables=True)``."""
         if impl == 'broadcast':
-            return attend_broadcast(q, k, v, rel_h, rel_w, self.scale)
-        return self._attend_custom(impl, q, k, v, rel_h, rel_w)
+            return attend_broadcast(q, k, v, rel[0], rel[1], self.scale)
+        return self._attend_custom(impl, q, k, v, rel)
 
     @torch.jit.unused
-    def _attend_custom(self, impl: str, q, k, v, rel_h, rel_w) -> torch.Tensor:
+    def _attend_custom(self, impl: str, q, k, v, rel: List[torch.Tensor]) -> torch.Tensor:
         if impl == 'fused':
-            return _fused.attend_fused(q, k, v, rel_h, rel_w, self.scale)
+            if len(rel) == 6:
+                return _fused.attend_fused_tables(q, k, v, *rel, self.scale)
+            return _fused.attend_fused(q, k, v, rel[0], rel[1], self.scale)
         if impl == 'tiled':
-            return _tiled.attend_tiled(q, k, v, rel_h, rel_w, self.scale, _tiled.TILE_LOGITS)
-        return attend_sdpa(q, k, v, rel_h, rel_w, self.scale)
+            return _tiled.attend_tiled(q, k, v, rel[0], rel[1], self.scale, _tiled.TILE_LOGITS)
+        return attend_sdpa(q, k, v, rel[0], rel[1], self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         impl, gather_op, crop = self._call_plan(x)
-        q, k, v, rel_h, rel_w, geom = self._blocked(x, crop, gather_op)
-        return self.proj(self._unblock(self._attend(impl, q, k, v, rel_h, rel_w), geom))
+        q, k, v, rel, geom = self._blocked(x, crop, gather_op, impl == 'fused')
+        return self.proj(self._unblock(self._attend(impl, q, k, v, rel), geom))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense attention over all pixels with an explicit window mask: slow, for tests only.
