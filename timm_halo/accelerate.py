@@ -54,16 +54,12 @@ def accelerate(model: nn.Module, attn_impl: Optional[str] = None) -> nn.Module:
     return model
 
 
-def _accelerate_new_models() -> None:
-    """Make timm's attention factory build ``TimmHaloAttn`` wherever it would build ``HaloAttn``."""
-    # The module, not ``timm.layers.create_attn`` (that name is the function of the same name).
-    importlib.import_module('timm.layers.create_attn').HaloAttn = TimmHaloAttn
-
-
 def _honour_env() -> None:
+    """With ``TIMM_HALO_ACCELERATE=1``, make timm's attention factory build ``TimmHaloAttn`` where it builds
+    ``HaloAttn`` (patched on the module: ``timm.layers.create_attn`` is also the name of its function)."""
     value = os.environ.get(ACCELERATE_ENV, '').strip().lower()
     if value in ('1', 'true', 'yes', 'on'):
-        _accelerate_new_models()
+        importlib.import_module('timm.layers.create_attn').HaloAttn = TimmHaloAttn
         _logger.info('%s=%s: timm halo models are built with TimmHaloAttn', ACCELERATE_ENV, value)
     elif value not in ('', '0', 'false', 'no', 'off'):
         warnings.warn(f'{ACCELERATE_ENV}={value!r} is not understood (use 1 or 0); timm halo models are not '

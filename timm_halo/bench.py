@@ -2,9 +2,9 @@
 interleaved median timings, peak memory, and the options and outputs every run shares.
 
 Contenders are timed round-robin in one process (``interleaved_medians``), so that a noisy, shared machine slows
-every contender alike. ``torch.utils.benchmark.Timer`` does not fit that: each ``timeit`` sample adds two warm-up
-calls (costly for model steps of seconds), and ``blocked_autorange`` times one contender after another; importing
-it also makes torch log a CUDA_HOME warning on machines without a CUDA runtime.
+every contender alike. ``torch.utils.benchmark.Timer`` does not fit: each ``timeit`` sample adds two warm-up calls
+(costly for model steps of seconds), ``blocked_autorange`` times one contender after another, and importing it logs
+a CUDA_HOME warning on machines without a CUDA runtime.
 """
 import argparse
 import contextlib
@@ -51,8 +51,7 @@ def summarize(name: str, img_size: Optional[int] = None) -> Dict[str, Any]:
     """Params (measured on the meta device) and GMACs of one of the family, against the paper's table."""
     model = timm.create_model(name, device='meta')
     size = img_size or model.pretrained_cfg['input_size'][-1]
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    paper = FAMILY[name]
+    params_m, paper = sum(p.numel() for p in model.parameters()) / 1e6, FAMILY[name]
     return dict(name=name, img_size=size, params_m=params_m, paper_params_m=paper['params_m'],
                 params_diff_pct=100.0 * (params_m / paper['params_m'] - 1.0), gmacs=count_gmacs(model, size),
                 paper_top1=paper['top1'])
@@ -68,15 +67,13 @@ def sync_timer() -> float:
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2,
                         timer: Callable[[], float] = sync_timer) -> Dict[str, float]:
     """Median seconds per call of each fn, calling them round-robin so drift hits every contender alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for round_ in range(warmup + repeats):
         for name, fn in fns.items():
             start = timer()
             fn()
-            times[name].append(timer() - start)
+            if round_ >= warmup:
+                times[name].append(timer() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -91,9 +88,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
 
-    def status_kib(field: str) -> int:
+    def status_kib(key: str) -> int:
         with open('/proc/self/status') as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ':'))
 
     gc.collect()
     with open('/proc/self/clear_refs', 'w') as f:
@@ -172,10 +169,8 @@ class ModelResult:
 
 def timm_spec(name: str, img_size: Optional[int] = None) -> ModelSpec:
     """A ``timm.create_model(name)`` contender, at the model's own input size unless one is given."""
-    if img_size is None:
-        cfg = timm.get_pretrained_cfg(name)
-        img_size = cfg.input_size[-1] if cfg is not None else 224
-    return ModelSpec(name, partial(timm.create_model, name), img_size)
+    cfg = timm.get_pretrained_cfg(name)
+    return ModelSpec(name, partial(timm.create_model, name), img_size or (cfg.input_size[-1] if cfg else 224))
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, target: Optional[torch.Tensor], autocast: Callable[[], Any]):
@@ -183,24 +178,15 @@ def _step(model: torch.nn.Module, x: torch.Tensor, target: Optional[torch.Tensor
         with torch.no_grad(), autocast():
             model(x)
         return
-    # fwd + loss + bwd; no optimizer step, so the figure is the network's cost alone
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # fwd + loss + bwd; no optimizer step: the network's cost alone
     with autocast():
         out = model(x)
     F.cross_entropy(out.float(), target).backward()
 
 
-def measure_models(
-        specs: Sequence[ModelSpec],
-        device: torch.device,
-        batch_size: int,
-        train: bool = False,
-        repeats: int = 3,
-        warmup: int = 1,
-        amp_dtype: Optional[torch.dtype] = None,
-        compiled: bool = False,
-        channels_last: bool = False,
-) -> List[ModelResult]:
+def measure_models(specs: Sequence[ModelSpec], device: torch.device, batch_size: int, train: bool = False,
+                   repeats: int = 3, warmup: int = 1, amp_dtype: Optional[torch.dtype] = None, compiled: bool = False,
+                   channels_last: bool = False) -> List[ModelResult]:
     """Median seconds per step of every contender, timed round-robin in this process; plus GMACs and img/s.
 
     All models are built first and stay in memory, so that each timing round visits every contender.
@@ -218,8 +204,7 @@ def measure_models(
         gmacs[key] = model_gmacs(spec.factory, spec.img_size)
         torch.manual_seed(0)
         model = spec.factory().to(device=device, memory_format=memory_format).train(train)
-        x = torch.randn(batch_size, 3, spec.img_size, spec.img_size, device=device).contiguous(
-            memory_format=memory_format)
+        x = torch.randn(batch_size, 3, spec.img_size, spec.img_size, device=device).to(memory_format=memory_format)
         target = torch.randint(0, 10, (batch_size,), device=device) if train else None
         fns[key] = partial(_step, torch.compile(model) if compiled else model, x, target, autocast)
     seconds = interleaved_medians(fns, repeats=repeats, warmup=max(warmup, 1) if compiled else warmup)
@@ -228,11 +213,9 @@ def measure_models(
 
 def format_table(results: Sequence[ModelResult]) -> str:
     """Markdown table: one row per contender and mode."""
-    lines = ['| model | input | batch | mode | ms/step | img/s | GMACs/img | GMAC/s |',
-             '|---|---|---|---|---|---|---|---|']
-    for r in results:
-        lines.append(f'| {r.label} | {r.img_size} | {r.batch_size} | {r.mode} | {r.seconds * 1e3:.1f} '
-                     f'| {r.img_per_s:.2f} | {r.gmacs:.2f} | {r.gmac_per_s:.1f} |')
+    lines = ['| model | input | batch | mode | ms/step | img/s | GMACs/img | GMAC/s |', '|---' * 8 + '|']
+    lines += [f'| {r.label} | {r.img_size} | {r.batch_size} | {r.mode} | {r.seconds * 1e3:.1f} | {r.img_per_s:.2f} '
+              f'| {r.gmacs:.2f} | {r.gmac_per_s:.1f} |' for r in results]
     return '\n'.join(lines)
 
 
@@ -240,21 +223,21 @@ def format_table(results: Sequence[ModelResult]) -> str:
 
 def add_run_args(parser: argparse.ArgumentParser, cpu_batch_size: int = 2) -> None:
     """Device, batch size, repeats, warm-up, AMP, channels-last, compile, threads, busy load, JSON output."""
-    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    parser.add_argument('--batch-size', type=int, default=argparse.SUPPRESS,
-                        help=f'default: 8 on cuda, {cpu_batch_size} on cpu')
-    parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
-    parser.add_argument('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
-                        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
-    parser.add_argument('--channels-last', action='store_true')
-    parser.add_argument('--compile', action='store_true', help='torch.compile every model (slow on cpu)')
+    add = parser.add_argument
+    add('--device', default=None, help='default: cuda if available, else cpu')
+    add('--batch-size', type=int, default=argparse.SUPPRESS, help=f'default: 8 on cuda, {cpu_batch_size} on cpu')
+    add('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
+    add('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
+    add('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
+        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
+    add('--channels-last', action='store_true')
+    add('--compile', action='store_true', help='torch.compile every model (slow on cpu)')
     # On a shared 2-core machine two OpenMP threads wait on each other whenever a neighbour takes a core;
     # --threads 1 then gives steadier (and often faster) figures.
-    parser.add_argument('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    parser.add_argument('--load', type=int, default=0, metavar='N',
-                        help='N busy-loop processes run during the timings (a shared machine); default 0')
-    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
+    add('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    add('--load', type=int, default=0, metavar='N',
+        help='N busy-loop processes run during the timings (a shared machine); default 0')
+    add('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
     parser.set_defaults(cpu_batch_size=cpu_batch_size)
 
 
@@ -262,8 +245,7 @@ def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser
                 ) -> Tuple[torch.device, Optional[torch.dtype], int, int]:
     """(device, autocast dtype, batch size, repeats) of a run from ``add_run_args``' options, after setting the
     threads; ``parser.error`` (exit 2) for what this machine cannot do."""
-    device = torch.device(args.device) if args.device else torch.device(
-        'cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
     if args.amp == 'fp16' and device.type != 'cuda':
@@ -287,8 +269,8 @@ def run_header(device: torch.device, what: str, args: argparse.Namespace) -> str
     where = (f'cuda ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else
              f'{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
     flags = [f'amp {args.amp}' if args.amp else 'fp32', 'compiled' if args.compile else 'eager']
-    flags += ['channels-last'] if args.channels_last else []
-    flags += [f'{args.load} busy-loop process(es)' if args.load else 'quiet']
+    flags += (['channels-last'] if args.channels_last else []) + [
+        f'{args.load} busy-loop process(es)' if args.load else 'quiet']
     return (f'{what} | device {where} | torch {torch.__version__} | timm {timm.__version__} | {", ".join(flags)} '
             f'| medians of interleaved runs | train GMAC/s counts fwd+bwd as {TRAIN_MACS_FACTOR:g}x the forward')
 

@@ -6,10 +6,11 @@ line `timm-halo <command>: error: ...` and exits 1; never a traceback. Options g
 (`timm-halo --model halonet_h0 bench`) count as if given after it; one the command does not take is an error.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import timm
 import torch
@@ -19,12 +20,11 @@ import timm_halo
 from timm_halo import bench, hub
 from timm_halo.models.halonet import FAMILY
 
-# Options of the default command `info` that the main parser takes too, and each command's defaults for them
-GLOBAL_OPTIONS = ('model', 'img_size', 'batch_size', 'skip_family')
-DEFAULTS: Dict[str, Dict[str, Any]] = {
-    'info': dict(model='halonet_h0', batch_size=1), 'bench': dict(model='halonet_h1'),
-    'export': dict(model='halonet_h0', batch_size=2), 'hub-export': {}, 'hub-inspect': {},
-}
+# The options of the default command `info`, which the main parser takes too: name -> argparse keywords
+GLOBAL_OPTIONS = dict(model=dict(help='model name'),
+                      img_size=dict(type=int, help="(square) input size (default: the model's own)"),
+                      batch_size=dict(type=int, help='images per batch'),
+                      skip_family=dict(action='store_true', help='skip the family table'))
 
 
 class ModelKwargs(ParseKwargs):
@@ -39,28 +39,22 @@ class ModelKwargs(ParseKwargs):
 
 def fail(command: str, message: Any) -> int:
     """A failure: one line on stderr, exit status 1."""
-    lines = [part.strip() for part in str(message).splitlines() if part.strip()]
-    print(f'timm-halo {command}: error: {" ".join(lines)}', file=sys.stderr)
+    print(f'timm-halo {command}: error: {" ".join(str(message).split())}', file=sys.stderr)
     return 1
 
 
-def _check_model(parser: argparse.ArgumentParser, name: str, halonets_only: bool = True) -> None:
-    if not (hub.is_halonet(name) if halonets_only else timm.is_model(name)):
-        parser.error(f'unknown model {name!r}' + (f'; choose from {", ".join(FAMILY)}' if halonets_only else ''))
-
-
-def _check_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, lowest: int = 32) -> None:
-    if args.img_size is not None and args.img_size < lowest:
-        parser.error(f'--img-size must be an integer >= {lowest}, got {args.img_size}')
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, lowest_size: int = 32,
+                halonets_only: bool = True) -> None:
+    if not (hub.is_halonet(args.model) if halonets_only else timm.is_model(args.model)):
+        parser.error(f'unknown model {args.model!r}' + (f'; choose from {", ".join(FAMILY)}' if halonets_only else ''))
+    if args.img_size is not None and args.img_size < lowest_size:
+        parser.error(f'--img-size must be an integer >= {lowest_size}, got {args.img_size}')
     if getattr(args, 'batch_size', None) is not None and args.batch_size < 1:
         parser.error(f'--batch-size must be >= 1, got {args.batch_size}')
 
 
-# -- info (the default) ---------------------------------------------------------------------------------------------
-
 def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    _check_model(parser, args.model)
-    _check_sizes(parser, args)
+    _check_args(parser, args)
     print(f'timm-halo {timm_halo.__version__} | timm {timm.__version__} | torch {torch.__version__} | '
           f'{torch.get_num_threads()} CPU threads\n')
     if not args.skip_family:
@@ -81,9 +75,8 @@ def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     with torch.no_grad():
         start = time.perf_counter()
         logits = model(x)
-        elapsed = time.perf_counter() - start
         print(f'timm.create_model({args.model!r}) -> {type(model).__module__}.{type(model).__name__}')
-        print(f'  forward {tuple(x.shape)} -> logits {tuple(logits.shape)} in {elapsed:.2f}s')
+        print(f'  forward {tuple(x.shape)} -> logits {tuple(logits.shape)} in {time.perf_counter() - start:.2f}s')
         features = timm.create_model(args.model, features_only=True).eval()
         print('  features_only pyramid:')
         for info, fmap in zip(features.feature_info.get_dicts(), features(x)):
@@ -96,19 +89,15 @@ def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-# -- bench -----------------------------------------------------------------------------------------------------------
-
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    _check_model(parser, args.model, halonets_only=False)
-    _check_sizes(parser, args)
+    _check_args(parser, args, halonets_only=False)
     device, amp_dtype, batch_size, repeats = bench.resolve_run(args, parser)
-    spec = bench.timm_spec(args.model, args.img_size)
     results = []
     with bench.busy_load(args.load):
         for train in (False, True) if args.train else (False,):
-            results += bench.measure_models([spec], device, batch_size, train=train, repeats=repeats,
-                                            warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
-                                            channels_last=args.channels_last)
+            results += bench.measure_models([bench.timm_spec(args.model, args.img_size)], device, batch_size,
+                                            train=train, repeats=repeats, warmup=args.warmup, amp_dtype=amp_dtype,
+                                            compiled=args.compile, channels_last=args.channels_last)
     header = bench.run_header(device, f'timm-halo bench {args.model}', args)
     print(header)
     print(bench.format_table(results))
@@ -117,13 +106,10 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-# -- export ----------------------------------------------------------------------------------------------------------
-
 def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from timm_halo import export as ex
 
-    _check_model(parser, args.model)
-    _check_sizes(parser, args, lowest=1)
+    _check_args(parser, args, lowest_size=1)
     if not args.atol >= 0:
         parser.error('--atol must be >= 0')
     output = Path(args.output or f'{args.model}.onnx')
@@ -144,32 +130,20 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     report = ex.onnx_parity(output, model, ex.parity_inputs(model, example, True, args.dynamic_size), args.atol)
     print(f'wrote {output} ({output.stat().st_size / 1e6:.1f} MB)')
     print(f'ONNX Runtime vs PyTorch: {report}')
-    if not report.ok:
-        return fail('export', f'{output} does not match PyTorch within --atol {args.atol:g}')
-    return 0
+    return 0 if report.ok else fail('export', f'{output} does not match PyTorch within --atol {args.atol:g}')
 
-
-# -- hub-export and hub-inspect --------------------------------------------------------------------------------------
 
 def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.model is None:
         parser.error('the following arguments are required: --model')
-    _check_model(parser, args.model)
-    problem = hub.img_size_problem(args.img_size, timm.models.get_pretrained_cfg(args.model))
-    if problem:
-        parser.error(problem.replace('img_size', '--img-size', 1))
-    if args.num_classes is not None and args.num_classes < 0:
-        parser.error(f'--num-classes must be >= 0 (0 drops the classifier), got {args.num_classes}')
-    unknown = hub.unknown_model_args(args.model_args)
-    if unknown:
-        parser.error(f'--model-args: {args.model} takes no {", ".join(unknown)}; it takes '
-                     f'{", ".join(hub.model_arg_names())}')
+    problem = hub.export_args_problem(args.model, args.model_args, args.img_size, cli=True)
+    if problem or (args.num_classes or 0) < 0:
+        parser.error(problem or f'--num-classes must be >= 0 (0 drops the classifier), got {args.num_classes}')
     problem = hub.output_problem(args.output, args.overwrite, '--overwrite')
     if problem:
         return fail('hub-export', problem)
-    labels = None
-    if args.labels:
-        labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+    labels = ([line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+              if args.labels else None)
     summary = hub.export_for_hub(
         args.checkpoint, args.output, args.model, num_classes=args.num_classes, model_args=args.model_args,
         label_names=labels, dataset=args.dataset, repo_id=args.repo_id, overwrite=args.overwrite,
@@ -185,14 +159,11 @@ def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import json
-
     info = hub.inspect_hub_model(args.source, load=not args.no_load)
     for message in info['warnings']:
         print(f'timm-halo hub-inspect: warning: {" ".join(message.split())}', file=sys.stderr)
     cfg = info['pretrained_cfg']
-    print(f"source        {info['source']}")
-    print(f"architecture  {info['architecture']}")
+    print(f"source        {info['source']}\narchitecture  {info['architecture']}")
     if 'params' in info:
         loaded = ('loaded, but timm re-initialised its classifier at random (see the warning)'
                   if info['classifier_reinitialised'] else 'loaded strictly')
@@ -201,65 +172,52 @@ def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         print(f"GMACs         {info['gmacs']:.2f} at {cfg.get('input_size')}")
         print(f"settings      {json.dumps(info['settings'])}")
     built = info.get('num_classes_built', info['num_classes'])
-    print(f"num_classes   {info['num_classes']}" + (f" ({info['label_names']} label names)"
-                                                    if info['label_names'] else '')
+    print(f"num_classes   {info['num_classes']}" + (f" ({info['label_names']} label names)" if info['label_names']
+                                                    else '')
           + (f'; the model was built with {built}' if built != info['num_classes'] else ''))
     print(f"input         {cfg.get('input_size')}, {cfg.get('interpolation')}, crop_pct {cfg.get('crop_pct')}, "
           f"mean {cfg.get('mean')}, std {cfg.get('std')}")
     print(f"model_args    {json.dumps(info['model_args'])}")
     print('files         ' + ', '.join(f'{n} ({s / 1e6:.2f} MB)' for n, s in info['files'].items()))
-    shown = {k: v for k, v in cfg.items() if k != 'label_names'}
-    print('pretrained_cfg ' + json.dumps(shown, indent=2, default=str))
+    print('pretrained_cfg ' + json.dumps({k: v for k, v in cfg.items() if k != 'label_names'}, indent=2, default=str))
     return 0
-
-
-# -- the parser ------------------------------------------------------------------------------------------------------
-
-def _add_global_options(p: argparse.ArgumentParser, *names: str, sub: bool = True) -> None:
-    """The options the main parser shares with commands; in a command they default to 'not given', so that the
-    same option given before the command is kept."""
-    help_ = dict(model='model name', img_size="(square) input size (default: the model's own)",
-                 batch_size='images per batch', skip_family='skip the family table')
-    for name in names:
-        default = argparse.SUPPRESS if sub else (False if name == 'skip_family' else None)
-        kind = dict(action='store_true') if name == 'skip_family' else dict(type=None if name == 'model' else int)
-        p.add_argument('--' + name.replace('_', '-'), default=default, help=help_[name], **kind)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-halo', description='HaloNet backbones for timm: family overview and a real forward pass '
                                       '(the default command, info), benchmarks, ONNX export, Hub folders.')
-    _add_global_options(parser, *GLOBAL_OPTIONS, sub=False)
+    for name, kwargs in GLOBAL_OPTIONS.items():
+        parser.add_argument('--' + name.replace('_', '-'), default=None, **kwargs)
     sub = parser.add_subparsers(dest='command', metavar='{info,bench,export,hub-export,hub-inspect}')
-    parser.commands = {}  # name: (its parser, the global options it takes)
 
-    def command(name: str, handler, help: str, description: str, *options: str) -> argparse.ArgumentParser:
+    def command(name, handler, help: str, description: str, *options: str, **defaults) -> argparse.ArgumentParser:
+        """A subcommand taking the global ``options``: they default to 'not given' there, so that the same option
+        given before the command is kept; ``defaults`` replace what is still not given after parsing."""
         p = sub.add_parser(name, help=help, description=description)
-        _add_global_options(p, *options)
-        p.set_defaults(handler=handler)
-        parser.commands[name] = (p, set(options))
+        for option in options:
+            p.add_argument('--' + option.replace('_', '-'), default=argparse.SUPPRESS, **GLOBAL_OPTIONS[option])
+        p.handler, p.global_options, p.global_defaults = handler, set(options), defaults
         return p
 
     command('info', cmd_info, 'show the H0-H7 family and run a forward pass (the default command)',
             'Measure the family (params, GMACs) and run a forward pass of --model (default halonet_h0).',
-            *GLOBAL_OPTIONS)
-
+            *GLOBAL_OPTIONS, model='halonet_h0', batch_size=1)
     p = command('bench', cmd_bench, "time a model's inference (and train step): img/s, GMACs, GMAC/s",
                 'Time a timm model on the available device (cuda if there is one, else cpu): median of repeated '
                 'steps, img/s, GMACs per image and achieved GMAC/s. For peers and ratios run python -m '
                 'benchmarks.model from a source checkout. --model: any timm model (default halonet_h1).',
-                'model', 'img_size')
+                'model', 'img_size', model='halonet_h1')
     p.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
     bench.add_run_args(p)  # --batch-size among them
-    parser.commands['bench'][1].add('batch_size')
+    p.global_options.add('batch_size')
 
     p = command('export', cmd_export, 'export a model to ONNX and check it against PyTorch in ONNX Runtime',
                 "Build a registered HaloNet with timm (seed 0, untrained; each residual branch gets a small random "
                 "gain instead of timm's zero-init, so that every attention layer shows in the check), export it "
                 'with torch.onnx.export (dynamic batch), run it in ONNX Runtime and compare with PyTorch. Exits 1 '
                 'if the max abs difference exceeds --atol. --model default halonet_h0, --batch-size 2.',
-                'model', 'img_size', 'batch_size')
+                'model', 'img_size', 'batch_size', model='halonet_h0', batch_size=2)
     p.add_argument('--format', default='onnx', choices=['onnx'], help='export format (default: onnx)')
     p.add_argument('--output', default=None, help='file to write (default: <model>.onnx)')
     p.add_argument('--dynamic-size', action='store_true',
@@ -288,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                 'Hub repo', 'Read config.json with timm, build the model with its weights, and print what it is.')
     p.add_argument('source', help="folder, 'org/name' Hub repo, or a 'local-dir:' / 'hf-hub:' name")
     p.add_argument('--no-load', action='store_true', help='only read config.json; do not build the model')
+    parser.commands = {name: p for name, p in sub.choices.items()}
     return parser
 
 
@@ -295,15 +254,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = args.command or 'info'
-    cmd_parser, taken = parser.commands[command]
+    cmd_parser = parser.commands[command]
     for name in GLOBAL_OPTIONS:
         given = getattr(args, name, None)
-        if name not in taken and given not in (None, False):
+        if name not in cmd_parser.global_options and given not in (None, False):
             cmd_parser.error(f"--{name.replace('_', '-')} does not apply to {command}")
         if given is None:
-            setattr(args, name, DEFAULTS[command].get(name))
+            setattr(args, name, cmd_parser.global_defaults.get(name))
     try:
-        return cmd_parser.get_default('handler')(args, cmd_parser)
+        return cmd_parser.handler(args, cmd_parser)
     except (hub.PretrainedWeightsError, ValueError, OSError) as e:
         return fail(command, e)
     except Exception as e:  # anything else still gets one line, not a traceback

@@ -1,32 +1,22 @@
 """Deployment: ONNX and ``torch.export`` of HaloNet models and ``HaloAttention``, checked against eager PyTorch.
 
-While exporting, ``HaloAttention`` runs its whole-tensor path (``attend_broadcast``, with plain key windows: the
-tiled CPU kernel and the window gather are custom ops that eager mode and torch.compile use, not exporters), so
-both exporters see plain ATen ops and no data-dependent Python control flow: the block/halo geometry depends only
-on the input's shape.
-
-Dynamic shapes:
-
-* batch: dynamic by default in both exporters.
-* height/width, ONNX: supported (``dynamic_size=True``). The ceil divisions that give the number of blocks are
-  written without negative operands, because ONNX's integer ``Div`` truncates toward zero. ``export_onnx_checked``
-  checks such a graph at a second, awkward input size as well, since a graph exported for one size might still be
-  specialised to it. Exporting a whole model this way is slow (minutes), so it is off by default.
-* height/width, ``torch.export``: refused with a ``ValueError``. ``torch.export`` cannot prove facts such as
-  ``ceil(H / b) * b >= H`` for a symbolic ``H``, so it rejects the export or specialises it to the example size.
-  Export one program per input size instead.
-
-The parity checks compare fp32 outputs of ONNX Runtime (or the exported program) with the eager module.
+While exporting, ``HaloAttention`` runs its whole-tensor path with plain key windows (the CPU kernels and the window
+gather are custom ops for eager mode and torch.compile, not for exporters), so both exporters see plain ATen ops
+whose block/halo geometry depends only on the input's shape. The batch is dynamic by default. A dynamic
+height/width works for ONNX (``dynamic_size=True``: the ceil divisions that count blocks avoid negative operands,
+as ONNX's integer ``Div`` truncates toward zero; ``export_onnx_checked`` checks such a graph at a second, awkward
+size too) and is refused by ``torch.export``, which cannot prove ``ceil(H / b) * b >= H`` for a symbolic ``H``:
+export one program per input size there. Parity checks compare fp32 outputs with the eager module's.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-# Max abs difference allowed between ONNX Runtime and eager PyTorch in fp32. Kernels differ (ORT's MatMul and
-# Softmax vs ATen's), so outputs agree to rounding, not bit for bit; typical diffs are 1e-7 to 1e-5.
+# Max abs difference allowed between ONNX Runtime and eager PyTorch in fp32: ORT's MatMul and Softmax round
+# differently from ATen's (typical diffs 1e-7 to 1e-5).
 ONNX_ATOL = 1e-4
 
 
@@ -50,14 +40,12 @@ class ParityReport:
 
     def __str__(self) -> str:
         shapes = ', '.join('x'.join(map(str, s)) for s in self.input_shapes)
-        verdict = 'OK' if self.ok else 'FAILED'
-        return (f'parity {verdict}: max |diff| {self.max_abs_diff:.3g} (atol {self.atol:g}; outputs up to '
-                f'{self.max_abs_output:.3g}) over inputs {shapes}')
+        return (f"parity {'OK' if self.ok else 'FAILED'}: max |diff| {self.max_abs_diff:.3g} (atol {self.atol:g}; "
+                f'outputs up to {self.max_abs_output:.3g}) over inputs {shapes}')
 
 
-def example_input(
-        model: nn.Module, img_size: Optional[int] = None, batch_size: int = 2, seed: int = 0,
-) -> torch.Tensor:
+def example_input(model: nn.Module, img_size: Optional[int] = None, batch_size: int = 2, seed: int = 0
+                  ) -> torch.Tensor:
     """A seeded standard-normal NCHW input for ``model``: its default size (a timm model's ``pretrained_cfg``)
     unless ``img_size`` is given; for a ``HaloAttention``, a map that is not a multiple of its block size (so that
     padding and border masking are part of the check)."""
@@ -70,8 +58,8 @@ def example_input(
         channels, size = int(getattr(model, 'in_chans', cfg['input_size'][0])), int(cfg['input_size'][-1])
     else:
         raise ValueError(f'cannot tell the input size of a {type(model).__name__}: pass an example input explicitly')
-    return torch.randn(batch_size, channels, img_size or size, img_size or size,
-                       generator=torch.Generator().manual_seed(seed))
+    size = img_size or size
+    return torch.randn(batch_size, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -> nn.Module:
@@ -80,32 +68,23 @@ def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -
 
     With timm's zero-init, an untrained model's output does not depend on any attention layer, so a parity check
     of its export would not see them. Full gains (``zero_init_last=False``) are no better: with untrained
-    statistics the activations then grow with depth (H5-H7 logits reach 1e6-1e9), far from what a deployed model
-    computes. Small gains keep every branch in the output at a realistic scale.
+    statistics the activations then grow with depth (H5-H7 logits reach 1e6-1e9). Small gains keep every branch
+    in the output at a realistic scale.
     """
     from timm_halo.models.halonet import HaloBottleneck
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, HaloBottleneck):
-                weight = m.conv3.bn.weight
-                weight.copy_((torch.rand(weight.shape, generator=g) + 0.5) * gain)
+                m.conv3.bn.weight.copy_((torch.rand(m.conv3.bn.weight.shape, generator=g) + 0.5) * gain)
     return model
-
-
-def _check_exportable(model: nn.Module) -> None:
-    dtypes = {p.dtype for p in model.parameters()}
-    if dtypes - {torch.float32}:
-        raise ValueError(
-            f'export and its parity check work in fp32, but the model has {sorted(map(str, dtypes))} parameters: '
-            'export model.float() (and convert the ONNX file to fp16 afterwards if needed)')
 
 
 def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool) -> Optional[Tuple[dict]]:
     from torch.export import Dim
-    dims = {}
-    if dynamic_batch:
-        dims[0] = Dim('batch', min=1)
+
+    dims = {0: Dim('batch', min=1)} if dynamic_batch else {}
     if dynamic_size:
         dims[2], dims[3] = Dim('height', min=1), Dim('width', min=1)
     return (dims,) if dims else None  # positional form: works whatever forward() calls its argument
@@ -126,153 +105,110 @@ def _max_abs_diff(expected: Sequence[torch.Tensor], got: Sequence[Any]) -> float
         return float('inf')
     worst = 0.0
     for e, g in zip(expected, got):
-        g = torch.as_tensor(g)
-        if tuple(e.shape) != tuple(g.shape):
+        e, g = e.detach().float().cpu(), torch.as_tensor(g).detach().float().cpu()
+        if e.shape != g.shape:
             return float('inf')
-        if e.numel() == 0:
-            continue
-        e, g = e.detach().float().cpu(), g.detach().float().cpu()
-        both_nan = e.isnan() & g.isnan()
-        diff = torch.where(both_nan, torch.zeros_like(e), (e - g).abs())
-        worst = max(worst, float(diff.nan_to_num(nan=float('inf')).max()))
+        if e.numel():
+            diff = torch.where(e.isnan() & g.isnan(), 0.0, (e - g).abs())
+            worst = max(worst, float(diff.nan_to_num(nan=float('inf')).max()))
     return worst
 
 
-def _parity(run: Any, model: nn.Module, inputs: Sequence[torch.Tensor], atol: float, path: Optional[Path]
-            ) -> ParityReport:
+def _parity(run: Callable[[torch.Tensor], Sequence[Any]], model: nn.Module, inputs: Sequence[torch.Tensor],
+            atol: float, path: Optional[Path]) -> ParityReport:
     """Run ``run`` (the exported graph) and the eager ``model`` on each input; report the worst max abs diff."""
     worst = scale = 0.0
     for x in inputs:
         with torch.no_grad():
-            expected, got = _flat_outputs(model(x)), run(x)
-        worst = max(worst, _max_abs_diff(expected, got))
+            expected = _flat_outputs(model(x))
+        worst = max(worst, _max_abs_diff(expected, run(x)))
         scale = max([scale] + [float(t.abs().nan_to_num().max()) for t in expected if t.numel()])
     return ParityReport(path, worst, atol, [tuple(x.shape) for x in inputs], scale)
 
 
-def export_program(
-        model: nn.Module,
-        example: torch.Tensor,
-        dynamic_batch: bool = True,
-        dynamic_size: bool = False,
-) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of ``model`` (put in eval mode) for NCHW inputs like ``example``.
-
-    The batch dimension is dynamic by default. A dynamic height/width is refused (see the module docstring).
-    """
+def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, dynamic_size: bool = False
+                   ) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` (put in eval mode) for NCHW inputs like ``example``; the batch is
+    dynamic by default, a dynamic height/width is refused (see the module docstring)."""
     if dynamic_size:
         raise ValueError(
             'torch.export with a dynamic height/width is not supported for HaloAttention models: the number of '
             'blocks, the padding and the border mask come from ceil(H / block_size), whose bounds torch.export '
             'cannot prove for a symbolic H, so it would fail or specialise to the example size. Export one '
             'program per input size, or use export_onnx(..., dynamic_size=True).')
-    model.eval()
-    return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch, False))
+    return torch.export.export(model.eval(), (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch, False))
 
 
-def program_parity(
-        program: torch.export.ExportedProgram, model: nn.Module, inputs: Sequence[torch.Tensor],
-        atol: float = 1e-5,
-) -> ParityReport:
+def program_parity(program: torch.export.ExportedProgram, model: nn.Module, inputs: Sequence[torch.Tensor],
+                   atol: float = 1e-5) -> ParityReport:
     """Run the exported program and the eager ``model`` on each input; report the worst max abs difference."""
     module = program.module()
     return _parity(lambda x: _flat_outputs(module(x)), model, inputs, atol, None)
 
-def export_onnx(
-        model: nn.Module,
-        path: Union[str, Path],
-        example: torch.Tensor,
-        dynamic_batch: bool = True,
-        dynamic_size: bool = False,
-        opset_version: Optional[int] = None,
-) -> Path:
-    """Export ``model`` (put in eval mode) to a single ONNX file with the ``torch.export``-based exporter.
 
-    Input ``input``; outputs ``output`` (or ``output_0``, ``output_1``, ... for several, e.g. ``features_only``).
-    """
-    _check_exportable(model)
-    model.eval()
+def export_onnx(model: nn.Module, path: Union[str, Path], example: torch.Tensor, dynamic_batch: bool = True,
+                dynamic_size: bool = False, opset_version: Optional[int] = None) -> Path:
+    """Export ``model`` (put in eval mode) to one self-contained ONNX file with the ``torch.export``-based
+    exporter. Input ``input``; outputs ``output`` (or ``output_0``, ``output_1``, ... e.g. for ``features_only``)."""
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes - {torch.float32}:
+        raise ValueError(
+            f'export and its parity check work in fp32, but the model has {sorted(map(str, dtypes))} parameters: '
+            'export model.float() (and convert the ONNX file to fp16 afterwards if needed)')
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        num_outputs = len(_flat_outputs(model(example)))
-    output_names = ['output'] if num_outputs == 1 else [f'output_{i}' for i in range(num_outputs)]
-    with torch.no_grad():
-        torch.onnx.export(
-            model, (example,), str(path),
-            dynamo=True,
-            input_names=['input'],
-            output_names=output_names,
-            dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size),
-            opset_version=opset_version,
-            external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit; H7 is ~270 MB)
-            verbose=False,
-        )
+        n = len(_flat_outputs(model.eval()(example)))
+        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=['input'],
+                          output_names=['output'] if n == 1 else [f'output_{i}' for i in range(n)],
+                          dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size), opset_version=opset_version,
+                          external_data=False, verbose=False)  # fine below ONNX's 2 GB limit (H7: ~270 MB)
     if dynamic_size:
-        _drop_intermediate_shapes(path)
+        # Symbolic sizes in the intermediate shapes can name two different sizes alike, and ONNX Runtime then warns
+        # ('Shape mismatch attempting to re-use buffer'); it infers the shapes itself.
+        import onnx
+
+        proto = onnx.load(str(path))
+        del proto.graph.value_info[:]
+        onnx.save(proto, str(path))
     return path
-
-
-def _drop_intermediate_shapes(path: Path) -> None:
-    """Remove the exporter's shape annotations of intermediate values.
-
-    With a dynamic height/width they hold symbolic sizes that can name two different sizes alike; ONNX Runtime
-    then warns ('Shape mismatch attempting to re-use buffer') while planning memory. It infers shapes itself.
-    """
-    import onnx
-    proto = onnx.load(str(path))
-    del proto.graph.value_info[:]
-    onnx.save(proto, str(path))
-
-
-def _ort_session(path: Union[str, Path]) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError(
-            'the ONNX parity check needs onnxruntime: pip install "timm-halo[test]" or pip install onnxruntime'
-        ) from e
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
 
 def _ort_outputs(session: Any, x: torch.Tensor) -> List[Any]:
     return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
 
 
-def onnx_parity(
-        path: Union[str, Path], model: nn.Module, inputs: Sequence[torch.Tensor], atol: float = ONNX_ATOL,
-) -> ParityReport:
+def onnx_parity(path: Union[str, Path], model: nn.Module, inputs: Sequence[torch.Tensor], atol: float = ONNX_ATOL
+                ) -> ParityReport:
     """Run the ONNX file in ONNX Runtime (CPU) and the eager ``model`` on each input; report the worst diff."""
-    session = _ort_session(path)
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError('the ONNX parity check needs onnxruntime: pip install "timm-halo[test]" or onnxruntime'
+                          ) from e
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
     return _parity(lambda x: _ort_outputs(session, x), model.eval(), inputs, atol, Path(path))
 
-def parity_inputs(
-        model: nn.Module, example: torch.Tensor, dynamic_batch: bool, dynamic_size: bool,
-) -> List[torch.Tensor]:
+
+def parity_inputs(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, dynamic_size: bool
+                  ) -> List[torch.Tensor]:
     """The export example plus, per dynamic axis, an input that differs from it there (new values too)."""
     batch, channels, height, width = example.shape
-    inputs = [example]
     generator = torch.Generator().manual_seed(1)
+    inputs = [example]
     if dynamic_batch:
         inputs.append(torch.randn(batch + 1, channels, height, width, generator=generator))
-    if dynamic_size:
-        # Smaller and not a multiple of anything: other block counts, padding and border masks than the example.
+    if dynamic_size:  # smaller and not a multiple of anything: other block counts, padding and border masks
         inputs.append(torch.randn(1, channels, max(1, height * 2 // 3 + 1), max(1, width // 2 + 3),
                                   generator=generator))
     return inputs
 
 
-def export_onnx_checked(
-        model: nn.Module,
-        path: Union[str, Path],
-        example: Optional[torch.Tensor] = None,
-        dynamic_batch: bool = True,
-        dynamic_size: bool = False,
-        atol: float = ONNX_ATOL,
-        opset_version: Optional[int] = None,
-) -> ParityReport:
+def export_onnx_checked(model: nn.Module, path: Union[str, Path], example: Optional[torch.Tensor] = None,
+                        dynamic_batch: bool = True, dynamic_size: bool = False, atol: float = ONNX_ATOL,
+                        opset_version: Optional[int] = None) -> ParityReport:
     """Export to ONNX, then check it in ONNX Runtime against eager PyTorch on the example and, for each dynamic
     axis, on an input that differs there. Raises ``ExportParityError`` if the max abs difference exceeds ``atol``.
     """

@@ -14,14 +14,14 @@ import os
 import warnings
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import timm
 import torch
 import torch.nn as nn
 from timm.models import (
-    PretrainedCfg,
     get_arch_pretrained_cfgs,
+    get_pretrained_cfg,
     load_model_config_from_hf,
     load_state_dict,
     parse_model_name,
@@ -34,6 +34,7 @@ from timm_halo.bench import count_gmacs
 from timm_halo.models import HaloNet
 from timm_halo.models._pretrained import (
     PretrainedWeightsError,
+    _is_count,
     checkpoint_problem,
     hub_download,
     hub_problem,
@@ -85,20 +86,35 @@ def model_arg_names() -> List[str]:
 def unknown_model_args(model_args: Dict[str, Any]) -> List[str]:
     """Keys of ``model_args`` that no HaloNet build takes, each with a close known name when there is one."""
     known = model_arg_names()
-    unknown = []
-    for key in sorted(k for k in model_args if k not in known):
-        close = get_close_matches(str(key), known, n=1)
-        unknown.append(f'{key} (did you mean {close[0]}?)' if close else str(key))
-    return unknown
+    close = {key: get_close_matches(str(key), known, n=1) for key in model_args if key not in known}
+    return [f'{key} (did you mean {match[0]}?)' if match else str(key) for key, match in sorted(close.items())]
 
 
-def _json_type(value: Any) -> str:
-    names = dict(dict='object', list='list', tuple='list', bool='boolean', int='number', float='number', str='string')
-    return names.get(type(value).__name__, 'null')
+def export_args_problem(model_name: str, model_args: Optional[Dict[str, Any]], img_size: Optional[int],
+                        cli: bool = False) -> Optional[str]:
+    """Why ``export_for_hub`` cannot take these arguments (named as the command's options when ``cli``), else None."""
+    if not is_halonet(model_name):
+        return f'unknown model {model_name!r}; choose from {", ".join(FAMILY)}'
+    lowest = (get_pretrained_cfg(model_name).min_input_size or (3, 32, 32))[-1]
+    if img_size is not None and (not _is_count(img_size) or img_size < lowest):
+        return (f"{'--img-size' if cli else 'img_size'} must be an integer >= {lowest} (the model's min_input_size), "
+                f'got {img_size!r}')
+    unknown = unknown_model_args(model_args or {})
+    if unknown:
+        return (f"{model_name} takes no {'--model-args' if cli else 'model_args'} {', '.join(unknown)}; it takes "
+                f"{', '.join(model_arg_names())}")
+    return None
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def output_problem(output: Union[str, Path], overwrite: bool, overwrite_flag: str) -> Optional[str]:
+    """Why ``output`` cannot be exported to (``overwrite_flag`` names the option that allows a non-empty one)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        return f"Output '{output}' exists and is not a folder; choose a folder"
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        return (f"Output folder '{output}' is not empty; choose a new folder, or pass {overwrite_flag} to write "
+                'into it (files of the same names are replaced)')
+    return None
 
 
 def check_hub_config(config: Any, where: str) -> None:
@@ -110,36 +126,30 @@ def check_hub_config(config: Any, where: str) -> None:
     """
     remake = 'or write the folder again with timm.models.save_for_hf / `timm-halo hub-export`'
     if not isinstance(config, dict):
-        raise PretrainedWeightsError(
-            f'{where} must hold a JSON object (architecture, num_classes, model_args, pretrained_cfg), got a '
-            f'{_json_type(config)}; {remake}')
+        raise PretrainedWeightsError(f'{where} must hold a JSON object (architecture, num_classes, model_args, '
+                                     f'pretrained_cfg), got {json.dumps(config)[:80]}; {remake}')
     arch = config.get('architecture')
-    if arch is None:
-        raise PretrainedWeightsError(
-            f'{where} has no "architecture": timm needs the model name it was saved from, e.g. '
-            f'"architecture": "halonet_h1"; add it, {remake}')
     if not isinstance(arch, str):
         raise PretrainedWeightsError(
-            f'{where}: "architecture" must be a model name string such as "halonet_h1", got a {_json_type(arch)} '
-            f'({json.dumps(arch)[:80]})')
+            f'{where} has no "architecture" model name string (timm needs the name it was saved from, e.g. '
+            f'"architecture": "halonet_h1"), got {json.dumps(arch)[:80]}; add it, {remake}')
     for key, example in (('model_args', '{"depths": [1, 1, 1, 1]}'), ('pretrained_cfg', '{"input_size": ...}')):
         if key in config and not isinstance(config[key], dict):
             raise PretrainedWeightsError(
-                f'{where}: "{key}" must be a JSON object of keyword arguments (e.g. {example}), got a '
-                f'{_json_type(config[key])} ({json.dumps(config[key])[:80]}); fix it, {remake}')
+                f'{where}: "{key}" must be a JSON object of keyword arguments (e.g. {example}), got '
+                f'{json.dumps(config[key])[:80]}; fix it, {remake}')
     if not is_halonet(arch):
         what = 'a timm model but not a timm-halo HaloNet' if timm.is_model(arch) else 'not a registered timm model'
         raise PretrainedWeightsError(
             f'{where} names architecture {arch!r}, which is {what}: timm-halo inspects and exports only its '
             f'HaloNets ({", ".join(FAMILY)}). Load other models with timm.create_model('
             "'local-dir:<folder>' or 'hf-hub:<repo>', pretrained=True), their plugin imported")
-    counts = [('num_classes', config.get('num_classes')),
-              ('pretrained_cfg.num_classes', (config.get('pretrained_cfg') or {}).get('num_classes')),
-              ('model_args.num_classes', (config.get('model_args') or {}).get('num_classes'))]
-    for name, value in counts:
+    for name, value in (('num_classes', config.get('num_classes')),
+                        ('pretrained_cfg.num_classes', config.get('pretrained_cfg', {}).get('num_classes')),
+                        ('model_args.num_classes', config.get('model_args', {}).get('num_classes'))):
         if value is not None and not _is_count(value):
             raise PretrainedWeightsError(f'{where}: {name} must be an integer >= 0, got {json.dumps(value)[:80]}')
-    unknown = unknown_model_args(config.get('model_args') or {})
+    unknown = unknown_model_args(config.get('model_args', {}))
     if unknown:
         raise PretrainedWeightsError(
             f'{where}: model_args has keys that {arch} does not take: {", ".join(unknown)}. Correct or remove '
@@ -167,14 +177,9 @@ def describe_model(model: nn.Module, gmacs: bool = True) -> Dict[str, Any]:
     return facts
 
 
-def model_card(
-        model: nn.Module,
-        repo_id: Optional[str] = None,
-        dataset: Optional[Union[str, Sequence[str]]] = None,
-        description: Optional[str] = None,
-        license: str = 'apache-2.0',
-        details: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
+def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optional[Union[str, Sequence[str]]] = None,
+               description: Optional[str] = None, license: str = 'apache-2.0',
+               details: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """A model card for ``timm.models.push_to_hf_hub(model, repo_id, model_card=model_card(model, repo_id))``:
     what the model is (architecture and settings, paper, params, GMACs, input size, classes) and how to load it;
     timm renders it as the repo's README.md. ``dataset`` also becomes the card's ``datasets`` metadata;
@@ -182,80 +187,42 @@ def model_card(
     ``{'Top-1': '79.1 (ImageNet-1k val)'}``.
     """
     facts = describe_model(model)
-    arch = facts['architecture']
-    paper_name = f'HaloNet-H{arch[-1]}' if arch in FAMILY else arch
-    c, h, w = facts['input_size']
+    arch, (c, h, w) = facts['architecture'], facts['input_size']
     settings = (f"block size b={facts['block_size']}, halo h={facts['halo_size']}, value ratio "
                 f"rv={facts['value_ratio']:g}, bottleneck ratio rb={facts['out_ratio']:g}, "
-                f"depths {'-'.join(str(d) for d in facts['depths'])}, {facts['heads']} heads")
-    if facts['final_conv']:
-        settings += f", final 1x1 conv df={facts['final_conv']}"
-    head = f"{facts['num_classes']}-way classifier" if facts['num_classes'] else 'no classifier (feature backbone)'
+                f"depths {'-'.join(map(str, facts['depths']))}, {facts['heads']} heads"
+                + (f", final 1x1 conv df={facts['final_conv']}" if facts['final_conv'] else ''))
     if description is None:
+        head = f"{facts['num_classes']}-way classifier" if facts['num_classes'] else 'no classifier (feature backbone)'
         description = (
-            f'A {paper_name} image classification model ({arch}, {head}): a ResNet-style backbone whose '
-            'bottleneck blocks use blocked local self-attention with a halo (HaloNet, Vaswani et al., CVPR 2021), '
-            'implemented by the timm-halo plugin for timm. '
+            f"A {f'HaloNet-H{arch[-1]}' if arch in FAMILY else arch} image classification model ({arch}, {head}): "
+            'a ResNet-style backbone whose bottleneck blocks use blocked local self-attention with a halo (HaloNet, '
+            'Vaswani et al., CVPR 2021), implemented by the timm-halo plugin for timm. '
             + (f'Trained on {dataset if isinstance(dataset, str) else ", ".join(dataset)}.'
                if dataset else 'Training data: not stated by the publisher.'))
-    card_details: Dict[str, Any] = {
-        'Model Type': 'Image classification / feature backbone',
-        'Architecture': f'{arch} ({settings})',
-        'Model Stats': {
-            'Params (M)': f"{facts['params'] / 1e6:.2f}",
-            'GMACs': f"{facts['gmacs']:.2f}",
-            'Image size': f'{h} x {w}' + (f' ({c} channels)' if c != 3 else ''),
-            'Classes': facts['num_classes'],
-        },
-        'Papers': {PAPER_TITLE: PAPER_URL},
-    }
-    if dataset:
-        card_details['Dataset'] = dataset
-    card_details.update(details or {})
-    name = f'hf-hub:{repo_id}' if repo_id else 'hf-hub:<user>/<repo>'
-    usage = (
-        '```python\n'
-        '# pip install timm-halo\n'
-        'import timm\n'
-        'import timm_halo  # registers the HaloNet models with timm\n'
-        'from PIL import Image\n\n'
-        f"model = timm.create_model('{name}', pretrained=True).eval()\n"
-        'config = timm.data.resolve_data_config({}, model=model)\n'
-        'transform = timm.data.create_transform(**config)\n'
-        "logits = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0))\n"
-        '```\n'
-        f"Fine-tune with a new head: `timm.create_model('{name}', pretrained=True, num_classes=10)`; "
-        f"as a feature pyramid: `timm.create_model('{name}', pretrained=True, features_only=True)`."
-    )
-    return {
-        'description': description,
-        'details': card_details,
-        'usage': usage,
-        'citation': PAPER_BIBTEX,
-        'tags': ['image-classification', 'timm', 'timm-halo', 'halonet'],
-        'license': license,
-    }
+    stats = {'Params (M)': f"{facts['params'] / 1e6:.2f}", 'GMACs': f"{facts['gmacs']:.2f}",
+             'Image size': f'{h} x {w}' + (f' ({c} channels)' if c != 3 else ''), 'Classes': facts['num_classes']}
+    card_details: Dict[str, Any] = {'Model Type': 'Image classification / feature backbone',
+                                    'Architecture': f'{arch} ({settings})', 'Model Stats': stats,
+                                    'Papers': {PAPER_TITLE: PAPER_URL}, **({'Dataset': dataset} if dataset else {}),
+                                    **(details or {})}
+    name = f"hf-hub:{repo_id or '<user>/<repo>'}"
+    usage = ('```python\n# pip install timm-halo\nimport timm\nimport timm_halo  # registers the HaloNet models with '
+             f"timm\nfrom PIL import Image\n\nmodel = timm.create_model('{name}', pretrained=True).eval()\n"
+             'config = timm.data.resolve_data_config({}, model=model)\n'
+             'transform = timm.data.create_transform(**config)\n'
+             "logits = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0))\n```\n"
+             f"Fine-tune with a new head: `timm.create_model('{name}', pretrained=True, num_classes=10)`; "
+             f"as a feature pyramid: `timm.create_model('{name}', pretrained=True, features_only=True)`.")
+    return dict(description=description, details=card_details, usage=usage, citation=PAPER_BIBTEX,
+                tags=['image-classification', 'timm', 'timm-halo', 'halonet'], license=license)
 
 
-def _checkpoint_head_and_chans(state_dict: Dict[str, torch.Tensor]) -> Tuple[int, Optional[int]]:
-    """Classes of a checkpoint's classifier (0 when it has none) and its stem's input channels."""
-    head = state_dict.get('head.fc.weight')
-    stem = state_dict.get('stem.0.conv.weight', state_dict.get('stem.conv1.conv.weight'))  # ours / timm ByobNet
-    return (head.shape[0] if head is not None else 0), (stem.shape[1] if stem is not None else None)
-
-
-def export_for_hub(
-        checkpoint: Union[str, Path],
-        output: Union[str, Path],
-        model_name: str,
-        num_classes: Optional[int] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        label_names: Optional[Sequence[str]] = None,
-        dataset: Optional[str] = None,
-        repo_id: Optional[str] = None,
-        overwrite: bool = False,
-        img_size: Optional[int] = None,
-) -> Dict[str, Any]:
+def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model_name: str,
+                   num_classes: Optional[int] = None, model_args: Optional[Dict[str, Any]] = None,
+                   label_names: Optional[Sequence[str]] = None, dataset: Optional[str] = None,
+                   repo_id: Optional[str] = None, overwrite: bool = False, img_size: Optional[int] = None
+                   ) -> Dict[str, Any]:
     """Write a Hub-ready folder for a checkpoint: timm's save_for_hf layout plus a README model card.
 
     The checkpoint (.safetensors, or .pth/.pth.tar/.bin read with weights_only=True; timm training checkpoints and
@@ -267,47 +234,37 @@ def export_for_hub(
     same logits. Returns a summary: folder, files, architecture, params, classes, input, max |logit diff|.
     """
     output = Path(output)
-    problem = output_problem(output, overwrite, 'overwrite=True')
+    problem = output_problem(output, overwrite, 'overwrite=True') or export_args_problem(model_name, model_args,
+                                                                                          img_size)
     if problem:
         raise ValueError(problem)
-    if not is_halonet(model_name):
-        raise ValueError(f'unknown model {model_name!r}: hub-export writes timm-halo HaloNets; choose from '
-                         f'{", ".join(FAMILY)}')
-    unknown = unknown_model_args(model_args or {})
-    if unknown:
-        raise ValueError(
-            f'{model_name} takes no model_args {", ".join(unknown)}; it takes {", ".join(model_arg_names())}')
-    default_cfg = timm.models.get_pretrained_cfg(model_name)
-    size_problem = img_size_problem(img_size, default_cfg)
-    if size_problem:
-        raise ValueError(size_problem)
-    ckpt_classes, in_chans = _checkpoint_head_and_chans(read_checkpoint(checkpoint))
+    weights = read_checkpoint(checkpoint)
+    head = weights.get('head.fc.weight')
+    ckpt_classes = head.shape[0] if head is not None else 0
+    stem = weights.get('stem.0.conv.weight', weights.get('stem.conv1.conv.weight'))  # ours / timm's ByobNet
     if num_classes is None:
         num_classes = ckpt_classes
     elif num_classes not in (0, ckpt_classes):
         raise ValueError(
             f"The checkpoint's classifier has {ckpt_classes} classes but num_classes={num_classes}: exporting it "
-            'would publish a randomly initialised classifier. Use the checkpoint\'s count, or 0 to drop the head.')
-    if label_names is not None:
-        label_names = list(label_names)
-        if len(label_names) != num_classes:
-            raise ValueError(f'{len(label_names)} label names for {num_classes} classes')
+            "would publish a randomly initialised classifier. Use the checkpoint's count, or 0 to drop the head.")
+    if label_names is not None and len(label_names) != num_classes:
+        raise ValueError(f'{len(label_names)} label names for {num_classes} classes')
 
     model_args = dict(model_args or {})
-    overlay: Dict[str, Any] = dict(file=str(checkpoint), num_classes=ckpt_classes)
-    if in_chans is not None:
-        model_args.setdefault('in_chans', in_chans)
-    overlay.update(_input_size_overlay(default_cfg, in_chans or default_cfg.input_size[0], img_size))
+    if stem is not None:
+        model_args.setdefault('in_chans', stem.shape[1])
+    overlay = dict(file=str(checkpoint), num_classes=ckpt_classes,
+                   **_input_size_overlay(get_pretrained_cfg(model_name), model_args.get('in_chans', 3), img_size))
     model = timm.create_model(
         model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **model_args).eval()
-
     output.mkdir(parents=True, exist_ok=True)
     model_config: Dict[str, Any] = {'pretrained_cfg': {'tag': None}}  # the exported weights are not 'untrained'
     if label_names:
-        model_config['label_names'] = label_names
+        model_config['label_names'] = list(label_names)
     save_for_hf(model, str(output), model_config=model_config, safe_serialization=True)
-    card = model_card(model, repo_id=repo_id, dataset=dataset)
-    readme = generate_readme(card, (repo_id or model_name).split('/')[-1])
+    readme = generate_readme(model_card(model, repo_id=repo_id, dataset=dataset),
+                             (repo_id or model_name).split('/')[-1])
     (output / 'README.md').write_text(readme, encoding='utf-8')
 
     # The folder must reload through timm's own local-dir: path and compute the same function.
@@ -317,47 +274,22 @@ def export_for_hub(
         diff = (model(x) - reloaded(x)).abs().max().item()
     if diff != 0:
         raise RuntimeError(f"The exported folder '{output}' reloads with different outputs (max |diff| {diff:g})")
-    return dict(
-        output=str(output),
-        files=sorted(p.name for p in output.iterdir()),
-        architecture=model.pretrained_cfg['architecture'],
-        params=sum(p.numel() for p in model.parameters()),
-        num_classes=model.num_classes,
-        in_chans=model.in_chans,
-        input_size=tuple(model.pretrained_cfg['input_size']),
-        reload_max_abs_diff=diff,
-    )
+    return dict(output=str(output), files=sorted(p.name for p in output.iterdir()),
+                architecture=model.pretrained_cfg['architecture'], params=sum(p.numel() for p in model.parameters()),
+                num_classes=model.num_classes, in_chans=model.in_chans,
+                input_size=tuple(model.pretrained_cfg['input_size']), reload_max_abs_diff=diff)
 
 
-def output_problem(output: Union[str, Path], overwrite: bool, overwrite_flag: str) -> Optional[str]:
-    """Why ``output`` cannot be exported to (``overwrite_flag`` names the option that allows a non-empty one)."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        return f"Output '{output}' exists and is not a folder; choose a folder"
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        return (f"Output folder '{output}' is not empty; choose a new folder, or pass {overwrite_flag} to write "
-                'into it (files of the same names are replaced)')
-    return None
-
-
-def img_size_problem(img_size: Optional[int], default_cfg: PretrainedCfg) -> Optional[str]:
-    lowest = (default_cfg.min_input_size or (3, 32, 32))[-1]
-    if img_size is not None and (not _is_count(img_size) or img_size < lowest):
-        return f'img_size must be an integer >= {lowest} (the model\'s min_input_size), got {img_size!r}'
-    return None
-
-
-def _input_size_overlay(default_cfg: PretrainedCfg, in_chans: int, img_size: Optional[int]) -> Dict[str, Any]:
+def _input_size_overlay(default_cfg: Any, in_chans: int, img_size: Optional[int]) -> Dict[str, Any]:
     """pretrained_cfg entries for the exported input: channels, and the trained size when given."""
-    size = tuple(default_cfg.input_size[1:]) if img_size is None else (img_size, img_size)
-    overlay: Dict[str, Any] = dict(input_size=(in_chans, *size))
-    if img_size is not None:
-        if default_cfg.test_input_size:
-            overlay['test_input_size'] = (in_chans, img_size, img_size)
-        # the final feature map at that size (HaloNet's stride-2 stages round up: a reduction of 32)
-        for key in ('pool_size', 'test_pool_size'):
-            if getattr(default_cfg, key):
-                overlay[key] = (-(-img_size // 32), -(-img_size // 32))
+    if img_size is None:
+        return dict(input_size=(in_chans, *default_cfg.input_size[1:]))
+    overlay: Dict[str, Any] = dict(input_size=(in_chans, img_size, img_size))
+    if default_cfg.test_input_size:
+        overlay['test_input_size'] = (in_chans, img_size, img_size)
+    for key in ('pool_size', 'test_pool_size'):  # the final map at that size (stride-2 stages round up: /32)
+        if getattr(default_cfg, key):
+            overlay[key] = (-(-img_size // 32), -(-img_size // 32))
     return overlay
 
 
@@ -378,17 +310,12 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
     elif ':' not in source and source.count('/') == 1 and not source.startswith(('.', '/')):
         kind, ident = 'hf-hub', source  # a bare 'org/name'
     else:
-        try:
-            kind, ident = parse_model_name(source)
-        except ValueError:
-            kind, ident = None, source
+        kind, ident = parse_model_name(source) if ':' in source else (None, source)
         if kind not in ('hf-hub', 'local-dir'):
             raise ValueError(f"'{source}' is neither an existing folder nor a Hub repo id like 'org/name'")
     if kind == 'local-dir':
-        folder = Path(ident)
-        config_path = folder / 'config.json'
-        where = f"config.json of local folder '{folder}'"
-        if not config_path.is_file():
+        folder, where = Path(ident), f"config.json of local folder '{ident}'"
+        if not (folder / 'config.json').is_file():
             raise PretrainedWeightsError(f"'{folder}' has no config.json: it is not a save_for_hf / hub-export folder")
     else:
         where = f"config.json of Hugging Face Hub repo '{ident}'"
@@ -396,30 +323,22 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
         if error is not None:
             raise PretrainedWeightsError(
                 f"Could not get config.json of Hugging Face Hub repo '{ident}': {hub_problem(error)}") from error
-        config_path = Path(path)
-        folder = config_path.parent
+        folder = Path(path).parent
     try:
-        raw = json.loads(config_path.read_text(encoding='utf-8'))
+        raw = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
         raise PretrainedWeightsError(f'Could not parse {where}: {e}') from e
     check_hub_config(raw, where)
     try:
-        if kind == 'local-dir':
-            cfg, arch, model_args = load_model_config_from_path(folder)
-        else:
-            cfg, arch, model_args = load_model_config_from_hf(ident)
+        cfg, arch, model_args = (load_model_config_from_path(folder) if kind == 'local-dir'
+                                 else load_model_config_from_hf(ident))
     except Exception as e:
         raise PretrainedWeightsError(f'Could not parse {where} with timm: {type(e).__name__}: {e}') from e
-    conflict = num_classes_conflict(raw, where)
     info: Dict[str, Any] = dict(
-        source=f'{kind}:{ident}',
-        architecture=arch,
-        num_classes=cfg.get('num_classes'),
-        label_names=len(cfg.get('label_names') or ()),
-        model_args=model_args,
+        source=f'{kind}:{ident}', architecture=arch, num_classes=cfg.get('num_classes'),
+        label_names=len(cfg.get('label_names') or ()), model_args=model_args,
         pretrained_cfg={k: v for k, v in cfg.items() if k not in ('file', 'source', 'hf_hub_id')},
-        warnings=[conflict] if conflict else [],
-    )
+        warnings=[conflict for conflict in [num_classes_conflict(raw, where)] if conflict])
     if load:
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -428,19 +347,15 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
         except (TypeError, ValueError) as e:  # the constructor refused model_args (weight errors are ours)
             raise PretrainedWeightsError(
                 f'Could not build {arch} from {where}: its model_args {json.dumps(model_args)} are refused: {e}') from e
-        for w in caught:
-            if str(w.message) not in info['warnings']:
-                info['warnings'].append(str(w.message))
-        # timm discards the weights' classifier when the model's classes differ from the cfg's (see the warning)
-        info['classifier_reinitialised'] = bool(model.num_classes != cfg.get('num_classes'))
-        info['num_classes_built'] = model.num_classes
-        info['params'] = sum(p.numel() for p in model.parameters())
-        info['weights_finite'] = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
-                                     if t.is_floating_point())
+        info['warnings'] += [m for m in dict.fromkeys(str(w.message) for w in caught) if m not in info['warnings']]
         facts = describe_model(model)
-        info['gmacs'] = facts['gmacs']
-        info['settings'] = {k: facts[k] for k in ('block_size', 'halo_size', 'heads', 'value_ratio',
-                                                  'out_ratio', 'depths', 'widths', 'final_conv')}
+        info.update(
+            # timm discards the weights' classifier when the model's classes differ from the cfg's (see the warning)
+            classifier_reinitialised=bool(model.num_classes != cfg.get('num_classes')),
+            num_classes_built=model.num_classes, params=facts['params'], gmacs=facts['gmacs'],
+            weights_finite=all(bool(t.isfinite().all()) for t in model.state_dict().values() if t.is_floating_point()),
+            settings={k: facts[k] for k in ('block_size', 'halo_size', 'heads', 'value_ratio', 'out_ratio', 'depths',
+                                            'widths', 'final_conv')})
     # files present locally (for a Hub repo: those in the cache snapshot, i.e. what has been downloaded)
     info['files'] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return info
