@@ -103,9 +103,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 def peak_memory_in_child(module: str, args: List[str]) -> int:
     """Run ``python -m module --measure-memory ARGS`` in a fresh process; it prints {"peak_bytes": N} last.
 
-    The child runs with glibc's mmap threshold fixed at 64 KiB: by default glibc raises the threshold after large
-    frees and keeps later tensors on its heap, so a call's RSS peak reads low. Fixed, every large tensor is mapped
-    on allocation and returned on free; that costs page faults, which is why timings run in the parent.
+    glibc's mmap threshold is fixed at 64 KiB there (glibc raises it after large frees and keeps later tensors on
+    its heap, so RSS peaks read low): every large tensor is mapped on allocation, at the cost of page faults.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
     out = subprocess.run([sys.executable, '-m', module, '--measure-memory', *args],

@@ -64,13 +64,8 @@ def example_input(model: nn.Module, img_size: Optional[int] = None, batch_size: 
 
 def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -> nn.Module:
     """Give an untrained HaloNet small random gains (``gain`` x U[0.5, 1.5]) where timm zero-initialises the
-    last BatchNorm of every residual branch; returns the model.
-
-    With timm's zero-init, an untrained model's output does not depend on any attention layer, so a parity check
-    of its export would not see them. Full gains (``zero_init_last=False``) are no better: with untrained
-    statistics the activations then grow with depth (H5-H7 logits reach 1e6-1e9). Small gains keep every branch
-    in the output at a realistic scale.
-    """
+    last BatchNorm of every residual branch (else the output depends on no attention layer and a parity check
+    would not see them; full gains make H5-H7 logits reach 1e6-1e9); returns the model."""
     from timm_halo.models.halonet import HaloBottleneck
 
     g = torch.Generator().manual_seed(seed)

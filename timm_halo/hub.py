@@ -1,11 +1,8 @@
 """Publishing HaloNets and looking into published ones, through timm's own Hub code.
 
-Loading needs nothing from here: ``timm.create_model('hf-hub:...' | 'local-dir:...', pretrained=True)`` or
-``pretrained_cfg_overlay=dict(file=...)``, with clear errors (``PretrainedWeightsError``, re-exported here) from
-``timm_halo.models._pretrained``. This module adds a model card for ``timm.models.push_to_hf_hub(model_card=...)``
-(``model_card``), a Hub-ready folder from a checkpoint (``export_for_hub``, `timm-halo hub-export`) and an
-inspection of such a folder or repo (``inspect_hub_model``, `timm-halo hub-inspect`) that checks config.json
-(``check_hub_config``) before timm parses it.
+Loading needs nothing from here (``timm.create_model('hf-hub:...' | 'local-dir:...', pretrained=True)``; clear
+errors come from ``timm_halo.models._pretrained``). Here: ``model_card`` for ``timm.models.push_to_hf_hub``,
+``export_for_hub`` (`timm-halo hub-export`) and ``inspect_hub_model`` (`timm-halo hub-inspect`).
 """
 import copy
 import inspect
@@ -296,14 +293,10 @@ def _input_size_overlay(default_cfg: Any, in_chans: int, img_size: Optional[int]
 def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
     """What a Hub-ready folder or Hub repo holds: architecture, config, files, and (``load``) the built model.
 
-    config.json is checked first (``check_hub_config``: a HaloNet of this plugin, well-formed, known model_args),
-    then parsed by timm; with ``load`` the model is built with ``timm.create_model(<source>, pretrained=True)``
-    (a strict load, downloading the weights for a Hub repo unless HF_HUB_OFFLINE is set). ``warnings`` in the
-    result lists what looked wrong without stopping the inspection (a num_classes disagreement, say).
-
-    Raises:
-        PretrainedWeightsError: the folder/repo or its config.json cannot be found, read or used, or the model
-            cannot be built from it.
+    config.json is checked first (``check_hub_config``), then parsed by timm; with ``load`` the model is built with
+    ``timm.create_model(<source>, pretrained=True)`` (a strict load; a Hub repo's weights are downloaded unless
+    HF_HUB_OFFLINE is set). ``warnings`` lists what looked wrong without stopping the inspection. Raises
+    ``PretrainedWeightsError`` when the config or weights cannot be found, read or used.
     """
     if os.path.isdir(source):
         kind, ident = 'local-dir', source
