@@ -11,7 +11,9 @@ import sys
 
 import pytest
 import torch
+from timm.layers.halo_attn import HaloAttn
 
+from timm_halo import accelerate
 from timm_halo.layers import HaloAttention, attend_broadcast, attend_fused, fused_cpu
 from timm_halo.layers.fused_cpu import attend_fused_tables, expand_tables
 
@@ -215,3 +217,18 @@ def test_built_library_is_cached_and_reused(tmp_path):
     second = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert second.stdout.strip() == 'True', second.stderr
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == built
+
+
+def test_auto_leaves_wide_heads_to_the_tiled_kernel():
+    """One query row at a time wins where attention is memory-bound (narrow heads); from 32 channels per head the
+    tiled kernel's GEMMs are faster, and 'auto' runs those (timm's layer alike)."""
+    x = torch.empty(4, 64, 64, 64)  # more logits than one tile at either width
+    for dim_head, expected in ((fused_cpu.MAX_AUTO_HEAD_WIDTH, 'fused'), (2 * fused_cpu.MAX_AUTO_HEAD_WIDTH, 'tiled')):
+        layer = HaloAttention(64, block_size=4, halo_size=1, heads=2, dim_head=dim_head)
+        assert layer._call_plan(x)[0] == expected
+    wide_values = HaloAttention(64, block_size=4, halo_size=1, heads=2, dim_head=8, value_ratio=4.0)
+    assert wide_values._call_plan(x)[0] == 'tiled'
+    timm_layer = accelerate(HaloAttn(64, 64, num_heads=2, dim_head=32, block_size=4, halo_size=1))
+    assert timm_layer._call_plan(x)[0] == 'tiled'
+    timm_layer = accelerate(HaloAttn(64, 64, num_heads=4, dim_head=16, block_size=4, halo_size=1))
+    assert timm_layer._call_plan(x)[0] == 'fused'

@@ -34,6 +34,10 @@ __all__ = ['attend_fused', 'attend_fused_tables', 'available', 'expand_tables', 
 CACHE_ENV = 'TIMM_HALO_CACHE'
 DTYPES = {torch.float32: 'float', torch.float64: 'double'}  # the C kernel's scalar type
 _SOURCE = Path(__file__).with_name('fused_cpu.c')
+# 'auto' runs this kernel for head widths up to this. It works one query row at a time, which wins where attention
+# is memory-bound (8-16 channels: 1.1-2x the tiled kernel, fwd+bwd); from 32 channels the tiled kernel's GEMMs are
+# faster (measured at HaloNet's shapes on a 2-core x86 VM, benchmarks/RESULTS.md).
+MAX_AUTO_HEAD_WIDTH = 16
 _FLAGS = ['-O3', '-march=native', '-fno-math-errno', '-fPIC', '-shared']
 
 _lock = threading.Lock()

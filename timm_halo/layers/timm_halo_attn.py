@@ -46,9 +46,10 @@ class TimmHaloAttn(HaloAttn):
         self.attn_impl = _resolve_impl_name(attn_impl)
 
     # The kernel choice is HaloAttention's, method for method, so both layers pick alike. Those methods read the
-    # attributes below: ``heads``, ``stride`` (query subsampling inside a block: timm's ``block_stride``; 1 with
-    # ``avg_down``, which pools after attention) and ``_window_plan`` (timm's windows: pad by the halo on both
-    # sides, one window of ``win_size`` every ``block_size``; never cropped).
+    # attributes below: ``heads``, ``dim_head``, ``stride`` (query subsampling inside a block: timm's
+    # ``block_stride``; 1 with ``avg_down``, which pools after attention) and ``_window_plan`` (timm's windows: pad
+    # by the halo on both sides, one window of ``win_size`` every ``block_size``; never cropped); and
+    # ``dim_head_v``, timm's own.
     _select_impl = HaloAttention._select_impl
     _auto_impl = HaloAttention._auto_impl
     _use_custom_kernels = HaloAttention._use_custom_kernels
@@ -60,6 +61,10 @@ class TimmHaloAttn(HaloAttn):
     @property
     def heads(self) -> int:
         return self.num_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.dim_head_qk
 
     @property
     def stride(self) -> int:
