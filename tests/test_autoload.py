@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f'halonet_h{i}' for i in range(8)]
 
-# A child that only imports timm (never timm_halo) and reports what it sees.
+# A child that imports timm (not timm_halo) and reports what it sees; then what an explicit `import timm_halo`
+# adds, and (REGISTER_AGAIN) whether registering a second time, by a reload and by the hook's loader, stays quiet.
 PROBE = textwrap.dedent('''
     import json, sys, warnings
     warnings.simplefilter('always')
@@ -25,12 +26,22 @@ PROBE = textwrap.dedent('''
         import timm
         names = timm.list_models('halonet_h*')
         model = timm.create_model('halonet_h1', device='meta')
+        stock = [type(m).__name__ for m in (timm.create_model('halonet26t', device='meta'),
+                                            timm.models.byoanet.halonet_h1(device='meta'))]
     import timm_halo
+    if REGISTER_AGAIN:
+        import importlib, _timm_halo_autoload
+        warnings.simplefilter('error')
+        importlib.reload(sys.modules['timm_halo.models.halonet'])
+        _timm_halo_autoload.load_timm_plugins()
     print(json.dumps(dict(
         names=names,
         cls=type(model).__module__ + '.' + type(model).__name__,
+        stock=stock,
         warnings=[str(w.message) for w in caught],
         timm_halo_file=timm_halo.__file__,
+        names_after_import=timm.list_models('halonet_h*'),
+        cls_after_import=type(timm.create_model('halonet_h1', device='meta')).__name__,
     )))
 ''')
 
@@ -41,18 +52,22 @@ def _child_env(**extra) -> dict:
     return env
 
 
-def _probe(python: str, cwd: Path, **env) -> dict:
-    result = subprocess.run([python, '-c', PROBE], capture_output=True, text=True, cwd=cwd, env=_child_env(**env),
+def _probe(python: str, cwd: Path, register_again: bool = False, **env) -> dict:
+    code = f'REGISTER_AGAIN = {register_again}\n{PROBE}'
+    result = subprocess.run([python, '-c', code], capture_output=True, text=True, cwd=cwd, env=_child_env(**env),
                             timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_editable_install_autoloads(tmp_path):
-    seen = _probe(sys.executable, tmp_path)
+def test_editable_install_autoloads_and_registering_twice_is_harmless(tmp_path):
+    seen = _probe(sys.executable, tmp_path, register_again=True)
     assert seen['names'] == NAMES
     assert seen['cls'] == 'timm_halo.models.halonet.HaloNet'
+    assert seen['stock'] == ['ByobNet', 'ByobNet']  # only halonet_h1 is replaced; timm's halo models stay timm's
     assert seen['warnings'] == []  # no "Overwriting halonet_h1" noise either
+    # a reload of the model module and a second plugin load (warnings are errors there) change nothing
+    assert seen['names_after_import'] == NAMES and seen['cls_after_import'] == 'HaloNet'
 
 
 def test_interpreter_start_up_imports_neither_torch_nor_timm(tmp_path):
@@ -78,26 +93,7 @@ def test_disable_switch_and_explicit_import(tmp_path):
     seen = _probe(sys.executable, tmp_path, TIMM_HALO_DISABLE_AUTOLOAD='1')
     assert seen['names'] == ['halonet_h1']  # timm's own untrained reference only
     assert seen['cls'] == 'timm.models.byobnet.ByobNet'
-    code = 'import timm, timm_halo; print(timm.list_models("halonet_h*"))'
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
-                            env=_child_env(TIMM_HALO_DISABLE_AUTOLOAD='1'))
-    assert eval(result.stdout) == NAMES
-
-
-def test_registering_twice_is_harmless(tmp_path):
-    code = textwrap.dedent('''
-        import importlib, warnings
-        warnings.simplefilter('error')
-        import timm, timm_halo.models.halonet as halonet, _timm_halo_autoload
-        importlib.reload(halonet)
-        _timm_halo_autoload.load_timm_plugins()
-        assert type(timm.create_model('halonet_h1', device='meta')).__name__ == 'HaloNet'
-        print(timm.list_models('halonet_h*'))
-    ''')
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
-                            env=_child_env())
-    assert result.returncode == 0, result.stderr
-    assert eval(result.stdout) == NAMES
+    assert seen['names_after_import'] == NAMES and seen['cls_after_import'] == 'HaloNet'  # `import timm_halo`
 
 
 def test_installed_hook_is_this_checkout(tmp_path):

@@ -1,14 +1,11 @@
 """HaloNet H0-H7 through timm's factory and model API (mirrors the checks of timm's own tests/test_models.py)."""
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
 from timm.models import byoanet, get_pretrained_cfg, group_parameters
+from timm.models.byobnet import ByobNet
 from timm.optim import create_optimizer_v2
 
-from timm_halo.bench import summarize
 from timm_halo.models import HaloNet
 from timm_halo.models.halonet import FAMILY
 
@@ -36,27 +33,19 @@ def test_family_is_registered():
         assert isinstance(timm.create_model(name, device='meta'), HaloNet)
 
 
-def test_only_halonet_h1_is_replaced_and_quietly():
-    code = (
-        'import warnings, timm\n'
-        'warnings.simplefilter("error")\n'
-        'import timm_halo\n'
-        'from timm.models.byobnet import ByobNet\n'
-        'assert type(timm.create_model("halonet_h1", device="meta")).__name__ == "HaloNet"\n'
-        'assert isinstance(timm.create_model("halonet26t", device="meta"), ByobNet)\n'
-        'assert isinstance(timm.models.byoanet.halonet_h1(device="meta"), ByobNet)\n'
-        'print(sorted(timm.list_models("*halo*")))\n'
-    )
-    result = subprocess.run([sys.executable, '-W', 'error', '-c', code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    listed = eval(result.stdout)
+def test_only_halonet_h1_is_replaced():
+    """timm's own halo models stay timm's (that registering is quiet, in a fresh interpreter: test_autoload)."""
+    assert type(timm.create_model('halonet_h1', device='meta')) is HaloNet
+    assert isinstance(timm.create_model('halonet26t', device='meta'), ByobNet)
+    assert isinstance(byoanet.halonet_h1(device='meta'), ByobNet)
+    listed = timm.list_models('*halo*')
     assert set(NAMES) <= set(listed) and 'halonet26t' in listed and 'halonet50ts' in listed
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_params_match_paper_table(name):
+def test_params_match_paper_table(name, family_summary):
     """README and the module docstring claim every paper parameter count within 0.3%."""
-    summary = summarize(name)
+    summary = family_summary[name]
     assert abs(summary['params_m'] / FAMILY[name]['params_m'] - 1) < 0.003, summary
     assert summary['gmacs'] > 0
 

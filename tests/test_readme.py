@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 
-from timm_halo.bench import summarize
 from timm_halo.models.halonet import FAMILY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +17,7 @@ def test_python_snippets_run():
         exec(compile(block, 'README.md', 'exec'), {})
 
 
-def test_family_table_is_the_code_table():
+def test_family_table_is_the_code_table(family_summary):
     """Every number of README's family table: the paper's settings and figures from halonet.FAMILY, params
     (measured) and GMACs as `timm-halo` prints them."""
     section = README[README.index('## The family'):README.index('## Publishing')]
@@ -26,7 +25,7 @@ def test_family_table_is_the_code_table():
     assert [name for name, _ in rows] == list(FAMILY)
     for name, cells in rows:
         b, h, rv, rb, l3, df, size, params, paper, gmacs, top1 = (c.strip() for c in cells.split('|'))
-        f, measured = FAMILY[name], summarize(name)
+        f, measured = FAMILY[name], family_summary[name]
         assert (int(b), int(h), float(rv), float(rb), int(l3), int(size)) == (
             f['b'], f['h'], f['rv'], f['rb'], f['l3'], f['s']), name
         assert (0 if df == '–' else int(df)) == f['df'], name
