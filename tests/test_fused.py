@@ -114,9 +114,12 @@ def test_bf16_is_computed_in_fp32_and_returned_in_bf16():
 
 
 def _table_inputs(layer: HaloAttention, x: torch.Tensor):
+    """What the layer hands the table form of the kernel (table rows as the op takes them: int32), and the per-axis
+    terms it hands every other kernel."""
     with torch.no_grad():
         q, k, v, tables, _ = layer._blocked(x, crop=True, gather_op=True, tables=True)
         plain = layer._blocked(x, crop=True, gather_op=True)[3]
+    tables[2:4] = [t.to(torch.int32) for t in tables[2:4]]
     return q, k, v, tables, plain
 
 
@@ -152,6 +155,20 @@ def test_table_kernel_matches_broadcast_kernel(geometry):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_inconsistent_operands_are_errors_not_bad_reads():
+    """The op reads raw memory at offsets from the shapes: called directly with operands that do not fit together,
+    it refuses."""
+    layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4)
+    q, k, v, tables, _ = _table_inputs(layer, torch.randn(1, 8, 8, 8))
+    op = torch.ops.timm_halo.attend_fused.default
+    with pytest.raises(ValueError, match=r'operands: .*\[8, 4, 20\] \(expected \[8, 4, 25\]\)'):
+        op(q, k[..., :20], v, *tables, layer.scale)  # two blocks per axis: cropped windows of 5 x 5 keys
+    with pytest.raises(ValueError, match='inconsistent fused-kernel operands'):
+        op(q[:5], k[:5], v[:5], *(t[:5] for t in tables[:2]), *tables[2:], layer.scale)  # not whole images
+    with pytest.raises(TypeError, match='table rows must be int32, got torch.int64'):
+        op(q, k, v, *tables[:2], tables[2].long(), *tables[3:], layer.scale)
+
+
 def test_custom_op_registration_passes_opcheck():
     layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4, stride=2)
     q, k, v, tables, _ = _table_inputs(layer, torch.randn(2, 8, 10, 9))
@@ -163,7 +180,7 @@ def test_table_row_outside_the_table_is_an_error_not_a_read_out_of_bounds():
     layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4)
     q, k, v, tables, _ = _table_inputs(layer, torch.randn(1, 8, 8, 8))
     base_h = tables[2].clone()
-    base_h[1, 0] = tables[0].shape[1] - 2  # key rows run past the last table row
+    base_h[1, 0] = tables[0].shape[0] - 2  # key rows run past the last table row
     with pytest.raises(IndexError, match='relative-table row outside the table'):
         attend_fused_tables(q, k, v, tables[0], tables[1], base_h, *tables[3:], layer.scale)
 

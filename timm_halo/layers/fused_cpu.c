@@ -4,16 +4,21 @@
  * ctypes on a range of windows; the caller runs ranges on its own threads (ctypes releases the GIL).
  * Layouts, window w (n windows; nh x nw blocks per image and head, window w is block (w / nw % nh, w % nw)):
  *   q (d, Q), k (d, K), v (dv, K), out (dv, Q), stats (Q, 2);  K = kh * kw, Q = bq * bq,
- *   qt_h (Rh, Q), qt_w (Rw, Q): each query's dot products with every row of the relative tables,
+ *   rel_h, rel_w: the relative terms' source, either (mode PRODUCTS) per window (Rh, Q) / (Rw, Q): each query's
+ *     dot products with every row of the two tables, or (mode TABLES) the tables themselves, (Rh, d) / (Rw, d),
+ *     whose products with q the kernel takes itself (no per-query products in memory),
  *   base_h (nh, bq), base_w (nw, bq): the table row of key row / column 0 for each block and query row / column,
  *   mask_h (nh, kh), mask_w (nw, kw): additive border masks (0 or a very negative number),
- * query i = (y, x) and key j = (jh, jw) row-major. The logit of (i, j) in block (by, bx) is
- *   scale * q[:, i] . k[:, j] + qt_h[base_h[by, y] + jh, i] + mask_h[by, jh] + qt_w[base_w[bx, x] + jw, i] + mask_w[bx, jw]
+ * query i = (y, x) and key j = (jh, jw) row-major. With P_h[r, i] = q[:, i] . table_h[r] (likewise P_w), the logit
+ * of (i, j) in block (by, bx) is
+ *   scale * q[:, i] . k[:, j] + P_h[base_h[by, y] + jh, i] + mask_h[by, jh] + P_w[base_w[bx, x] + jw, i]
+ *   + mask_w[bx, jw].
  * Each window's keys and values are first copied into rows of kwp >= kw columns, a whole number of vectors; pad
  * columns get a very negative logit, hence probability exactly 0. Rows are then processed as GCC/Clang vector
  * types (64 bytes: AVX-512, or two AVX2 / four SSE / NEON registers), so no loop has a scalar tail and the code
  * does not depend on the auto-vectoriser. The forward saves each query's max logit and 1 / sum of exp (stats); the
- * backward recomputes the very same probabilities from them (flash-attention style) and accumulates a window's dk, dv in L1.
+ * backward recomputes the very same probabilities from them (flash-attention style) and accumulates a window's
+ * dk, dv in L1.
  * Functions return 0, 1 when out of memory, 2 when a table row lies outside its table (a caller's bug).
  */
 #include <float.h>
@@ -38,7 +43,8 @@ typedef int32_t I;
 #define VL ((int)(VBYTES / sizeof(T)))
 #define QB 4 /* queries per step of the backward: a window's dk and dv accumulators are read and written once per QB */
 typedef T vec __attribute__((vector_size(VBYTES)));
-enum { G_D, G_DV, G_Q, G_KH, G_KW, G_RH, G_RW, G_NH, G_NW, G_BQ, G_COUNT };  /* the caller's geometry array */
+enum { G_D, G_DV, G_Q, G_KH, G_KW, G_RH, G_RW, G_NH, G_NW, G_BQ, G_MODE, G_COUNT };  /* the caller's geometry */
+enum { PRODUCTS = 0, TABLES = 1 };  /* G_MODE: what rel_h / rel_w point to (see the top comment) */
 typedef I ivec __attribute__((vector_size(VBYTES)));
 
 static inline vec splat(T x) { return (vec){0} + x; }
@@ -96,7 +102,8 @@ static inline vec exp_nonpos(vec x) {
 
 typedef struct {
     int d, dv, Q, kh, kw, kwp, nv; /* nv: vectors per padded row of kh * kwp keys */
-    int rows_h, rows_w, nh, nw, bq; /* table rows per axis, blocks per axis, queries per block side */
+    int rows_h, rows_w, nh, nw, bq, mode; /* table rows per axis, blocks per axis, queries per block side */
+    T *hv, *gh, *qcol;                    /* one query's rel_h terms and their gradient (kh); its q column (d) */
     vec *k, *v, *rw, *colsum;      /* padded copies: k (d, nv), v (dv, nv); a rel_w row; column sums (bwd) */
     vec *row, *dp, *gk, *gv;       /* QB rows each of probabilities and their gradient; padded dk, dv (backward) */
     void *mem;
@@ -106,10 +113,12 @@ static int scratch_init(Scratch *s, const int32_t *g, int backward) {
     const int d = g[G_D], dv = g[G_DV], kh = g[G_KH], kw = g[G_KW];
     s->d = d; s->dv = dv; s->Q = g[G_Q]; s->kh = kh; s->kw = kw;
     s->rows_h = g[G_RH]; s->rows_w = g[G_RW]; s->nh = g[G_NH]; s->nw = g[G_NW]; s->bq = g[G_BQ];
+    s->mode = g[G_MODE];
     s->kwp = (kw + VL - 1) / VL * VL;
     s->nv = kh * s->kwp / VL;
     const size_t nv = (size_t)s->nv, rwv = (size_t)(s->kwp / VL);
-    const size_t vectors = (size_t)(d + dv) * nv * (backward ? 2 : 1) + 2 * QB * nv + 2 * rwv;
+    const size_t small = (size_t)(2 * kh + d + VL - 1) / VL;  /* hv, gh, qcol */
+    const size_t vectors = (size_t)(d + dv) * nv * (backward ? 2 : 1) + 2 * QB * nv + 2 * rwv + small;
     s->mem = aligned_alloc(VBYTES, vectors * VBYTES);
     if (!s->mem) return 0;
     memset(s->mem, 0, vectors * VBYTES);  /* the pad columns of k and v stay 0 */
@@ -120,6 +129,7 @@ static int scratch_init(Scratch *s, const int32_t *g, int backward) {
     s->dp = p; p += QB * nv;
     s->rw = p; p += rwv;
     s->colsum = p; p += rwv;
+    s->hv = (T *)p; s->gh = s->hv + kh; s->qcol = s->gh + kh; p += small;
     for (int jw = kw; jw < s->kwp; ++jw) ((T *)s->rw)[jw] = PAD_LOGIT;
     s->gk = backward ? p : NULL;
     s->gv = backward ? p + (size_t)d * nv : NULL;
@@ -169,30 +179,54 @@ static void rows_combination(vec *dst, const vec *src, int channels, int nv, con
     }
 }
 
-/* Where query i of window w reads its relative terms: rows of qt_h / qt_w (stride Q) and the block's masks. */
+/* Query i of window w: its table rows (key row / column 0) and its block's masks. */
 typedef struct {
-    const T *qt_h, *qt_w, *mask_h, *mask_w;
-} RelTerms;
+    int row_h, row_w;
+    const T *mask_h, *mask_w;
+} RelRows;
 
-static int rel_terms(const Scratch *s, int64_t w, int i, const T *qt_h, const T *qt_w, const int32_t *base_h,
-                     const int32_t *base_w, const T *mask_h, const T *mask_w, RelTerms *r) {
+static int rel_rows(const Scratch *s, int64_t w, int i, const int32_t *base_h, const int32_t *base_w,
+                    const T *mask_h, const T *mask_w, RelRows *r) {
     const int by = (int)(w / s->nw % s->nh), bx = (int)(w % s->nw), y = i / s->bq, x = i % s->bq;
-    const int row_h = base_h[by * s->bq + y], row_w = base_w[bx * s->bq + x];
-    if (row_h < 0 || row_h + s->kh > s->rows_h || row_w < 0 || row_w + s->kw > s->rows_w) return 0;
-    r->qt_h = qt_h + (w * s->rows_h + row_h) * s->Q + i;
-    r->qt_w = qt_w + (w * s->rows_w + row_w) * s->Q + i;
+    r->row_h = base_h[by * s->bq + y];
+    r->row_w = base_w[bx * s->bq + x];
     r->mask_h = mask_h + (size_t)by * s->kh;
     r->mask_w = mask_w + (size_t)bx * s->kw;
-    return 1;
+    return r->row_h >= 0 && r->row_h + s->kh <= s->rows_h && r->row_w >= 0 && r->row_w + s->kw <= s->rows_w;
 }
 
-/* The padded row of logits of query i (see the top comment) in row. */
-static void logits_row(const Scratch *s, const RelTerms *r, const T *q, T scale, int i, vec *row) {
-    const int rwv = s->kwp / VL, Q = s->Q;
+/* sum_c a[c] * b[c] */
+static inline T dot(const T *a, const T *b, int n) {
+    T acc = 0;
+    for (int c = 0; c < n; ++c) acc += a[c] * b[c];
+    return acc;
+}
+
+/* Query i's relative terms, masks included: rel_h into s->hv (kh), rel_w into the padded row s->rw. PRODUCTS:
+ * rel_h / rel_w hold each query's products with every table row, (n, rows, Q); TABLES: they are the tables
+ * themselves, (rows, d), and the products are taken here with the query's column s->qcol. */
+static void rel_values(const Scratch *s, const RelRows *r, int64_t w, int i, const T *rel_h, const T *rel_w) {
     T *rw = (T *)s->rw;  /* its pad columns hold PAD_LOGIT */
-    for (int jw = 0; jw < s->kw; ++jw) rw[jw] = r->qt_w[(size_t)jw * Q] + r->mask_w[jw];
+    if (s->mode == TABLES) {
+        for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] = dot(s->qcol, rel_h + (size_t)(r->row_h + jh) * s->d, s->d);
+        for (int jw = 0; jw < s->kw; ++jw) rw[jw] = dot(s->qcol, rel_w + (size_t)(r->row_w + jw) * s->d, s->d);
+    } else {
+        const T *ph = rel_h + (w * s->rows_h + r->row_h) * s->Q + i, *pw = rel_w + (w * s->rows_w + r->row_w) * s->Q + i;
+        for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] = ph[(size_t)jh * s->Q];
+        for (int jw = 0; jw < s->kw; ++jw) rw[jw] = pw[(size_t)jw * s->Q];
+    }
+    for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] += r->mask_h[jh];
+    for (int jw = 0; jw < s->kw; ++jw) rw[jw] += r->mask_w[jw];
+}
+
+/* The padded row of logits of query i (see the top comment) in row; reads q's column i into s->qcol first. */
+static void logits_row(const Scratch *s, const RelRows *r, int64_t w, const T *q, const T *rel_h, const T *rel_w,
+                       T scale, int i, vec *row) {
+    const int rwv = s->kwp / VL, Q = s->Q;
+    for (int c = 0; c < s->d; ++c) s->qcol[c] = q[(size_t)c * Q + i];
+    rel_values(s, r, w, i, rel_h, rel_w);
     for (int jh = 0; jh < s->kh; ++jh) {
-        const T a = r->qt_h[(size_t)jh * Q] + r->mask_h[jh];
+        const T a = s->hv[jh];
         for (int u = 0; u < rwv; ++u) row[jh * rwv + u] = s->rw[u] + a;
     }
     rows_combination(row, s->k, s->d, s->nv, q + i, Q, scale);
@@ -221,7 +255,7 @@ static void rows_dot(const vec *p, const vec *src, int channels, int nv, T facto
 }
 
 int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T *q, const T *k, const T *v,
-             const T *qt_h, const T *qt_w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
+             const T *rel_h, const T *rel_w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
              const T *mask_w, T *out, T *stats) {
     Scratch s;
     if (!scratch_init(&s, geom, 0)) return 1;
@@ -235,12 +269,12 @@ int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
         pad_rows(&s, d, k + w * d * K, s.k);
         pad_rows(&s, dv, v + w * dv * K, s.v);
         for (int i = 0; i < Q; ++i) {
-            RelTerms r;
-            if (!rel_terms(&s, w, i, qt_h, qt_w, base_h, base_w, mask_h, mask_w, &r)) {
+            RelRows r;
+            if (!rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r)) {
                 free(s.mem);
                 return 2;
             }
-            logits_row(&s, &r, qw, scale, i, row);
+            logits_row(&s, &r, w, qw, rel_h, rel_w, scale, i, row);
             vec mv = row[0];
             ivec nan = row[0] != row[0];
             for (int j = 1; j < nv; ++j) {
@@ -270,12 +304,18 @@ int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
     return 0;
 }
 
+/* grad_rel_h / grad_rel_w: PRODUCTS: (n, rows, Q) like rel_h / rel_w; TABLES: (rows, d) accumulators of this
+ * call alone (the caller gives each concurrent call its own and sums them). */
 int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T *q, const T *k, const T *v,
-             const T *qt_h, const T *qt_w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
+             const T *rel_h, const T *rel_w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
              const T *mask_w, const T *out, const T *stats, const T *grad_out, T *grad_q, T *grad_k, T *grad_v,
-             T *grad_qt_h, T *grad_qt_w) {
+             T *grad_rel_h, T *grad_rel_w) {
     Scratch s;
     if (!scratch_init(&s, geom, 1)) return 1;
+    if (s.mode == TABLES) {
+        memset(grad_rel_h, 0, sizeof(T) * (size_t)s.rows_h * s.d);
+        memset(grad_rel_w, 0, sizeof(T) * (size_t)s.rows_w * s.d);
+    }
     const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw;
     const int64_t K = (int64_t)kh * kw;
     const int nv = s.nv, rwv = s.kwp / VL;
@@ -283,8 +323,10 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
         const T *qw = q + w * d * Q;
         const T *ow = out + w * dv * Q, *lw = stats + w * Q * 2, *gw = grad_out + w * dv * Q;
         T *gq = grad_q + w * d * Q;
-        memset(grad_qt_h + w * s.rows_h * Q, 0, sizeof(T) * (size_t)s.rows_h * Q);  /* rows no query reads get 0 */
-        memset(grad_qt_w + w * s.rows_w * Q, 0, sizeof(T) * (size_t)s.rows_w * Q);
+        if (s.mode == PRODUCTS) {  /* rows no query reads get 0 */
+            memset(grad_rel_h + w * s.rows_h * Q, 0, sizeof(T) * (size_t)s.rows_h * Q);
+            memset(grad_rel_w + w * s.rows_w * Q, 0, sizeof(T) * (size_t)s.rows_w * Q);
+        }
         pad_rows(&s, d, k + w * d * K, s.k);
         pad_rows(&s, dv, v + w * dv * K, s.v);
         memset(s.gk, 0, (size_t)(d + dv) * nv * VBYTES);  /* gk and gv are adjacent */
@@ -296,12 +338,12 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
                 vec *row = s.row + (size_t)t * nv, *dp = s.dp + (size_t)t * nv;
                 probs[t] = row;
                 grads[t] = dp;
-                RelTerms r;
-                if (!rel_terms(&s, w, i, qt_h, qt_w, base_h, base_w, mask_h, mask_w, &r)) {
+                RelRows r;
+                if (!rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r)) {
                     free(s.mem);
                     return 2;
                 }
-                logits_row(&s, &r, qw, scale, i, row);
+                logits_row(&s, &r, w, qw, rel_h, rel_w, scale, i, row);
                 T delta = 0;  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
                 for (int c = 0; c < dv; ++c) delta += gw[(size_t)c * Q + i] * ow[(size_t)c * Q + i];
                 const T m = lw[2 * i], inv_sum = lw[2 * i + 1];
@@ -320,11 +362,33 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
                         acc += dp[jh * rwv + u];
                         colsum[u] += dp[jh * rwv + u];
                     }
-                    ((T *)r.qt_h - qt_h + grad_qt_h)[(size_t)jh * Q] = hsum(acc);
+                    s.gh[jh] = hsum(acc);
                 }
-                T *grad_w = (T *)r.qt_w - qt_w + grad_qt_w;
-                for (int jw = 0; jw < kw; ++jw) grad_w[(size_t)jw * Q] = ((T *)colsum)[jw];
+                const T *gcol = (const T *)colsum;
                 rows_dot(dp, s.k, d, nv, scale, gq + i, Q);
+                if (s.mode == TABLES) {  /* through the products q . table[row]: into q and into the tables */
+                    for (int jh = 0; jh < kh; ++jh) {
+                        const T g = s.gh[jh], *tr = rel_h + (size_t)(r.row_h + jh) * d;
+                        T *gt = grad_rel_h + (size_t)(r.row_h + jh) * d;
+                        for (int c = 0; c < d; ++c) {
+                            gq[(size_t)c * Q + i] += g * tr[c];
+                            gt[c] += g * s.qcol[c];
+                        }
+                    }
+                    for (int jw = 0; jw < kw; ++jw) {
+                        const T g = gcol[jw], *tr = rel_w + (size_t)(r.row_w + jw) * d;
+                        T *gt = grad_rel_w + (size_t)(r.row_w + jw) * d;
+                        for (int c = 0; c < d; ++c) {
+                            gq[(size_t)c * Q + i] += g * tr[c];
+                            gt[c] += g * s.qcol[c];
+                        }
+                    }
+                } else {
+                    T *gph = grad_rel_h + (w * s.rows_h + r.row_h) * Q + i;
+                    T *gpw = grad_rel_w + (w * s.rows_w + r.row_w) * Q + i;
+                    for (int jh = 0; jh < kh; ++jh) gph[(size_t)jh * Q] = s.gh[jh];
+                    for (int jw = 0; jw < kw; ++jw) gpw[(size_t)jw * Q] = gcol[jw];
+                }
             }
             /* dv[c] += sum_t P[t] dO[c, t] and dk[c] += sum_t dS[t] q[c, t] * scale: QB queries per pass */
             for (int c = 0; c < dv; ++c) axpy_rows(s.gv + (size_t)c * nv, probs, gw + (size_t)c * Q + i0, n, nv);

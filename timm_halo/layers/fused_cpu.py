@@ -135,30 +135,65 @@ def _check(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-_ERRORS = {1: MemoryError('HaloAttention: the fused CPU kernel could not allocate its scratch buffers'),
-           2: IndexError('HaloAttention: a relative-table row outside the table (fused CPU kernel); please report')}
+_ERRORS = {1: (MemoryError, 'the fused CPU kernel could not allocate its scratch buffers'),
+           2: (IndexError, 'a relative-table row outside the table (fused CPU kernel); please report')}
 
 
-def _run(fn, tensors, q: torch.Tensor, v: torch.Tensor, tables, scale: float) -> None:
-    """``fn`` (the C kernel) over all windows, in ranges spread over the tile pool's threads: a few ranges per
-    thread, so a thread slowed by another process hands its share to the others."""
-    qt_h, qt_w, base_h, base_w, mask_h, mask_w = tables
+def _tables_mode(rel_h: torch.Tensor) -> bool:
+    """The relative terms' source: the (rows, d) tables themselves, or each query's products with them."""
+    return rel_h.dim() == 2
+
+
+def _check_shapes(q, k, v, tables, *outputs) -> None:
+    """The C kernel reads raw memory at offsets from these shapes: a mismatch must be an error, not a bad read."""
+    rel_h, rel_w, base_h, base_w, mask_h, mask_w = tables
     n, d, num_q = q.shape
-    geometry = torch.tensor([d, v.shape[1], num_q, mask_h.shape[1], mask_w.shape[1], qt_h.shape[1], qt_w.shape[1],
-                             base_h.shape[0], base_w.shape[0], base_h.shape[1]], dtype=torch.int32)
+    (nh, bq), (nw, bq_w), kh, kw, dv = base_h.shape, base_w.shape, mask_h.shape[-1], mask_w.shape[-1], v.shape[1]
+    rel_shapes = [(rel_h.shape[0], d), (rel_w.shape[0], d)] if _tables_mode(rel_h) else [
+        (n, rel_h.shape[1], num_q), (n, rel_w.shape[1], num_q)]
+    expected = [(k, (n, d, kh * kw)), (v, (n, dv, kh * kw)), (rel_h, rel_shapes[0]), (rel_w, rel_shapes[1]),
+                (base_w, (nw, bq)), (mask_h, (nh, kh)), (mask_w, (nw, kw)),
+                *[(t, shape) for t, shape in zip(outputs, [(n, dv, num_q), (n, num_q, 2), (n, dv, num_q)])]]
+    bad = [f'{list(t.shape)} (expected {list(shape)})' for t, shape in expected if tuple(t.shape) != shape]
+    if q.dim() != 3 or bq * bq != num_q or bq_w != bq or n % (nh * nw) or bad:
+        raise ValueError(f'HaloAttention: inconsistent fused-kernel operands: q {list(q.shape)}, blocks {nh} x {nw} '
+                         f'of {bq} x {bq} queries; {", ".join(bad)}')
+    if base_h.dtype != torch.int32 or base_w.dtype != torch.int32:
+        raise TypeError(f'HaloAttention: fused-kernel table rows must be int32, got {base_h.dtype} / {base_w.dtype}')
+
+
+def _run(fn, tensors, q: torch.Tensor, v: torch.Tensor, tables, scale: float, per_call=()) -> None:
+    """``fn`` (the C kernel) over all windows, in ranges spread over the tile pool's threads: a few ranges per
+    thread, so a thread slowed by another process hands its share to the others. ``per_call``: indices into
+    ``tensors`` of outputs shaped (calls, ...) of which each call gets its own slice."""
+    rel_h, rel_w, base_h, base_w, mask_h, mask_w = tables
+    n, d, num_q = q.shape
+    geometry = torch.tensor([d, v.shape[1], num_q, mask_h.shape[1], mask_w.shape[1], rel_h.shape[-2],
+                             rel_w.shape[-2], base_h.shape[0], base_w.shape[0], base_h.shape[1],
+                             int(_tables_mode(rel_h))], dtype=torch.int32)
     ptrs = [t.data_ptr() for t in (geometry, *tensors)]
-    chunk = max(1, -(-n // (8 * torch.get_num_threads())))
+    chunk = _chunk(n)
 
     def run(start: int, stop: int) -> None:
-        status = fn(start, stop, ptrs[0], scale, *ptrs[1:])
+        args = list(ptrs)
+        for index in per_call:
+            t = tensors[index]
+            args[index + 1] = t[start // chunk].data_ptr()
+        status = fn(start, stop, args[0], scale, *args[1:])
         if status:
-            raise _ERRORS[status]
+            kind, message = _ERRORS[status]
+            raise kind(f'HaloAttention: {message}')
 
     run_tiles(run, n, chunk)
 
 
+def _chunk(n: int) -> int:
+    return max(1, -(-n // (8 * torch.get_num_threads())))
+
+
 def _forward(q, k, v, tables, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     lib = _library(_check(q, k, v, *tables[:2], *tables[4:]))
+    _check_shapes(q, k, v, tables)
     q, k, v, *tables = (t.contiguous() for t in (q, k, v, *tables))
     n, _, num_q = q.shape
     out, stats = q.new_empty(n, v.shape[1], num_q), q.new_empty(n, num_q, 2)  # per query: max logit, 1 / sum of exp
@@ -168,11 +203,20 @@ def _forward(q, k, v, tables, scale: float) -> Tuple[torch.Tensor, torch.Tensor]
 
 def _backward(grad_out, q, k, v, tables, out, stats, scale: float):
     lib = _library(_check(grad_out, q, k, v, *tables[:2], *tables[4:], out, stats))
+    _check_shapes(q, k, v, tables, out, stats, grad_out)
     q, k, v, *tables = (t.contiguous() for t in (q, k, v, *tables))
     out, stats, grad_out = out.contiguous(), stats.contiguous(), grad_out.contiguous()
-    grads = tuple(t.new_empty(t.shape) for t in (q, k, v, *tables[:2]))  # contiguous (the kernel's layout)
-    _run(lib.halo_bwd, (q, k, v, *tables, out, stats, grad_out, *grads), q, v, tables, scale)
-    return grads
+    grads = [t.new_empty(t.shape) for t in (q, k, v)]  # contiguous (the kernel's layout)
+    if _tables_mode(tables[0]):  # one table gradient per call of the kernel, summed here
+        calls = -(-q.shape[0] // _chunk(q.shape[0]))
+        rel_grads = [t.new_zeros(calls, *t.shape) for t in tables[:2]]
+        per_call = (15, 16)  # their indices in the kernel's tensors below
+    else:
+        rel_grads, per_call = [t.new_empty(t.shape) for t in tables[:2]], ()
+    _run(lib.halo_bwd, (q, k, v, *tables, out, stats, grad_out, *grads, *rel_grads), q, v, tables, scale, per_call)
+    if per_call:
+        rel_grads = [g.sum(0) for g in rel_grads]
+    return (*grads, *rel_grads)
 
 
 @torch.library.custom_op('timm_halo::attend_fused', mutates_args=())
@@ -234,8 +278,10 @@ def expand_tables(
         q: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor,
         mask_h: torch.Tensor, mask_w: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The per-axis relative terms (rel_h, rel_w of ``attend_broadcast``) that ``attend_fused_tables`` reads from
-    its table products, in plain ops (the kernel's double backward, and tests)."""
+    """The per-axis relative terms (rel_h, rel_w of ``attend_broadcast``) that ``attend_fused_tables`` builds from
+    its sources (tables, or each query's products with them), in plain ops (the kernel's double backward, tests)."""
+    if _tables_mode(qt_h):
+        qt_h, qt_w = torch.matmul(qt_h, q), torch.matmul(qt_w, q)  # (N, rows, bq * bq)
     n, _, num_q = q.shape
     (nh, bq), nw, kh, kw = base_h.shape, base_w.shape[0], mask_h.shape[1], mask_w.shape[1]
     rows_h = base_h.long()[:, :, None] + torch.arange(kh, device=q.device)  # (nh, bq, kh): (block row, y, key row)
@@ -265,11 +311,12 @@ def attend_fused_tables(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor,
         base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Fused windowed attention (CPU) that reads each query's relative terms from its products with the tables.
+    """Fused windowed attention (CPU) that builds each query's relative terms from the relative tables.
 
     Args:
         q, k, v, scale: as ``attend_broadcast``; windows ordered (batch x heads, block row, block column).
-        qt_h, qt_w: (N, rows, bq * bq) each query's dot product with every row of the height / width table.
+        qt_h, qt_w: the height / width tables themselves, (rows, d), whose products with q the kernel takes; or
+            each query's products with every row of them, (N, rows, bq * bq).
         base_h, base_w: (blocks along H, bq) / (blocks along W, bq) int32: the table row of key row / column 0 for
             each block and query row / column; key row jh reads row ``base + jh``.
         mask_h, mask_w: (blocks along H, kh) / (blocks along W, kw) additive border masks.

@@ -333,8 +333,7 @@ class HaloAttention(nn.Module):
         """Project and cut into blocks, channels first per block: q (N, d, bq^2), k (N, d, kh * kw),
         v (N, dv, kh * kw) with N = B * heads * nh * nw, and the relative terms: [rel_h (N, bq, bq, kh),
         rel_w (N, bq, bq, kw)] (the kernel interface of ``attend_broadcast``), or with ``tables`` what
-        ``attend_fused_tables`` reads instead: [q . rel_pos_h (N, rows, bq^2), q . rel_pos_w, base_h, base_w,
-        mask_h, mask_w].
+        ``attend_fused_tables`` reads instead: [rel_pos_h, rel_pos_w, base_h, base_w, mask_h, mask_w].
 
         ``crop``: cropped key windows on maps of one or two blocks per axis; ``gather_op``: cut the windows with
         the ``gather_windows`` custom op (fast backward) instead of plain ``unfold``."""
@@ -362,10 +361,9 @@ class HaloAttention(nn.Module):
         rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
         rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
         if tables:
-            # Every query's products with the whole tables, one GEMM per axis and no copies: the kernel reads
-            # key row jh's term at row rows[..., 0] + jh (the window plans never need the clamp of _axis_terms).
-            rel = [torch.matmul(self.rel_pos_h, q), torch.matmul(self.rel_pos_w, q), rows_h[:, :, 0],
-                   rows_w[:, :, 0], mask_h, mask_w]
+            # The tables themselves: the kernel takes each query's products with the rows it needs, key row jh at
+            # table row rows[..., 0] + jh (the window plans never need the clamp of _axis_terms).
+            rel = [self.rel_pos_h, self.rel_pos_w, rows_h[:, :, 0], rows_w[:, :, 0], mask_h, mask_w]
         else:
             # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
             q_blocks = q.view(B, heads, nh, nw, d, bq, bq)
