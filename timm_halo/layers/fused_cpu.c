@@ -103,10 +103,11 @@ static inline vec exp_nonpos(vec x) {
 typedef struct {
     int d, dv, Q, kh, kw, kwp, nv; /* nv: vectors per padded row of kh * kwp keys */
     int rows_h, rows_w, nh, nw, bq, mode; /* table rows per axis, blocks per axis, queries per block side */
-    T *hv, *gh, *qcol;                    /* one query's rel_h terms and their gradient (kh); its q column (d) */
+    T *hv, *gh;                           /* one query's rel_h terms and their gradient (kh) */
+    T *ph, *pw, *gph, *gpw;               /* TABLES: one window's products (rows, Q) and their gradients (bwd) */
     vec *k, *v, *rw, *colsum;      /* padded copies: k (d, nv), v (dv, nv); a rel_w row; column sums (bwd) */
     vec *row, *dp, *gk, *gv;       /* QB rows each of probabilities and their gradient; padded dk, dv (backward) */
-    void *mem;
+    void *mem, *tables;
 } Scratch;
 
 static int scratch_init(Scratch *s, const int32_t *g, int backward) {
@@ -117,7 +118,7 @@ static int scratch_init(Scratch *s, const int32_t *g, int backward) {
     s->kwp = (kw + VL - 1) / VL * VL;
     s->nv = kh * s->kwp / VL;
     const size_t nv = (size_t)s->nv, rwv = (size_t)(s->kwp / VL);
-    const size_t small = (size_t)(2 * kh + d + VL - 1) / VL;  /* hv, gh, qcol */
+    const size_t small = (size_t)(2 * kh + VL - 1) / VL;  /* hv, gh */
     const size_t vectors = (size_t)(d + dv) * nv * (backward ? 2 : 1) + 2 * QB * nv + 2 * rwv + small;
     s->mem = aligned_alloc(VBYTES, vectors * VBYTES);
     if (!s->mem) return 0;
@@ -129,11 +130,58 @@ static int scratch_init(Scratch *s, const int32_t *g, int backward) {
     s->dp = p; p += QB * nv;
     s->rw = p; p += rwv;
     s->colsum = p; p += rwv;
-    s->hv = (T *)p; s->gh = s->hv + kh; s->qcol = s->gh + kh; p += small;
+    s->hv = (T *)p; s->gh = s->hv + kh; p += small;
     for (int jw = kw; jw < s->kwp; ++jw) ((T *)s->rw)[jw] = PAD_LOGIT;
     s->gk = backward ? p : NULL;
     s->gv = backward ? p + (size_t)d * nv : NULL;
+    s->ph = s->pw = s->gph = s->gpw = NULL;
+    if (s->mode == TABLES) {  /* small: (rows, Q) per table, twice in the backward */
+        const size_t th = (size_t)s->rows_h * s->Q, tw = (size_t)s->rows_w * s->Q;
+        s->tables = malloc(sizeof(T) * (th + tw) * (backward ? 2 : 1));
+        if (!s->tables) {
+            free(s->mem);
+            return 0;
+        }
+        s->ph = (T *)s->tables; s->pw = s->ph + th;
+        if (backward) {
+            s->gph = s->pw + tw; s->gpw = s->gph + th;
+        }
+    }
     return 1;
+}
+
+static void scratch_free(Scratch *s) {
+    free(s->mem);
+    if (s->mode == TABLES) free(s->tables);
+}
+
+/* dst (rows, Q) = table (rows, d) . q (d, Q): AXPYs along the window's queries. */
+static void table_products(int rows, int d, int Q, const T *table, const T *q, T *dst) {
+    for (int r = 0; r < rows; ++r) {
+        T *out = dst + (size_t)r * Q;
+        memset(out, 0, sizeof(T) * (size_t)Q);
+        for (int c = 0; c < d; ++c) {
+            const T a = table[(size_t)r * d + c], *qc = q + (size_t)c * Q;
+            for (int i = 0; i < Q; ++i) out[i] += a * qc[i];
+        }
+    }
+}
+
+/* The backward of table_products for one window: dq (d, Q) += table^T . grad, dtable (rows, d) += grad . q^T. */
+static void table_products_backward(int rows, int d, int Q, const T *table, const T *q, const T *grad, T *dq,
+                                    T *dtable) {
+    for (int r = 0; r < rows; ++r) {
+        const T *g = grad + (size_t)r * Q;
+        for (int c = 0; c < d; ++c) {
+            const T a = table[(size_t)r * d + c], *qc = q + (size_t)c * Q;
+            T *dqc = dq + (size_t)c * Q, acc = 0;
+            for (int i = 0; i < Q; ++i) {
+                dqc[i] += a * g[i];
+                acc += g[i] * qc[i];
+            }
+            dtable[(size_t)r * d + c] += acc;
+        }
+    }
 }
 
 /* Rows of kw keys (channels, kh, kw) into rows of kwp (the pad columns were zeroed once). */
@@ -195,36 +243,20 @@ static int rel_rows(const Scratch *s, int64_t w, int i, const int32_t *base_h, c
     return r->row_h >= 0 && r->row_h + s->kh <= s->rows_h && r->row_w >= 0 && r->row_w + s->kw <= s->rows_w;
 }
 
-/* sum_c a[c] * b[c] */
-static inline T dot(const T *a, const T *b, int n) {
-    T acc = 0;
-    for (int c = 0; c < n; ++c) acc += a[c] * b[c];
-    return acc;
-}
-
-/* Query i's relative terms, masks included: rel_h into s->hv (kh), rel_w into the padded row s->rw. PRODUCTS:
- * rel_h / rel_w hold each query's products with every table row, (n, rows, Q); TABLES: they are the tables
- * themselves, (rows, d), and the products are taken here with the query's column s->qcol. */
-static void rel_values(const Scratch *s, const RelRows *r, int64_t w, int i, const T *rel_h, const T *rel_w) {
+/* Query i's relative terms, masks included: rel_h into s->hv (kh), rel_w into the padded row s->rw. ph / pw: this
+ * window's products (rows, Q) of the queries with the tables (given, or computed per window in TABLES mode). */
+static void rel_values(const Scratch *s, const RelRows *r, int i, const T *ph, const T *pw) {
     T *rw = (T *)s->rw;  /* its pad columns hold PAD_LOGIT */
-    if (s->mode == TABLES) {
-        for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] = dot(s->qcol, rel_h + (size_t)(r->row_h + jh) * s->d, s->d);
-        for (int jw = 0; jw < s->kw; ++jw) rw[jw] = dot(s->qcol, rel_w + (size_t)(r->row_w + jw) * s->d, s->d);
-    } else {
-        const T *ph = rel_h + (w * s->rows_h + r->row_h) * s->Q + i, *pw = rel_w + (w * s->rows_w + r->row_w) * s->Q + i;
-        for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] = ph[(size_t)jh * s->Q];
-        for (int jw = 0; jw < s->kw; ++jw) rw[jw] = pw[(size_t)jw * s->Q];
-    }
-    for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] += r->mask_h[jh];
-    for (int jw = 0; jw < s->kw; ++jw) rw[jw] += r->mask_w[jw];
+    const T *h = ph + (size_t)r->row_h * s->Q + i, *wp = pw + (size_t)r->row_w * s->Q + i;
+    for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] = h[(size_t)jh * s->Q] + r->mask_h[jh];
+    for (int jw = 0; jw < s->kw; ++jw) rw[jw] = wp[(size_t)jw * s->Q] + r->mask_w[jw];
 }
 
-/* The padded row of logits of query i (see the top comment) in row; reads q's column i into s->qcol first. */
-static void logits_row(const Scratch *s, const RelRows *r, int64_t w, const T *q, const T *rel_h, const T *rel_w,
-                       T scale, int i, vec *row) {
+/* The padded row of logits of query i (see the top comment) in row. */
+static void logits_row(const Scratch *s, const RelRows *r, const T *q, const T *ph, const T *pw, T scale, int i,
+                       vec *row) {
     const int rwv = s->kwp / VL, Q = s->Q;
-    for (int c = 0; c < s->d; ++c) s->qcol[c] = q[(size_t)c * Q + i];
-    rel_values(s, r, w, i, rel_h, rel_w);
+    rel_values(s, r, i, ph, pw);
     for (int jh = 0; jh < s->kh; ++jh) {
         const T a = s->hv[jh];
         for (int u = 0; u < rwv; ++u) row[jh * rwv + u] = s->rw[u] + a;
@@ -264,17 +296,23 @@ int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
     const int nv = s.nv;
     vec *row = s.row;
     for (int64_t w = start; w < stop; ++w) {
-        const T *qw = q + w * d * Q;
+        const T *qw = q + w * d * Q, *ph = rel_h + w * s.rows_h * Q, *pw = rel_w + w * s.rows_w * Q;
         T *ow = out + w * dv * Q, *lw = stats + w * Q * 2;
+        if (s.mode == TABLES) {
+            table_products(s.rows_h, d, Q, rel_h, qw, s.ph);
+            table_products(s.rows_w, d, Q, rel_w, qw, s.pw);
+            ph = s.ph;
+            pw = s.pw;
+        }
         pad_rows(&s, d, k + w * d * K, s.k);
         pad_rows(&s, dv, v + w * dv * K, s.v);
         for (int i = 0; i < Q; ++i) {
             RelRows r;
             if (!rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r)) {
-                free(s.mem);
+                scratch_free(&s);
                 return 2;
             }
-            logits_row(&s, &r, w, qw, rel_h, rel_w, scale, i, row);
+            logits_row(&s, &r, qw, ph, pw, scale, i, row);
             vec mv = row[0];
             ivec nan = row[0] != row[0];
             for (int j = 1; j < nv; ++j) {
@@ -300,7 +338,7 @@ int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
             rows_dot(row, s.v, dv, nv, inv_sum, ow + i, Q);
         }
     }
-    free(s.mem);
+    scratch_free(&s);
     return 0;
 }
 
@@ -323,10 +361,18 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
         const T *qw = q + w * d * Q;
         const T *ow = out + w * dv * Q, *lw = stats + w * Q * 2, *gw = grad_out + w * dv * Q;
         T *gq = grad_q + w * d * Q;
-        if (s.mode == PRODUCTS) {  /* rows no query reads get 0 */
-            memset(grad_rel_h + w * s.rows_h * Q, 0, sizeof(T) * (size_t)s.rows_h * Q);
-            memset(grad_rel_w + w * s.rows_w * Q, 0, sizeof(T) * (size_t)s.rows_w * Q);
+        const T *ph = rel_h + w * s.rows_h * Q, *pw = rel_w + w * s.rows_w * Q;
+        T *gph = grad_rel_h + w * s.rows_h * Q, *gpw = grad_rel_w + w * s.rows_w * Q;
+        if (s.mode == TABLES) {
+            table_products(s.rows_h, d, Q, rel_h, qw, s.ph);
+            table_products(s.rows_w, d, Q, rel_w, qw, s.pw);
+            ph = s.ph;
+            pw = s.pw;
+            gph = s.gph;
+            gpw = s.gpw;
         }
+        memset(gph, 0, sizeof(T) * (size_t)s.rows_h * Q);  /* rows no query reads get 0 */
+        memset(gpw, 0, sizeof(T) * (size_t)s.rows_w * Q);
         pad_rows(&s, d, k + w * d * K, s.k);
         pad_rows(&s, dv, v + w * dv * K, s.v);
         memset(s.gk, 0, (size_t)(d + dv) * nv * VBYTES);  /* gk and gv are adjacent */
@@ -340,10 +386,10 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
                 grads[t] = dp;
                 RelRows r;
                 if (!rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r)) {
-                    free(s.mem);
+                    scratch_free(&s);
                     return 2;
                 }
-                logits_row(&s, &r, w, qw, rel_h, rel_w, scale, i, row);
+                logits_row(&s, &r, qw, ph, pw, scale, i, row);
                 T delta = 0;  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
                 for (int c = 0; c < dv; ++c) delta += gw[(size_t)c * Q + i] * ow[(size_t)c * Q + i];
                 const T m = lw[2 * i], inv_sum = lw[2 * i + 1];
@@ -366,29 +412,9 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
                 }
                 const T *gcol = (const T *)colsum;
                 rows_dot(dp, s.k, d, nv, scale, gq + i, Q);
-                if (s.mode == TABLES) {  /* through the products q . table[row]: into q and into the tables */
-                    for (int jh = 0; jh < kh; ++jh) {
-                        const T g = s.gh[jh], *tr = rel_h + (size_t)(r.row_h + jh) * d;
-                        T *gt = grad_rel_h + (size_t)(r.row_h + jh) * d;
-                        for (int c = 0; c < d; ++c) {
-                            gq[(size_t)c * Q + i] += g * tr[c];
-                            gt[c] += g * s.qcol[c];
-                        }
-                    }
-                    for (int jw = 0; jw < kw; ++jw) {
-                        const T g = gcol[jw], *tr = rel_w + (size_t)(r.row_w + jw) * d;
-                        T *gt = grad_rel_w + (size_t)(r.row_w + jw) * d;
-                        for (int c = 0; c < d; ++c) {
-                            gq[(size_t)c * Q + i] += g * tr[c];
-                            gt[c] += g * s.qcol[c];
-                        }
-                    }
-                } else {
-                    T *gph = grad_rel_h + (w * s.rows_h + r.row_h) * Q + i;
-                    T *gpw = grad_rel_w + (w * s.rows_w + r.row_w) * Q + i;
-                    for (int jh = 0; jh < kh; ++jh) gph[(size_t)jh * Q] = s.gh[jh];
-                    for (int jw = 0; jw < kw; ++jw) gpw[(size_t)jw * Q] = gcol[jw];
-                }
+                T *gh_i = gph + (size_t)r.row_h * Q + i, *gw_i = gpw + (size_t)r.row_w * Q + i;
+                for (int jh = 0; jh < kh; ++jh) gh_i[(size_t)jh * Q] = s.gh[jh];
+                for (int jw = 0; jw < kw; ++jw) gw_i[(size_t)jw * Q] = gcol[jw];
             }
             /* dv[c] += sum_t P[t] dO[c, t] and dk[c] += sum_t dS[t] q[c, t] * scale: QB queries per pass */
             for (int c = 0; c < dv; ++c) axpy_rows(s.gv + (size_t)c * nv, probs, gw + (size_t)c * Q + i0, n, nv);
@@ -400,7 +426,11 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
         }
         unpad_rows(&s, d, s.gk, grad_k + w * d * K);
         unpad_rows(&s, dv, s.gv, grad_v + w * dv * K);
+        if (s.mode == TABLES) {  /* through the window's products: into q and into this call's table gradients */
+            table_products_backward(s.rows_h, d, Q, rel_h, qw, s.gph, gq, grad_rel_h);
+            table_products_backward(s.rows_w, d, Q, rel_w, qw, s.gpw, gq, grad_rel_w);
+        }
     }
-    free(s.mem);
+    scratch_free(&s);
     return 0;
 }
