@@ -1,19 +1,17 @@
-"""Fixtures shared by several test files (one copy per pytest-xdist worker)."""
+"""Test-process settings and fixtures shared by several test files (one copy per pytest-xdist worker)."""
+import os
+
 import pytest
 
-from timm_halo.bench import summarize
-from timm_halo.models.halonet import FAMILY
-
-
-@pytest.fixture(scope='session')
-def family_summary() -> dict:
-    """``timm_halo.bench.summarize`` of every family member at its own input size (params and GMACs, measured)."""
-    return {name: summarize(name) for name in FAMILY}
-
+# The suite runs one pytest-xdist worker per core (pyproject's addopts), each with torch's intra-op threads, plus
+# child interpreters: more threads than cores. OpenMP threads that spin-wait at a barrier while another process
+# holds the core burn it for nothing; passive waiting keeps the same code paths and thread counts (measured on
+# 2 cores, test_accelerate.py on 2 workers: 112 s -> 43 s). libgomp reads it once, when torch is first imported,
+# which is after this file; children inherit it. A value set by the caller wins.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 # Module-scoped fixtures that build something expensive (a wheel in a fresh venv, a pushed model loaded back in a
-# fresh interpreter): under pytest-xdist (`--dist loadgroup`, pyproject's addopts) every test using one runs on the
-# same worker, so that each is built once.
+# fresh interpreter): under `--dist loadgroup` every test using one runs on the same worker, so each is built once.
 SHARED_FIXTURES = ('wheel_venv', 'published')
 
 
@@ -22,3 +20,12 @@ def pytest_collection_modifyitems(items):
         for name in SHARED_FIXTURES:
             if name in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(name))
+
+
+@pytest.fixture(scope='session')
+def family_summary() -> dict:
+    """``timm_halo.bench.summarize`` of every family member at its own input size (params and GMACs, measured)."""
+    from timm_halo.bench import summarize
+    from timm_halo.models.halonet import FAMILY
+
+    return {name: summarize(name) for name in FAMILY}
