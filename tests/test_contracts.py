@@ -14,9 +14,11 @@ from torch.nn.utils import prune
 
 import timm_halo  # noqa: F401  (registers the halonet_* models with timm)
 from timm_halo import HaloAttention
-from timm_halo.layers import ATTN_IMPLS
+from timm_halo.layers import ATTN_IMPLS, fused_cpu
 
-KERNELS = list(ATTN_IMPLS)  # fused, tiled, sdpa, broadcast
+# The fused C kernel needs a C compiler; without one 'auto' runs 'tiled' and these cases have nothing to test.
+FUSED = pytest.param('fused', marks=pytest.mark.skipif(not fused_cpu.available(), reason='no C compiler'))
+KERNELS = [FUSED if name == 'fused' else name for name in ATTN_IMPLS]  # fused, tiled, sdpa, broadcast
 
 
 def _layer(stride: int = 1, impl: str = 'auto', dtype=torch.double, **kwargs) -> HaloAttention:
@@ -34,7 +36,7 @@ def _reference(layer: HaloAttention):
 
 # ---- higher-order gradients ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('impl', ['auto', 'fused', 'tiled', 'broadcast'])
+@pytest.mark.parametrize('impl', ['auto', FUSED, 'tiled', 'broadcast'])
 @pytest.mark.parametrize('stride,size', [(1, (9, 7)), (2, (8, 11)), (1, (4, 4))])
 def test_gradient_penalty_matches_reference(impl, stride, size):
     """Double backward (gradient penalties, R1): d/dparams of ||dL/dx||^2, against the dense reference."""
@@ -100,7 +102,7 @@ def test_jacfwd_jacrev_vmap_match_reference():
     torch.testing.assert_close(vmap(layer)(xs), torch.stack([layer.reference_forward(x) for x in xs]))
 
 
-@pytest.mark.parametrize('impl', ['fused', 'tiled'])
+@pytest.mark.parametrize('impl', [FUSED, 'tiled'])
 def test_explicit_custom_op_kernel_refuses_forward_mode(impl):
     layer = _layer(1, impl)
     x = torch.randn(1, 8, 6, 6, dtype=torch.double)
@@ -251,7 +253,7 @@ def test_compile_model_training_with_changing_sizes():
 def test_each_kernel_selectable_and_stored():
     x = torch.randn(1, 8, 9, 9)
     outputs = {}
-    for name in ['auto', *KERNELS]:
+    for name in ['auto', *(k for k in ATTN_IMPLS if k != 'fused' or fused_cpu.available())]:
         layer = _layer(1, name, dtype=torch.float32)
         assert layer.attn_impl == name and f"attn_impl='{name}'" in repr(layer)
         with torch.no_grad():
@@ -282,7 +284,7 @@ def test_models_pass_attn_impl_to_every_layer():
     assert impls == {'sdpa'}
 
 
-@pytest.mark.parametrize('impl', ['fused', 'tiled'])
+@pytest.mark.parametrize('impl', [FUSED, 'tiled'])
 def test_explicit_custom_op_kernel_refuses_export(impl):
     layer = _layer(1, impl, dtype=torch.float32).eval()
     with pytest.raises(RuntimeError, match=rf"attn_impl='{impl}' is a custom op that tracing and export cannot"):
