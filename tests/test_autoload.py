@@ -142,35 +142,25 @@ def _assert_plugins_loaded_once(seen: dict):
     assert seen['plugin_loads'] == 1
 
 
-def test_find_spec_probe_before_import(tmp_path):
-    """`importlib.util.find_spec('timm')` (the is-it-installed check of transformers & co.) must not use up the hook.
+def test_find_spec_probes_before_import(tmp_path):
+    """`importlib.util.find_spec('timm')` (the is-it-installed check of transformers & co.), twice, must not use up
+    the hook; then `find_spec('timm.models')` imports the parent package timm.
 
-    The probe sees what it would without the hook, and its spec carries nothing of ours once timm is imported.
+    The probes see what they would without the hook, and their spec carries nothing of ours once timm is imported.
     """
     seen = _run_sequence(tmp_path, """
         import importlib.machinery, importlib.util
-        spec = importlib.util.find_spec('timm')
+        spec, second = importlib.util.find_spec('timm'), importlib.util.find_spec('timm')
         plain = importlib.machinery.PathFinder.find_spec('timm')  # what the import system finds without us
         view = lambda s: (s.name, s.origin, s.submodule_search_locations, type(s.loader), s.cached, s.parent)
         assert view(spec) == view(plain), (view(spec), view(plain))
-        assert 'timm' not in sys.modules
-        import timm
-        assert spec == timm.__spec__ == plain, 'the probe spec still differs from a plain one'
-        assert 'exec_module' not in vars(spec.loader) and 'exec_module' not in vars(timm.__spec__.loader)
-    """)
-    _assert_plugins_loaded_once(seen)
-
-
-def test_several_probes_then_import(tmp_path):
-    """Probes that never load timm, then `find_spec('timm.models')`, which imports the parent package timm."""
-    seen = _run_sequence(tmp_path, """
-        import importlib.util
-        first, second = importlib.util.find_spec('timm'), importlib.util.find_spec('timm')
-        assert first is not None and first == second
+        assert spec == second
         assert 'timm' not in sys.modules
         assert importlib.util.find_spec('timm.models') is not None
         assert 'timm' in sys.modules  # find_spec of a submodule imports its parent: that is the real import
         import timm
+        assert spec == timm.__spec__ == plain, 'the probe spec still differs from a plain one'
+        assert 'exec_module' not in vars(spec.loader) and 'exec_module' not in vars(timm.__spec__.loader)
     """)
     _assert_plugins_loaded_once(seen)
 

@@ -54,10 +54,8 @@ def test_compile_has_no_graph_breaks_and_matches_eager():
     torch.manual_seed(0)
     model = timm.create_model('halonet_h0', num_classes=4, **TINY).eval()
     x = torch.randn(2, 3, 40, 36)
-    explanation = torch._dynamo.explain(model)(x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)  # any graph break is an error
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     # training step through the compiled graph: gradients match eager
