@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope='session')
-def family_summary(tmp_path_factory, worker_id) -> dict:
+def family_summary(tmp_path_factory) -> dict:
     """``timm_halo.bench.summarize`` of every family member at its own input size (params and GMACs, measured),
     once per run: under pytest-xdist the first worker to need it leaves it in the run's temp folder for the others
     (pytest-xdist's recipe; without xdist that folder's parent outlives the run, so it is not used)."""
@@ -34,7 +34,7 @@ def family_summary(tmp_path_factory, worker_id) -> dict:
     from timm_halo.bench import summarize
     from timm_halo.models.halonet import FAMILY
 
-    if worker_id == 'master':
+    if 'PYTEST_XDIST_WORKER' not in os.environ:
         return {name: summarize(name) for name in FAMILY}
     path = tmp_path_factory.getbasetemp().parent / 'family_summary.json'
     with FileLock(f'{path}.lock'):
