@@ -249,3 +249,22 @@ def test_auto_leaves_wide_heads_to_the_tiled_kernel():
     assert timm_layer._call_plan(x)[0] == 'tiled'
     timm_layer = accelerate(HaloAttn(64, 64, num_heads=4, dim_head=16, block_size=4, halo_size=1))
     assert timm_layer._call_plan(x)[0] == 'fused'
+
+
+def test_first_use_under_torch_compile(tmp_path):
+    """A fresh process whose first call of the layer is compiled (fullgraph): dynamo must not trace the kernel's
+    build (a lock and a compiler run); it takes the availability as a constant."""
+    code = (
+        'import torch\n'
+        'from timm_halo.layers import HaloAttention\n'
+        'layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8)\n'
+        'x = torch.randn(2, 16, 12, 12, requires_grad=True)\n'
+        'out = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)\n'
+        'out.sum().backward()\n'
+        'torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-5)\n'
+        'print(layer._call_plan(x)[0])\n')
+    env = {**os.environ, 'TIMM_HALO_CACHE': str(tmp_path / 'cache')}
+    env.pop('TIMM_HALO_ATTN_IMPL', None)
+    done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ['fused']

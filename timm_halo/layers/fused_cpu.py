@@ -107,6 +107,9 @@ def _load() -> Optional[Dict[torch.dtype, ctypes.CDLL]]:
     return _libs
 
 
+# torch.compile calls this at trace time and keeps the answer (a constant of the graph): dynamo must not trace the
+# lock and the compiler run of a first use.
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """True when the C kernel is built (or can be, on this first call) and loaded."""
     return _load() is not None
