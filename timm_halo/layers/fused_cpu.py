@@ -28,6 +28,7 @@ import torch
 
 from .broadcast import attend_broadcast
 from .tile_pool import run_tiles
+from .tiled import differentiable_backward
 
 __all__ = ['attend_fused', 'attend_fused_tables', 'available', 'expand_tables', 'unavailable_reason', 'DTYPES']
 
@@ -261,13 +262,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _autograd(ctx, grad_out, _grad_stats):
     q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation (double backward)
-        aliases = [t.view_as(t) for t in (q, k, v, qt_h, qt_w)]  # see tiled.differentiable_backward
-        needed = [a for a in aliases if a.requires_grad]
-        with torch.enable_grad():
-            rel_h, rel_w = expand_tables(aliases[0], *aliases[3:], base_h, base_w, mask_h, mask_w)
-            result = attend_broadcast(*aliases[:3], rel_h, rel_w, ctx.scale)
-        found = iter(torch.autograd.grad(result, needed, grad_out, create_graph=True, allow_unused=True))
-        grads = tuple(next(found) if a.requires_grad else None for a in aliases)
+        def recompute(q, k, v, qt_h, qt_w):
+            return attend_broadcast(q, k, v, *expand_tables(q, qt_h, qt_w, base_h, base_w, mask_h, mask_w), ctx.scale)
+
+        grads = differentiable_backward(grad_out, (q, k, v, qt_h, qt_w), recompute)
     else:
         grads = _attend_fused_backward(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats,
                                        ctx.scale)

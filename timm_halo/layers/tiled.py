@@ -11,7 +11,7 @@ Forward-mode AD and ``torch.func`` transforms are not handled by custom ops: the
 plain path before they reach this kernel.
 """
 import threading
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -167,15 +167,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scale, ctx.tile_logits = scale, tile_logits
 
 
-def differentiable_backward(grad_out: torch.Tensor, inputs, scale: float) -> tuple:
-    """``create_graph=True``: the kernel's gradients through plain ops, so that they can be differentiated again.
+def differentiable_backward(grad_out: torch.Tensor, inputs, recompute: Callable[..., torch.Tensor]) -> tuple:
+    """``create_graph=True``: a kernel's gradients through plain ops (``recompute(*inputs)``, the kernel's output
+    in ATen ops), so that they can be differentiated again.
 
     The recomputation reads fresh aliases of the inputs: ``rel_h``/``rel_w`` are functions of ``q``, and a gradient
     taken with respect to ``q`` itself would also run through them (counted again by the outer backward)."""
     aliases = [t.view_as(t) for t in inputs]
     needed = [a for a in aliases if a.requires_grad]
     with torch.enable_grad():
-        out = attend_broadcast(*aliases, scale)
+        out = recompute(*aliases)
     found = iter(torch.autograd.grad(out, needed, grad_out, create_graph=True, allow_unused=True))
     return tuple(next(found) if a.requires_grad else None for a in aliases)
 
@@ -183,7 +184,8 @@ def differentiable_backward(grad_out: torch.Tensor, inputs, scale: float) -> tup
 def _autograd(ctx, grad_out):
     q, k, v, rel_h, rel_w, out = ctx.saved_tensors
     if torch.is_grad_enabled():
-        grads = differentiable_backward(grad_out, (q, k, v, rel_h, rel_w), ctx.scale)
+        grads = differentiable_backward(grad_out, (q, k, v, rel_h, rel_w),
+                                        lambda *a: attend_broadcast(*a, ctx.scale))
     else:
         grads = _attend_tiled_backward(grad_out, q, k, v, rel_h, rel_w, out, ctx.scale, ctx.tile_logits)
     return *grads, None, None
