@@ -1,4 +1,4 @@
-/* Fused windowed attention for CPUs: each query's row of logits lives in an L1 buffer and never reaches memory.
+/* Fused windowed attention for CPUs: a window's logits live in a per-thread buffer and never reach a tensor.
  *
  * Built on first use by fused_cpu.py, once for float and once for double (-DHALO_DOUBLE), and called through
  * ctypes on a range of windows; the caller runs ranges on its own threads (ctypes releases the GIL).
@@ -13,12 +13,13 @@
  * of (i, j) in block (by, bx) is
  *   scale * q[:, i] . k[:, j] + P_h[base_h[by, y] + jh, i] + mask_h[by, jh] + P_w[base_w[bx, x] + jw, i]
  *   + mask_w[bx, jw].
- * Each window's keys and values are first copied into rows of kwp >= kw columns, a whole number of vectors; pad
- * columns get a very negative logit, hence probability exactly 0. Rows are then processed as GCC/Clang vector
- * types (64 bytes: AVX-512, or two AVX2 / four SSE / NEON registers), so no loop has a scalar tail and the code
- * does not depend on the auto-vectoriser. The forward saves each query's max logit and 1 / sum of exp (stats); the
- * backward recomputes the very same probabilities from them (flash-attention style) and accumulates a window's
- * dk, dv in L1.
+ * Each window's keys and values are first copied into rows of nv whole vectors (K keys, then pad columns, whose
+ * logit is very negative, hence probability exactly 0), and all work is on GCC/Clang vector types (64 bytes: one
+ * AVX-512 register, or two AVX2 / four SSE / NEON), so no loop has a scalar tail and nothing depends on the
+ * auto-vectoriser. Per window, forward: logits (Q, K) = relative terms + (scale q)^T k, softmax, out = P v; backward:
+ * the same logits, P recomputed from the forward's per-query max and 1 / sum of exp (stats: flash-attention style),
+ * dP = dO^T v, dS = P (dP - rowsum(dO O)), dq = scale dS k^T, dk = scale q dS, dv = dO P. Every product is one
+ * register-blocked kernel (gemm), with keys / values also copied key-major where keys are the contracted axis.
  * Functions return 0, 1 when out of memory, 2 when a table row lies outside its table (a caller's bug).
  */
 #include <float.h>
@@ -41,13 +42,12 @@ typedef int32_t I;
 #define VBYTES 64
 #endif
 #define VL ((int)(VBYTES / sizeof(T)))
-#define QB 4 /* queries per step of the backward: a window's dk and dv accumulators are read and written once per QB */
 typedef T vec __attribute__((vector_size(VBYTES)));
 enum { G_D, G_DV, G_Q, G_KH, G_KW, G_RH, G_RW, G_NH, G_NW, G_BQ, G_MODE, G_COUNT };  /* the caller's geometry */
 enum { PRODUCTS = 0, TABLES = 1 };  /* G_MODE: what rel_h / rel_w point to (see the top comment) */
 typedef I ivec __attribute__((vector_size(VBYTES)));
 
-static inline vec splat(T x) { return (vec){0} + x; }
+static inline vec splat(T x) { return x - (vec){0}; }  /* x - 0 == x for every x, -0 included: no add */
 static inline vec vselect(ivec mask, vec a, vec b) { return (vec)((mask & (ivec)a) | (~mask & (ivec)b)); }
 typedef T half_vec __attribute__((vector_size(VBYTES / 2)));
 typedef T quarter_vec __attribute__((vector_size(VBYTES / 4)));
@@ -101,129 +101,174 @@ static inline vec exp_nonpos(vec x) {
 }
 
 typedef struct {
-    int d, dv, Q, kh, kw, kwp, nv; /* nv: vectors per padded row of kh * kwp keys */
+    int d, dv, Q, kh, kw, nv, rwv; /* nv: vectors per row of kh * kw keys, padded; rwv: per row of kw */
+    int dvec, dvvec, qv;           /* vectors per key of d and dv channels, per row of Q queries (all padded) */
     int rows_h, rows_w, nh, nw, bq, mode; /* table rows per axis, blocks per axis, queries per block side */
+    int pstride;                          /* row stride of the window's products: Q (PRODUCTS), qv * VL (TABLES) */
     T *hv, *gh;                           /* one query's rel_h terms and their gradient (kh) */
-    T *ph, *pw, *gph, *gpw;               /* TABLES: one window's products (rows, Q) and their gradients (bwd) */
-    vec *k, *v, *rw, *colsum;      /* padded copies: k (d, nv), v (dv, nv); a rel_w row; column sums (bwd) */
-    vec *row, *dp, *gk, *gv;       /* QB rows each of probabilities and their gradient; padded dk, dv (backward) */
-    void *mem, *tables;
+    T *qs;                                /* the window's queries times scale (d, Q) */
+    vec *k, *v;                           /* channel-major padded copies: k (d, nv), v (dv, nv) */
+    vec *keys_t;                          /* key-major padded copy (nv * VL, dvec or dvvec): v (fwd), k (bwd) */
+    vec *p, *ds;                          /* the window's logits / probabilities and their gradient (Q, nv) */
+    vec *per_query;                       /* (Q, dvvec) fwd: unnormalised output; (Q, dvec) bwd: dq */
+    vec *rw, *colsum;                     /* a rel_w row; column sums (bwd) */
+    ivec *in_row;                         /* lanes of rw's vectors that hold one of the kw columns */
+    vec *gk, *gv;                         /* padded dk (d, nv), dv (dv, nv) (bwd) */
+    /* TABLES: q padded (d, qv); the window's products (rows, qv) and their gradients (bwd); bwd: q key-major
+     * (Q, dvec), dq padded (d, qv), this call's table gradients (rows, dvec) */
+    vec *qp, *ph, *pw, *gph, *gpw, *qt, *dqp, *gtab_h, *gtab_w;
+    void *mem;
 } Scratch;
 
+/* Carves consecutive blocks of vectors out of one allocation. */
+static vec *take(vec **cursor, size_t vectors) {
+    vec *block = *cursor;
+    *cursor += vectors;
+    return block;
+}
+
 static int scratch_init(Scratch *s, const int32_t *g, int backward) {
-    const int d = g[G_D], dv = g[G_DV], kh = g[G_KH], kw = g[G_KW];
-    s->d = d; s->dv = dv; s->Q = g[G_Q]; s->kh = kh; s->kw = kw;
+    const int d = g[G_D], dv = g[G_DV], Q = g[G_Q], kh = g[G_KH], kw = g[G_KW];
+    s->d = d; s->dv = dv; s->Q = Q; s->kh = kh; s->kw = kw;
     s->rows_h = g[G_RH]; s->rows_w = g[G_RW]; s->nh = g[G_NH]; s->nw = g[G_NW]; s->bq = g[G_BQ];
     s->mode = g[G_MODE];
-    s->kwp = (kw + VL - 1) / VL * VL;
-    s->nv = kh * s->kwp / VL;
-    const size_t nv = (size_t)s->nv, rwv = (size_t)(s->kwp / VL);
-    const size_t small = (size_t)(2 * kh + VL - 1) / VL;  /* hv, gh */
-    const size_t vectors = (size_t)(d + dv) * nv * (backward ? 2 : 1) + 2 * QB * nv + 2 * rwv + small;
+    s->nv = (kh * kw + VL - 1) / VL;
+    s->rwv = (kw + VL - 1) / VL;
+    s->dvec = (d + VL - 1) / VL;
+    s->dvvec = (dv + VL - 1) / VL;
+    s->qv = (Q + VL - 1) / VL;
+    s->pstride = s->mode == TABLES ? s->qv * VL : Q;
+    const size_t nv = (size_t)s->nv, keys = nv * VL, rwv = (size_t)s->rwv;
+    const size_t width = (size_t)(backward ? s->dvec : s->dvvec);  /* of keys_t and per_query */
+    const size_t qv = (size_t)s->qv, rows = (size_t)(s->rows_h + s->rows_w), tables = s->mode == TABLES;
+    const size_t sizes[] = {
+        (size_t)d * nv, (size_t)dv * nv, keys * width, (size_t)Q * nv + 1, backward * ((size_t)Q * nv + 1), (size_t)Q * width,
+        backward * (size_t)d * nv, backward * (size_t)dv * nv, rwv, rwv, rwv, (size_t)(2 * kh + VL - 1) / VL,
+        ((size_t)d * Q + VL - 1) / VL,
+        tables * d * qv, tables * rows * qv, tables * backward * rows * qv, tables * backward * Q * s->dvec,
+        tables * backward * d * qv, tables * backward * rows * s->dvec,
+    };
+    size_t vectors = 0;
+    for (size_t t = 0; t < sizeof sizes / sizeof sizes[0]; ++t) vectors += sizes[t];
     s->mem = aligned_alloc(VBYTES, vectors * VBYTES);
     if (!s->mem) return 0;
-    memset(s->mem, 0, vectors * VBYTES);  /* the pad columns of k and v stay 0 */
+    memset(s->mem, 0, vectors * VBYTES);  /* pad columns and pad channels of the copies stay 0 */
     vec *p = (vec *)s->mem;
-    s->k = p; p += (size_t)d * nv;
-    s->v = p; p += (size_t)dv * nv;
-    s->row = p; p += QB * nv;
-    s->dp = p; p += QB * nv;
-    s->rw = p; p += rwv;
-    s->colsum = p; p += rwv;
-    s->hv = (T *)p; s->gh = s->hv + kh; p += small;
-    for (int jw = kw; jw < s->kwp; ++jw) ((T *)s->rw)[jw] = PAD_LOGIT;
-    s->gk = backward ? p : NULL;
-    s->gv = backward ? p + (size_t)d * nv : NULL;
-    s->ph = s->pw = s->gph = s->gpw = NULL;
-    if (s->mode == TABLES) {  /* small: (rows, Q) per table, twice in the backward */
-        const size_t th = (size_t)s->rows_h * s->Q, tw = (size_t)s->rows_w * s->Q;
-        s->tables = malloc(sizeof(T) * (th + tw) * (backward ? 2 : 1));
-        if (!s->tables) {
-            free(s->mem);
-            return 0;
-        }
-        s->ph = (T *)s->tables; s->pw = s->ph + th;
-        if (backward) {
-            s->gph = s->pw + tw; s->gpw = s->gph + th;
-        }
-    }
+    const size_t *z = sizes;
+    s->k = take(&p, *z++);
+    s->v = take(&p, *z++);
+    s->keys_t = take(&p, *z++);
+    s->p = take(&p, *z++);
+    s->ds = take(&p, *z++);
+    s->per_query = take(&p, *z++);
+    s->gk = take(&p, *z++);
+    s->gv = take(&p, *z++);
+    s->rw = take(&p, *z++);
+    s->colsum = take(&p, *z++);
+    s->in_row = (ivec *)take(&p, *z++);
+    s->hv = (T *)take(&p, *z++);
+    s->gh = s->hv + kh;
+    s->qs = (T *)take(&p, *z++);
+    s->qp = take(&p, *z++);
+    s->ph = take(&p, *z++);
+    s->pw = s->ph + (size_t)s->rows_h * qv;
+    s->gph = take(&p, *z++);
+    s->gpw = s->gph + (size_t)s->rows_h * qv;
+    s->qt = take(&p, *z++);
+    s->dqp = take(&p, *z++);
+    s->gtab_h = take(&p, *z++);
+    s->gtab_w = s->gtab_h + (size_t)s->rows_h * s->dvec;
+    for (int jw = 0; jw < kw; ++jw) ((I *)s->in_row)[jw] = -1;
     return 1;
 }
 
-static void scratch_free(Scratch *s) {
-    free(s->mem);
-    if (s->mode == TABLES) free(s->tables);
-}
+static void scratch_free(Scratch *s) { free(s->mem); }
 
-/* dst (rows, Q) = table (rows, d) . q (d, Q): AXPYs along the window's queries. */
-static void table_products(int rows, int d, int Q, const T *table, const T *q, T *dst) {
-    for (int r = 0; r < rows; ++r) {
-        T *out = dst + (size_t)r * Q;
-        memset(out, 0, sizeof(T) * (size_t)Q);
-        for (int c = 0; c < d; ++c) {
-            const T a = table[(size_t)r * d + c], *qc = q + (size_t)c * Q;
-            for (int i = 0; i < Q; ++i) out[i] += a * qc[i];
-        }
-    }
-}
-
-/* The backward of table_products for one window: dq (d, Q) += table^T . grad, dtable (rows, d) += grad . q^T. */
-static void table_products_backward(int rows, int d, int Q, const T *table, const T *q, const T *grad, T *dq,
-                                    T *dtable) {
-    for (int r = 0; r < rows; ++r) {
-        const T *g = grad + (size_t)r * Q;
-        for (int c = 0; c < d; ++c) {
-            const T a = table[(size_t)r * d + c], *qc = q + (size_t)c * Q;
-            T *dqc = dq + (size_t)c * Q, acc = 0;
-            for (int i = 0; i < Q; ++i) {
-                dqc[i] += a * g[i];
-                acc += g[i] * qc[i];
-            }
-            dtable[(size_t)r * d + c] += acc;
-        }
-    }
-}
-
-/* Rows of kw keys (channels, kh, kw) into rows of kwp (the pad columns were zeroed once). */
+/* Each channel's kh * kw keys into a row of nv vectors (the pad columns were zeroed once). */
 static void pad_rows(const Scratch *s, int channels, const T *src, vec *dst) {
-    for (int c = 0; c < channels; ++c) {
-        T *row = (T *)(dst + (size_t)c * s->nv);
-        for (int jh = 0; jh < s->kh; ++jh)
-            memcpy(row + (size_t)jh * s->kwp, src + ((size_t)c * s->kh + jh) * s->kw, sizeof(T) * (size_t)s->kw);
-    }
+    const size_t keys = (size_t)s->kh * s->kw;
+    for (int c = 0; c < channels; ++c) memcpy(dst + (size_t)c * s->nv, src + c * keys, sizeof(T) * keys);
 }
 
-/* Padded rows (channels, kh, kwp) back to rows of kw. */
+/* Rows of nv vectors back to rows of kh * kw keys. */
 static void unpad_rows(const Scratch *s, int channels, const vec *src, T *dst) {
-    for (int c = 0; c < channels; ++c) {
-        const T *row = (const T *)(src + (size_t)c * s->nv);
-        for (int jh = 0; jh < s->kh; ++jh)
-            memcpy(dst + ((size_t)c * s->kh + jh) * s->kw, row + (size_t)jh * s->kwp, sizeof(T) * (size_t)s->kw);
-    }
+    const size_t keys = (size_t)s->kh * s->kw;
+    for (int c = 0; c < channels; ++c) memcpy(dst + c * keys, src + (size_t)c * s->nv, sizeof(T) * keys);
 }
 
-/* dst[j] += sum_t src[t][j] * coef[t] for t < n (n <= 4): one load and store of dst per n FMAs. */
-static inline void axpy_rows(vec *dst, const vec *const *src, const T *coef, int n, int nv) {
-    if (n == 4) {
-        const vec *s0 = src[0], *s1 = src[1], *s2 = src[2], *s3 = src[3];
-        for (int j = 0; j < nv; ++j) dst[j] += s0[j] * coef[0] + s1[j] * coef[1] + s2[j] * coef[2] + s3[j] * coef[3];
-    } else {
-        for (int t = 0; t < n; ++t)
-            for (int j = 0; j < nv; ++j) dst[j] += src[t][j] * coef[t];
-    }
+/* dst[j * ldd + r] = src[r * lds + j] for r < rows, j < cols. */
+static void transpose(int rows, int cols, const T *src, int64_t lds, T *dst, int64_t ldd) {
+    for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < cols; ++j) dst[j * ldd + r] = src[r * lds + j];
 }
 
-/* dst = sum_c src[c] * coef[c * coef_stride] over `channels` rows of nv vectors, four rows per pass. */
-static void rows_combination(vec *dst, const vec *src, int channels, int nv, const T *coef, int coef_stride, T scale) {
-    for (int c = 0; c < channels; c += 4) {
-        const int n = channels - c < 4 ? channels - c : 4;
-        const vec *rows[4];
-        T w[4];
-        for (int t = 0; t < n; ++t) {
-            rows[t] = src + (size_t)(c + t) * nv;
-            w[t] = coef[(size_t)(c + t) * coef_stride] * scale;
+/* (channels, kh * kw) into key-major rows (nv * VL, width vectors); their pads were zeroed once. */
+static void key_major(const Scratch *s, int channels, const T *src, vec *dst, int width) {
+    transpose(channels, s->kh * s->kw, src, (int64_t)s->kh * s->kw, (T *)dst, (int64_t)width * VL);
+}
+
+/* The small matrix products of a window, all one register-blocked kernel:
+ *   c[r * ldc + u] (+)= sum_{t < n} a[r * ars + t * acs] * b[t * ldb + u]   for r < rows, u < cols (vectors),
+ * an rb x ub block of c held in registers while t runs (each loaded b vector feeds rb FMAs, each broadcast a
+ * scalar ub). rb and ub are constants where the tile() calls below are inlined. */
+#if defined(__AVX512F__) && VBYTES == 64
+#define MAX_UB 4 /* one register per vec: 16 accumulators, 4 loaded vectors and a broadcast of 32 registers */
+#else
+#define MAX_UB 1 /* each vec is two (AVX2) or four (SSE, NEON) registers: fewer accumulators */
+#endif
+static inline __attribute__((always_inline)) void tile(const int rb, const int ub, int n, const T *a, int64_t ars,
+                                                        int64_t acs, const vec *b, int64_t ldb, vec *c, int64_t ldc,
+                                                        int accumulate) {
+    vec acc[8][MAX_UB];
+    for (int r = 0; r < rb; ++r)
+        for (int u = 0; u < ub; ++u) acc[r][u] = accumulate ? c[r * ldc + u] : splat(0);
+    for (int t = 0; t < n; ++t) {
+        const vec *bt = b + t * ldb;
+        vec bv[MAX_UB];
+        for (int u = 0; u < ub; ++u) bv[u] = bt[u];
+        const T *at = a + t * acs;
+        for (int r = 0; r < rb; ++r) {
+            const vec ar = splat(at[r * ars]);
+            for (int u = 0; u < ub; ++u) acc[r][u] += ar * bv[u];
         }
-        axpy_rows(dst, rows, w, n, nv);
+    }
+    for (int r = 0; r < rb; ++r)
+        for (int u = 0; u < ub; ++u) c[r * ldc + u] = acc[r][u];
+}
+
+#define TILE(RB, UB) tile(RB, UB, n, a, ars, acs, b, ldb, c, ldc, accumulate)
+static void tile_any(int rb, int ub, int n, const T *a, int64_t ars, int64_t acs, const vec *b, int64_t ldb, vec *c,
+                     int64_t ldc, int accumulate) {
+    switch (rb * 8 + ub) {
+    case 8 * 8 + 1: TILE(8, 1); break;
+    case 4 * 8 + 1: TILE(4, 1); break;
+    case 1 * 8 + 1: TILE(1, 1); break;
+#if MAX_UB >= 2
+    case 8 * 8 + 2: TILE(8, 2); break;
+    case 4 * 8 + 2: TILE(4, 2); break;
+    case 1 * 8 + 2: TILE(1, 2); break;
+#endif
+#if MAX_UB >= 4
+    case 4 * 8 + 3: TILE(4, 3); break;
+    case 4 * 8 + 4: TILE(4, 4); break;
+    case 1 * 8 + 3: TILE(1, 3); break;
+    case 1 * 8 + 4: TILE(1, 4); break;
+#endif
+    default: break; /* not reached: gemm() only asks for the tiles above */
+    }
+}
+#undef TILE
+
+static void gemm(int rows, int cols, int n, const T *a, int64_t ars, int64_t acs, const vec *b, int64_t ldb, vec *c,
+                 int64_t ldc, int accumulate) {
+    const int rb_max = cols <= 2 && MAX_UB >= 2 ? 8 : 4;  /* narrow products: more rows per tile instead */
+    for (int r0 = 0; r0 < rows;) {
+        const int rb = rows - r0 >= rb_max ? rb_max : rows - r0 >= 4 ? 4 : 1;
+        for (int u0 = 0; u0 < cols; u0 += MAX_UB) {
+            const int ub = cols - u0 < MAX_UB ? cols - u0 : MAX_UB;
+            tile_any(rb, ub, n, a + r0 * ars, ars, acs, b + u0, ldb, c + r0 * ldc + u0, ldc, accumulate);
+        }
+        r0 += rb;
     }
 }
 
@@ -247,43 +292,96 @@ static int rel_rows(const Scratch *s, int64_t w, int i, const int32_t *base_h, c
  * window's products (rows, Q) of the queries with the tables (given, or computed per window in TABLES mode). */
 static void rel_values(const Scratch *s, const RelRows *r, int i, const T *ph, const T *pw) {
     T *rw = (T *)s->rw;  /* its pad columns hold PAD_LOGIT */
-    const T *h = ph + (size_t)r->row_h * s->Q + i, *wp = pw + (size_t)r->row_w * s->Q + i;
-    for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] = h[(size_t)jh * s->Q] + r->mask_h[jh];
-    for (int jw = 0; jw < s->kw; ++jw) rw[jw] = wp[(size_t)jw * s->Q] + r->mask_w[jw];
+    const size_t stride = (size_t)s->pstride;
+    const T *h = ph + r->row_h * stride + i, *wp = pw + r->row_w * stride + i;
+    for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] = h[jh * stride] + r->mask_h[jh];
+    for (int jw = 0; jw < s->kw; ++jw) rw[jw] = wp[jw * stride] + r->mask_w[jw];
 }
 
-/* The padded row of logits of query i (see the top comment) in row. */
-static void logits_row(const Scratch *s, const RelRows *r, const T *q, const T *ph, const T *pw, T scale, int i,
-                       vec *row) {
-    const int rwv = s->kwp / VL, Q = s->Q;
-    rel_values(s, r, i, ph, pw);
-    for (int jh = 0; jh < s->kh; ++jh) {
-        const T a = s->hv[jh];
-        for (int u = 0; u < rwv; ++u) row[jh * rwv + u] = s->rw[u] + a;
-    }
-    rows_combination(row, s->k, s->d, s->nv, q + i, Q, scale);
-}
-
-/* dst[c * stride] = factor * sum_j p[j] * src[c, j], four channels at a time (independent accumulators). */
-static void rows_dot(const vec *p, const vec *src, int channels, int nv, T factor, T *dst, int stride) {
-    int c = 0;
-    for (; c + 4 <= channels; c += 4) {
-        const vec *s0 = src + (size_t)c * nv, *s1 = s0 + nv, *s2 = s1 + nv, *s3 = s2 + nv;
-        vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int j = 0; j < nv; ++j) {
-            a0 += p[j] * s0[j]; a1 += p[j] * s1[j]; a2 += p[j] * s2[j]; a3 += p[j] * s3[j];
+/* Each query's row of relative terms, masks included, into s->p (Q, nv); 0, or 2 for a table row out of range. */
+static int rel_logits(const Scratch *s, int64_t w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
+                      const T *mask_w, const T *ph, const T *pw) {
+    const int rwv = s->rwv, keys = s->kh * s->kw;
+    for (int i = 0; i < s->Q; ++i) {
+        RelRows r;
+        if (!rel_rows(s, w, i, base_h, base_w, mask_h, mask_w, &r)) return 2;
+        rel_values(s, &r, i, ph, pw);
+        /* Key row jh is the kw values from jh * kw: whole-vector stores in increasing order, each overwriting the
+         * lanes past kw of the one before; the last one's spill past the row is overwritten by the next row or
+         * lies in the buffer's one spare vector. */
+        T *row = (T *)(s->p + (size_t)i * s->nv);
+        for (int jh = 0; jh < s->kh; ++jh) {
+            const T a = s->hv[jh];
+            for (int u = 0; u < rwv; ++u) {
+                const vec x = s->rw[u] + a;
+                memcpy(row + (size_t)jh * s->kw + (size_t)u * VL, &x, sizeof x);
+            }
         }
-        dst[(size_t)c * stride] = hsum(a0) * factor;
-        dst[(size_t)(c + 1) * stride] = hsum(a1) * factor;
-        dst[(size_t)(c + 2) * stride] = hsum(a2) * factor;
-        dst[(size_t)(c + 3) * stride] = hsum(a3) * factor;
+        for (int j = keys; j < s->nv * VL; ++j) row[j] = PAD_LOGIT;
     }
-    for (; c < channels; ++c) {
-        const vec *s0 = src + (size_t)c * nv;
-        vec a0 = {0};
-        for (int j = 0; j < nv; ++j) a0 += p[j] * s0[j];
-        dst[(size_t)c * stride] = hsum(a0) * factor;
+    return 0;
+}
+
+/* The window's logits in s->p: the relative terms plus (q * scale) . k, whose queries the caller left in s->qs. */
+static int window_logits(Scratch *s, int64_t w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
+                         const T *mask_w, const T *ph, const T *pw) {
+    const int status = rel_logits(s, w, base_h, base_w, mask_h, mask_w, ph, pw);
+    if (status == 0) gemm(s->Q, s->nv, s->d, s->qs, 1, s->Q, s->k, s->nv, s->p, s->nv, 1);
+    return status;
+}
+
+/* Window w's scaled queries into s->qs, its keys and values into the padded copies, and (TABLES) its products with
+ * the tables; returns where the relative terms' products are. */
+static void window_inputs(Scratch *s, int64_t w, T scale, const T *q, const T *k, const T *v, const T *rel_h,
+                          const T *rel_w, const T **ph, const T **pw) {
+    const int d = s->d, Q = s->Q, qv = s->qv;
+    const int64_t K = (int64_t)s->kh * s->kw;
+    const T *qw = q + w * d * Q;
+    for (int64_t x = 0; x < (int64_t)d * Q; ++x) s->qs[x] = qw[x] * scale;
+    pad_rows(s, d, k + w * d * K, s->k);
+    pad_rows(s, s->dv, v + w * s->dv * K, s->v);
+    if (s->mode == TABLES) {  /* (rows, Q) = table (rows, d) . q (d, Q) */
+        for (int c = 0; c < d; ++c) memcpy(s->qp + (size_t)c * qv, qw + (size_t)c * Q, sizeof(T) * (size_t)Q);
+        gemm(s->rows_h, qv, d, rel_h, d, 1, s->qp, qv, s->ph, qv, 0);
+        gemm(s->rows_w, qv, d, rel_w, d, 1, s->qp, qv, s->pw, qv, 0);
+        *ph = (const T *)s->ph;
+        *pw = (const T *)s->pw;
+    } else {
+        *ph = rel_h + w * s->rows_h * Q;
+        *pw = rel_w + w * s->rows_w * Q;
     }
+}
+
+/* TABLES, backward of window_inputs' products: dq (d, Q) += table^T . grad, this call's dtable (rows, d) += grad .
+ * q^T; dq is s->dqp, q^T s->qt. */
+static void table_products_backward(Scratch *s, int rows, const T *table, const vec *grad, vec *dtable) {
+    const int qv = s->qv;
+    gemm(s->d, qv, rows, table, 1, s->d, grad, qv, s->dqp, qv, 1);
+    gemm(rows, s->dvec, s->Q, (const T *)grad, (int64_t)qv * VL, 1, s->qt, s->dvec, dtable, s->dvec, 1);
+}
+
+/* Softmax of one row of logits in place, left unnormalised: exp(logit - max); returns max and 1 / sum of exp. */
+static void softmax_row(vec *row, int nv, T *max_out, T *inv_sum_out) {
+    vec mv = row[0];
+    ivec nan = row[0] != row[0];
+    for (int j = 1; j < nv; ++j) {
+        mv = vselect(row[j] > mv, row[j], mv);
+        nan |= row[j] != row[j];
+    }
+    T m = mv[0];
+    int any_nan = 0;
+    for (int l = 0; l < VL; ++l) {
+        m = mv[l] > m ? mv[l] : m;
+        any_nan |= nan[l] != 0;
+    }
+    if (any_nan) m = NAN;  /* a NaN logit makes the whole row NaN, as in ATen's softmax */
+    vec sv = {0};
+    for (int j = 0; j < nv; ++j) {
+        row[j] = exp_nonpos(row[j] - m);
+        sv += row[j];
+    }
+    *max_out = m;
+    *inv_sum_out = (T)1 / hsum(sv);
 }
 
 int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T *q, const T *k, const T *v,
@@ -291,52 +389,23 @@ int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
              const T *mask_w, T *out, T *stats) {
     Scratch s;
     if (!scratch_init(&s, geom, 0)) return 1;
-    const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw;
-    const int64_t K = (int64_t)kh * kw;
-    const int nv = s.nv;
-    vec *row = s.row;
+    const int dv = s.dv, Q = s.Q, nv = s.nv, width = s.dvvec, keys = s.nv * VL;
+    const int64_t K = (int64_t)s.kh * s.kw;
     for (int64_t w = start; w < stop; ++w) {
-        const T *qw = q + w * d * Q, *ph = rel_h + w * s.rows_h * Q, *pw = rel_w + w * s.rows_w * Q;
+        const T *ph, *pw;
         T *ow = out + w * dv * Q, *lw = stats + w * Q * 2;
-        if (s.mode == TABLES) {
-            table_products(s.rows_h, d, Q, rel_h, qw, s.ph);
-            table_products(s.rows_w, d, Q, rel_w, qw, s.pw);
-            ph = s.ph;
-            pw = s.pw;
+        window_inputs(&s, w, scale, q, k, v, rel_h, rel_w, &ph, &pw);
+        key_major(&s, dv, v + w * dv * K, s.keys_t, width);
+        if (window_logits(&s, w, base_h, base_w, mask_h, mask_w, ph, pw)) {
+            scratch_free(&s);
+            return 2;
         }
-        pad_rows(&s, d, k + w * d * K, s.k);
-        pad_rows(&s, dv, v + w * dv * K, s.v);
-        for (int i = 0; i < Q; ++i) {
-            RelRows r;
-            if (!rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r)) {
-                scratch_free(&s);
-                return 2;
-            }
-            logits_row(&s, &r, qw, ph, pw, scale, i, row);
-            vec mv = row[0];
-            ivec nan = row[0] != row[0];
-            for (int j = 1; j < nv; ++j) {
-                mv = vselect(row[j] > mv, row[j], mv);
-                nan |= row[j] != row[j];
-            }
-            T m = mv[0];
-            int any_nan = 0;
-            for (int l = 0; l < VL; ++l) {
-                m = mv[l] > m ? mv[l] : m;
-                any_nan |= nan[l] != 0;
-            }
-            if (any_nan) m = NAN;  /* a NaN logit makes the whole row NaN, as in ATen's softmax */
-            vec sv = {0};
-            for (int j = 0; j < nv; ++j) {
-                row[j] = exp_nonpos(row[j] - m);
-                sv += row[j];
-            }
-            const T sum = hsum(sv);
-            const T inv_sum = (T)1 / sum;
-            lw[2 * i] = m;  /* the backward recomputes exactly these probabilities: exp(logit - m) * inv_sum */
-            lw[2 * i + 1] = inv_sum;
-            rows_dot(row, s.v, dv, nv, inv_sum, ow + i, Q);
-        }
+        /* the backward recomputes exactly these probabilities: exp(logit - max) * inv_sum */
+        for (int i = 0; i < Q; ++i) softmax_row(s.p + (size_t)i * nv, nv, lw + 2 * i, lw + 2 * i + 1);
+        gemm(Q, width, keys, (const T *)s.p, keys, 1, s.keys_t, width, s.per_query, width, 0);  /* exp . v */
+        const T *o = (const T *)s.per_query;
+        for (int i = 0; i < Q; ++i)
+            for (int c = 0; c < dv; ++c) ow[(size_t)c * Q + i] = o[(size_t)i * width * VL + c] * lw[2 * i + 1];
     }
     scratch_free(&s);
     return 0;
@@ -350,86 +419,77 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
              T *grad_rel_h, T *grad_rel_w) {
     Scratch s;
     if (!scratch_init(&s, geom, 1)) return 1;
-    if (s.mode == TABLES) {
-        memset(grad_rel_h, 0, sizeof(T) * (size_t)s.rows_h * s.d);
-        memset(grad_rel_w, 0, sizeof(T) * (size_t)s.rows_w * s.d);
-    }
-    const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw;
+    const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw, keys = s.nv * VL, width = s.dvec;
     const int64_t K = (int64_t)kh * kw;
-    const int nv = s.nv, rwv = s.kwp / VL;
+    const int nv = s.nv, rwv = s.rwv, stride = s.pstride;
     for (int64_t w = start; w < stop; ++w) {
-        const T *qw = q + w * d * Q;
+        const T *qw = q + w * d * Q, *ph, *pw;
         const T *ow = out + w * dv * Q, *lw = stats + w * Q * 2, *gw = grad_out + w * dv * Q;
         T *gq = grad_q + w * d * Q;
-        const T *ph = rel_h + w * s.rows_h * Q, *pw = rel_w + w * s.rows_w * Q;
         T *gph = grad_rel_h + w * s.rows_h * Q, *gpw = grad_rel_w + w * s.rows_w * Q;
+        window_inputs(&s, w, scale, q, k, v, rel_h, rel_w, &ph, &pw);
         if (s.mode == TABLES) {
-            table_products(s.rows_h, d, Q, rel_h, qw, s.ph);
-            table_products(s.rows_w, d, Q, rel_w, qw, s.pw);
-            ph = s.ph;
-            pw = s.pw;
-            gph = s.gph;
-            gpw = s.gpw;
+            gph = (T *)s.gph;
+            gpw = (T *)s.gpw;
         }
-        memset(gph, 0, sizeof(T) * (size_t)s.rows_h * Q);  /* rows no query reads get 0 */
-        memset(gpw, 0, sizeof(T) * (size_t)s.rows_w * Q);
-        pad_rows(&s, d, k + w * d * K, s.k);
-        pad_rows(&s, dv, v + w * dv * K, s.v);
-        memset(s.gk, 0, (size_t)(d + dv) * nv * VBYTES);  /* gk and gv are adjacent */
-        for (int i0 = 0; i0 < Q; i0 += QB) {
-            const int n = Q - i0 < QB ? Q - i0 : QB;
-            const vec *probs[QB], *grads[QB];
-            for (int t = 0; t < n; ++t) {
-                const int i = i0 + t;
-                vec *row = s.row + (size_t)t * nv, *dp = s.dp + (size_t)t * nv;
-                probs[t] = row;
-                grads[t] = dp;
-                RelRows r;
-                if (!rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r)) {
-                    scratch_free(&s);
-                    return 2;
-                }
-                logits_row(&s, &r, qw, ph, pw, scale, i, row);
-                T delta = 0;  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
-                for (int c = 0; c < dv; ++c) delta += gw[(size_t)c * Q + i] * ow[(size_t)c * Q + i];
-                const T m = lw[2 * i], inv_sum = lw[2 * i + 1];
-                for (int j = 0; j < nv; ++j) {
-                    row[j] = exp_nonpos(row[j] - m) * inv_sum;
-                    dp[j] = splat(0);
-                }
-                rows_combination(dp, s.v, dv, nv, gw + i, Q, 1);  /* dP = dO . v */
-                for (int j = 0; j < nv; ++j) dp[j] = row[j] * (dp[j] - delta);  /* now the logits' gradient */
-                /* per-axis sums of the logits' gradient: rel_h over each key row, rel_w over each key column */
-                vec *colsum = s.colsum;
-                for (int u = 0; u < rwv; ++u) colsum[u] = splat(0);
-                for (int jh = 0; jh < kh; ++jh) {
-                    vec acc = {0};
-                    for (int u = 0; u < rwv; ++u) {
-                        acc += dp[jh * rwv + u];
-                        colsum[u] += dp[jh * rwv + u];
-                    }
-                    s.gh[jh] = hsum(acc);
-                }
-                const T *gcol = (const T *)colsum;
-                rows_dot(dp, s.k, d, nv, scale, gq + i, Q);
-                T *gh_i = gph + (size_t)r.row_h * Q + i, *gw_i = gpw + (size_t)r.row_w * Q + i;
-                for (int jh = 0; jh < kh; ++jh) gh_i[(size_t)jh * Q] = s.gh[jh];
-                for (int jw = 0; jw < kw; ++jw) gw_i[(size_t)jw * Q] = gcol[jw];
-            }
-            /* dv[c] += sum_t P[t] dO[c, t] and dk[c] += sum_t dS[t] q[c, t] * scale: QB queries per pass */
-            for (int c = 0; c < dv; ++c) axpy_rows(s.gv + (size_t)c * nv, probs, gw + (size_t)c * Q + i0, n, nv);
-            for (int c = 0; c < d; ++c) {
-                T coef[QB];
-                for (int t = 0; t < n; ++t) coef[t] = qw[(size_t)c * Q + i0 + t] * scale;
-                axpy_rows(s.gk + (size_t)c * nv, grads, coef, n, nv);
-            }
+        memset(gph, 0, sizeof(T) * (size_t)s.rows_h * stride);  /* rows no query reads get 0 */
+        memset(gpw, 0, sizeof(T) * (size_t)s.rows_w * stride);
+        key_major(&s, d, k + w * d * K, s.keys_t, width);
+        if (window_logits(&s, w, base_h, base_w, mask_h, mask_w, ph, pw)) {
+            scratch_free(&s);
+            return 2;
         }
+        gemm(Q, nv, dv, gw, 1, Q, s.v, nv, s.ds, nv, 0);  /* dP = dO . v */
+        for (int i = 0; i < Q; ++i) {
+            vec *row = s.p + (size_t)i * nv, *dp = s.ds + (size_t)i * nv;
+            T delta = 0;  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
+            for (int c = 0; c < dv; ++c) delta += gw[(size_t)c * Q + i] * ow[(size_t)c * Q + i];
+            const T m = lw[2 * i], inv_sum = lw[2 * i + 1];
+            for (int j = 0; j < nv; ++j) {
+                row[j] = exp_nonpos(row[j] - m) * inv_sum;
+                dp[j] = row[j] * (dp[j] - delta);  /* now the logits' gradient */
+            }
+            /* per-axis sums of the logits' gradient: rel_h over each key row, rel_w over each key column */
+            RelRows r;
+            rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r);  /* in range: window_logits checked */
+            vec *colsum = s.colsum;
+            for (int u = 0; u < rwv; ++u) colsum[u] = splat(0);
+            for (int jh = 0; jh < kh; ++jh) {  /* key row jh: the kw values from jh * kw (see rel_logits) */
+                vec acc = {0};
+                for (int u = 0; u < rwv; ++u) {
+                    vec x;
+                    memcpy(&x, (const T *)dp + (size_t)jh * kw + (size_t)u * VL, sizeof x);
+                    x = vselect(s.in_row[u], x, splat(0));
+                    acc += x;
+                    colsum[u] += x;
+                }
+                s.gh[jh] = hsum(acc);
+            }
+            const T *gcol = (const T *)colsum;
+            T *gh_i = gph + (size_t)r.row_h * stride + i, *gw_i = gpw + (size_t)r.row_w * stride + i;
+            for (int jh = 0; jh < kh; ++jh) gh_i[(size_t)jh * stride] = s.gh[jh];
+            for (int jw = 0; jw < kw; ++jw) gw_i[(size_t)jw * stride] = gcol[jw];
+        }
+        gemm(Q, width, keys, (const T *)s.ds, keys, 1, s.keys_t, width, s.per_query, width, 0);  /* dS . k */
+        for (int x = 0; x < Q * width; ++x) s.per_query[x] *= scale;
+        if (s.mode == TABLES) {  /* dq and the table gradients through the window's products, padded */
+            transpose(Q, d, (const T *)s.per_query, (int64_t)width * VL, (T *)s.dqp, (int64_t)s.qv * VL);
+            transpose(d, Q, qw, Q, (T *)s.qt, (int64_t)width * VL);
+            table_products_backward(&s, s.rows_h, rel_h, s.gph, s.gtab_h);
+            table_products_backward(&s, s.rows_w, rel_w, s.gpw, s.gtab_w);
+            for (int c = 0; c < d; ++c)
+                for (int i = 0; i < Q; ++i) gq[(size_t)c * Q + i] = ((const T *)s.dqp)[(size_t)c * s.qv * VL + i];
+        } else {
+            transpose(Q, d, (const T *)s.per_query, (int64_t)width * VL, gq, Q);
+        }
+        gemm(dv, nv, Q, gw, Q, 1, s.p, nv, s.gv, nv, 0);    /* dv = dO . P */
+        gemm(d, nv, Q, s.qs, Q, 1, s.ds, nv, s.gk, nv, 0);  /* dk = (q * scale) . dS */
         unpad_rows(&s, d, s.gk, grad_k + w * d * K);
         unpad_rows(&s, dv, s.gv, grad_v + w * dv * K);
-        if (s.mode == TABLES) {  /* through the window's products: into q and into this call's table gradients */
-            table_products_backward(s.rows_h, d, Q, rel_h, qw, s.gph, gq, grad_rel_h);
-            table_products_backward(s.rows_w, d, Q, rel_w, qw, s.gpw, gq, grad_rel_w);
-        }
+    }
+    if (s.mode == TABLES) {  /* this call's table gradients, unpadded */
+        for (int r = 0; r < s.rows_h; ++r) memcpy(grad_rel_h + (size_t)r * d, s.gtab_h + (size_t)r * width, sizeof(T) * d);
+        for (int r = 0; r < s.rows_w; ++r) memcpy(grad_rel_w + (size_t)r * d, s.gtab_w + (size_t)r * width, sizeof(T) * d);
     }
     scratch_free(&s);
     return 0;

@@ -1,9 +1,10 @@
 """Fused windowed attention for CPUs: a small C kernel (``fused_cpu.c``) as ``torch.library`` custom ops.
 
-The tiled kernel (tiled.py) makes about a dozen passes of ATen ops over each tile of logits; at HaloNet's head
-widths (8-16 channels) those passes, not the arithmetic, are its cost. Here each query's row of logits is built,
-normalised and consumed in an L1-resident buffer, forward and backward (flash-attention style: the forward keeps
-each query's max logit and 1 / sum of exp, the backward recomputes the same probabilities from them).
+The tiled kernel (tiled.py) makes about a dozen passes of ATen ops over each tile of logits, and at HaloNet's head
+widths (8-64 channels) those passes, not the arithmetic, are its cost. Here a window's logits are built,
+normalised and consumed in a per-thread buffer by small register-blocked matrix products, forward and backward
+(flash-attention style: the forward keeps each query's max logit and 1 / sum of exp, the backward recomputes the
+same probabilities from them); no logits reach a tensor.
 
 The C file is compiled on first use with the system C compiler (``cc``, or ``$CC``) for this machine
 (``-march=native``) into a cache (``$TIMM_HALO_CACHE``, else ``~/.cache/timm_halo``) keyed by the source, compiler
@@ -35,10 +36,6 @@ __all__ = ['attend_fused', 'attend_fused_tables', 'available', 'expand_tables', 
 CACHE_ENV = 'TIMM_HALO_CACHE'
 DTYPES = {torch.float32: 'float', torch.float64: 'double'}  # the C kernel's scalar type
 _SOURCE = Path(__file__).with_name('fused_cpu.c')
-# 'auto' runs this kernel for head widths up to this. It works one query row at a time, which wins where attention
-# is memory-bound (8-16 channels: 1.1-2x the tiled kernel, fwd+bwd); from 32 channels the tiled kernel's GEMMs are
-# faster (measured at HaloNet's shapes on a 2-core x86 VM, benchmarks/RESULTS.md).
-MAX_AUTO_HEAD_WIDTH = 16
 _FLAGS = ['-O3', '-march=native', '-fno-math-errno', '-fPIC', '-shared']
 
 _lock = threading.Lock()

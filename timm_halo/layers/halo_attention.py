@@ -276,7 +276,7 @@ class HaloAttention(nn.Module):
             return 'sdpa' if fused else 'broadcast'
         if not custom_op_ok or x.device.type != 'cpu':
             return 'broadcast'
-        if _fused.available() and max(self.dim_head, self.dim_head_v) <= _fused.MAX_AUTO_HEAD_WIDTH:
+        if _fused.available():  # at least as fast as the others at every HaloNet shape (benchmarks/RESULTS.md)
             return 'fused'
         # All logits of the call fit in one tile (late stages, small batches): tiling buys nothing there, and one
         # whole-tensor call is faster.
