@@ -42,6 +42,7 @@ typedef int32_t I;
 #define VBYTES 64
 #endif
 #define VL ((int)(VBYTES / sizeof(T)))
+#define QB 16 /* queries per block: a block's logits and their gradient stay in L1 / L2 while a window is used */
 typedef T vec __attribute__((vector_size(VBYTES)));
 enum { G_D, G_DV, G_Q, G_KH, G_KW, G_RH, G_RW, G_NH, G_NW, G_BQ, G_MODE, G_COUNT };  /* the caller's geometry */
 enum { PRODUCTS = 0, TABLES = 1 };  /* G_MODE: what rel_h / rel_w point to (see the top comment) */
@@ -109,7 +110,7 @@ typedef struct {
     T *qs;                                /* the window's queries times scale (d, Q) */
     vec *k, *v;                           /* channel-major padded copies: k (d, nv), v (dv, nv) */
     vec *keys_t;                          /* key-major padded copy (nv * VL, dvec or dvvec): v (fwd), k (bwd) */
-    vec *p, *ds;                          /* the window's logits / probabilities and their gradient (Q, nv) */
+    vec *p, *ds;                          /* a block's logits / probabilities and their gradient (QB, nv) */
     vec *per_query;                       /* (Q, dvvec) fwd: unnormalised output; (Q, dvec) bwd: dq */
     vec *rw, *colsum;                     /* a rel_w row; column sums (bwd) */
     ivec *in_row;                         /* lanes of rw's vectors that hold one of the kw columns */
@@ -142,7 +143,7 @@ static int scratch_init(Scratch *s, const int32_t *g, int backward) {
     const size_t width = (size_t)(backward ? s->dvec : s->dvvec);  /* of keys_t and per_query */
     const size_t qv = (size_t)s->qv, rows = (size_t)(s->rows_h + s->rows_w), tables = s->mode == TABLES;
     const size_t sizes[] = {
-        (size_t)d * nv, (size_t)dv * nv, keys * width, (size_t)Q * nv + 1, backward * ((size_t)Q * nv + 1), (size_t)Q * width,
+        (size_t)d * nv, (size_t)dv * nv, keys * width, (size_t)QB * nv + 1, backward * ((size_t)QB * nv + 1), (size_t)Q * width,
         backward * (size_t)d * nv, backward * (size_t)dv * nv, rwv, rwv, rwv, (size_t)(2 * kh + VL - 1) / VL,
         ((size_t)d * Q + VL - 1) / VL,
         tables * d * qv, tables * rows * qv, tables * backward * rows * qv, tables * backward * Q * s->dvec,
@@ -298,18 +299,19 @@ static void rel_values(const Scratch *s, const RelRows *r, int i, const T *ph, c
     for (int jw = 0; jw < s->kw; ++jw) rw[jw] = wp[jw * stride] + r->mask_w[jw];
 }
 
-/* Each query's row of relative terms, masks included, into s->p (Q, nv); 0, or 2 for a table row out of range. */
-static int rel_logits(const Scratch *s, int64_t w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
-                      const T *mask_w, const T *ph, const T *pw) {
+/* The relative terms, masks included, of queries i0 .. i0 + n - 1 into the rows of s->p; 0, or 2 for a table row
+ * out of range. */
+static int rel_logits(const Scratch *s, int64_t w, int i0, int n, const int32_t *base_h, const int32_t *base_w,
+                      const T *mask_h, const T *mask_w, const T *ph, const T *pw) {
     const int rwv = s->rwv, keys = s->kh * s->kw;
-    for (int i = 0; i < s->Q; ++i) {
+    for (int i = i0; i < i0 + n; ++i) {
         RelRows r;
         if (!rel_rows(s, w, i, base_h, base_w, mask_h, mask_w, &r)) return 2;
         rel_values(s, &r, i, ph, pw);
         /* Key row jh is the kw values from jh * kw: whole-vector stores in increasing order, each overwriting the
          * lanes past kw of the one before; the last one's spill past the row is overwritten by the next row or
          * lies in the buffer's one spare vector. */
-        T *row = (T *)(s->p + (size_t)i * s->nv);
+        T *row = (T *)(s->p + (size_t)(i - i0) * s->nv);
         for (int jh = 0; jh < s->kh; ++jh) {
             const T a = s->hv[jh];
             for (int u = 0; u < rwv; ++u) {
@@ -322,11 +324,12 @@ static int rel_logits(const Scratch *s, int64_t w, const int32_t *base_h, const 
     return 0;
 }
 
-/* The window's logits in s->p: the relative terms plus (q * scale) . k, whose queries the caller left in s->qs. */
-static int window_logits(Scratch *s, int64_t w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
-                         const T *mask_w, const T *ph, const T *pw) {
-    const int status = rel_logits(s, w, base_h, base_w, mask_h, mask_w, ph, pw);
-    if (status == 0) gemm(s->Q, s->nv, s->d, s->qs, 1, s->Q, s->k, s->nv, s->p, s->nv, 1);
+/* The logits of queries i0 .. i0 + n - 1 in s->p: the relative terms plus (q * scale) . k, whose queries the
+ * caller left in s->qs. */
+static int block_logits(Scratch *s, int64_t w, int i0, int n, const int32_t *base_h, const int32_t *base_w,
+                        const T *mask_h, const T *mask_w, const T *ph, const T *pw) {
+    const int status = rel_logits(s, w, i0, n, base_h, base_w, mask_h, mask_w, ph, pw);
+    if (status == 0) gemm(n, s->nv, s->d, s->qs + i0, 1, s->Q, s->k, s->nv, s->p, s->nv, 1);
     return status;
 }
 
@@ -396,13 +399,18 @@ int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
         T *ow = out + w * dv * Q, *lw = stats + w * Q * 2;
         window_inputs(&s, w, scale, q, k, v, rel_h, rel_w, &ph, &pw);
         key_major(&s, dv, v + w * dv * K, s.keys_t, width);
-        if (window_logits(&s, w, base_h, base_w, mask_h, mask_w, ph, pw)) {
-            scratch_free(&s);
-            return 2;
+        for (int i0 = 0; i0 < Q; i0 += QB) {
+            const int n = Q - i0 < QB ? Q - i0 : QB;
+            if (block_logits(&s, w, i0, n, base_h, base_w, mask_h, mask_w, ph, pw)) {
+                scratch_free(&s);
+                return 2;
+            }
+            /* the backward recomputes exactly these probabilities: exp(logit - max) * inv_sum */
+            for (int t = 0; t < n; ++t)
+                softmax_row(s.p + (size_t)t * nv, nv, lw + 2 * (i0 + t), lw + 2 * (i0 + t) + 1);
+            gemm(n, width, keys, (const T *)s.p, keys, 1, s.keys_t, width, s.per_query + (size_t)i0 * width, width,
+                 0);  /* exp . v */
         }
-        /* the backward recomputes exactly these probabilities: exp(logit - max) * inv_sum */
-        for (int i = 0; i < Q; ++i) softmax_row(s.p + (size_t)i * nv, nv, lw + 2 * i, lw + 2 * i + 1);
-        gemm(Q, width, keys, (const T *)s.p, keys, 1, s.keys_t, width, s.per_query, width, 0);  /* exp . v */
         const T *o = (const T *)s.per_query;
         for (int i = 0; i < Q; ++i)
             for (int c = 0; c < dv; ++c) ow[(size_t)c * Q + i] = o[(size_t)i * width * VL + c] * lw[2 * i + 1];
@@ -435,42 +443,49 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
         memset(gph, 0, sizeof(T) * (size_t)s.rows_h * stride);  /* rows no query reads get 0 */
         memset(gpw, 0, sizeof(T) * (size_t)s.rows_w * stride);
         key_major(&s, d, k + w * d * K, s.keys_t, width);
-        if (window_logits(&s, w, base_h, base_w, mask_h, mask_w, ph, pw)) {
-            scratch_free(&s);
-            return 2;
-        }
-        gemm(Q, nv, dv, gw, 1, Q, s.v, nv, s.ds, nv, 0);  /* dP = dO . v */
-        for (int i = 0; i < Q; ++i) {
-            vec *row = s.p + (size_t)i * nv, *dp = s.ds + (size_t)i * nv;
-            T delta = 0;  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
-            for (int c = 0; c < dv; ++c) delta += gw[(size_t)c * Q + i] * ow[(size_t)c * Q + i];
-            const T m = lw[2 * i], inv_sum = lw[2 * i + 1];
-            for (int j = 0; j < nv; ++j) {
-                row[j] = exp_nonpos(row[j] - m) * inv_sum;
-                dp[j] = row[j] * (dp[j] - delta);  /* now the logits' gradient */
+        for (int i0 = 0; i0 < Q; i0 += QB) {
+            const int n = Q - i0 < QB ? Q - i0 : QB;
+            if (block_logits(&s, w, i0, n, base_h, base_w, mask_h, mask_w, ph, pw)) {
+                scratch_free(&s);
+                return 2;
             }
-            /* per-axis sums of the logits' gradient: rel_h over each key row, rel_w over each key column */
-            RelRows r;
-            rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r);  /* in range: window_logits checked */
-            vec *colsum = s.colsum;
-            for (int u = 0; u < rwv; ++u) colsum[u] = splat(0);
-            for (int jh = 0; jh < kh; ++jh) {  /* key row jh: the kw values from jh * kw (see rel_logits) */
-                vec acc = {0};
-                for (int u = 0; u < rwv; ++u) {
-                    vec x;
-                    memcpy(&x, (const T *)dp + (size_t)jh * kw + (size_t)u * VL, sizeof x);
-                    x = vselect(s.in_row[u], x, splat(0));
-                    acc += x;
-                    colsum[u] += x;
+            gemm(n, nv, dv, gw + i0, 1, Q, s.v, nv, s.ds, nv, 0);  /* dP = dO . v */
+            for (int t = 0; t < n; ++t) {
+                const int i = i0 + t;
+                vec *row = s.p + (size_t)t * nv, *dp = s.ds + (size_t)t * nv;
+                T delta = 0;  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
+                for (int c = 0; c < dv; ++c) delta += gw[(size_t)c * Q + i] * ow[(size_t)c * Q + i];
+                const T m = lw[2 * i], inv_sum = lw[2 * i + 1];
+                for (int j = 0; j < nv; ++j) {
+                    row[j] = exp_nonpos(row[j] - m) * inv_sum;
+                    dp[j] = row[j] * (dp[j] - delta);  /* now the logits' gradient */
                 }
-                s.gh[jh] = hsum(acc);
+                /* per-axis sums of the logits' gradient: rel_h over each key row, rel_w over each key column */
+                RelRows r;
+                rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r);  /* in range: block_logits checked */
+                vec *colsum = s.colsum;
+                for (int u = 0; u < rwv; ++u) colsum[u] = splat(0);
+                for (int jh = 0; jh < kh; ++jh) {  /* key row jh: the kw values from jh * kw (see rel_logits) */
+                    vec acc = {0};
+                    for (int u = 0; u < rwv; ++u) {
+                        vec x;
+                        memcpy(&x, (const T *)dp + (size_t)jh * kw + (size_t)u * VL, sizeof x);
+                        x = vselect(s.in_row[u], x, splat(0));
+                        acc += x;
+                        colsum[u] += x;
+                    }
+                    s.gh[jh] = hsum(acc);
+                }
+                const T *gcol = (const T *)colsum;
+                T *gh_i = gph + (size_t)r.row_h * stride + i, *gw_i = gpw + (size_t)r.row_w * stride + i;
+                for (int jh = 0; jh < kh; ++jh) gh_i[(size_t)jh * stride] = s.gh[jh];
+                for (int jw = 0; jw < kw; ++jw) gw_i[(size_t)jw * stride] = gcol[jw];
             }
-            const T *gcol = (const T *)colsum;
-            T *gh_i = gph + (size_t)r.row_h * stride + i, *gw_i = gpw + (size_t)r.row_w * stride + i;
-            for (int jh = 0; jh < kh; ++jh) gh_i[(size_t)jh * stride] = s.gh[jh];
-            for (int jw = 0; jw < kw; ++jw) gw_i[(size_t)jw * stride] = gcol[jw];
+            gemm(n, width, keys, (const T *)s.ds, keys, 1, s.keys_t, width, s.per_query + (size_t)i0 * width, width,
+                 0);                                                   /* dq = dS . k */
+            gemm(dv, nv, n, gw + i0, Q, 1, s.p, nv, s.gv, nv, i0 > 0);    /* dv = dO . P */
+            gemm(d, nv, n, s.qs + i0, Q, 1, s.ds, nv, s.gk, nv, i0 > 0);  /* dk = (q * scale) . dS */
         }
-        gemm(Q, width, keys, (const T *)s.ds, keys, 1, s.keys_t, width, s.per_query, width, 0);  /* dS . k */
         for (int x = 0; x < Q * width; ++x) s.per_query[x] *= scale;
         if (s.mode == TABLES) {  /* dq and the table gradients through the window's products, padded */
             transpose(Q, d, (const T *)s.per_query, (int64_t)width * VL, (T *)s.dqp, (int64_t)s.qv * VL);
@@ -482,8 +497,6 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
         } else {
             transpose(Q, d, (const T *)s.per_query, (int64_t)width * VL, gq, Q);
         }
-        gemm(dv, nv, Q, gw, Q, 1, s.p, nv, s.gv, nv, 0);    /* dv = dO . P */
-        gemm(d, nv, Q, s.qs, Q, 1, s.ds, nv, s.gk, nv, 0);  /* dk = (q * scale) . dS */
         unpad_rows(&s, d, s.gk, grad_k + w * d * K);
         unpad_rows(&s, dv, s.gv, grad_v + w * dv * K);
     }
