@@ -38,8 +38,20 @@ typedef int32_t I;
 #define PAD_LOGIT (-FLT_MAX / 4)
 #endif
 
+/* One vec is one SIMD register of the target (a register file of 32 or 16 of them) */
 #ifndef VBYTES
+#if defined(__AVX512F__)
 #define VBYTES 64
+#elif defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16 /* SSE, NEON */
+#endif
+#endif
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define REGISTERS 32
+#else
+#define REGISTERS 16
 #endif
 #define VL ((int)(VBYTES / sizeof(T)))
 #define QB 16 /* queries per block: a block's logits and their gradient stay in L1 / L2 while a window is used */
@@ -50,20 +62,12 @@ typedef I ivec __attribute__((vector_size(VBYTES)));
 
 static inline vec splat(T x) { return x - (vec){0}; }  /* x - 0 == x for every x, -0 included: no add */
 static inline vec vselect(ivec mask, vec a, vec b) { return (vec)((mask & (ivec)a) | (~mask & (ivec)b)); }
-typedef T half_vec __attribute__((vector_size(VBYTES / 2)));
-typedef T quarter_vec __attribute__((vector_size(VBYTES / 4)));
-static inline T hsum(vec x) {  /* halving steps: a few shuffles and adds, not VL dependent scalar adds */
-    half_vec h0, h1;
-    memcpy(&h0, &x, sizeof h0);
-    memcpy(&h1, (char *)&x + sizeof h0, sizeof h1);
-    h0 += h1;
-    quarter_vec q0, q1;
-    memcpy(&q0, &h0, sizeof q0);
-    memcpy(&q1, (char *)&h0 + sizeof q0, sizeof q1);
-    q0 += q1;
-    T s = 0;
-    for (int l = 0; l < (int)(sizeof q0 / sizeof(T)); ++l) s += q0[l];
-    return s;
+static inline T hsum(vec x) {  /* halving steps: log2(VL) adds of shuffled halves, not VL dependent adds */
+    T a[VL];
+    memcpy(a, &x, sizeof a);
+    for (int w = VL / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) a[l] += a[l + w];
+    return a[0];
 }
 
 /* exp for x <= 0 (a logit minus its row's max), on whole vectors: exactly 0 below the smallest normal number's log
@@ -197,6 +201,9 @@ static void unpad_rows(const Scratch *s, int channels, const vec *src, T *dst) {
     for (int c = 0; c < channels; ++c) memcpy(dst + c * keys, src + (size_t)c * s->nv, sizeof(T) * keys);
 }
 
+/* The vector width this library was built for (fused_cpu.py: 'auto' prefers the kernel from 32 bytes). */
+int halo_vector_bytes(void) { return VBYTES; }
+
 /* dst[j * ldd + r] = src[r * lds + j] for r < rows, j < cols. */
 static void transpose(int rows, int cols, const T *src, int64_t lds, T *dst, int64_t ldd) {
     for (int r = 0; r < rows; ++r)
@@ -212,10 +219,10 @@ static void key_major(const Scratch *s, int channels, const T *src, vec *dst, in
  *   c[r * ldc + u] (+)= sum_{t < n} a[r * ars + t * acs] * b[t * ldb + u]   for r < rows, u < cols (vectors),
  * an rb x ub block of c held in registers while t runs (each loaded b vector feeds rb FMAs, each broadcast a
  * scalar ub). rb and ub are constants where the tile() calls below are inlined. */
-#if defined(__AVX512F__) && VBYTES == 64
-#define MAX_UB 4 /* one register per vec: 16 accumulators, 4 loaded vectors and a broadcast of 32 registers */
+#if REGISTERS == 32
+#define MAX_UB 4 /* 16 accumulators, 4 loaded vectors and a broadcast of 32 registers */
 #else
-#define MAX_UB 1 /* each vec is two (AVX2) or four (SSE, NEON) registers: fewer accumulators */
+#define MAX_UB 2 /* 8 accumulators of 16 registers */
 #endif
 static inline __attribute__((always_inline)) void tile(const int rb, const int ub, int n, const T *a, int64_t ars,
                                                         int64_t acs, const vec *b, int64_t ldb, vec *c, int64_t ldc,
@@ -262,7 +269,7 @@ static void tile_any(int rb, int ub, int n, const T *a, int64_t ars, int64_t acs
 
 static void gemm(int rows, int cols, int n, const T *a, int64_t ars, int64_t acs, const vec *b, int64_t ldb, vec *c,
                  int64_t ldc, int accumulate) {
-    const int rb_max = cols <= 2 && MAX_UB >= 2 ? 8 : 4;  /* narrow products: more rows per tile instead */
+    const int rb_max = cols <= 2 && MAX_UB >= 4 ? 8 : 4;  /* narrow products: more rows per tile instead */
     for (int r0 = 0; r0 < rows;) {
         const int rb = rows - r0 >= rb_max ? rb_max : rows - r0 >= 4 ? 4 : 1;
         for (int u0 = 0; u0 < cols; u0 += MAX_UB) {

@@ -83,7 +83,7 @@ def _build_one(compiler, version: str, scalar: str) -> ctypes.CDLL:
     head = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, real]  # window range, geometry, scale
     lib.halo_fwd.argtypes = head + [ctypes.c_void_p] * 11
     lib.halo_bwd.argtypes = head + [ctypes.c_void_p] * 17
-    lib.halo_fwd.restype = lib.halo_bwd.restype = ctypes.c_int
+    lib.halo_fwd.restype = lib.halo_bwd.restype = lib.halo_vector_bytes.restype = ctypes.c_int
     return lib
 
 
@@ -111,6 +111,18 @@ def _load() -> Optional[Dict[torch.dtype, ctypes.CDLL]]:
 def available() -> bool:
     """True when the C kernel is built (or can be, on this first call) and loaded."""
     return _load() is not None
+
+
+# Measured (benchmarks/RESULTS.md): with AVX2 or AVX-512 the kernel beats the tiled kernel at every HaloNet shape;
+# built for 16-byte vectors (SSE-only x86, or NEON, not measured) it is up to 1.5x slower than the tiled kernel,
+# whose GEMMs ATen dispatches at run time.
+AUTO_MIN_VECTOR_BYTES = 32
+
+
+@torch.compiler.assume_constant_result
+def preferred() -> bool:
+    """True when 'auto' should run this kernel on CPU: it is available and built for wide enough vectors."""
+    return available() and _load()[torch.float32].halo_vector_bytes() >= AUTO_MIN_VECTOR_BYTES
 
 
 def unavailable_reason() -> str:
