@@ -146,12 +146,16 @@ static int scratch_init(Scratch *s, const int32_t *g, int backward) {
     const size_t nv = (size_t)s->nv, keys = nv * VL, rwv = (size_t)s->rwv;
     const size_t width = (size_t)(backward ? s->dvec : s->dvvec);  /* of keys_t and per_query */
     const size_t qv = (size_t)s->qv, rows = (size_t)(s->rows_h + s->rows_w), tables = s->mode == TABLES;
-    const size_t sizes[] = {
-        (size_t)d * nv, (size_t)dv * nv, keys * width, (size_t)QB * nv + 1, backward * ((size_t)QB * nv + 1), (size_t)Q * width,
-        backward * (size_t)d * nv, backward * (size_t)dv * nv, rwv, rwv, rwv, (size_t)(2 * kh + VL - 1) / VL,
-        ((size_t)d * Q + VL - 1) / VL,
-        tables * d * qv, tables * rows * qv, tables * backward * rows * qv, tables * backward * Q * s->dvec,
-        tables * backward * d * qv, tables * backward * rows * s->dvec,
+    const size_t block = (size_t)QB * nv + 1;  /* + 1: room for rel_logits' last whole-vector store */
+    const size_t sizes[] = {  /* in the order taken below */
+        (size_t)d * nv, (size_t)dv * nv, keys * width,                        /* k, v, keys_t */
+        block, backward * block, (size_t)Q * width,                           /* p, ds, per_query */
+        backward * (size_t)d * nv, backward * (size_t)dv * nv,                /* gk, gv */
+        rwv, rwv, rwv, (size_t)(2 * kh + VL - 1) / VL,                        /* rw, colsum, in_row, hv + gh */
+        ((size_t)d * Q + VL - 1) / VL,                                        /* qs */
+        tables * d * qv, tables * rows * qv, tables * backward * rows * qv,   /* qp, ph + pw, gph + gpw */
+        tables * backward * Q * s->dvec, tables * backward * d * qv,          /* qt, dqp */
+        tables * backward * rows * s->dvec,                                   /* gtab_h + gtab_w */
     };
     size_t vectors = 0;
     for (size_t t = 0; t < sizeof sizes / sizeof sizes[0]; ++t) vectors += sizes[t];
@@ -262,7 +266,7 @@ static void tile_any(int rb, int ub, int n, const T *a, int64_t ars, int64_t acs
     case 1 * 8 + 3: TILE(1, 3); break;
     case 1 * 8 + 4: TILE(1, 4); break;
 #endif
-    default: break; /* not reached: gemm() only asks for the tiles above */
+    default: TILE(rb, ub); break; /* not reached (gemm() asks for the tiles above); correct for any rb, ub */
     }
 }
 #undef TILE
@@ -508,8 +512,9 @@ int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
         unpad_rows(&s, dv, s.gv, grad_v + w * dv * K);
     }
     if (s.mode == TABLES) {  /* this call's table gradients, unpadded */
-        for (int r = 0; r < s.rows_h; ++r) memcpy(grad_rel_h + (size_t)r * d, s.gtab_h + (size_t)r * width, sizeof(T) * d);
-        for (int r = 0; r < s.rows_w; ++r) memcpy(grad_rel_w + (size_t)r * d, s.gtab_w + (size_t)r * width, sizeof(T) * d);
+        const size_t bytes = sizeof(T) * (size_t)d;
+        for (int r = 0; r < s.rows_h; ++r) memcpy(grad_rel_h + (size_t)r * d, s.gtab_h + (size_t)r * width, bytes);
+        for (int r = 0; r < s.rows_w; ++r) memcpy(grad_rel_w + (size_t)r * d, s.gtab_w + (size_t)r * width, bytes);
     }
     scratch_free(&s);
     return 0;
