@@ -13,10 +13,12 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 # Module-scoped fixtures that build something expensive (a wheel in a fresh venv, a pushed model loaded back in a
 # fresh interpreter, an ONNX export): under `--dist loadgroup` every test using one runs on the same worker, so
-# each is built once.
+# each is built once. The marker must be there before pytest-xdist's own collection hook turns it into the group
+# (a suffix of the node id), hence tryfirst: without it, each worker built these fixtures again.
 SHARED_FIXTURES = ('wheel_venv', 'published', 'static_layer')
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     for item in items:
         for name in SHARED_FIXTURES:
