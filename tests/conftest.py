@@ -11,11 +11,12 @@ import pytest
 # which is after this file; children inherit it. A value set by the caller wins.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
-# Module-scoped fixtures that build something expensive (a wheel in a fresh venv, a pushed model loaded back in a
-# fresh interpreter, an ONNX export): under `--dist loadgroup` every test using one runs on the same worker, so
-# each is built once. The marker must be there before pytest-xdist's own collection hook turns it into the group
-# (a suffix of the node id), hence tryfirst: without it, each worker built these fixtures again.
-SHARED_FIXTURES = ('wheel_venv', 'published', 'static_layer')
+# Fixtures that build something expensive (a wheel in a fresh venv, a pushed model loaded back in a fresh
+# interpreter, an ONNX export, the family's GMACs): under `--dist loadgroup` every test using one runs on the same
+# worker, so each is built once, and no worker waits for another's (family_summary). The marker must be there
+# before pytest-xdist's own collection hook turns it into the group (a suffix of the node id), hence tryfirst:
+# without it, each worker built the module-scoped ones again.
+SHARED_FIXTURES = ('wheel_venv', 'published', 'static_layer', 'family_summary')
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -29,8 +30,9 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope='session')
 def family_summary(tmp_path_factory) -> dict:
     """``timm_halo.bench.summarize`` of every family member at its own input size (params and GMACs, measured),
-    once per run: under pytest-xdist the first worker to need it leaves it in the run's temp folder for the others
-    (pytest-xdist's recipe; without xdist that folder's parent outlives the run, so it is not used)."""
+    once per run. Its users run on one worker (SHARED_FIXTURES); should they not (another --dist mode), the first
+    worker to need it leaves it in the run's temp folder for the others (pytest-xdist's recipe; without xdist that
+    folder's parent outlives the run, so it is not used)."""
     from filelock import FileLock
 
     from timm_halo.bench import summarize

@@ -1,7 +1,7 @@
 """The `timm-halo` main job, run the way README runs it; the command's entry points and its one-line errors."""
 import json
 import re
-import subprocess
+import runpy
 import sys
 from importlib.metadata import entry_points
 
@@ -9,30 +9,43 @@ import pytest
 import timm
 from safetensors.torch import save_file
 
+from timm_halo import bench
 from timm_halo.cli import main
 from timm_halo.models.halonet import FAMILY
 
 
-def test_default_command_shows_family_and_runs_a_forward():
-    result = subprocess.run([sys.executable, '-m', 'timm_halo'], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    for name, paper in ((name, f['params_m']) for name, f in FAMILY.items()):
+def test_default_command_shows_family_and_runs_a_forward(family_summary, monkeypatch, capsys):
+    """`python -m timm_halo` with no arguments, run the way `python -m` runs it (runpy, in this process: nothing
+    here needs a fresh interpreter). The family's rows are ``bench.summarize`` of each member, which the session
+    has measured already (conftest.family_summary), so the command is handed those instead of measuring again."""
+    asked = []
+    monkeypatch.setattr(bench, 'summarize', lambda name: asked.append(name) or family_summary[name])
+    monkeypatch.setattr(sys, 'argv', ['timm_halo'])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module('timm_halo', run_name='__main__', alter_sys=True)
+    captured = capsys.readouterr()
+    assert info.value.code == 0, captured.err
+    assert asked == list(FAMILY)
+    out = captured.out
+    for name, f in FAMILY.items():
         row = re.search(rf'^{name}\s+(\d+)\s+([\d.]+)M\s+([\d.]+)M\s+([+-][\d.]+)%\s+([\d.]+)', out, re.M)
         assert row, f'no table row for {name}'
-        assert abs(float(row.group(2)) / paper - 1) < 0.003  # README: every count within 0.3%
+        measured = family_summary[name]
+        assert (int(row.group(1)), row.group(2), row.group(5)) == (
+            f['s'], f"{measured['params_m']:.2f}", f"{measured['gmacs']:.2f}"), name
+        assert abs(float(row.group(2)) / f['params_m'] - 1) < 0.003  # README: every count within 0.3%
         assert float(row.group(5)) > 0
     assert "timm.create_model('halonet_h0') -> timm_halo.models.halonet.HaloNet" in out
     assert 'logits (1, 1000)' in out
     assert re.search(r'stages\.3\s+reduction 32\s+\(1, 256, 8, 8\)', out)
     diff = float(re.search(r'max \|diff\| ([\d.e+-]+)', out).group(1))
     assert diff < 1e-4
-    assert 'measuring the family' in result.stderr  # the progress bar
+    assert 'measuring the family' in captured.err  # the progress bar
 
 
 def test_console_script_is_the_cli_main():
     """`timm-halo` (README's command) is an installed console script calling timm_halo.cli:main, the function
-    the other tests drive in-process (test_default_command... runs it as a process, through `python -m`)."""
+    the other tests drive in-process (test_default_command... runs it through `python -m`'s runpy)."""
     (script,) = entry_points(group='console_scripts', name='timm-halo')
     assert script.value == 'timm_halo.cli:main' and script.load() is main
 
