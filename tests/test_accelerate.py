@@ -394,50 +394,42 @@ def _seed_hf_cache(cache: Path, repo_id: str, folder: Path) -> None:
     (repo / 'refs' / 'main').write_text(commit)
 
 
-# An unmodified timm script: it imports timm only (the plugin autoload imports timm_halo).
+# An unmodified timm script run with TIMM_HALO_ACCELERATE=1: it imports timm only (the plugin autoload imports
+# timm_halo, which reads the variable).
 HUB_CHILD = '''
-    import sys, torch, timm
+    import torch, timm
     from timm.layers import get_attn
     from timm.layers.halo_attn import HaloAttn
-    from timm.optim import create_optimizer_v2
     x = torch.load('input.pt')
     model = timm.create_model('halonet26t.a1h_in1k', pretrained=True).eval()
     types = sorted({type(m).__name__ for m in model.modules() if isinstance(m, HaloAttn)})
     h1_types = sorted({type(m).__name__ for m in timm.create_model('halonet_h1', device='meta').modules()
                        if type(m).__name__.endswith(('Attn', 'Attention'))})
     with torch.no_grad():
-        first = model(x)
-    sys.modules['timm_halo'].accelerate(model)
-    with torch.no_grad():
         logits = model(x)
-
-    # A fine-tuning step, stock vs accelerated (once): layer-wise lr decay, no weight decay on 1-d parameters
-    # (timm's no_weight_decay rules). In float64: a step of this random network at batch 1 (train-mode BN) turns
-    # fp32 rounding anywhere into differences of up to 1e-3 (timm's own step moves by 5e-4 when its input moves by
-    # 1e-6), so two fp32 kernels cannot be compared closely; in float64 they agree to about 1e-12.
-    stepped = {}
-    if types == ['HaloAttn']:  # the child without TIMM_HALO_ACCELERATE
-        stock = timm.create_model('halonet26t')
-        stock.load_state_dict(model.state_dict())
-        for tag, net in (('stock', stock), ('fast', model)):
-            net.double().train()
-            opt = create_optimizer_v2(net, 'sgd', lr=0.1, weight_decay=0.05, layer_decay=0.75, momentum=0.9)
-            groups = sorted((g['lr_scale'], g['weight_decay'], len(g['params'])) for g in opt.param_groups)
-            loss = torch.nn.functional.cross_entropy(net(x.double()), torch.tensor([3]))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            stepped[tag] = (groups, loss.detach(), {k: v.detach().clone() for k, v in net.state_dict().items()})
-    torch.save(dict(types=types, h1_types=h1_types, factory=get_attn('halo').__name__, first=first, logits=logits,
-                    stepped=stepped), 'out.pt')
+    torch.save(dict(types=types, h1_types=h1_types, factory=get_attn('halo').__name__, logits=logits), 'out.pt')
 '''
 
 
-def test_pretrained_from_offline_hub_cache(tmp_path):
-    """A hand-made Hugging Face cache holding timm/halonet26t.a1h_in1k (timm's own files, random values), used by
-    an unmodified timm script: timm.create_model(..., pretrained=True) loads it, accelerate gives the stock
-    logits, a fine-tuning step matches the stock one. Without TIMM_HALO_ACCELERATE the model is timm's own; with
-    TIMM_HALO_ACCELERATE=1 the same call builds the accelerated model directly."""
+def _offline_hub(monkeypatch, hf_home: Path) -> dict:
+    """HF_HUB_OFFLINE and a cache at ``hf_home``: the environment for children, huggingface_hub's constants (read
+    at import, looked up at call time) for this process."""
+    from huggingface_hub import constants
+
+    env = dict(HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / 'hub'), HF_HUB_OFFLINE='1')
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', env['HF_HUB_CACHE'])
+    return env
+
+
+def test_pretrained_from_offline_hub_cache(tmp_path, monkeypatch):
+    """A hand-made Hugging Face cache holding timm/halonet26t.a1h_in1k (timm's own files, random values):
+    timm.create_model(..., pretrained=True) loads it with timm's own layers, accelerate gives the stock logits, a
+    fine-tuning step matches the stock one. With TIMM_HALO_ACCELERATE=1, an unmodified timm script (a fresh
+    interpreter) builds the accelerated model directly, with the same logits. (That timm's own layers are the
+    default in an unmodified script too: test_autoload.py's probe.)"""
     torch.manual_seed(0)
     reference = randomize_norms(timm.create_model('halonet26t')).eval()
     with torch.no_grad():  # random weights everywhere, nothing like timm's init
@@ -452,23 +444,45 @@ def test_pretrained_from_offline_hub_cache(tmp_path):
     torch.save(x, tmp_path / 'input.pt')
     with torch.no_grad():
         expected = reference(x)
+    env = _offline_hub(monkeypatch, hf_home)
 
-    env = dict(HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / 'hub'), HF_HUB_OFFLINE='1')
-    for accelerated in (False, True):
-        _run_child(HUB_CHILD, tmp_path, **env, **({ACCELERATE_ENV: '1'} if accelerated else {}))
-        out = torch.load(tmp_path / 'out.pt')
-        # off by default: timm's own layers; our halonet_h1 either way
-        assert out['types'] == (['TimmHaloAttn'] if accelerated else ['HaloAttn'])
-        assert out['factory'] == out['types'][0]
-        assert out['h1_types'] == ['HaloAttention']
-        assert _rel_err(out['first'], expected) < 1e-5
-        assert _rel_err(out['logits'], expected) < 1e-5
-        if not accelerated:
-            (groups, loss, after), (fast_groups, fast_loss, fast_after) = (out['stepped']['stock'],
-                                                                           out['stepped']['fast'])
-            assert fast_groups == groups and len(groups) > 2  # layer-decay groups, with and without weight decay
-            torch.testing.assert_close(fast_loss, loss, rtol=1e-10, atol=1e-12)
-            assert list(fast_after) == list(after)
-            for key in after:
-                if after[key].is_floating_point():
-                    assert _rel_err(fast_after[key], after[key]) < 1e-9, key
+    # Without the variable (as in this process, where timm's factory is kept stock), timm's own layers.
+    monkeypatch.setattr(sys.modules['timm.layers.create_attn'], 'HaloAttn', HaloAttn)
+    model = timm.create_model('halonet26t.a1h_in1k', pretrained=True).eval()
+    assert {type(m) for m in model.modules() if isinstance(m, HaloAttn)} == {HaloAttn}
+    with torch.no_grad():
+        assert _rel_err(model(x), expected) < 1e-5
+        timm_halo.accelerate(model)
+        assert _rel_err(model(x), expected) < 1e-5
+
+    # A fine-tuning step, stock vs accelerated: layer-wise lr decay, no weight decay on 1-d parameters (timm's
+    # no_weight_decay rules). In float64: a step of this random network at batch 1 (train-mode BN) turns fp32
+    # rounding anywhere into differences of up to 1e-3 (timm's own step moves by 5e-4 when its input moves by 1e-6),
+    # so two fp32 kernels cannot be compared closely; in float64 they agree to about 1e-12.
+    from timm.optim import create_optimizer_v2
+    stock = timm.create_model('halonet26t')
+    stock.load_state_dict(model.state_dict())
+    stepped = []
+    for net in (stock, model):
+        net.double().train()
+        opt = create_optimizer_v2(net, 'sgd', lr=0.1, weight_decay=0.05, layer_decay=0.75, momentum=0.9)
+        groups = sorted((g['lr_scale'], g['weight_decay'], len(g['params'])) for g in opt.param_groups)
+        loss = torch.nn.functional.cross_entropy(net(x.double()), torch.tensor([3]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        stepped.append((groups, loss.detach(), {k: v.detach().clone() for k, v in net.state_dict().items()}))
+    (groups, loss, after), (fast_groups, fast_loss, fast_after) = stepped
+    assert fast_groups == groups and len(groups) > 2  # layer-decay groups, with and without weight decay
+    torch.testing.assert_close(fast_loss, loss, rtol=1e-10, atol=1e-12)
+    assert list(fast_after) == list(after)
+    for key in after:
+        if after[key].is_floating_point():
+            assert _rel_err(fast_after[key], after[key]) < 1e-9, key
+
+    # With TIMM_HALO_ACCELERATE=1, in a fresh interpreter: the variable is read when timm_halo is imported.
+    _run_child(HUB_CHILD, tmp_path, **env, **{ACCELERATE_ENV: '1'})
+    out = torch.load(tmp_path / 'out.pt')
+    assert out['types'] == ['TimmHaloAttn'] and out['factory'] == 'TimmHaloAttn'
+    assert out['h1_types'] == ['HaloAttention']  # our halonet_h1 either way
+    assert _rel_err(out['logits'], expected) < 1e-5

@@ -28,6 +28,8 @@ PROBE = textwrap.dedent('''
         model = timm.create_model('halonet_h1', device='meta')
         stock = [type(m).__name__ for m in (timm.create_model('halonet26t', device='meta'),
                                             timm.models.byoanet.halonet_h1(device='meta'))]
+        stock_attn = sorted({type(m).__name__ for m in timm.create_model('halonet26t', device='meta').modules()
+                             if type(m).__name__.endswith('Attn')})
     import timm_halo
     if REGISTER_AGAIN:
         import importlib, _timm_halo_autoload
@@ -38,6 +40,7 @@ PROBE = textwrap.dedent('''
         names=names,
         cls=type(model).__module__ + '.' + type(model).__name__,
         stock=stock,
+        stock_attn=stock_attn,
         warnings=[str(w.message) for w in caught],
         timm_halo_file=timm_halo.__file__,
         names_after_import=timm.list_models('halonet_h*'),
@@ -47,7 +50,7 @@ PROBE = textwrap.dedent('''
 
 
 def _child_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != 'TIMM_HALO_DISABLE_AUTOLOAD'}
+    env = {k: v for k, v in os.environ.items() if k not in ('TIMM_HALO_DISABLE_AUTOLOAD', 'TIMM_HALO_ACCELERATE')}
     env.update(extra)
     return env
 
@@ -65,6 +68,7 @@ def test_editable_install_autoloads_and_registering_twice_is_harmless(tmp_path):
     assert seen['names'] == NAMES
     assert seen['cls'] == 'timm_halo.models.halonet.HaloNet'
     assert seen['stock'] == ['ByobNet', 'ByobNet']  # only halonet_h1 is replaced; timm's halo models stay timm's
+    assert seen['stock_attn'] == ['HaloAttn']  # with timm's own layers too (TIMM_HALO_ACCELERATE: test_accelerate)
     assert seen['warnings'] == []  # no "Overwriting halonet_h1" noise either
     # a reload of the model module and a second plugin load (warnings are errors there) change nothing
     assert seen['names_after_import'] == NAMES and seen['cls_after_import'] == 'HaloNet'
@@ -212,16 +216,10 @@ def wheel_venv(tmp_path_factory) -> Path:
     return python
 
 
-def test_wheel_install_autoloads(wheel_venv, tmp_path):
-    seen = _probe(str(wheel_venv), tmp_path)
-    assert seen['names'] == NAMES
-    assert seen['cls'] == 'timm_halo.models.halonet.HaloNet'
-    assert seen['warnings'] == []
-    assert seen['timm_halo_file'].startswith(str(wheel_venv.parents[1]))  # the wheel's copy, not the checkout
-
-
-def test_broken_plugin_warns_once_and_timm_still_imports(wheel_venv, tmp_path):
-    """A second plugin whose module raises: `import timm` works, one warning names it, ours still loads."""
+def test_wheel_install_autoloads_and_a_broken_plugin_warns_once(wheel_venv, tmp_path):
+    """The wheel's hook in a fresh venv, next to a second plugin whose module raises: `import timm` works and
+    registers ours (the wheel's copy, not the checkout), and the one warning is the broken plugin's (so ours
+    adds none)."""
     site = Path(subprocess.run([str(wheel_venv), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
                                check=True, capture_output=True, text=True).stdout.strip())
     dist_info = site / 'broken_timm_plugin-1.0.dist-info'
@@ -237,5 +235,7 @@ def test_broken_plugin_warns_once_and_timm_still_imports(wheel_venv, tmp_path):
             f.unlink()
         dist_info.rmdir()
     assert seen['names'] == NAMES
+    assert seen['cls'] == 'timm_halo.models.halonet.HaloNet'
+    assert seen['timm_halo_file'].startswith(str(wheel_venv.parents[1]))  # the wheel's copy, not the checkout
     assert len(seen['warnings']) == 1
     assert "'broken'" in seen['warnings'][0] and 'plugin exploded on import' in seen['warnings'][0]
