@@ -25,6 +25,10 @@ def pytest_collection_modifyitems(items):
         for name in SHARED_FIXTURES:
             if name in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(name))
+    # pytest-xdist hands tests out in this order (after the groups): the heavy ones (seconds each: a child
+    # interpreter, a compile, an export) first, so that the run ends on short tests, not one worker alone with a
+    # long one while the others idle. Otherwise the order stays the files'.
+    items.sort(key=lambda item: item.get_closest_marker('heavy') is None)
 
 
 @pytest.fixture(scope='session')

@@ -63,6 +63,7 @@ def _probe(python: str, cwd: Path, register_again: bool = False, **env) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.heavy
 def test_editable_install_autoloads_and_registering_twice_is_harmless(tmp_path):
     seen = _probe(sys.executable, tmp_path, register_again=True)
     assert seen['names'] == NAMES
@@ -83,6 +84,7 @@ def test_interpreter_start_up_imports_neither_torch_nor_timm(tmp_path):
     assert eval(result.stdout) == ['_timm_halo_autoload']
 
 
+@pytest.mark.heavy
 def test_importing_timm_halo_first_is_quiet(tmp_path):
     """`import timm_halo` imports timm mid-way: the hook must not re-enter the half-imported package."""
     code = ('import warnings; warnings.simplefilter("error"); import timm_halo, timm; '
@@ -93,6 +95,7 @@ def test_importing_timm_halo_first_is_quiet(tmp_path):
     assert eval(result.stdout) == NAMES
 
 
+@pytest.mark.heavy
 def test_disable_switch_and_explicit_import(tmp_path):
     seen = _probe(sys.executable, tmp_path, TIMM_HALO_DISABLE_AUTOLOAD='1')
     assert seen['names'] == ['halonet_h1']  # timm's own untrained reference only
@@ -146,6 +149,7 @@ def _assert_plugins_loaded_once(seen: dict):
     assert seen['plugin_loads'] == 1
 
 
+@pytest.mark.heavy
 def test_find_spec_probes_before_import(tmp_path):
     """`importlib.util.find_spec('timm')` (the is-it-installed check of transformers & co.), twice, must not use up
     the hook; then `find_spec('timm.models')` imports the parent package timm.
@@ -169,6 +173,7 @@ def test_find_spec_probes_before_import(tmp_path):
     _assert_plugins_loaded_once(seen)
 
 
+@pytest.mark.heavy
 def test_failed_import_then_retry(tmp_path):
     """A first `import timm` that raises (torch unimportable at that moment), then a retry that succeeds.
 
@@ -216,6 +221,7 @@ def wheel_venv(tmp_path_factory) -> Path:
     return python
 
 
+@pytest.mark.heavy
 def test_wheel_install_autoloads_and_a_broken_plugin_warns_once(wheel_venv, tmp_path):
     """The wheel's hook in a fresh venv, next to a second plugin whose module raises: `import timm` works and
     registers ours (the wheel's copy, not the checkout), and the one warning is the broken plugin's (so ours

@@ -48,6 +48,7 @@ def test_gradient_penalty_matches_reference(impl, stride, size):
         torch.testing.assert_close(fast, ref, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.heavy
 def test_gradgradcheck_tiled_with_cropped_windows():
     layer = _layer(1, 'tiled')
     x = torch.randn(1, 8, 6, 5, dtype=torch.double, requires_grad=True)  # two blocks by two: cropped windows
@@ -200,6 +201,7 @@ def test_inplace_op_after_the_layer(impl, size):
 
 # ---- torch.compile with changing input sizes ----------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_compile_training_with_changing_sizes():
     """timm train.py --torchcompile with multi-scale training or variable-size validation: the second size makes
     dynamo mark the sizes dynamic."""
@@ -217,6 +219,7 @@ def test_compile_training_with_changing_sizes():
     torch._dynamo.reset()
 
 
+@pytest.mark.heavy
 def test_compile_model_training_with_changing_sizes():
     """A whole model through dynamo and AOTAutograd, sizes 64, 96, 80 (the second trace is dynamic): the custom ops'
     fake kernels, window plans on symbolic sizes, strided stages whose sizes must match their shortcuts', maps

@@ -46,6 +46,7 @@ LAYERS = {
 }
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('cfg', LAYERS.values(), ids=LAYERS.keys())
 def test_layer_onnx_dynamic_batch_and_size(tmp_path, cfg):
     torch.manual_seed(0)
@@ -105,6 +106,7 @@ def test_max_abs_diff_semantics():
 
 # -- models ---------------------------------------------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_reduced_model_onnx_dynamic_batch(tmp_path):
     """halonet_h3's block design (b=10 > the late stages' maps, final 1x1 conv) at a size that is not a multiple
     of 32; dynamic batch checked by the helper (batch 2 and 3) and independently (batch 1)."""
@@ -137,6 +139,7 @@ def test_reduced_model_onnx_dynamic_batch(tmp_path):
 CI_VARIANTS = ('halonet_h3', 'halonet_h4', 'halonet_h5', 'halonet_h6')
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('name', [n if n in CI_VARIANTS else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_torch_export_reduced_variants(name):
     model = _reduced(name, num_classes=6)
@@ -150,6 +153,7 @@ def test_torch_export_reduced_variants(name):
     assert not [t for t in targets if 'timm_halo' in t]  # no custom op (timm_halo::attend_tiled, ...) leaks in
 
 
+@pytest.mark.heavy
 def test_torch_export_halonet_h0_default_size():
     """H0's block design (b=8, h=3) at its default input size (example_input reads it from the cfg), dynamic batch
     checked at batch 1. A second block in the last stage adds what one block per stage lacks: a block with an
@@ -178,6 +182,7 @@ def test_export_refuses_non_fp32_models(tmp_path):
 
 # -- the command line -----------------------------------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_cli_export_halonet_h0(tmp_path, capsys):
     """`timm-halo export` of H0's block design (b=8, h=3; one narrow stage: a quick export, the whole models run
     above and under -m slow), its 18x18 map three blocks with padding: writes the file, reports parity; then an
@@ -196,6 +201,7 @@ def test_cli_export_halonet_h0(tmp_path, capsys):
     assert _ort_vs_eager(out, model, torch.randn(1, 3, 72, 72)) <= ex.ONNX_ATOL
 
 
+@pytest.mark.heavy
 def test_cli_export_exits_nonzero_when_parity_fails(tmp_path, capsys, monkeypatch):
     real = ex._ort_outputs
     monkeypatch.setattr(ex, '_ort_outputs', lambda session, x: [o + 1e-3 for o in real(session, x)])

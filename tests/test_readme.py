@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()
 
 
+@pytest.mark.heavy
 def test_python_snippets_run():
     blocks = re.findall(r'```python\n(.*?)```', README, re.S)
     assert len(blocks) >= 2

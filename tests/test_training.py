@@ -50,6 +50,7 @@ def test_data_config_follows_pretrained_cfg():
     assert cfg['mean'] == model.pretrained_cfg['mean'] and cfg['interpolation'] == 'bicubic'
 
 
+@pytest.mark.heavy
 def test_compile_inductor_fullgraph():
     """The real backend users get: inductor generates C++ for the broadcast path on CPU; no graph breaks in
     inference, on a map that is not square (block 4: 10x9 in the first stage, padded). The training step through
@@ -110,6 +111,7 @@ def _loader(root: Path, model: torch.nn.Module, training: bool):
         persistent_workers=False)
 
 
+@pytest.mark.heavy
 def test_train_loop_learns_with_timm_data_checkpoint_and_resume(tmp_path):
     """train.py's loop in small: timm's dataset, loader, optimizer and CheckpointSaver on a task that needs
     spatial attention; the loss falls, held-out accuracy is far above chance, and resume_checkpoint restores it."""
@@ -153,6 +155,7 @@ def test_train_loop_learns_with_timm_data_checkpoint_and_resume(tmp_path):
     assert resumed_opt.state_dict()['state'].keys() == optimizer.state_dict()['state'].keys()
 
 
+@pytest.mark.heavy
 def test_ddp_two_processes_match_single_process(tmp_path):
     """torchrun --nproc_per_node=2 (gloo, CPU): ranks stay identical and match one process on the global batch."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
