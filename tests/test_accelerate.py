@@ -244,24 +244,28 @@ def test_accelerate_leaves_other_modules_and_subclasses_alone(monkeypatch):
 
 # ---- timm's seven pretrained halo models -----------------------------------------------------------------------------
 
-# (model, input size, create_model kwargs): the native resolution, and one other size timm accepts. The models with a
-# halo stage at stride 32 need multiples of 256 (224 for block 7); the *bot* models fix their BottleneckAttn size at
-# construction (img_size), so they take a smaller one.
+# (model, input size, create_model kwargs, train-mode check): the native resolution, and one other size timm
+# accepts. The models with a halo stage at stride 32 need multiples of 256 (224 for block 7); the *bot* models fix
+# their BottleneckAttn size at construction (img_size), so they take a smaller one. Eval logits are compared at
+# both sizes; the float64 train step (gradients, BatchNorm statistics), which costs several times a forward, at
+# the smaller one, where each model still has halo layers on maps of several blocks (the larger size adds blocks,
+# not branches: gradients on non-square multi-block maps are test_layer_matches_timm's, for every constructor
+# branch of timm's layer).
 MODEL_CASES = [
-    ('halonet26t', (256, 256), {}),
-    ('halonet26t', (256, 512), {}),
-    ('sehalonet33ts', (256, 256), {}),
-    ('sehalonet33ts', (512, 256), {}),
-    ('halonet50ts', (256, 256), {}),
-    ('halonet50ts', (256, 512), {}),
-    ('eca_halonext26ts', (256, 256), {}),
-    ('eca_halonext26ts', (256, 512), {}),
-    ('haloregnetz_b', (224, 224), {}),
-    ('haloregnetz_b', (224, 448), {}),
-    ('lamhalobotnet50ts_256', (256, 256), {}),
-    ('lamhalobotnet50ts_256', (128, 256), {'img_size': (128, 256)}),
-    ('halo2botnet50ts_256', (256, 256), {}),
-    ('halo2botnet50ts_256', (128, 128), {'img_size': 128}),
+    ('halonet26t', (256, 256), {}, True),
+    ('halonet26t', (256, 512), {}, False),
+    ('sehalonet33ts', (256, 256), {}, True),
+    ('sehalonet33ts', (512, 256), {}, False),
+    ('halonet50ts', (256, 256), {}, True),
+    ('halonet50ts', (256, 512), {}, False),
+    ('eca_halonext26ts', (256, 256), {}, True),
+    ('eca_halonext26ts', (256, 512), {}, False),
+    ('haloregnetz_b', (224, 224), {}, True),
+    ('haloregnetz_b', (224, 448), {}, False),
+    ('lamhalobotnet50ts_256', (256, 256), {}, False),
+    ('lamhalobotnet50ts_256', (128, 256), {'img_size': (128, 256)}, True),
+    ('halo2botnet50ts_256', (256, 256), {}, False),
+    ('halo2botnet50ts_256', (128, 128), {'img_size': 128}, True),
 ]
 
 
@@ -295,8 +299,10 @@ def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize('name,size,kwargs', MODEL_CASES, ids=[f'{n}-{h}x{w}' for n, (h, w), _ in MODEL_CASES])
-def test_model_matches_timm(name, size, kwargs):
+@pytest.mark.heavy
+@pytest.mark.parametrize('name,size,kwargs,train', MODEL_CASES,
+                         ids=[f'{n}-{h}x{w}{"-train" if t else ""}' for n, (h, w), _, t in MODEL_CASES])
+def test_model_matches_timm(name, size, kwargs, train):
     torch.manual_seed(0)
     stock = randomize_norms(timm.create_model(name, **kwargs))
     num_layers = sum(type(m) is HaloAttn for m in stock.modules())
@@ -309,6 +315,8 @@ def test_model_matches_timm(name, size, kwargs):
     with torch.no_grad():
         expected, got = stock.eval()(x), fast.eval()(x)
     assert _rel_err(got, expected) < 1e-5
+    if not train:
+        return
 
     # Train-mode gradients in float64: in fp32, timm's own gradients differ from its float64 ones by up to 1e-4
     # (more with one sample, where train-mode BatchNorm nearly cancels SE gates), so an fp32 comparison would test
@@ -424,6 +432,7 @@ def _offline_hub(monkeypatch, hf_home: Path) -> dict:
     return env
 
 
+@pytest.mark.heavy
 def test_pretrained_from_offline_hub_cache(tmp_path, monkeypatch):
     """A hand-made Hugging Face cache holding timm/halonet26t.a1h_in1k (timm's own files, random values):
     timm.create_model(..., pretrained=True) loads it with timm's own layers, accelerate gives the stock logits, a
