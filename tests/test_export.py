@@ -17,10 +17,13 @@ from timm_halo.cli import main
 NAMES = [f'halonet_h{i}' for i in range(8)]
 
 
-def _reduced(name: str, **kwargs) -> torch.nn.Module:
-    """The variant's block design (b, h, rv, rb, df) with one block per stage; every residual branch live."""
+def _reduced(name: str, stages: int = 2, **kwargs) -> torch.nn.Module:
+    """The variant's block design (b, h, rv, rb, df) with one block in each of its first ``stages`` stages; every
+    residual branch live. Two stages hold what the last two would add: a stride-1 and a strided attention, on maps
+    of several (padded) blocks and on maps smaller than one block, and the final conv (df)."""
     torch.manual_seed(0)
-    return ex.wake_residual_branches(timm.create_model(name, depths=(1, 1, 1, 1), **kwargs)).eval()
+    model = timm.create_model(name, depths=(1,) * stages, widths=(64, 128, 256, 512)[:stages], **kwargs)
+    return ex.wake_residual_branches(model).eval()
 
 
 def _full(name: str) -> torch.nn.Module:
@@ -108,8 +111,8 @@ def test_max_abs_diff_semantics():
 
 @pytest.mark.heavy
 def test_reduced_model_onnx_dynamic_batch(tmp_path):
-    """halonet_h3's block design (b=10 > the late stages' maps, final 1x1 conv) at a size that is not a multiple
-    of 32; dynamic batch checked by the helper (batch 2 and 3) and independently (batch 1)."""
+    """halonet_h3's block design (b=10: 18x18 maps of 2x2 padded blocks, then 9x9 < b; final 1x1 conv) at a size
+    that is not a multiple of 32; dynamic batch checked by the helper (batch 2 and 3) and independently (batch 1)."""
     model = _reduced('halonet_h3', num_classes=7)
     example = ex.example_input(model, img_size=72, batch_size=2)
     report = ex.export_onnx_checked(model, tmp_path / 'h3s.onnx', example)
@@ -118,8 +121,8 @@ def test_reduced_model_onnx_dynamic_batch(tmp_path):
     assert _ort_vs_eager(tmp_path / 'h3s.onnx', model, x) <= ex.ONNX_ATOL
 
     # The check can see the attention layers: a graph that attended the zero-padded border (no mask) in just the
-    # last of them would miss atol by far. (Plain windows, as exported: eager crops this 3x3 map's windows.)
-    attn = model.stages[3].blocks[0].attn
+    # last of them would miss atol by far. (Plain windows, as exported: eager crops this 9x9 map's windows.)
+    attn = model.stages[-1].blocks[0].attn
     axis_terms = attn._axis_terms
 
     def unmasked_terms(size, blocks, plan, dtype, device):
@@ -254,7 +257,7 @@ def test_torch_export_every_model_default_size(name):
 @pytest.mark.slow
 def test_onnx_reduced_model_dynamic_size(tmp_path):
     """Dynamic height/width for a whole model (slow to export): checked at sizes far from the example's."""
-    model = _reduced('halonet_h1', num_classes=5)
+    model = _reduced('halonet_h1', stages=4, num_classes=5)
     example = ex.example_input(model, img_size=64, batch_size=2)
     report = ex.export_onnx_checked(model, tmp_path / 'dyn.onnx', example, dynamic_size=True)
     assert report.ok
