@@ -222,14 +222,16 @@ def test_compile_training_with_changing_sizes():
 @pytest.mark.heavy
 def test_compile_model_training_with_changing_sizes():
     """A whole model through dynamo and AOTAutograd, sizes 64, 96, 80 (the second trace is dynamic): the custom ops'
-    fake kernels, window plans on symbolic sizes, strided stages whose sizes must match their shortcuts', maps
-    smaller than the block (the last two stages). Outputs and every parameter gradient equal eager mode's, no
-    graph breaks (fullgraph), and the third size (the same block counts per layer as the second) reuses the dynamic
-    graph instead of compiling again. (Inference under fullgraph: test_training.py's inductor test.)"""
+    fake kernels, window plans on symbolic sizes, strided stages whose sizes must match their shortcuts', maps of
+    several blocks (first stage: 16, 24, 20) and smaller than one (last stage: 4, 6, 5). Outputs and every
+    parameter gradient equal eager mode's, no graph breaks (fullgraph), and the third size (the same block counts
+    per layer as the second) reuses the dynamic graph instead of compiling again. Three stages: a fourth would add
+    a layer of the third's kind, and a quarter of the (symbolic) tracing time. (Inference under fullgraph:
+    test_training.py's inductor test.)"""
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = timm.create_model('halonet_h0', depths=(1, 1, 1, 1), widths=(16, 32, 64, 64), stem_chs=16, heads=2,
+    model = timm.create_model('halonet_h0', depths=(1, 1, 1), widths=(16, 32, 64), stem_chs=16, heads=2,
                               num_classes=5)
     params = [p for p in model.parameters() if p.requires_grad]
     counter = CompileCounterWithBackend('aot_eager')
