@@ -16,7 +16,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 # worker, so each is built once, and no worker waits for another's (family_summary). The marker must be there
 # before pytest-xdist's own collection hook turns it into the group (a suffix of the node id), hence tryfirst:
 # without it, each worker built the module-scoped ones again.
-SHARED_FIXTURES = ('wheel_venv', 'published', 'static_layer', 'family_summary')
+SHARED_FIXTURES = ('wheel_venv', 'published', 'static_layer', 'cli_export', 'family_summary')
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -2,7 +2,10 @@
 
 The whole family at full size is covered by tests marked `slow` (python -m pytest -q -m slow).
 """
+import contextlib
+import io
 import re
+from pathlib import Path
 
 import onnxruntime as ort
 import pytest
@@ -185,16 +188,27 @@ def test_export_refuses_non_fp32_models(tmp_path):
 
 # -- the command line -----------------------------------------------------------------------------------------------
 
+# H0's block design (b=8, h=3; one narrow stage: a quick export, the whole models run above and under -m slow)
+CLI_EXPORT = ['export', '--model', 'halonet_h0', '--format', 'onnx', '--img-size', '72',
+              '--model-args', 'depths=(1,)', 'widths=(16,)', 'stem_chs=16']
+
+
+@pytest.fixture(scope='module')
+def cli_export(tmp_path_factory):
+    """`timm-halo export` run once: its exit status, the file and what it printed."""
+    out = tmp_path_factory.mktemp('cli') / 'sub' / 'h0.onnx'
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main([*CLI_EXPORT, '--output', str(out)])
+    return status, out, printed.getvalue()
+
+
 @pytest.mark.heavy
-def test_cli_export_halonet_h0(tmp_path, capsys):
-    """`timm-halo export` of H0's block design (b=8, h=3; one narrow stage: a quick export, the whole models run
-    above and under -m slow), its 18x18 map three blocks with padding: writes the file, reports parity; then an
+def test_cli_export_halonet_h0(cli_export):
+    """The command's export, its 18x18 map three blocks with padding: writes the file, reports parity; then an
     independent check at a batch size the command did not try."""
-    out = tmp_path / 'sub' / 'h0.onnx'
-    args = ['export', '--model', 'halonet_h0', '--format', 'onnx', '--output', str(out), '--img-size', '72',
-            '--model-args', 'depths=(1,)', 'widths=(16,)', 'stem_chs=16']
-    assert main(args) == 0
-    printed = capsys.readouterr().out
+    status, out, printed = cli_export
+    assert status == 0
     assert out.is_file() and str(out) in printed
     diff = float(re.search(r'max \|diff\| ([\d.e+-]+)', printed).group(1))
     assert diff <= ex.ONNX_ATOL and 'parity OK' in printed and '2x3x72x72, 3x3x72x72' in printed
@@ -204,13 +218,14 @@ def test_cli_export_halonet_h0(tmp_path, capsys):
     assert _ort_vs_eager(out, model, torch.randn(1, 3, 72, 72)) <= ex.ONNX_ATOL
 
 
-@pytest.mark.heavy
-def test_cli_export_exits_nonzero_when_parity_fails(tmp_path, capsys, monkeypatch):
+def test_cli_export_exits_nonzero_when_parity_fails(cli_export, capsys, monkeypatch):
+    """The same command with ONNX Runtime's outputs shifted by 1e-3: parity fails, exit 1. The file it checks is
+    the one exported above (exporting the same model again would only repeat that export)."""
+    _, out, _ = cli_export
+    monkeypatch.setattr(ex, 'export_onnx', lambda model, path, *args, **kwargs: Path(path))
     real = ex._ort_outputs
     monkeypatch.setattr(ex, '_ort_outputs', lambda session, x: [o + 1e-3 for o in real(session, x)])
-    args = ['export', '--model', 'halonet_h0', '--img-size', '24', '--output', str(tmp_path / 'bad.onnx'),
-            '--model-args', 'depths=[1]', 'widths=[16]', 'stem_chs=16']  # one stage: a quick export
-    assert main(args) == 1
+    assert main([*CLI_EXPORT, '--output', str(out)]) == 1
     captured = capsys.readouterr()
     assert 'parity FAILED: max |diff| 0.001' in captured.out
     assert 'does not match PyTorch within --atol 0.0001' in captured.err
