@@ -113,7 +113,7 @@ def available() -> bool:
     return _load() is not None
 
 
-# Measured (benchmarks/RESULTS.md): with AVX2 or AVX-512 the kernel beats the tiled kernel at every HaloNet shape;
+# Measured (benchmarks/RESULTS.md): with AVX2 or AVX-512 the kernel beats the tiled kernel at HaloNet's stages 1-3;
 # built for 16-byte vectors (SSE-only x86, or NEON, not measured) it is up to 1.5x slower than the tiled kernel,
 # whose GEMMs ATen dispatches at run time.
 AUTO_MIN_VECTOR_BYTES = 32
