@@ -31,7 +31,8 @@ from .broadcast import attend_broadcast
 from .tile_pool import run_tiles
 from .tiled import differentiable_backward
 
-__all__ = ['attend_fused', 'attend_fused_tables', 'available', 'expand_tables', 'unavailable_reason', 'DTYPES']
+__all__ = ['attend_fused', 'attend_fused_tables', 'available', 'expand_tables', 'preferred', 'unavailable_reason',
+           'DTYPES']
 
 CACHE_ENV = 'TIMM_HALO_CACHE'
 DTYPES = {torch.float32: 'float', torch.float64: 'double'}  # the C kernel's scalar type
