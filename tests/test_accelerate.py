@@ -208,7 +208,8 @@ def test_accelerate_swaps_in_place_and_reports_the_count(caplog):
     layers[0].register_forward_hook(lambda *_: fired.append(True))
     with caplog.at_level(logging.INFO, logger='timm_halo.accelerate'):
         assert timm_halo.accelerate(model) is model
-    assert '3 HaloAttn layer(s) of ByobNet now run on timm-halo kernels' in caplog.text
+    assert '3 HaloAttn layer(s) of halonet26t.a1h_in1k (ByobNet) now run on timm-halo kernels' in caplog.text
+    assert model.timm_halo_accelerated == 3  # what a script that does not configure logging reads
     assert [type(m) for m in layers] == [TimmHaloAttn] * 3
     assert [m for m in model.modules() if isinstance(m, HaloAttn)] == layers  # the same objects
     assert list(model.state_dict()) == keys_before
@@ -222,8 +223,15 @@ def test_accelerate_swaps_in_place_and_reports_the_count(caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger='timm_halo.accelerate'):
         timm_halo.accelerate(model, attn_impl='sdpa')
-    assert '0 HaloAttn layer(s) of ByobNet now run on timm-halo kernels (3 already did)' in caplog.text
-    assert {m.attn_impl for m in layers} == {'sdpa'}
+    assert '0 HaloAttn layer(s) of halonet26t.a1h_in1k (ByobNet) now run on timm-halo kernels (3 already did)' in (
+        caplog.text)
+    assert {m.attn_impl for m in layers} == {'sdpa'} and model.timm_halo_accelerated == 3
+
+
+def test_accelerate_warns_when_there_is_nothing_to_accelerate():
+    with pytest.warns(UserWarning, match=r'halonet_h1\.untrained \(HaloNet\) has no timm HaloAttn layer'):
+        model = timm_halo.accelerate(timm.create_model('halonet_h1', device='meta'))
+    assert model.timm_halo_accelerated == 0
 
 
 def test_accelerate_leaves_other_modules_and_subclasses_alone(monkeypatch):
@@ -356,7 +364,9 @@ def test_environment_variable_patches_timm_factory_only_when_set(monkeypatch):
     from timm_halo.accelerate import _honour_env
 
     factory_module = sys.modules['timm.layers.create_attn']
-    monkeypatch.setattr(factory_module, 'HaloAttn', HaloAttn)  # restored after the test
+    monkeypatch.setattr(factory_module, 'HaloAttn', HaloAttn)  # restored after the test, as are:
+    monkeypatch.setattr(timm, 'create_model', timm.create_model)
+    monkeypatch.setattr(timm.models, 'create_model', timm.models.create_model)
     for value in ('', '0', 'off'):
         monkeypatch.setenv(ACCELERATE_ENV, value)
         _honour_env()
@@ -365,20 +375,50 @@ def test_environment_variable_patches_timm_factory_only_when_set(monkeypatch):
     with pytest.warns(RuntimeWarning, match='not understood'):
         _honour_env()
     assert get_attn('halo') is HaloAttn
+    assert not hasattr(timm.create_model, '__wrapped_by_timm_halo__')
     monkeypatch.setenv(ACCELERATE_ENV, '1')
     _honour_env()
+    _honour_env()  # once is enough: create_model is wrapped once
     assert get_attn('halo') is TimmHaloAttn
-    layer = timm.create_model('halonet26t', device='meta').stages[2][1].self_attn
-    assert type(layer) is TimmHaloAttn and layer.attn_impl == 'auto'
+    assert timm.create_model.__wrapped__ is timm.models._factory.create_model
+    model = timm.create_model('halonet26t', device='meta')
+    layer = model.stages[2][1].self_attn
+    assert type(layer) is TimmHaloAttn and layer.attn_impl == 'auto' and model.timm_halo_accelerated == 3
+
+
+def _child_env(**env) -> dict:
+    """This environment for a child interpreter, with the plugin autoload on and ``env`` as given."""
+    child_env = {k: v for k, v in os.environ.items() if k not in (ACCELERATE_ENV, 'TIMM_HALO_DISABLE_AUTOLOAD')}
+    return {**child_env, **env}
 
 
 def _run_child(code: str, tmp_path: Path, **env) -> str:
-    child_env = {k: v for k, v in os.environ.items() if k not in (ACCELERATE_ENV, 'TIMM_HALO_DISABLE_AUTOLOAD')}
-    child_env.update(env)
     result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True,
-                            cwd=tmp_path, env=child_env, timeout=600)
+                            cwd=tmp_path, env=_child_env(**env), timeout=600)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+@pytest.mark.heavy
+def test_environment_variable_says_so_in_timms_train_script(tmp_path):
+    """What train.py does (``from timm import utils``, which loads the plugin; ``utils.setup_default_logging()``,
+    INFO on the console; ``from timm.models import create_model``): one line names the model and the count, and
+    models without halo layers say nothing."""
+    code = '''
+        from timm import utils
+        utils.setup_default_logging()
+        from timm.models import create_model
+        model = create_model('halonet26t', device='meta')
+        create_model('resnet18', device='meta')
+        print('attribute', model.timm_halo_accelerated)
+    '''
+    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True,
+                            cwd=tmp_path, env=_child_env(**{ACCELERATE_ENV: '1'}), timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if 'timm_halo' in line]
+    assert lines == ['timm_halo: 3 HaloAttn layer(s) of halonet26t.a1h_in1k (ByobNet) run on timm-halo kernels '
+                     f'({ACCELERATE_ENV}=1)'], result.stderr
+    assert 'attribute 3' in result.stdout
 
 
 def _seed_hf_cache(cache: Path, repo_id: str, folder: Path) -> None:

@@ -71,6 +71,9 @@ def test_hub_errors_are_one_line_with_exit_codes(tmp_path, capsys):
         (['hub-inspect', str(folder)], 1, "names architecture 'resnet18'"),
         (['hub-export', '--model', 'resnet18', '--checkpoint', str(tmp_path / 'model.safetensors'),
           '--output', str(tmp_path / 'out')], 2, "unknown model 'resnet18'"),
+        # no --model, and a safetensors file names none (a train.py checkpoint would: its args.model)
+        (['hub-export', '--checkpoint', str(tmp_path / 'model.safetensors'), '--output', str(tmp_path / 'out')], 1,
+         "No model name given, and the checkpoint's training args name none (args.model); give it (--model"),
     ]
     for argv, code, expected in runs:
         try:

@@ -4,12 +4,15 @@ Nothing here touches the network: HF_HUB_OFFLINE=1, and the Hugging Face cache i
 fill themselves in huggingface_hub's real layout. Round trips load in a fresh interpreter.
 """
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import warnings
@@ -26,6 +29,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from timm.models import byoanet, get_pretrained_cfg, is_model_pretrained
 
+from timm_halo import hub
 from timm_halo.cli import main as cli_main
 from timm_halo.hub import (
     PAPER_TITLE,
@@ -37,12 +41,13 @@ from timm_halo.hub import (
     read_checkpoint,
 )
 from timm_halo.models import HaloNet
-from timm_halo.models._pretrained import warn_if_classifier_dropped
+from timm_halo.models._pretrained import checkpoint_problem, warn_if_classifier_dropped
 
 NAMES = [f'halonet_h{i}' for i in range(8)]
 # A small HaloNet-H1 (the paper's b, h, rv, rb; one narrow block per stage): every code path, little compute.
 TINY = dict(depths=[1, 1, 1, 1], widths=[16, 32, 64, 64], stem_chs=16)
 REPO = 'me/halonet_h1-mydata'
+REPO_OURS = 'me/halonet_h1-ours'  # pushed with timm_halo.hub.push_to_hf_hub
 LABELS = ['cat', 'dog', 'owl', 'fox', 'emu']
 
 MODEL_ARGS = [f'{k}={v}' for k, v in TINY.items()]  # the CLI's --model-args key=value pairs
@@ -178,13 +183,17 @@ def published(tmp_path_factory):
     with torch.no_grad():
         expected = model(x)
 
-    fake = FakeHubApi(root / 'remote')
+    fake, fake_ours = FakeHubApi(root / 'remote'), FakeHubApi(root / 'remote')
     with pytest.MonkeyPatch.context() as mp:
         fake.install(mp)
         card = model_card(model, repo_id=REPO, dataset='mydata')
         timm.models.push_to_hf_hub(model, REPO, model_card=card, model_config={'label_names': LABELS})
+    with pytest.MonkeyPatch.context() as mp:  # the same, through timm_halo.hub's push (default card)
+        fake_ours.install(mp)
+        hub.push_to_hf_hub(model, REPO_OURS, model_config={'label_names': LABELS})
     pushed = root / 'remote' / REPO
     commit = seed_hf_cache(home / 'hub', REPO, pushed)
+    seed_hf_cache(home / 'hub', REPO_OURS, root / 'remote' / REPO_OURS)
 
     local_dir = root / 'local-dir'
     timm.models.save_for_hf(model, str(local_dir), safe_serialization=True)
@@ -200,6 +209,7 @@ def published(tmp_path_factory):
 
     specs = [
         ('hf_hub', f'hf-hub:{REPO}', {}),
+        ('hf_hub_ours', f'hf-hub:{REPO_OURS}', {}),
         ('local_dir', f'local-dir:{local_dir}', {}),
         ('safetensors', 'halonet_h1', from_file(root / 'model.safetensors')),
         ('pth', 'halonet_h1', from_file(root / 'model.pth')),
@@ -212,8 +222,8 @@ def published(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     return dict(
         root=root, home=home, model=model, x=x, expected=expected, pushed=pushed, commit=commit, fake=fake,
-        local_dir=local_dir, logits=load_file(str(root / 'logits.safetensors')),
-        meta=json.loads(result.stdout.strip().splitlines()[-1]),
+        fake_ours=fake_ours, pushed_ours=root / 'remote' / REPO_OURS, local_dir=local_dir,
+        logits=load_file(str(root / 'logits.safetensors')), meta=json.loads(result.stdout.strip().splitlines()[-1]),
     )
 
 
@@ -262,19 +272,39 @@ def test_push_to_hf_hub_writes_timm_folder_and_model_card(published):
     assert config['model_args']['depths'] == TINY['depths'] and config['model_args']['widths'] == TINY['widths']
     card = (pushed / 'README.md').read_text()
     params = sum(p.numel() for p in published['model'].parameters())
+    assert 'datasets:' not in card  # 'mydata' is free text, not a Hub dataset id: stated, not linked
     for needle in ('# Model card for halonet_h1-mydata', 'library_name: timm', 'license: apache-2.0',
-                   'datasets:\n- mydata', 'HaloNet-H1', 'halonet_h1 (block size b=8, halo h=3',
+                   '**Training data:** mydata', 'HaloNet-H1', 'halonet_h1 (block size b=8, halo h=3',
                    'depths 1-1-1-1', f'Params (M): {params / 1e6:.2f}', 'Image size: 256 x 256',
                    'Classes: 5', f'{PAPER_TITLE}: {PAPER_URL}', f"timm.create_model('hf-hub:{REPO}'",
                    '@inproceedings{vaswani2021halonet'):
         assert needle in card, needle
 
 
+def test_our_push_writes_the_same_files_for_transformers_too(published):
+    """timm_halo.hub.push_to_hf_hub: timm's steps and files, with the default card; config.json differs from timm's
+    push only by model_args.num_classes (which transformers would pass twice)."""
+    fake = published['fake_ours']
+    assert [c[0] for c in fake.calls] == ['create_repo', 'file_exists', 'upload_folder']
+    assert fake.calls[2][1] == REPO_OURS
+    assert fake.calls[2][2] == ['README.md', 'config.json', 'model.safetensors', 'pytorch_model.bin']
+    ours = json.loads((published['pushed_ours'] / 'config.json').read_text())
+    theirs = json.loads((published['pushed'] / 'config.json').read_text())
+    assert theirs['model_args'].pop('num_classes') == 5 and 'num_classes' not in ours['model_args']
+    assert ours == theirs
+    card = (published['pushed_ours'] / 'README.md').read_text()
+    assert f"timm.create_model('hf-hub:{REPO_OURS}'" in card and f"model='{REPO_OURS}'" in card
+    assert 'Training data: not stated by the publisher.' in card and '<' not in card.split('## Citation')[0]
+    meta = published['meta']['hf_hub_ours']
+    assert meta['source'] == 'hf-hub' and meta['num_classes'] == 5 and meta['labels'] == LABELS
+    assert torch.equal(published['logits']['hf_hub_ours'], published['expected'])
+
+
 def test_seeded_cache_is_what_huggingface_hub_itself_reads(published):
     report = scan_cache_dir(published['home'] / 'hub')
     assert not report.warnings
-    (repo,) = report.repos
-    assert repo.repo_id == REPO and repo.nb_files == 4
+    repo = next(r for r in report.repos if r.repo_id == REPO)
+    assert repo.nb_files == 4
     (revision,) = repo.revisions
     assert revision.commit_hash == published['commit'] and revision.refs == frozenset({'main'})
     path = huggingface_hub.hf_hub_download(REPO, 'model.safetensors', cache_dir=published['home'] / 'hub')
@@ -689,8 +719,12 @@ def test_cli_hub_inspect_shows_the_num_classes_disagreement(saved_folder, capsys
     assert cli_main(['hub-inspect', str(saved_folder)]) == 0
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
-    assert lines and all(line.startswith('timm-halo hub-inspect: warning: ') for line in lines)
+    assert lines and all(line.startswith(('timm-halo hub-inspect: warning: ', 'timm-halo hub-inspect: note: '))
+                         for line in lines)
     assert 'num_classes=10, pretrained_cfg.num_classes=5' in lines[0]
+    # timm's own save_for_hf folder: transformers cannot load it, and the note says how to fix that
+    assert 'note: transformers (AutoModel, pipeline) cannot load it' in lines[-1]
+    assert 'timm_halo.hub.fix_hub_config(folder)' in lines[-1]
     assert 'timm re-initialised its classifier at random' in captured.out
     assert 'num_classes   10; the model was built with 5' in captured.out
 
@@ -714,3 +748,279 @@ def test_classifier_that_fits_but_is_dropped_warns_through_timm(tmp_path):
     with pytest.warns(UserWarning, match=r"classifier \(head.fc\) has 5 classes"):
         timm.create_model('halonet_h1', pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(ckpt)),
                           **TINY)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A timm train.py checkpoint's own settings, and the export loading in transformers as in timm
+# ------------------------------------------------------------------------------------------------------------
+
+LABELS3 = ['cat', 'dog', 'owl']
+H0_TINY = dict(depths=[1, 1, 1, 1], widths=[16, 32, 64, 64], stem_chs=16)
+
+
+def train_checkpoint(path: Path, net: torch.nn.Module, **args) -> Path:
+    """What timm's train.py saves: the state dict (DDP-prefixed) with its argparse.Namespace of settings."""
+    torch.save({'epoch': 9, 'arch': args.get('model'), 'version': 2,
+                'state_dict': {f'module.{k}': v for k, v in net.state_dict().items()},
+                'args': argparse.Namespace(**{**dict(lr=0.1, img_size=None, input_size=None, num_classes=None, gp=None,
+                                                     model_kwargs={}), **args})}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def trained_export(tmp_path_factory):
+    """The issue's story: a halonet_h0 trained by train.py at 64 px on 3 classes, with --model-kwargs, exported
+    with `timm-halo hub-export --model halonet_h0 --checkpoint ... --output DIR` (and --labels), no size flag."""
+    root = tmp_path_factory.mktemp('trained-export')
+    model = randomize(timm.create_model('halonet_h0', num_classes=3, **H0_TINY), seed=11)
+    ckpt = train_checkpoint(root / 'model_best.pth.tar', model, model='halonet_h0', input_size=[3, 64, 64],
+                            num_classes=3, model_kwargs=dict(H0_TINY))
+    (root / 'labels.txt').write_text('\n'.join(LABELS3) + '\n')
+    out = root / 'halonet_h0-tiny'
+    stdout, stderr = io.StringIO(), io.StringIO()  # capsys is function-scoped
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli_main(['hub-export', '--model', 'halonet_h0', '--checkpoint', str(ckpt), '--output', str(out),
+                       '--labels', str(root / 'labels.txt'), '--dataset', 'tiny'])
+    assert rc == 0, stderr.getvalue()
+    return dict(root=root, model=model, ckpt=ckpt, out=out, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def test_hub_export_takes_input_size_classes_and_kwargs_from_the_training_args(trained_export):
+    out, printed = trained_export['out'], trained_export['stdout']
+    config = json.loads((out / 'config.json').read_text())
+    assert config['pretrained_cfg']['input_size'] == [3, 64, 64] and config['pretrained_cfg']['pool_size'] == [2, 2]
+    assert config['num_classes'] == 3 and config['label_names'] == LABELS3
+    assert config['model_args']['depths'] == H0_TINY['depths'] and 'num_classes' not in config['model_args']
+    # it says what it took, and from where; nothing disagreed
+    line = next(line for line in printed.splitlines() if line.startswith("from the checkpoint's training args: "))
+    assert 'input size 64 (args.input_size [3, 64, 64])' in line and '3 classes (args.num_classes' in line
+    assert "model arg depths=[1, 1, 1, 1] (args.model_kwargs)" in line and 'model halonet_h0' not in line
+    assert 'input size (3, 64, 64)' in printed and 'note:' not in trained_export['stderr']
+    # the timm reference: the folder loads, builds the trained architecture, and gives the model's logits
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert timm.data.resolve_data_config({}, model=reloaded)['input_size'] == (3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), trained_export['model'](x))
+
+
+def test_hub_export_card_and_files(trained_export):
+    out = trained_export['out']
+    readme = (out / 'README.md').read_text()
+    assert '<user>' not in readme and '<repo>' not in readme
+    assert '# Model card for halonet_h0-tiny' in readme and "timm.create_model('local-dir:halonet_h0-tiny'" in readme
+    assert "pipeline('image-classification', model='halonet_h0-tiny')" in readme
+    assert 'Image size: 64 x 64' in readme and 'Trained on tiny.' in readme
+    assert 'datasets:' not in readme and '**Training data:** tiny' in readme  # free text is not a dataset id
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert sorted(modes) == ['README.md', 'config.json', 'model.safetensors']
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors alone wrote 0600
+    assert 'hf upload <repo id>' in trained_export['stdout'] and 'your-name/halonet_h0-tiny' in trained_export['stdout']
+
+
+def test_model_card_links_only_hub_dataset_ids():
+    model = tiny()
+    for dataset, linked, stated in (('tiny', [], 'tiny'), ('me/tiny-set', ['me/tiny-set'], None),
+                                    (['ImageNet-1k', 'our photos'], ['imagenet-1k'], 'our photos'),
+                                    ('not an id/at all', [], 'not an id/at all')):
+        readme = timm.models._hub.generate_readme(model_card(model, repo_id=REPO, dataset=dataset), 'x')
+        meta = readme.split('---')[1]
+        assert re.findall(r'^- (.+)$', meta.split('datasets:')[1], re.M) == linked if linked else (
+            'datasets:' not in meta), (dataset, meta)
+        assert (f'**Training data:** {stated}' in readme) == bool(stated)
+    card = model_card(model)  # neither repo id nor folder: the folder it sits in, no placeholder
+    assert "create_model('local-dir:.'" in card['usage'] and '<' not in card['usage']
+
+
+def test_hub_export_flags_override_the_training_args_with_a_note(trained_export, tmp_path, capsys):
+    ckpt = trained_export['ckpt']
+    out = tmp_path / 'at96'
+    assert cli_main(['hub-export', '--model', 'halonet_h0', '--checkpoint', str(ckpt), '--output', str(out),
+                     '--img-size', '96']) == 0
+    captured = capsys.readouterr()
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 96, 96]
+    assert ('timm-halo hub-export: note: input size 96 (given) overrides 64 from the checkpoint\'s '
+            'args.input_size [3, 64, 64]') in captured.err
+    assert 'input size 64' not in captured.out and 'model arg depths' in captured.out
+
+    # --model left out: the checkpoint names it; a model arg that differs from its model_kwargs is noted
+    out = tmp_path / 'named'
+    assert cli_main(['hub-export', '--checkpoint', str(ckpt), '--output', str(out), '--model-args',
+                     'stem_chs=16']) == 0
+    captured = capsys.readouterr()
+    assert 'model halonet_h0 (args.model)' in captured.out and 'note:' not in captured.err  # the same value
+    assert json.loads((out / 'config.json').read_text())['architecture'] == 'halonet_h0'
+
+    other = train_checkpoint(tmp_path / 'other.pth.tar', trained_export['model'], model='halonet_h1',
+                             img_size=80, model_kwargs=dict(H0_TINY, stem_chs=8), gp='max')
+    with pytest.raises(PretrainedWeightsError, match='refusing a partial load'):  # stem_chs=8 does not fit it
+        export_for_hub(other, tmp_path / 'a', 'halonet_h0')
+    summary = export_for_hub(other, tmp_path / 'b', 'halonet_h0', model_args={'stem_chs': 16})
+    assert summary['input_size'] == (3, 80, 80) and 'input size 80 (args.img_size)' in summary['from_checkpoint']
+    assert "model arg global_pool='max' (args.gp)" in summary['from_checkpoint']  # train.py's --gp
+    assert json.loads((tmp_path / 'b' / 'config.json').read_text())['model_args']['global_pool'] == 'max'
+    assert summary['notes'] == [
+        "model halonet_h0 (given) differs from the checkpoint's args.model halonet_h1; exporting as halonet_h0",
+        "model arg stem_chs=16 (given) overrides stem_chs=8 from the checkpoint's args.model_kwargs"]
+
+
+def test_hub_export_of_a_bare_state_dict_keeps_the_model_defaults(tmp_path, capsys):
+    model = tiny(seed=13, num_classes=5)
+    torch.save(model.state_dict(), tmp_path / 'bare.pth')
+    out = tmp_path / 'bare'
+    assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(tmp_path / 'bare.pth'),
+                     '--output', str(out), '--model-args', *MODEL_ARGS]) == 0
+    captured = capsys.readouterr()
+    assert "training args" not in captured.out and captured.err == ''
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 256, 256]
+    # without --model, a bare state dict names no model: one line, exit 1
+    assert cli_main(['hub-export', '--checkpoint', str(tmp_path / 'bare.pth'), '--output', str(tmp_path / 'x')]) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and "No model name given, and the checkpoint's training args name none" in err
+
+
+@pytest.mark.parametrize('args, expected', [
+    (dict(model='resnet50'), "trained as 'resnet50' (its training args' model), which is not a timm-halo HaloNet"),
+    (dict(model='halonet_h0', input_size=[64, 64]), 'input_size=[64, 64], not [channels, height, width]'),
+    (dict(model='halonet_h0', model_kwargs=['depths']), "model_kwargs=['depths'], not a dict"),
+    (dict(model='halonet_h0', model_kwargs={'depthz': [1, 1, 1, 1]}),
+     "takes no model_args depthz (did you mean depths?)"),
+])
+def test_hub_export_refuses_training_args_it_cannot_use(tmp_path, args, expected):
+    ckpt = train_checkpoint(tmp_path / 'ckpt.pth.tar', tiny(), **args)
+    with pytest.raises(ValueError) as info:
+        export_for_hub(ckpt, tmp_path / 'out', None if 'model_kwargs' not in args else 'halonet_h0')
+    assert expected in str(info.value)
+    assert not (tmp_path / 'out').exists()
+
+
+def _transformers():
+    return pytest.importorskip('transformers', reason='transformers is in the test extra')
+
+
+def _timm_and_transformers_agree(folder: Path, x: torch.Tensor, labels: List[str]) -> None:
+    """AutoModelForImageClassification and AutoModel on ``folder`` against timm's local-dir: load of it."""
+    transformers = _transformers()
+    reference = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    classifier = transformers.AutoModelForImageClassification.from_pretrained(str(folder)).eval()
+    backbone = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    assert type(classifier.timm_model) is HaloNet
+    assert classifier.config.architecture == reference.pretrained_cfg['architecture']
+    with torch.no_grad():
+        features = reference.forward_features(x)
+        assert torch.equal(classifier(pixel_values=x).logits, reference(x))
+        out = backbone(pixel_values=x)
+        assert torch.equal(out.last_hidden_state, features)
+        assert torch.equal(out.pooler_output, reference.forward_head(features, pre_logits=True))
+    assert classifier.config.id2label == dict(enumerate(labels))
+    assert classifier.config.label2id == {name: i for i, name in enumerate(labels)}
+
+
+def test_transformers_loads_the_export_with_timms_logits_and_labels(trained_export, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(14))
+    _timm_and_transformers_agree(trained_export['out'], x, LABELS3)
+
+
+def test_transformers_pipeline_classifies_as_timm(trained_export):
+    """pipeline('image-classification') with its image processor (from config.json) vs timm's own data config,
+    transform and softmax, on a PIL image."""
+    transformers = _transformers()
+    from PIL import Image
+
+    folder = trained_export['out']
+    pixels = torch.randint(0, 256, (90, 75, 3), generator=torch.Generator().manual_seed(15), dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    reference = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=reference))
+    with torch.no_grad():
+        probs = reference(transform(image).unsqueeze(0)).softmax(-1)[0]
+    classify = transformers.pipeline('image-classification', model=str(folder))
+    assert classify.image_processor.data_config['input_size'] == (3, 64, 64)
+    result = classify(image)
+    assert [r['label'] for r in result] == [LABELS3[i] for i in probs.argsort(descending=True)]
+    for r in result:
+        assert r['score'] == pytest.approx(probs[LABELS3.index(r['label'])].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize('how', ['save_for_hf', 'push_to_hf_hub', 'timm save_for_hf + fix_hub_config'])
+def test_transformers_loads_what_users_save_and_push(published, tmp_path, monkeypatch, how):
+    """A user's own save / push of a HaloNet: through timm_halo.hub's save_for_hf / push_to_hf_hub (timm's, same
+    arguments), or timm's own save_for_hf folder fixed afterwards."""
+    model, folder = published['model'], tmp_path / 'saved'
+    if how == 'save_for_hf':
+        hub.save_for_hf(model, folder, model_config={'label_names': LABELS}, safe_serialization=True)
+        assert sorted(os.listdir(folder)) == ['config.json', 'model.safetensors']
+        assert len({stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}) == 1
+    elif how == 'push_to_hf_hub':
+        folder = published['pushed_ours']
+    else:
+        timm.models.save_for_hf(model, str(folder), model_config={'label_names': LABELS}, safe_serialization=True)
+        before = json.loads((folder / 'config.json').read_text())
+        assert hub.fix_hub_config(folder) is True and hub.fix_hub_config(folder) is False  # once
+        after = json.loads((folder / 'config.json').read_text())
+        assert before['model_args'].pop('num_classes') == 5 and after == before
+    assert 'num_classes' not in json.loads((folder / 'config.json').read_text())['model_args']
+    _timm_and_transformers_agree(folder, published['x'], LABELS)
+
+
+def test_save_for_hf_refuses_label_names_transformers_would_misread(tmp_path):
+    model = tiny(num_classes=5)
+    with pytest.raises(ValueError, match='4 label_names for a model with 5 classes'):
+        hub.save_for_hf(model, tmp_path / 'a', model_config={'label_names': LABELS[:4]})
+    with pytest.raises(ValueError, match='must be a list of class names, one per class'):
+        hub.save_for_hf(model, tmp_path / 'b', model_config={'label_names': {0: 'cat', 3: 'dog'}})
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+    with pytest.raises(PretrainedWeightsError, match="Could not read '.*config.json'"):
+        hub.fix_hub_config(tmp_path)
+
+
+def test_fix_hub_config_refuses_a_config_that_disagrees_with_itself(saved_folder):
+    edit_config(saved_folder, lambda c: c.update(num_classes=10))
+    with pytest.raises(PretrainedWeightsError, match='num_classes=10, pretrained_cfg.num_classes=5'):
+        hub.fix_hub_config(saved_folder)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Older torch: no get_unsafe_globals_in_checkpoint (torch < 2.6), and errors reported as torch gives them
+# ------------------------------------------------------------------------------------------------------------
+
+def test_checkpoints_load_without_torchs_globals_lister(tmp_path, monkeypatch):
+    monkeypatch.delattr(torch.serialization, 'get_unsafe_globals_in_checkpoint')
+    model = tiny(seed=16, num_classes=5)
+    torch.save(model.state_dict(), tmp_path / 'sd.pth')
+    train_checkpoint(tmp_path / 'train.pth.tar', model, model='halonet_h1')
+    x = torch.randn(1, 3, 32, 32)
+    for name in ('sd.pth', 'train.pth.tar'):
+        loaded = timm.create_model('halonet_h1', pretrained=True, num_classes=5, **TINY,
+                                   pretrained_cfg_overlay=dict(file=str(tmp_path / name), num_classes=5)).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x)), name
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': model.state_dict(), 'payload': _RunsCode(tmp_path / 'ran')}, evil)
+    with pytest.raises(PretrainedWeightsError) as info:
+        read_checkpoint(evil)
+    msg = str(info.value)
+    assert 'posix.mkdir' in msg and all(needle in msg for needle in REFUSAL)
+    assert 'refused: ' in msg and 'Please use' not in msg  # torch's reason, not its advice to allowlist
+    assert not (tmp_path / 'ran').exists()
+
+
+def test_unexpected_read_errors_keep_their_message(tmp_path, monkeypatch):
+    path = tmp_path / 'sd.pth'
+    torch.save(tiny().state_dict(), path)
+
+    def failing_lister(_):
+        raise RuntimeError('lister broke')
+
+    monkeypatch.setattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', failing_lister)
+    assert checkpoint_problem(str(path)) is None  # the listing only explains; the load decides
+
+    def failing_load(*args, **kwargs):
+        raise RuntimeError('NFS went away')
+
+    monkeypatch.setattr(torch, 'load', failing_load)
+    problem = checkpoint_problem(str(path))
+    assert 'RuntimeError: NFS went away' in problem and 'corrupt' not in problem

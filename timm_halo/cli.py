@@ -134,9 +134,9 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.model is None:
-        parser.error('the following arguments are required: --model')
-    problem = hub.export_args_problem(args.model, args.model_args, args.img_size, cli=True)
+    # --model may come from the checkpoint (a train.py checkpoint's args); export_for_hub checks it then
+    problem = (hub.export_args_problem(args.model, args.model_args, args.img_size, cli=True)
+               if args.model is not None else None)
     if problem or (args.num_classes or 0) < 0:
         parser.error(problem or f'--num-classes must be >= 0 (0 drops the classifier), got {args.num_classes}')
     problem = hub.output_problem(args.output, args.overwrite, '--overwrite')
@@ -148,13 +148,21 @@ def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         args.checkpoint, args.output, args.model, num_classes=args.num_classes, model_args=args.model_args,
         label_names=labels, dataset=args.dataset, repo_id=args.repo_id, overwrite=args.overwrite,
         img_size=args.img_size)
+    if summary['from_checkpoint']:
+        print("from the checkpoint's training args: " + '; '.join(summary['from_checkpoint']))
+    for note in summary['notes']:
+        print(f'timm-halo hub-export: note: {note}', file=sys.stderr)
     print(f"wrote {summary['output']}: {', '.join(summary['files'])}")
     print(f"  {summary['architecture']}: {summary['params'] / 1e6:.2f}M params, {summary['num_classes']} classes, "
           f"{summary['in_chans']} input channels, input size {summary['input_size']}")
     print(f"  reloaded through timm.create_model('local-dir:{summary['output']}', pretrained=True): "
           f"max |logit diff| {summary['reload_max_abs_diff']:g}")
-    repo = args.repo_id or '<user>/<repo>'
-    print(f"next: hf upload {repo} {summary['output']}   (then timm.create_model('hf-hub:{repo}', pretrained=True))")
+    if args.repo_id:
+        print(f"next: hf upload {args.repo_id} {summary['output']}   "
+              f"(then timm.create_model('hf-hub:{args.repo_id}', pretrained=True))")
+    else:
+        print(f"next: hf upload <repo id> {summary['output']}   (a Hub repo id such as "
+              f"your-name/{Path(summary['output']).resolve().name}; --repo-id puts it in the model card)")
     return 0
 
 
@@ -162,6 +170,8 @@ def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     info = hub.inspect_hub_model(args.source, load=not args.no_load)
     for message in info['warnings']:
         print(f'timm-halo hub-inspect: warning: {" ".join(message.split())}', file=sys.stderr)
+    for message in info['notes']:
+        print(f'timm-halo hub-inspect: note: {" ".join(message.split())}', file=sys.stderr)
     cfg = info['pretrained_cfg']
     print(f"source        {info['source']}\narchitecture  {info['architecture']}")
     if 'params' in info:
@@ -228,9 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command('hub-export', cmd_hub_export, 'write a Hub-ready folder (weights, config.json, model card) for a '
                 'checkpoint', "Load a checkpoint into a registered HaloNet (--model) through timm, then write "
-                "timm's save_for_hf folder plus a README model card, and check that it reloads with the same "
-                'logits. --img-size: the size the checkpoint was trained at, written to config.json (default: '
-                "the model's own).", 'model', 'img_size')
+                "timm's save_for_hf folder (loadable by timm and by transformers' AutoModel) plus a README model "
+                'card, and check that it reloads with the same logits. --img-size: the size the checkpoint was '
+                'trained at, written to config.json. A timm train.py checkpoint supplies --model, --img-size and '
+                '--model-args from its args (said when used; a flag given wins); otherwise the defaults are the '
+                "model's own.", 'model', 'img_size')
     p.add_argument('--checkpoint', required=True, help='.safetensors, or .pth/.pth.tar/.bin (weights only)')
     p.add_argument('--output', required=True, help='folder to write')
     p.add_argument('--num-classes', type=int, default=None,
@@ -238,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model-args', nargs='*', default={}, action=ModelKwargs,
                    help='constructor kwargs the checkpoint was trained with, e.g. depths="(1, 1, 1, 1)"')
     p.add_argument('--labels', default=None, help='text file with one class name per line')
-    p.add_argument('--dataset', default=None, help='training data, for the model card (e.g. ImageNet-1k)')
+    p.add_argument('--dataset', default=None, help='training data, for the model card (e.g. ImageNet-1k); a Hub '
+                   'dataset id (owner/name) also becomes its datasets: metadata')
     p.add_argument('--repo-id', default=None, help='Hub repo it is meant for, for the model card')
     p.add_argument('--overwrite', action='store_true', help='allow a non-empty output folder')
 

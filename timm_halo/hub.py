@@ -2,8 +2,10 @@
 
 Loading needs nothing from here (``timm.create_model('hf-hub:...' | 'local-dir:...', pretrained=True)``; clear
 errors come from ``timm_halo.models._pretrained``). Here: ``model_card`` for ``timm.models.push_to_hf_hub``,
-``export_for_hub`` (`timm-halo hub-export`) and ``inspect_hub_model`` (`timm-halo hub-inspect`).
+``save_for_hf`` / ``push_to_hf_hub`` (timm's, writing a config.json that transformers' ``AutoModel`` loads too; see
+``fix_hub_config``), ``export_for_hub`` (`timm-halo hub-export`) and ``inspect_hub_model`` (`timm-halo hub-inspect`).
 """
+import argparse
 import copy
 import inspect
 import json
@@ -11,20 +13,25 @@ import os
 import warnings
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from tempfile import TemporaryDirectory
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from zipfile import is_zipfile
 
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from timm.models import (
     get_arch_pretrained_cfgs,
     get_pretrained_cfg,
     load_model_config_from_hf,
     load_state_dict,
     parse_model_name,
-    save_for_hf,
     split_model_name_tag,
 )
+from timm.models import save_for_hf as timm_save_for_hf
 from timm.models._hub import generate_readme, load_model_config_from_path
 
 from timm_halo.bench import count_gmacs
@@ -36,11 +43,13 @@ from timm_halo.models._pretrained import (
     hub_download,
     hub_problem,
     num_classes_conflict,
+    torch_load_weights_only,
 )
 from timm_halo.models.halonet import FAMILY
 
-__all__ = ['PretrainedWeightsError', 'model_card', 'export_for_hub', 'inspect_hub_model', 'check_hub_config',
-           'read_checkpoint', 'describe_model']
+__all__ = ['PretrainedWeightsError', 'model_card', 'save_for_hf', 'push_to_hf_hub', 'fix_hub_config', 'export_for_hub',
+           'inspect_hub_model', 'check_hub_config', 'read_checkpoint', 'read_train_args', 'describe_model',
+           'is_hub_dataset_id']
 
 PAPER_URL = 'https://arxiv.org/abs/2103.12731'
 PAPER_TITLE = 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones'
@@ -53,6 +62,12 @@ PAPER_BIBTEX = """@inproceedings{vaswani2021halonet,
 }"""
 # Keys of config.json's model_args that timm's builder takes besides the model's constructor arguments
 _BUILD_ARGS = ('pretrained_strict', 'features_only', 'out_indices', 'feature_cls')
+# Dataset ids without an owner that timm's own model cards use (the Hub resolves them); any other `datasets:`
+# entry of a card must be a Hub dataset repo id, 'owner/name'
+_CANONICAL_DATASETS = ('imagenet-1k', 'imagenet-12k', 'imagenet-21k', 'imagenet-22k')
+# The files timm's save_for_hf and export_for_hub write
+_HUB_FOLDER_FILES = ('model.safetensors', 'pytorch_model.bin', 'config.json', 'README.md')
+Size = Union[int, Tuple[int, int]]  # a square side, or (height, width)
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
@@ -66,6 +81,42 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if problem:
         raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {problem}")
     return load_state_dict(str(path), weights_only=True)
+
+
+def read_train_args(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The ``args`` that timm's train.py stores in its checkpoints (an ``argparse.Namespace``; a dict is taken too),
+    as a dict; None for a safetensors file, a bare state dict, or a checkpoint without them. Read with
+    ``weights_only=True`` (the Namespace allowed, as timm does), the tensors memory-mapped, not read.
+
+    Raises:
+        PretrainedWeightsError: the file is missing, corrupt, or a pickle that needs more than tensors.
+    """
+    path = str(path)
+    if path.endswith('.safetensors'):
+        return None
+    problem = checkpoint_problem(path)
+    if problem:
+        raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {problem}")
+    checkpoint = torch_load_weights_only(path, mmap=is_zipfile(path))
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    return dict(args) if isinstance(args, dict) else None
+
+
+def is_hub_dataset_id(name: Any) -> bool:
+    """Whether ``name`` looks like a Hugging Face Hub dataset id, which a card's ``datasets:`` metadata links to:
+    ``owner/name`` (the Hub's own id rules), or one of the owner-less ImageNet ids timm's cards use. Free text such
+    as ``'tiny'`` or ``'our photos'`` is not one."""
+    if not isinstance(name, str):
+        return False
+    if name.lower() in _CANONICAL_DATASETS:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count('/') == 1
 
 
 def is_halonet(name: Any) -> bool:
@@ -87,15 +138,20 @@ def unknown_model_args(model_args: Dict[str, Any]) -> List[str]:
     return [f'{key} (did you mean {match[0]}?)' if match else str(key) for key, match in sorted(close.items())]
 
 
-def export_args_problem(model_name: str, model_args: Optional[Dict[str, Any]], img_size: Optional[int],
+def _size_ok(size: Any, lowest: int) -> bool:
+    sides = list(size) if isinstance(size, (tuple, list)) and len(size) == 2 else [size]
+    return all(_is_count(side) and side >= lowest for side in sides)
+
+
+def export_args_problem(model_name: str, model_args: Optional[Dict[str, Any]], img_size: Optional[Size],
                         cli: bool = False) -> Optional[str]:
     """Why ``export_for_hub`` cannot take these arguments (named as the command's options when ``cli``), else None."""
     if not is_halonet(model_name):
         return f'unknown model {model_name!r}; choose from {", ".join(FAMILY)}'
     lowest = (get_pretrained_cfg(model_name).min_input_size or (3, 32, 32))[-1]
-    if img_size is not None and (not _is_count(img_size) or img_size < lowest):
-        return (f"{'--img-size' if cli else 'img_size'} must be an integer >= {lowest} (the model's min_input_size), "
-                f'got {img_size!r}')
+    if img_size is not None and not _size_ok(img_size, lowest):
+        return (f"{'--img-size' if cli else 'img_size'} must be an integer >= {lowest} (the model's min_input_size)"
+                f'{"" if cli else ", or (height, width) of such"}, got {img_size!r}')
     unknown = unknown_model_args(model_args or {})
     if unknown:
         return (f"{model_name} takes no {'--model-args' if cli else 'model_args'} {', '.join(unknown)}; it takes "
@@ -176,12 +232,14 @@ def describe_model(model: nn.Module, gmacs: bool = True) -> Dict[str, Any]:
 
 def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optional[Union[str, Sequence[str]]] = None,
                description: Optional[str] = None, license: str = 'apache-2.0',
-               details: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+               details: Optional[Dict[str, Any]] = None, local_dir: Optional[str] = None) -> Dict[str, Any]:
     """A model card for ``timm.models.push_to_hf_hub(model, repo_id, model_card=model_card(model, repo_id))``:
-    what the model is (architecture and settings, paper, params, GMACs, input size, classes) and how to load it;
-    timm renders it as the repo's README.md. ``dataset`` also becomes the card's ``datasets`` metadata;
+    what the model is (architecture and settings, paper, params, GMACs, input size, classes) and how to load it
+    (timm, transformers); timm renders it as the repo's README.md. ``dataset`` (a name or several) is stated in
+    the card, and those that are Hub dataset ids (``is_hub_dataset_id``) become its ``datasets`` metadata;
     ``description`` replaces the factual first paragraph; ``details`` adds ``Model Details`` entries, e.g.
-    ``{'Top-1': '79.1 (ImageNet-1k val)'}``.
+    ``{'Top-1': '79.1 (ImageNet-1k val)'}``. The usage loads ``repo_id``; without one, the folder ``local_dir``
+    (default: the current folder).
     """
     facts = describe_model(model)
     arch, (c, h, w) = facts['architecture'], facts['input_size']
@@ -189,56 +247,272 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optiona
                 f"rv={facts['value_ratio']:g}, bottleneck ratio rb={facts['out_ratio']:g}, "
                 f"depths {'-'.join(map(str, facts['depths']))}, {facts['heads']} heads"
                 + (f", final 1x1 conv df={facts['final_conv']}" if facts['final_conv'] else ''))
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset or ())
     if description is None:
         head = f"{facts['num_classes']}-way classifier" if facts['num_classes'] else 'no classifier (feature backbone)'
         description = (
             f"A {f'HaloNet-H{arch[-1]}' if arch in FAMILY else arch} image classification model ({arch}, {head}): "
             'a ResNet-style backbone whose bottleneck blocks use blocked local self-attention with a halo (HaloNet, '
             'Vaswani et al., CVPR 2021), implemented by the timm-halo plugin for timm. '
-            + (f'Trained on {dataset if isinstance(dataset, str) else ", ".join(dataset)}.'
-               if dataset else 'Training data: not stated by the publisher.'))
+            + (f'Trained on {", ".join(datasets)}.' if datasets else 'Training data: not stated by the publisher.'))
     stats = {'Params (M)': f"{facts['params'] / 1e6:.2f}", 'GMACs': f"{facts['gmacs']:.2f}",
              'Image size': f'{h} x {w}' + (f' ({c} channels)' if c != 3 else ''), 'Classes': facts['num_classes']}
-    card_details: Dict[str, Any] = {'Model Type': 'Image classification / feature backbone',
-                                    'Architecture': f'{arch} ({settings})', 'Model Stats': stats,
-                                    'Papers': {PAPER_TITLE: PAPER_URL}, **({'Dataset': dataset} if dataset else {}),
-                                    **(details or {})}
-    name = f"hf-hub:{repo_id or '<user>/<repo>'}"
+    # timm's card writes details['Dataset'] into the `datasets:` metadata, which the Hub reads as dataset repo ids
+    hub_ids = [d for d in datasets if is_hub_dataset_id(d)]
+    free_text = [d for d in datasets if d not in hub_ids]
+    card_details: Dict[str, Any] = {
+        'Model Type': 'Image classification / feature backbone', 'Architecture': f'{arch} ({settings})',
+        'Model Stats': stats, 'Papers': {PAPER_TITLE: PAPER_URL},
+        **({'Dataset': hub_ids[0] if len(hub_ids) == 1 else hub_ids} if hub_ids else {}),
+        **({'Training data': ', '.join(free_text)} if free_text else {}), **(details or {})}
+    where = repo_id or local_dir or '.'
+    name = f'hf-hub:{repo_id}' if repo_id else f'local-dir:{where}'
+    folder_note = '' if repo_id else '  # the folder holding this card and its weights'
     usage = ('```python\n# pip install timm-halo\nimport timm\nimport timm_halo  # registers the HaloNet models with '
-             f"timm\nfrom PIL import Image\n\nmodel = timm.create_model('{name}', pretrained=True).eval()\n"
+             "timm\nfrom PIL import Image\n\n"
+             f"model = timm.create_model('{name}', pretrained=True).eval(){folder_note}\n"
              'config = timm.data.resolve_data_config({}, model=model)\n'
              'transform = timm.data.create_transform(**config)\n'
              "logits = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0))\n```\n"
              f"Fine-tune with a new head: `timm.create_model('{name}', pretrained=True, num_classes=10)`; "
-             f"as a feature pyramid: `timm.create_model('{name}', pretrained=True, features_only=True)`.")
+             f"as a feature pyramid: `timm.create_model('{name}', pretrained=True, features_only=True)`.\n\n"
+             'With transformers (its timm wrapper; the same logits and class names):\n'
+             '```python\n# pip install timm-halo transformers\nimport timm_halo  # registers the HaloNet models with '
+             'timm\nfrom PIL import Image\nfrom transformers import AutoModel, pipeline\n\n'
+             f"classify = pipeline('image-classification', model='{where}')\n"
+             "print(classify(Image.open('image.jpg')))\n"
+             f"backbone = AutoModel.from_pretrained('{where}')  # pooled features: .pooler_output\n```")
     return dict(description=description, details=card_details, usage=usage, citation=PAPER_BIBTEX,
-                tags=['image-classification', 'timm', 'timm-halo', 'halonet'], license=license)
+                tags=['image-classification', 'timm', 'timm-halo', 'halonet', 'transformers'], license=license)
 
 
-def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model_name: str,
+_default_card = model_card  # push_to_hf_hub's argument of that name hides it
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask), which config.json and README.md get;
+    safetensors writes its file 0600 whatever the umask."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _set_file_modes(folder: Union[str, Path]) -> None:
+    mode = _file_mode()
+    for name in _HUB_FOLDER_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            os.chmod(path, mode)
+
+
+def _check_label_names(model: nn.Module, model_config: Optional[Dict[str, Any]]) -> None:
+    """transformers reads ``label_names`` by position (``id2label = dict(enumerate(label_names))``): one name per
+    class, in order, or it mislabels them."""
+    names = (model_config or {}).get('label_names')
+    if names is None:
+        return
+    classes = getattr(model, 'num_classes', None)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f'label_names must be a list of class names, one per class in classifier order (transformers '
+                         f'reads them by position), got {type(names).__name__} {str(names)[:80]}')
+    if classes is not None and len(names) != classes:
+        raise ValueError(f'{len(names)} label_names for a model with {classes} classes; give one name per class')
+
+
+def fix_hub_config(folder: Union[str, Path]) -> bool:
+    """Make the config.json of a timm ``save_for_hf`` / ``push_to_hf_hub`` folder load in transformers as well.
+
+    timm records ``num_classes`` in ``model_args`` too; transformers' timm wrapper (``AutoModel``,
+    ``AutoModelForImageClassification``, ``pipeline``) passes its own ``num_classes`` next to ``model_args`` and
+    fails (``got multiple values for keyword argument 'num_classes'``). timm builds with the top-level
+    ``num_classes`` without it, so this removes ``model_args.num_classes`` and changes nothing else. Returns whether
+    the file changed (a folder already fixed is left alone).
+
+    Raises:
+        PretrainedWeightsError: no readable config.json, or one that disagrees with itself on the class count.
+    """
+    path = Path(folder) / 'config.json'
+    try:
+        config = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+        raise PretrainedWeightsError(f"Could not read '{path}': {e}") from e
+    model_args = config.get('model_args') if isinstance(config, dict) else None
+    if not isinstance(model_args, dict) or 'num_classes' not in model_args:
+        return False
+    conflict = num_classes_conflict(config, f"'{path}'")
+    if conflict:
+        raise PretrainedWeightsError(conflict)
+    config.setdefault('num_classes', model_args['num_classes'])  # timm's count of the weights stays in the file
+    del model_args['num_classes']
+    path.write_text(json.dumps(config, indent=2), encoding='utf-8')  # as timm writes it
+    return True
+
+
+def save_for_hf(model: nn.Module, save_directory: Union[str, Path], model_config: Optional[Dict[str, Any]] = None,
+                model_args: Optional[Dict[str, Any]] = None, safe_serialization: Union[bool, str] = False,
+                data_config: Optional[Dict[str, Any]] = None) -> None:
+    """timm's ``save_for_hf`` (same arguments, same files), whose folder also loads in transformers
+    (``fix_hub_config``), every file at the mode ``open()`` gives. ``model_config={'label_names': [...]}`` names
+    the classes, one per class in order (transformers' ``id2label``).
+
+    Raises:
+        ValueError: ``label_names`` that are not one name per class.
+    """
+    _check_label_names(model, model_config)
+    timm_save_for_hf(model, str(save_directory), model_config=model_config, model_args=model_args,
+                     safe_serialization=safe_serialization, data_config=data_config)
+    fix_hub_config(save_directory)
+    _set_file_modes(save_directory)
+
+
+def push_to_hf_hub(model: nn.Module, repo_id: str, commit_message: str = 'Add model', token: Optional[str] = None,
+                   revision: Optional[str] = None, private: bool = False, create_pr: bool = False,
+                   model_config: Optional[Dict[str, Any]] = None, model_card: Optional[Dict[str, Any]] = None,
+                   model_args: Optional[Dict[str, Any]] = None, task_name: str = 'image-classification',
+                   safe_serialization: Union[bool, str] = 'both', data_config: Optional[Dict[str, Any]] = None
+                   ) -> Any:
+    """timm's ``push_to_hf_hub`` (same arguments, same steps: create the repo, write the folder, add a README if
+    the repo has none, upload), writing through ``save_for_hf`` above so that the repo loads in transformers too.
+    For a HaloNet, ``model_card`` defaults to ``model_card(model, repo_id)``. Returns the upload's commit info."""
+    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # the owner filled in
+    has_readme = api.file_exists(repo_id=repo_id, filename='README.md', revision=revision)
+    with TemporaryDirectory() as folder:
+        save_for_hf(model, folder, model_config=model_config, model_args=model_args,
+                    safe_serialization=safe_serialization, data_config=data_config)
+        if not has_readme:
+            card = model_card if model_card is not None else (
+                _default_card(model, repo_id) if isinstance(model, HaloNet) else {})
+            readme = generate_readme(card, repo_id.split('/')[-1], task_name=task_name)
+            (Path(folder) / 'README.md').write_text(readme, encoding='utf-8')
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message)
+
+
+def _plain(value: Any) -> Any:
+    """For comparing kwargs: tuples as lists (train.py and the CLI parse "(1, 1)", config.json holds [1, 1])."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _trained_size(train_args: Dict[str, Any]) -> Tuple[Optional[Size], str]:
+    """The input size a train.py run used, as its data config resolves it (``input_size`` before ``img_size``)."""
+    input_size, img_size = train_args.get('input_size'), train_args.get('img_size')
+    if input_size is not None:
+        if not (isinstance(input_size, (list, tuple)) and len(input_size) == 3 and all(map(_is_count, input_size))):
+            raise ValueError(f"The checkpoint's training args hold input_size={input_size!r}, not [channels, height, "
+                             'width]; give the size it was trained at (--img-size / img_size)')
+        h, w = input_size[1:]
+        return (h if h == w else (h, w)), f'args.input_size {list(input_size)}'
+    if img_size is not None:
+        if not _size_ok(img_size, 1):
+            raise ValueError(f"The checkpoint's training args hold img_size={img_size!r}, not a size; give the size "
+                             'it was trained at (--img-size / img_size)')
+        return (tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size), 'args.img_size'
+    return None, ''
+
+
+def _size_text(size: Size) -> str:
+    return f'{size[0]} x {size[1]}' if isinstance(size, tuple) else str(size)
+
+
+def _apply_train_args(train_args: Dict[str, Any], model_name: Optional[str], model_args: Dict[str, Any],
+                      img_size: Optional[Size]) -> Tuple[str, Dict[str, Any], Optional[Size], List[str], List[str]]:
+    """Fill what was not given from a train.py checkpoint's ``args``: model name, input size, model kwargs
+    (``model_kwargs``, and ``gp`` as ``global_pool``). Given values win. Returns the settings, what was taken
+    (with the field it came from) and notes where a given value differs from the checkpoint's."""
+    took: List[str] = []
+    notes: List[str] = []
+    trained = train_args.get('model')
+    trained = trained if isinstance(trained, str) and trained else None
+    if model_name is None:
+        if trained is None:
+            raise ValueError("No model name given, and the checkpoint's training args name none (args.model); "
+                             'give it (--model / model_name)')
+        if not is_halonet(trained):
+            raise ValueError(f"The checkpoint was trained as {trained!r} (its training args' model), which is not a "
+                             f"timm-halo HaloNet ({', '.join(FAMILY)}); give --model / model_name if its weights "
+                             "are a HaloNet's")
+        model_name = trained
+        took.append(f'model {trained} (args.model)')
+    elif trained is not None and split_model_name_tag(trained)[0] != split_model_name_tag(model_name)[0]:
+        notes.append(f'model {model_name} (given) differs from the checkpoint\'s args.model {trained}; '
+                     f'exporting as {model_name}')
+
+    if img_size is None:
+        img_size, field = _trained_size(train_args)
+        if img_size is not None:
+            took.append(f'input size {_size_text(img_size)} ({field})')
+    else:
+        try:
+            trained_size, field = _trained_size(train_args)
+        except ValueError:  # a malformed value that the given one replaces anyway
+            trained_size, field = None, ''
+        given = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+        if trained_size is not None and _plain(given) != _plain(trained_size):
+            notes.append(f'input size {_size_text(given)} (given) overrides {_size_text(trained_size)} from the '
+                         f"checkpoint's {field}")
+
+    trained_kwargs = train_args.get('model_kwargs') or {}
+    if not isinstance(trained_kwargs, dict):
+        raise ValueError(f"The checkpoint's training args hold model_kwargs={trained_kwargs!r}, not a dict of "
+                         'keyword arguments; give them as --model-args / model_args')
+    sources = {k: 'args.model_kwargs' for k in trained_kwargs}
+    if isinstance(train_args.get('gp'), str) and train_args['gp'] and 'global_pool' not in trained_kwargs:
+        trained_kwargs = {**trained_kwargs, 'global_pool': train_args['gp']}  # train.py's --gp: its global_pool
+        sources['global_pool'] = 'args.gp'
+    taken = {k: v for k, v in trained_kwargs.items() if k not in model_args}
+    for key in sorted(set(trained_kwargs) & set(model_args)):
+        if _plain(trained_kwargs[key]) != _plain(model_args[key]):
+            notes.append(f'model arg {key}={model_args[key]!r} (given) overrides {key}={trained_kwargs[key]!r} from '
+                         f"the checkpoint's {sources[key]}")
+    took += [f'model arg {k}={v!r} ({sources[k]})' for k, v in taken.items()]
+    return model_name, {**taken, **model_args}, img_size, took, notes
+
+
+def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model_name: Optional[str] = None,
                    num_classes: Optional[int] = None, model_args: Optional[Dict[str, Any]] = None,
-                   label_names: Optional[Sequence[str]] = None, dataset: Optional[str] = None,
-                   repo_id: Optional[str] = None, overwrite: bool = False, img_size: Optional[int] = None
+                   label_names: Optional[Sequence[str]] = None, dataset: Optional[Union[str, Sequence[str]]] = None,
+                   repo_id: Optional[str] = None, overwrite: bool = False, img_size: Optional[Size] = None
                    ) -> Dict[str, Any]:
-    """Write a Hub-ready folder for a checkpoint: timm's save_for_hf layout plus a README model card.
+    """Write a Hub-ready folder for a checkpoint: timm's save_for_hf layout (config.json as ``save_for_hf`` here
+    writes it, so that transformers loads it too) plus a README model card.
 
     The checkpoint (.safetensors, or .pth/.pth.tar/.bin read with weights_only=True; timm training checkpoints and
     timm's ByobNet ``halonet_h1`` layout included) is loaded through ``timm.create_model(model_name,
     pretrained=True, pretrained_cfg_overlay=dict(file=...))``, its classes and input channels read from the
     weights (``num_classes=0`` publishes the backbone alone); ``model_args`` are the constructor kwargs it was
-    trained with, ``img_size`` the (square) size it was trained at, written to config.json's ``input_size`` (and
-    ``test_input_size`` / ``pool_size``). The folder is reloaded through ``local-dir:`` and checked to give the
-    same logits. Returns a summary: folder, files, architecture, params, classes, input, max |logit diff|.
+    trained with, ``img_size`` the size it was trained at (a side, or (height, width)), written to config.json's
+    ``input_size`` (and ``test_input_size`` / ``pool_size``). A timm train.py checkpoint's ``args`` supply what is
+    not given: ``model_name`` (args.model), ``img_size`` (args.input_size / img_size), ``model_args``
+    (args.model_kwargs, args.gp); a bare state dict has none, and then the defaults are the model's. The folder is
+    reloaded through ``local-dir:`` and checked to give the same logits. Returns a summary: folder, files,
+    architecture, params, classes, input, max |logit diff|, ``from_checkpoint`` (what the training args supplied,
+    and from which field) and ``notes`` (given values that differ from the checkpoint's).
     """
     output = Path(output)
-    problem = output_problem(output, overwrite, 'overwrite=True') or export_args_problem(model_name, model_args,
-                                                                                          img_size)
+    model_args = dict(model_args or {})
+    problem = output_problem(output, overwrite, 'overwrite=True') or (
+        export_args_problem(model_name, model_args, img_size) if model_name is not None else None)
     if problem:
         raise ValueError(problem)
     weights = read_checkpoint(checkpoint)
+    train_args = read_train_args(checkpoint) or {}
+    model_name, model_args, img_size, took, notes = _apply_train_args(train_args, model_name, model_args, img_size)
+    problem = export_args_problem(model_name, model_args, img_size)
+    if problem:
+        raise ValueError(problem + ('' if not took else "; taken from the checkpoint's training args: "
+                                    + '; '.join(took)))
     head = weights.get('head.fc.weight')
     ckpt_classes = head.shape[0] if head is not None else 0
     stem = weights.get('stem.0.conv.weight', weights.get('stem.conv1.conv.weight'))  # ours / timm's ByobNet
+    trained_classes = train_args.get('num_classes')
+    if _is_count(trained_classes) and trained_classes != ckpt_classes:
+        notes.append(f"the checkpoint's args.num_classes is {trained_classes} but its classifier has {ckpt_classes} "
+                     'outputs; the classifier is what is exported')
+    elif _is_count(trained_classes) and num_classes is None:
+        took.append(f'{trained_classes} classes (args.num_classes, as its classifier has)')
     if num_classes is None:
         num_classes = ckpt_classes
     elif num_classes not in (0, ckpt_classes):
@@ -248,7 +522,6 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
     if label_names is not None and len(label_names) != num_classes:
         raise ValueError(f'{len(label_names)} label names for {num_classes} classes')
 
-    model_args = dict(model_args or {})
     if stem is not None:
         model_args.setdefault('in_chans', stem.shape[1])
     overlay = dict(file=str(checkpoint), num_classes=ckpt_classes,
@@ -259,10 +532,12 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
     model_config: Dict[str, Any] = {'pretrained_cfg': {'tag': None}}  # the exported weights are not 'untrained'
     if label_names:
         model_config['label_names'] = list(label_names)
-    save_for_hf(model, str(output), model_config=model_config, safe_serialization=True)
-    readme = generate_readme(model_card(model, repo_id=repo_id, dataset=dataset),
-                             (repo_id or model_name).split('/')[-1])
+    save_for_hf(model, output, model_config=model_config, safe_serialization=True)
+    folder_name = output.resolve().name
+    readme = generate_readme(model_card(model, repo_id=repo_id, dataset=dataset, local_dir=folder_name),
+                             (repo_id or folder_name).split('/')[-1])
     (output / 'README.md').write_text(readme, encoding='utf-8')
+    _set_file_modes(output)
 
     # The folder must reload through timm's own local-dir: path and compute the same function.
     reloaded = timm.create_model(f'local-dir:{output}', pretrained=True).eval()
@@ -274,19 +549,21 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
     return dict(output=str(output), files=sorted(p.name for p in output.iterdir()),
                 architecture=model.pretrained_cfg['architecture'], params=sum(p.numel() for p in model.parameters()),
                 num_classes=model.num_classes, in_chans=model.in_chans,
-                input_size=tuple(model.pretrained_cfg['input_size']), reload_max_abs_diff=diff)
+                input_size=tuple(model.pretrained_cfg['input_size']), reload_max_abs_diff=diff,
+                from_checkpoint=took, notes=notes)
 
 
-def _input_size_overlay(default_cfg: Any, in_chans: int, img_size: Optional[int]) -> Dict[str, Any]:
+def _input_size_overlay(default_cfg: Any, in_chans: int, img_size: Optional[Size]) -> Dict[str, Any]:
     """pretrained_cfg entries for the exported input: channels, and the trained size when given."""
     if img_size is None:
         return dict(input_size=(in_chans, *default_cfg.input_size[1:]))
-    overlay: Dict[str, Any] = dict(input_size=(in_chans, img_size, img_size))
+    h, w = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+    overlay: Dict[str, Any] = dict(input_size=(in_chans, h, w))
     if default_cfg.test_input_size:
-        overlay['test_input_size'] = (in_chans, img_size, img_size)
+        overlay['test_input_size'] = (in_chans, h, w)
     for key in ('pool_size', 'test_pool_size'):  # the final map at that size (stride-2 stages round up: /32)
         if getattr(default_cfg, key):
-            overlay[key] = (-(-img_size // 32), -(-img_size // 32))
+            overlay[key] = (-(-h // 32), -(-w // 32))
     return overlay
 
 
@@ -295,7 +572,8 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
 
     config.json is checked first (``check_hub_config``), then parsed by timm; with ``load`` the model is built with
     ``timm.create_model(<source>, pretrained=True)`` (a strict load; a Hub repo's weights are downloaded unless
-    HF_HUB_OFFLINE is set). ``warnings`` lists what looked wrong without stopping the inspection. Raises
+    HF_HUB_OFFLINE is set). ``warnings`` lists what looked wrong without stopping the inspection, ``notes`` what
+    keeps transformers from loading it. Raises
     ``PretrainedWeightsError`` when the config or weights cannot be found, read or used.
     """
     if os.path.isdir(source):
@@ -331,7 +609,11 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
         source=f'{kind}:{ident}', architecture=arch, num_classes=cfg.get('num_classes'),
         label_names=len(cfg.get('label_names') or ()), model_args=model_args,
         pretrained_cfg={k: v for k, v in cfg.items() if k not in ('file', 'source', 'hf_hub_id')},
-        warnings=[conflict for conflict in [num_classes_conflict(raw, where)] if conflict])
+        warnings=[conflict for conflict in [num_classes_conflict(raw, where)] if conflict],
+        notes=[] if 'num_classes' not in raw.get('model_args', {}) else [
+            "transformers (AutoModel, pipeline) cannot load it: its model_args hold num_classes, which "
+            "transformers' timm wrapper passes a second time; timm_halo.hub.fix_hub_config(folder) removes it "
+            '(timm.create_model is unaffected), and timm_halo.hub.save_for_hf / push_to_hf_hub write it without'])
     if load:
         try:
             with warnings.catch_warnings(record=True) as caught:

@@ -6,25 +6,27 @@ first finds the weights where timm will look (downloading a Hub file into the ca
 the file cheaply (safetensors header, the pickle's globals), raising ``PretrainedWeightsError`` that names the
 architecture, the source and the reason. It also warns where timm would silently re-initialise a classifier.
 """
+import argparse
 import json
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
-from zipfile import is_zipfile
+from typing import Any, Callable, Dict, List, Optional, Tuple
+from zipfile import BadZipFile, is_zipfile
 
 import huggingface_hub
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from timm.models import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
 __all__ = ['PretrainedWeightsError', 'build_pretrained', 'checkpoint_problem', 'hub_download', 'hub_problem',
-           'num_classes_conflict', 'warn_if_classifier_dropped']
+           'num_classes_conflict', 'torch_load_weights_only', 'warn_if_classifier_dropped']
 
 LOCAL_HINT = (
     "To load weights you have locally: timm.create_model('{arch}', pretrained=True, "
@@ -49,10 +51,46 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def torch_load_weights_only(path: str, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, allowing the ``argparse.Namespace`` that timm's train.py
+    stores as ``args`` (as timm's own reader does). ``mmap`` (zip checkpoints only) maps the tensors instead of
+    reading them, for a cheap look at the rest."""
+    kwargs: Dict[str, Any] = dict(map_location='cpu', weights_only=True, **({'mmap': True} if mmap else {}))
+    if hasattr(torch.serialization, 'safe_globals'):  # the context manager: torch >= 2.5
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, **kwargs)
+    return torch.load(path, **kwargs)
+
+
+def _unsafe_globals(path: str) -> Optional[List[str]]:
+    """The globals of a zip checkpoint that weights_only refuses (timm's allowed Namespace aside), or None where
+    torch cannot list them: get_unsafe_globals_in_checkpoint is torch >= 2.6, and a damaged file makes it fail
+    (the load that follows then reports torch's own error)."""
+    lister = getattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', None)
+    if lister is None:
+        return None
+    try:
+        return [g for g in lister(path) if g != 'argparse.Namespace']
+    except Exception:
+        return None
+
+
+def _refused(names: List[str], how: str, kind: str = 'a pickle checkpoint') -> str:
+    return (f'it is {kind} that references Python objects other than tensors ({", ".join(names)}), and timm-halo '
+            f'only loads weights with torch.load(weights_only=True), which {how} (unpickling can run arbitrary '
+            'code). ' + CONVERT_HINT)
+
+
+# torch's refusal names the global: 'Unsupported global: GLOBAL posix.mkdir was not an allowed global ...',
+# 'Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked', older: 'Unsupported class x.y'
+_REFUSAL = re.compile(r'(?:GLOBAL|Unsupported class) ([\w.]+)')
+
+
 def checkpoint_problem(path: str) -> Optional[str]:
     """Why timm's reader (safetensors, or torch.load with weights_only=True) would fail on ``path``, else None.
 
-    Cheap: a safetensors header, the pickle data of a zip checkpoint (torch lists the globals it references).
+    Cheap where it can be: a safetensors header, the pickle data of a zip checkpoint (torch >= 2.6 lists the
+    globals it references); otherwise the weights_only load itself, whose error is reported as torch gives it.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -60,29 +98,50 @@ def checkpoint_problem(path: str) -> Optional[str]:
                 if os.path.isdir(path) else 'no such file')
     try:
         if path.endswith('.safetensors'):
-            with safe_open(path, 'pt'):
-                return None
-        if is_zipfile(path):
-            names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                     if g != 'argparse.Namespace']  # timm allows the args of its train.py checkpoints
-            if not names:
-                return None
-            return ('it is a pickle checkpoint that references Python objects other than tensors '
-                    f"({', '.join(names)}), and timm-halo only loads weights with torch.load(weights_only=True), "
-                    'which refuses to create them (unpickling can run arbitrary code). ' + CONVERT_HINT)
-        torch.load(path, map_location='cpu', weights_only=True)  # neither: an old-format pickle, or garbage
+            try:
+                with safe_open(path, 'pt'):
+                    return None
+            except SafetensorError as e:  # a bad header (an OSError is reported below, as it is)
+                return f'it is not a valid safetensors file (truncated or corrupt?): {e}'
+        zipped = is_zipfile(path)
+        names = _unsafe_globals(path) if zipped else None
+        if names is not None:
+            return _refused(names, 'refuses to create them') if names else None
+        torch_load_weights_only(path, mmap=zipped)  # torch < 2.6, an old-format pickle, or garbage: try it
         return None
-    except Exception as e:
-        if path.endswith('.safetensors'):
-            return f'it is not a valid safetensors file (truncated or corrupt?): {e}'
+    except OSError as e:
+        return f'it could not be read: {type(e).__name__}: {e}'
+    except pickle.UnpicklingError as e:
+        refused = list(dict.fromkeys(_REFUSAL.findall(str(e))))
         with open(path, 'rb') as f:
             legacy = torch.serialization.MAGIC_NUMBER.to_bytes(10, 'little') in f.read(16)
-        if legacy and isinstance(e, pickle.UnpicklingError):  # torch cannot list this format's globals
+        kind = 'an old-format (torch < 1.6) pickle checkpoint' if legacy else 'a pickle checkpoint'
+        if refused:
+            return _refused(refused, f'refused: {_first_line(e)}', kind)
+        if legacy:  # torch cannot list this format's globals, and did not name one
             return ('torch.load(weights_only=True) refused this old-format (torch < 1.6) pickle checkpoint: it '
                     'most likely references Python objects other than tensors, which timm-halo does not load '
                     '(unpickling can run arbitrary code), or it is damaged. ' + CONVERT_HINT)
-        return ('it could not be read as a checkpoint (truncated or corrupt?): it is neither a safetensors file '
-                f'nor a readable torch.save checkpoint ({type(e).__name__}: {e})')
+        return _unreadable(e, corrupt=True)
+    except (EOFError, BadZipFile) as e:
+        return _unreadable(e, corrupt=True)
+    except RuntimeError as e:  # torch's zip reader on a damaged archive; anything else is reported as it is
+        return _unreadable(e, corrupt='zip archive' in str(e) or 'PytorchStreamReader' in str(e))
+    except Exception as e:
+        return _unreadable(e, corrupt=False)
+
+
+def _first_line(e: Exception) -> str:
+    """torch's long multi-line messages: the line that names the cause."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    line = next((line for line in lines if _REFUSAL.search(line)), lines[0] if lines else type(e).__name__)
+    return line.split(' Please use')[0]  # not torch's advice to allowlist the global
+
+
+def _unreadable(e: Exception, corrupt: bool) -> str:
+    what = ('it could not be read as a checkpoint (truncated or corrupt?): it is neither a safetensors file nor a '
+            'readable torch.save checkpoint' if corrupt else 'torch.load(weights_only=True) failed on it')
+    return f'{what} ({type(e).__name__}: {" ".join(str(e).split())})'
 
 
 def hub_problem(exc: Exception) -> str:
