@@ -2,11 +2,10 @@
 
 The layer-level paths (every case of test_halo_attention.py, test_numerics.py) run it as ``'fused'`` too; here are
 the kernel's own edges: key rows of every width, query and channel counts that are not multiples of its register
-blocks, masked keys, NaN rows, threads, dtypes, the custom op's registration, and what happens without a C
-compiler.
+blocks, masked keys, NaN rows, threads, dtypes, the custom op's registration. Its build, cache and threads under
+adversity: test_kernel_safety.py.
 """
 import os
-import platform
 import subprocess
 import sys
 
@@ -199,42 +198,6 @@ def test_layer_auto_runs_the_fused_kernel_on_cpu():
         assert layer(x).dtype == torch.bfloat16
 
 
-@pytest.fixture
-def fresh_build(tmp_path, monkeypatch):
-    """The kernel as on a first use in this process: no library loaded yet, an empty cache in tmp_path."""
-    monkeypatch.setattr(fused_cpu, '_libs', None)
-    monkeypatch.setattr(fused_cpu, '_error', None)
-    monkeypatch.setenv(fused_cpu.CACHE_ENV, str(tmp_path / 'cache'))
-    monkeypatch.delenv('TIMM_HALO_ATTN_IMPL', raising=False)
-    return tmp_path / 'cache'
-
-
-def test_without_a_compiler_auto_runs_tiled_and_fused_is_a_clear_error(fresh_build, tmp_path, monkeypatch):
-    monkeypatch.setenv('CC', str(tmp_path / 'no-such-compiler'))
-    layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8)
-    x = torch.randn(4, 16, 64, 64)  # more logits than one tile: 'auto' would run 'broadcast' below that
-    assert not fused_cpu.available()
-    assert layer._call_plan(x)[0] == 'tiled'
-    out = layer(x)
-    layer.attn_impl = 'broadcast'
-    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
-    layer.attn_impl = 'fused'
-    with pytest.raises(RuntimeError) as error:
-        layer(x)
-    message = str(error.value)
-    assert message.startswith("HaloAttention: attn_impl='fused' builds a C kernel on first use, and that ")
-    assert 'no-such-compiler' in message and "use attn_impl='auto'" in message
-
-
-def test_built_library_is_cached_and_reused(fresh_build):
-    assert fused_cpu.available()
-    built = {p.name: p.stat().st_mtime_ns for p in fresh_build.iterdir()}
-    assert len(built) == 2 and all(name.endswith('.so') for name in built)  # float and double, no leftovers
-    fused_cpu._libs = None  # a later process: finds both in the cache
-    assert fused_cpu.available()
-    assert {p.name: p.stat().st_mtime_ns for p in fresh_build.iterdir()} == built
-
-
 @AUTO_RUNS_IT
 def test_auto_runs_the_fused_kernel_at_every_head_width():
     """Built for AVX2 or AVX-512, the fused kernel is faster than the others at every HaloNet shape (narrow heads,
@@ -249,26 +212,6 @@ def test_auto_runs_the_fused_kernel_at_every_head_width():
     assert wide_values._call_plan(x)[0] == 'fused'
     timm_layer = accelerate(HaloAttn(64, 64, num_heads=2, dim_head=32, block_size=4, halo_size=1))
     assert timm_layer._call_plan(x)[0] == 'fused'
-
-
-def test_narrow_vector_build_runs_when_asked_and_auto_leaves_it(fresh_build, tmp_path, monkeypatch):
-    """Built without -march=native (x86-64's baseline: SSE2, 16-byte vectors) the kernel is slower than the tiled
-    kernel, whose GEMMs ATen dispatches at run time: 'auto' runs 'tiled', an explicit 'fused' still runs, exactly."""
-    if platform.machine() not in ('x86_64', 'AMD64'):
-        pytest.skip('the baseline build is an x86-64 case')
-    wrapper = tmp_path / 'cc-baseline'
-    wrapper.write_text('#!/bin/sh\nfor a; do shift; [ "$a" = "-march=native" ] || set -- "$@" "$a"; done\n'
-                       f'exec {os.environ.get("CC") or "cc"} "$@"\n')
-    wrapper.chmod(0o755)
-    monkeypatch.setenv('CC', str(wrapper))
-    assert fused_cpu.available() and not fused_cpu.preferred()
-    assert fused_cpu._load()[torch.float32].halo_vector_bytes() == 16
-    layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8).double()
-    x = torch.randn(4, 16, 64, 64, dtype=torch.float64)
-    assert layer._call_plan(x)[0] == 'tiled'
-    out = layer(x)
-    layer.attn_impl = 'fused'
-    torch.testing.assert_close(layer(x), out)
 
 
 def test_first_use_under_torch_compile(tmp_path):

@@ -20,7 +20,8 @@
  * the same logits, P recomputed from the forward's per-query max and 1 / sum of exp (stats: flash-attention style),
  * dP = dO^T v, dS = P (dP - rowsum(dO O)), dq = scale dS k^T, dk = scale q dS, dv = dO P. Every product is one
  * register-blocked kernel (gemm), with keys / values also copied key-major where keys are the contracted axis.
- * Functions return 0, 1 when out of memory, 2 when a table row lies outside its table (a caller's bug).
+ * Functions return 0, 1 when out of memory, 2 when a table row lies outside its table, 3 for operands that do
+ * not fit together (2 and 3: a caller's bug).
  */
 #include <float.h>
 #include <math.h>
@@ -56,8 +57,24 @@ typedef int32_t I;
 #define VL ((int)(VBYTES / sizeof(T)))
 #define QB 16 /* queries per block: a block's logits and their gradient stay in L1 / L2 while a window is used */
 typedef T vec __attribute__((vector_size(VBYTES)));
-enum { G_D, G_DV, G_Q, G_KH, G_KW, G_RH, G_RW, G_NH, G_NW, G_BQ, G_MODE, G_COUNT };  /* the caller's geometry */
-enum { PRODUCTS = 0, TABLES = 1 };  /* G_MODE: what rel_h / rel_w point to (see the top comment) */
+enum { PRODUCTS = 0, TABLES = 1 };  /* HaloArgs.mode: what rel_h / rel_w point to (see the top comment) */
+
+/* One call's operands, named (mirrored field by field by fused_cpu.py's HaloArgs; halo_args_bytes lets the caller
+ * check the layout). Backward reads out and stats and writes the grad_* fields; forward writes out and stats. */
+typedef struct {
+    int32_t d, dv, Q, kh, kw;       /* channels of q / k and of v, queries and key rows / columns per window */
+    int32_t rows_h, rows_w;         /* rows of the two relative sources (tables, or per-window products) */
+    int32_t nh, nw, bq, mode;       /* blocks per axis, queries per block side, PRODUCTS or TABLES */
+    int64_t calls_stride;           /* TABLES backward: windows per call; call start / calls_stride picks the
+                                     * call's own (rows, d) slice of grad_rel_h / grad_rel_w */
+    T scale;
+    const T *q, *k, *v, *rel_h, *rel_w;
+    const int32_t *base_h, *base_w;
+    const T *mask_h, *mask_w;
+    T *out, *stats;
+    const T *grad_out;
+    T *grad_q, *grad_k, *grad_v, *grad_rel_h, *grad_rel_w;
+} HaloArgs;
 typedef I ivec __attribute__((vector_size(VBYTES)));
 
 static inline vec splat(T x) { return x - (vec){0}; }  /* x - 0 == x for every x, -0 included: no add */
@@ -132,11 +149,11 @@ static vec *take(vec **cursor, size_t vectors) {
     return block;
 }
 
-static int scratch_init(Scratch *s, const int32_t *g, int backward) {
-    const int d = g[G_D], dv = g[G_DV], Q = g[G_Q], kh = g[G_KH], kw = g[G_KW];
+static int scratch_init(Scratch *s, const HaloArgs *a, int backward) {
+    const int d = a->d, dv = a->dv, Q = a->Q, kh = a->kh, kw = a->kw;
     s->d = d; s->dv = dv; s->Q = Q; s->kh = kh; s->kw = kw;
-    s->rows_h = g[G_RH]; s->rows_w = g[G_RW]; s->nh = g[G_NH]; s->nw = g[G_NW]; s->bq = g[G_BQ];
-    s->mode = g[G_MODE];
+    s->rows_h = a->rows_h; s->rows_w = a->rows_w; s->nh = a->nh; s->nw = a->nw; s->bq = a->bq;
+    s->mode = a->mode;
     s->nv = (kh * kw + VL - 1) / VL;
     s->rwv = (kw + VL - 1) / VL;
     s->dvec = (d + VL - 1) / VL;
@@ -207,6 +224,9 @@ static void unpad_rows(const Scratch *s, int channels, const vec *src, T *dst) {
 
 /* The vector width this library was built for (fused_cpu.py: 'auto' prefers the kernel from 32 bytes). */
 int halo_vector_bytes(void) { return VBYTES; }
+
+/* sizeof(HaloArgs): differs between the float and double builds, and from any other layout. */
+int64_t halo_args_bytes(void) { return (int64_t)sizeof(HaloArgs); }
 
 /* dst[j * ldd + r] = src[r * lds + j] for r < rows, j < cols. */
 static void transpose(int rows, int cols, const T *src, int64_t lds, T *dst, int64_t ldd) {
@@ -398,11 +418,13 @@ static void softmax_row(vec *row, int nv, T *max_out, T *inv_sum_out) {
     *inv_sum_out = (T)1 / hsum(sv);
 }
 
-int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T *q, const T *k, const T *v,
-             const T *rel_h, const T *rel_w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
-             const T *mask_w, T *out, T *stats) {
+int halo_fwd(const HaloArgs *a, int64_t start, int64_t stop) {
+    const T scale = a->scale, *q = a->q, *k = a->k, *v = a->v, *rel_h = a->rel_h, *rel_w = a->rel_w;
+    const T *mask_h = a->mask_h, *mask_w = a->mask_w;
+    const int32_t *base_h = a->base_h, *base_w = a->base_w;
+    T *out = a->out, *stats = a->stats;
     Scratch s;
-    if (!scratch_init(&s, geom, 0)) return 1;
+    if (!scratch_init(&s, a, 0)) return 1;
     const int dv = s.dv, Q = s.Q, nv = s.nv, width = s.dvvec, keys = s.nv * VL;
     const int64_t K = (int64_t)s.kh * s.kw;
     for (int64_t w = start; w < stop; ++w) {
@@ -430,14 +452,22 @@ int halo_fwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T 
     return 0;
 }
 
-/* grad_rel_h / grad_rel_w: PRODUCTS: (n, rows, Q) like rel_h / rel_w; TABLES: (rows, d) accumulators of this
- * call alone (the caller gives each concurrent call its own and sums them). */
-int halo_bwd(int64_t start, int64_t stop, const int32_t *geom, T scale, const T *q, const T *k, const T *v,
-             const T *rel_h, const T *rel_w, const int32_t *base_h, const int32_t *base_w, const T *mask_h,
-             const T *mask_w, const T *out, const T *stats, const T *grad_out, T *grad_q, T *grad_k, T *grad_v,
-             T *grad_rel_h, T *grad_rel_w) {
+/* grad_rel_h / grad_rel_w: PRODUCTS: (n, rows, Q) like rel_h / rel_w; TABLES: (calls, rows, d), one accumulator
+ * per call (concurrent calls never share one; the caller sums them). */
+int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
+    const T scale = a->scale, *q = a->q, *k = a->k, *v = a->v, *rel_h = a->rel_h, *rel_w = a->rel_w;
+    const T *mask_h = a->mask_h, *mask_w = a->mask_w, *out = a->out, *stats = a->stats, *grad_out = a->grad_out;
+    const int32_t *base_h = a->base_h, *base_w = a->base_w;
+    T *grad_q = a->grad_q, *grad_k = a->grad_k, *grad_v = a->grad_v;
+    T *grad_rel_h = a->grad_rel_h, *grad_rel_w = a->grad_rel_w;
+    if (a->mode == TABLES) {
+        if (a->calls_stride < 1) return 3;
+        const int64_t call = start / a->calls_stride;
+        grad_rel_h += call * a->rows_h * a->d;
+        grad_rel_w += call * a->rows_w * a->d;
+    }
     Scratch s;
-    if (!scratch_init(&s, geom, 1)) return 1;
+    if (!scratch_init(&s, a, 1)) return 1;
     const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw, keys = s.nv * VL, width = s.dvec;
     const int64_t K = (int64_t)kh * kw;
     const int nv = s.nv, rwv = s.rwv, stride = s.pstride;

@@ -6,24 +6,36 @@ normalised and consumed in a per-thread buffer by small register-blocked matrix 
 (flash-attention style: the forward keeps each query's max logit and 1 / sum of exp, the backward recomputes the
 same probabilities from them); no logits reach a tensor.
 
-The C file is compiled on first use with the system C compiler (``cc``, or ``$CC``) for this machine
-(``-march=native``) into a cache (``$TIMM_HALO_CACHE``, else ``~/.cache/timm_halo``) keyed by the source, compiler
-and CPU, and loaded with ctypes (about a second, once per machine). Where no compiler works, ``available()`` is
-False: ``'auto'`` then runs the tiled kernel, and an explicit ``attn_impl='fused'`` is an error naming the
-compiler's message. Ranges of windows run on the tile pool's worker threads (ctypes releases the GIL), so the kernel
-keeps tiled.py's behaviour on a busy machine. The kernel computes in fp32 or fp64; bf16/fp16 (autocast) inputs are
-widened to fp32.
+Building and loading (once per machine, about a second; ``_load``):
+- The C file is compiled with the system C compiler (``cc``, or ``$CC``) for the instruction set PyTorch detected
+  (``torch.backends.cpu.get_cpu_capability()``: AVX-512 or AVX2 on x86-64; a portable baseline elsewhere), so the
+  library's name says what it targets and a cache shared between machines is safe. ``'auto'`` uses the kernel
+  only where it pays off (``preferred``: 32-byte vectors or wider); other CPUs never pay for a compile.
+- The cache is ``$TIMM_HALO_CACHE``, else ``~/.cache/timm_halo``: a folder of this user's, mode 0700. A library is
+  loaded only if its SHA-256 matches the digest written beside it when it was built; anything else (a half-written,
+  damaged or foreign file) is rebuilt. A cache folder that another user could write is not used: the build goes
+  to a private temporary folder instead. A failed build is remembered per (source, compiler, flags), so later
+  processes do not pay for it again; a changed compiler or source retries.
+- Any failure on the way makes ``'auto'`` fall back to the tiled kernel, with one WARNING on the ``timm_halo``
+  logger per process, and an explicit ``attn_impl='fused'`` an error naming the reason.
+
+Ranges of windows run on the tile pool's worker threads (ctypes releases the GIL), so the kernel keeps tiled.py's
+behaviour on a busy machine. The kernel computes in fp32 or fp64; bf16/fp16 (autocast) inputs are widened to fp32.
 """
+import atexit
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shlex
+import shutil
+import stat
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -37,76 +49,172 @@ __all__ = ['attend_fused', 'attend_fused_tables', 'available', 'expand_tables', 
 CACHE_ENV = 'TIMM_HALO_CACHE'
 DTYPES = {torch.float32: 'float', torch.float64: 'double'}  # the C kernel's scalar type
 _SOURCE = Path(__file__).with_name('fused_cpu.c')
-_FLAGS = ['-O3', '-march=native', '-fno-math-errno', '-fPIC', '-shared']
+_FLAGS = ['-O3', '-fno-math-errno', '-fPIC', '-shared']
+# x86-64 instruction sets worth the kernel (PyTorch's name -> the build's flags): AVX-512 as PyTorch requires it
+# (F, BW, DQ, VL); measured 1.1-1.9x the tiled kernel there, and slower than it with 16-byte vectors.
+_WIDE_ISAS = {
+    'AVX512': ['-mavx512f', '-mavx512bw', '-mavx512dq', '-mavx512vl', '-mavx2', '-mfma'],
+    'AVX2': ['-mavx2', '-mfma'],
+}
+_X86_64 = ('x86_64', 'amd64', 'x64')
+AUTO_MIN_VECTOR_BYTES = 32
 
+_logger = logging.getLogger(__name__)
 _lock = threading.Lock()
-_libs: Optional[Dict[torch.dtype, ctypes.CDLL]] = None
+
+
+class _Kernel(NamedTuple):
+    fwd: ctypes._CFuncPtr
+    bwd: ctypes._CFuncPtr
+    args_type: type  # HaloArgs for this scalar type
+    vector_bytes: int
+
+
+_libs: Optional[Dict[torch.dtype, _Kernel]] = None
 _error: Optional[str] = None
 
+_INT_FIELDS = ('d', 'dv', 'Q', 'kh', 'kw', 'rows_h', 'rows_w', 'nh', 'nw', 'bq', 'mode')
+_POINTER_FIELDS = ('q', 'k', 'v', 'rel_h', 'rel_w', 'base_h', 'base_w', 'mask_h', 'mask_w', 'out', 'stats',
+                   'grad_out', 'grad_q', 'grad_k', 'grad_v', 'grad_rel_h', 'grad_rel_w')
 
-def _cpu_signature() -> str:
-    """The CPU model and feature flags: a library built with -march=native must not run on another CPU (a cache
-    shared between machines, e.g. a network home directory)."""
-    try:
-        lines = Path('/proc/cpuinfo').read_text().splitlines()
-        return '\n'.join(sorted({ln for ln in lines if ln.startswith(('model name', 'flags', 'Features'))}))
-    except OSError:
-        return platform.processor() or platform.machine()
+
+def _args_type(real) -> type:
+    """The ctypes mirror of ``HaloArgs`` in fused_cpu.c, for scalar type ``real``."""
+    return type('HaloArgs', (ctypes.Structure,), {'_fields_': [
+        *[(name, ctypes.c_int32) for name in _INT_FIELDS], ('calls_stride', ctypes.c_int64), ('scale', real),
+        *[(name, ctypes.c_void_p) for name in _POINTER_FIELDS]]})
+
+
+def target() -> Tuple[str, List[str]]:
+    """The instruction set the kernel is built for on this CPU and its compiler flags: PyTorch's own detection
+    (which ``ATEN_CPU_CAPABILITY`` can lower) on x86-64, else ``'baseline'`` (the compiler's default target)."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if platform.machine().lower() in _X86_64 and capability in _WIDE_ISAS:
+        return capability.lower(), _WIDE_ISAS[capability]
+    return 'baseline', []
+
+
+def _insecure(path: Path) -> Optional[str]:
+    """Why another user could replace what ``path`` holds, or None."""
+    if os.name == 'nt':  # POSIX modes do not describe Windows ACLs
+        return None
+    info = path.stat()
+    if hasattr(os, 'getuid') and info.st_uid != os.getuid():
+        return f'{path} belongs to another user (uid {info.st_uid})'
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f'{path} can be written by other users (mode {stat.filemode(info.st_mode)})'
+    return None
 
 
 def _cache_dir() -> Path:
+    """The cache folder, absolute, private to this user; else a private temporary folder for this process."""
     root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'timm_halo')
-    return Path(root)
+    root = Path(os.path.abspath(os.path.expanduser(root)))  # ctypes searches the library path for relative names
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        problem = _insecure(root)
+    except OSError as e:
+        problem = f'{root} cannot be used ({e})'
+    if problem is None:
+        return root
+    private = Path(tempfile.mkdtemp(prefix='timm_halo_'))  # mode 0700
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    _logger.warning('timm_halo: the fused CPU kernel is not cached: %s; it is built in %s for this process. '
+                    'Point %s to a folder of your own (mode 0700) to cache it.', problem, private, CACHE_ENV)
+    return private
 
 
-def _build_one(compiler, version: str, scalar: str) -> ctypes.CDLL:
-    flags = [*_FLAGS, *(['-DHALO_DOUBLE'] if scalar == 'double' else [])]
-    key = hashlib.sha256(b'\0'.join([_SOURCE.read_bytes(), ' '.join(compiler + flags).encode(), version.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f'fused_cpu_{scalar}_{key}.so'
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build under a temporary name, then rename: concurrent first uses (DDP ranks) never load a partial file.
-        fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([*compiler, *flags, str(_SOURCE), '-o', tmp, '-lm'],
-                                  capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                raise RuntimeError(f'{" ".join(compiler)} failed: {done.stderr.strip()[-2000:]}')
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    lib = ctypes.CDLL(str(target))
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _matches(library: Path, digest: Path) -> bool:
+    """True when ``library`` is exactly what a build here wrote (its digest file agrees) and is this user's."""
+    try:
+        return _insecure(library) is None and digest.read_text().strip() == _digest(library)
+    except OSError:
+        return False
+
+
+def _compile(compiler: List[str], flags: List[str], library: Path, digest: Path, failed: Path) -> None:
+    """Build into temporary names, then rename: concurrent first uses (DDP ranks) never see a partial file."""
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=library.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*compiler, *flags, str(_SOURCE), '-o', tmp, '-lm'], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            message = f'{" ".join(compiler)} failed: {done.stderr.strip()[-2000:]}'
+            failed.write_text(message)  # later processes skip this build (a changed compiler or source retries)
+            raise RuntimeError(message)
+        digest_tmp = f'{tmp}.sha256'
+        Path(digest_tmp).write_text(_digest(Path(tmp)))
+        os.replace(tmp, library)
+        os.replace(digest_tmp, digest)
+    finally:
+        for leftover in (tmp, f'{tmp}.sha256'):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _build_one(compiler: List[str], version: str, isa: str, isa_flags: List[str], scalar: str,
+               cache: Path) -> _Kernel:
+    flags = [*_FLAGS, *isa_flags, *(['-DHALO_DOUBLE'] if scalar == 'double' else [])]
+    key = hashlib.sha256(b'\0'.join([_SOURCE.read_bytes(), ' '.join(compiler + flags).encode(),
+                                     version.encode()])).hexdigest()[:16]
+    stem = cache / f'fused_cpu_{scalar}_{isa}_{key}'
+    library, digest, failed = (Path(f'{stem}{suffix}') for suffix in ('.so', '.so.sha256', '.failed'))
+    if failed.exists():
+        raise RuntimeError(f'{failed.read_text().strip()[:2000]} (remembered from an earlier build; delete {failed} '
+                           'to try again)')
+    if not _matches(library, digest):
+        _compile(compiler, flags, library, digest, failed)
+        if not _matches(library, digest):
+            raise RuntimeError(f'{library} changed while it was being loaded')
+    lib = ctypes.CDLL(str(library))
     real = {'float': ctypes.c_float, 'double': ctypes.c_double}[scalar]
-    head = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, real]  # window range, geometry, scale
-    lib.halo_fwd.argtypes = head + [ctypes.c_void_p] * 11
-    lib.halo_bwd.argtypes = head + [ctypes.c_void_p] * 17
-    lib.halo_fwd.restype = lib.halo_bwd.restype = lib.halo_vector_bytes.restype = ctypes.c_int
-    return lib
+    args_type = _args_type(real)
+    lib.halo_args_bytes.restype = ctypes.c_int64
+    if lib.halo_args_bytes() != ctypes.sizeof(args_type):
+        raise RuntimeError(f'{library} does not match fused_cpu.py (its HaloArgs has another layout)')
+    for fn in (lib.halo_fwd, lib.halo_bwd):
+        fn.argtypes = [ctypes.POINTER(args_type), ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+    lib.halo_vector_bytes.restype = ctypes.c_int
+    return _Kernel(lib.halo_fwd, lib.halo_bwd, args_type, lib.halo_vector_bytes())
 
 
-def _build() -> Dict[torch.dtype, ctypes.CDLL]:
+def _build() -> Dict[torch.dtype, _Kernel]:
     compiler = shlex.split(os.environ.get('CC') or 'cc')
-    version = subprocess.run([*compiler, '--version'], capture_output=True, text=True, timeout=60).stdout
-    return {dtype: _build_one(compiler, version, scalar) for dtype, scalar in DTYPES.items()}
+    if not compiler:
+        raise RuntimeError('$CC names no compiler')
+    version = subprocess.run([*compiler, '--version'], capture_output=True, text=True, timeout=60)
+    if version.returncode != 0:
+        raise RuntimeError(f'{" ".join(compiler)} --version failed: {version.stderr.strip()[-500:]}')
+    isa, isa_flags = target()
+    cache = _cache_dir()
+    return {dtype: _build_one(compiler, version.stdout, isa, isa_flags, scalar, cache)
+            for dtype, scalar in DTYPES.items()}
 
 
-def _load() -> Optional[Dict[torch.dtype, ctypes.CDLL]]:
+def _load() -> Optional[Dict[torch.dtype, _Kernel]]:
     global _libs, _error
     if _libs is None and _error is None:
         with _lock:
             if _libs is None and _error is None:
                 try:
                     _libs = _build()
-                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                except Exception as e:  # noqa: BLE001 - any failure on the way (a bad $CC, a crashed compiler, an
+                    # unwritable cache, a bad library) turns the kernel off with its reason
                     _error = f'{type(e).__name__}: {e}'
+                    _logger.warning("timm_halo: the fused CPU kernel is off (%s); HaloAttention's 'auto' runs the "
+                                    "'tiled' kernel instead. Set %s=tiled to skip the fused kernel and this warning.",
+                                    _error, 'TIMM_HALO_ATTN_IMPL')
     return _libs
 
 
-# torch.compile calls this at trace time and keeps the answer (a constant of the graph): dynamo must not trace the
+# torch.compile calls these at trace time and keeps the answer (a constant of the graph): dynamo must not trace the
 # lock and the compiler run of a first use.
 @torch.compiler.assume_constant_result
 def available() -> bool:
@@ -114,16 +222,11 @@ def available() -> bool:
     return _load() is not None
 
 
-# Measured (benchmarks/RESULTS.md): with AVX2 or AVX-512 the kernel beats the tiled kernel at HaloNet's stages 1-3;
-# built for 16-byte vectors (SSE-only x86, or NEON, not measured) it is up to 1.5x slower than the tiled kernel,
-# whose GEMMs ATen dispatches at run time.
-AUTO_MIN_VECTOR_BYTES = 32
-
-
 @torch.compiler.assume_constant_result
 def preferred() -> bool:
-    """True when 'auto' should run this kernel on CPU: it is available and built for wide enough vectors."""
-    return available() and _load()[torch.float32].halo_vector_bytes() >= AUTO_MIN_VECTOR_BYTES
+    """True when 'auto' should run this kernel on CPU: this CPU has 32-byte vectors or wider (decided before any
+    compile) and the kernel is available."""
+    return target()[0] != 'baseline' and available() and _load()[torch.float32].vector_bytes >= AUTO_MIN_VECTOR_BYTES
 
 
 def unavailable_reason() -> str:
@@ -131,7 +234,7 @@ def unavailable_reason() -> str:
     return _error or ''
 
 
-def _library(dtype: torch.dtype) -> ctypes.CDLL:
+def _library(dtype: torch.dtype) -> _Kernel:
     libs = _load()
     if libs is None:
         raise RuntimeError(f"HaloAttention: attn_impl='fused' needs a C compiler to build its CPU kernel, and the "
@@ -150,7 +253,8 @@ def _check(*tensors: torch.Tensor) -> torch.dtype:
 
 
 _ERRORS = {1: (MemoryError, 'the fused CPU kernel could not allocate its scratch buffers'),
-           2: (IndexError, 'a relative-table row outside the table (fused CPU kernel); please report')}
+           2: (IndexError, 'a relative-table row outside the table (fused CPU kernel); please report'),
+           3: (ValueError, 'fused CPU kernel operands that do not fit together; please report')}
 
 
 def _tables_mode(rel_h: torch.Tensor) -> bool:
@@ -176,24 +280,24 @@ def _check_shapes(q, k, v, tables, *outputs) -> None:
         raise TypeError(f'HaloAttention: fused-kernel table rows must be int32, got {base_h.dtype} / {base_w.dtype}')
 
 
-def _run(fn, tensors, q: torch.Tensor, v: torch.Tensor, tables, scale: float, per_call=()) -> None:
-    """``fn`` (the C kernel) over all windows, in ranges spread over the tile pool's threads: a few ranges per
-    thread, so a thread slowed by another process hands its share to the others. ``per_call``: indices into
-    ``tensors`` of outputs shaped (calls, ...) of which each call gets its own slice."""
-    rel_h, rel_w, base_h, base_w, mask_h, mask_w = tables
+def _run(kernel: _Kernel, backward: bool, scale: float, **tensors: torch.Tensor) -> None:
+    """The C kernel over all windows, in ranges spread over the tile pool's threads: a few ranges per thread, so a
+    thread slowed by another process hands its share to the others. ``tensors``: the kernel's operands by name (the
+    fields of HaloArgs); they, and so the memory the kernel reads, live until every range has ended (``run_tiles``
+    waits for them, also on an error or a KeyboardInterrupt)."""
+    q, v, rel_h, rel_w = tensors['q'], tensors['v'], tensors['rel_h'], tensors['rel_w']
+    base_h, base_w, mask_h, mask_w = tensors['base_h'], tensors['base_w'], tensors['mask_h'], tensors['mask_w']
     n, d, num_q = q.shape
-    geometry = torch.tensor([d, v.shape[1], num_q, mask_h.shape[1], mask_w.shape[1], rel_h.shape[-2],
-                             rel_w.shape[-2], base_h.shape[0], base_w.shape[0], base_h.shape[1],
-                             int(_tables_mode(rel_h))], dtype=torch.int32)
-    ptrs = [t.data_ptr() for t in (geometry, *tensors)]
     chunk = _chunk(n)
+    args = kernel.args_type(
+        d=d, dv=v.shape[1], Q=num_q, kh=mask_h.shape[1], kw=mask_w.shape[1], rows_h=rel_h.shape[-2],
+        rows_w=rel_w.shape[-2], nh=base_h.shape[0], nw=base_w.shape[0], bq=base_h.shape[1],
+        mode=int(_tables_mode(rel_h)), calls_stride=chunk, scale=scale,
+        **{name: t.data_ptr() for name, t in tensors.items()})
+    fn, pointer = (kernel.bwd if backward else kernel.fwd), ctypes.byref(args)
 
     def run(start: int, stop: int) -> None:
-        args = list(ptrs)
-        for index in per_call:
-            t = tensors[index]
-            args[index + 1] = t[start // chunk].data_ptr()
-        status = fn(start, stop, args[0], scale, *args[1:])
+        status = fn(pointer, start, stop)
         if status:
             kind, message = _ERRORS[status]
             raise kind(f'HaloAttention: {message}')
@@ -205,30 +309,35 @@ def _chunk(n: int) -> int:
     return max(1, -(-n // (8 * torch.get_num_threads())))
 
 
+_TABLE_NAMES = ('rel_h', 'rel_w', 'base_h', 'base_w', 'mask_h', 'mask_w')
+
+
 def _forward(q, k, v, tables, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    lib = _library(_check(q, k, v, *tables[:2], *tables[4:]))
+    kernel = _library(_check(q, k, v, *tables[:2], *tables[4:]))
     _check_shapes(q, k, v, tables)
     q, k, v, *tables = (t.contiguous() for t in (q, k, v, *tables))
     n, _, num_q = q.shape
     out, stats = q.new_empty(n, v.shape[1], num_q), q.new_empty(n, num_q, 2)  # per query: max logit, 1 / sum of exp
-    _run(lib.halo_fwd, (q, k, v, *tables, out, stats), q, v, tables, scale)
+    _run(kernel, False, scale, q=q, k=k, v=v, **dict(zip(_TABLE_NAMES, tables)), out=out, stats=stats)
     return out, stats
 
 
 def _backward(grad_out, q, k, v, tables, out, stats, scale: float):
-    lib = _library(_check(grad_out, q, k, v, *tables[:2], *tables[4:], out, stats))
+    kernel = _library(_check(grad_out, q, k, v, *tables[:2], *tables[4:], out, stats))
     _check_shapes(q, k, v, tables, out, stats, grad_out)
     q, k, v, *tables = (t.contiguous() for t in (q, k, v, *tables))
     out, stats, grad_out = out.contiguous(), stats.contiguous(), grad_out.contiguous()
     grads = [t.new_empty(t.shape) for t in (q, k, v)]  # contiguous (the kernel's layout)
-    if _tables_mode(tables[0]):  # one table gradient per call of the kernel, summed here
+    tables_mode = _tables_mode(tables[0])
+    if tables_mode:  # one table gradient per range of windows (concurrent ranges never share one), summed here
         calls = -(-q.shape[0] // _chunk(q.shape[0]))
         rel_grads = [t.new_zeros(calls, *t.shape) for t in tables[:2]]
-        per_call = (15, 16)  # their indices in the kernel's tensors below
     else:
-        rel_grads, per_call = [t.new_empty(t.shape) for t in tables[:2]], ()
-    _run(lib.halo_bwd, (q, k, v, *tables, out, stats, grad_out, *grads, *rel_grads), q, v, tables, scale, per_call)
-    if per_call:
+        rel_grads = [t.new_empty(t.shape) for t in tables[:2]]
+    _run(kernel, True, scale, q=q, k=k, v=v, **dict(zip(_TABLE_NAMES, tables)), out=out, stats=stats,
+         grad_out=grad_out, grad_q=grads[0], grad_k=grads[1], grad_v=grads[2], grad_rel_h=rel_grads[0],
+         grad_rel_w=rel_grads[1])
+    if tables_mode:
         rel_grads = [g.sum(0) for g in rel_grads]
     return (*grads, *rel_grads)
 

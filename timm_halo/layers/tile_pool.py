@@ -2,75 +2,158 @@
 
 Why: a tile loop whose every small op is an intra-op parallel region (an OpenMP team with a barrier) collapses when
 a core is shared with another process (DataLoader workers, a second job, a CPU quota): each barrier waits for the
-descheduled thread's next time slice, thousands of times per step. Here each tile is one task for one worker that
-runs its ops single-threaded, tasks are handed out from a queue (a slowed worker simply takes fewer), and the only
-barrier is the end of the call.
+descheduled thread's next time slice, thousands of times per step. Here a call hands its tiles out through a shared
+counter to as many runners as the caller's ``torch.get_num_threads()`` (a slowed runner simply takes fewer), each
+runner runs its ops single-threaded, and the only barrier is the end of the call.
 
-The workers take as many threads as the caller's ``torch.get_num_threads()``. Each worker sets its own intra-op
-thread count to 1, which is thread-local for OpenMP and MKL; the caller's count is then written back, so the
-process-wide default seen by later threads stays the user's. Grad mode and autocast are thread-local too: the tasks
-run under ``no_grad`` on plain tensors, with explicit dtypes. After ``fork`` (DataLoader workers) the child starts a
-pool of its own.
+Safety, since the tiles read and write raw memory owned by the caller's frame (the C kernel):
+- ``run_tiles`` never returns or raises while a tile it handed out can still run. On an error in a tile, or a
+  KeyboardInterrupt while the caller waits, no further tile starts; the call waits for the running ones, then
+  re-raises.
+- Workers are shared by concurrent callers with different thread counts; the pool only grows, so no caller's
+  workers go away under it. Workers are daemon threads waiting on a queue: nothing for the interpreter to join at
+  exit, and no start-up barrier that a signal could leave half-passed.
+- After ``fork`` (DataLoader workers) the child has none of the parent's threads: a pool belongs to the process id
+  that made it (no ``os.register_at_fork``, which Windows lacks).
+
+Each worker sets its own intra-op thread count to 1, which is thread-local for OpenMP and MKL; the caller's count is
+then written back, so the process-wide default seen by later threads stays the user's. Grad mode is thread-local:
+the tiles run under ``no_grad`` on plain tensors.
 """
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 __all__ = ['run_tiles']
 
-_lock = threading.Lock()
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_threads = 0
+
+class _Pool:
+    """Daemon worker threads of one process, fed by one queue of jobs."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers: List[threading.Thread] = []
+
+    def _work(self, ready: threading.Event) -> None:
+        torch.set_num_threads(1)
+        ready.set()
+        while True:
+            self.jobs.get()()  # jobs catch their own errors (_Call.runner)
+
+    def ensure(self, count: int) -> None:
+        """At least ``count`` workers, each single-threaded before it takes a job."""
+        with self.lock:
+            if len(self.workers) >= count:
+                return
+            caller_threads = torch.get_num_threads()
+            started = []
+            while len(self.workers) < count:
+                ready = threading.Event()
+                worker = threading.Thread(target=self._work, args=(ready,), daemon=True,
+                                          name=f'timm_halo_tiles_{len(self.workers)}')
+                worker.start()
+                self.workers.append(worker)
+                started.append(ready)
+            interrupted = _wait_all(started)  # workers start in microseconds; a Ctrl-C waits for them
+            torch.set_num_threads(caller_threads)  # the caller's count stays the process-wide default
+            if interrupted is not None:
+                raise interrupted
 
 
-def _single_threaded_worker(ready: threading.Barrier) -> None:
-    torch.set_num_threads(1)
-    ready.wait()
+def _wait_all(events: List[threading.Event],
+              on_interrupt: Callable[[], None] = lambda: None) -> Optional[BaseException]:
+    """Wait until every event is set, even through KeyboardInterrupt (``on_interrupt`` is called then); returns
+    the first interruption, for the caller to re-raise once it is safe."""
+    interrupted = None
+    for event in events:
+        while True:
+            try:
+                event.wait()
+                break
+            except BaseException as e:  # noqa: B036 - re-raised by the caller
+                on_interrupt()
+                interrupted = interrupted or e
+    return interrupted
 
 
-def _get_pool(threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_threads
-    with _lock:
-        if _pool is None or _pool_threads != threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            ready = threading.Barrier(threads + 1)
-            _pool = ThreadPoolExecutor(threads, thread_name_prefix='timm_halo_tiles',
-                                       initializer=_single_threaded_worker, initargs=(ready,))
-            for _ in range(threads):  # start every worker now, so that all have set their thread count
-                _pool.submit(int)
-            ready.wait()
-            torch.set_num_threads(threads)  # write the caller's count back as the process-wide default
-            _pool_threads = threads
+_pool = _Pool()
+_pool_lock = threading.Lock()
+
+
+def _current_pool() -> _Pool:
+    global _pool
+    with _pool_lock:
+        if _pool.pid != os.getpid():  # a forked child: the parent's workers do not exist here
+            _pool = _Pool()
         return _pool
 
 
-def _forget_pool_in_child() -> None:
-    global _pool, _pool_threads
-    _pool, _pool_threads = None, 0
+class _Call:
+    """One ``run_tiles`` call: its tiles, the runners taking them, the first error."""
 
+    def __init__(self, fn: Callable[[int, int], None], n: int, tile: int, runners: int) -> None:
+        self.fn, self.n, self.tile = fn, n, tile
+        self.lock = threading.Lock()
+        self.next = 0
+        self.stopped = False
+        self.error: Optional[BaseException] = None
+        self.running = runners
+        self.finished = threading.Event()
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+    def _take(self) -> int:
+        with self.lock:
+            if self.stopped or self.next >= self.n:
+                return -1
+            start, self.next = self.next, self.next + self.tile
+            return start
 
+    def stop(self, error: Optional[BaseException] = None) -> None:
+        with self.lock:
+            self.stopped = True
+            if error is not None and self.error is None:
+                self.error = error
 
-def _no_grad_task(fn: Callable[[int, int], None], start: int, stop: int) -> None:
-    with torch.no_grad():
-        fn(start, stop)
+    def runner(self) -> None:
+        try:
+            with torch.no_grad():
+                while (start := self._take()) >= 0:
+                    self.fn(start, min(start + self.tile, self.n))
+        except BaseException as e:  # noqa: B036 - handed to the caller, which re-raises it
+            self.stop(e)
+        finally:
+            with self.lock:
+                self.running -= 1
+                if self.running == 0:
+                    self.finished.set()
+
+    def wait(self) -> None:
+        """Until no runner can touch the call's buffers; then the first error (a tile's or the caller's own
+        KeyboardInterrupt) is raised."""
+        interrupted = _wait_all([self.finished], self.stop)  # Ctrl-C: no new tiles, the running ones end
+        if interrupted is not None:
+            raise interrupted
+        if self.error is not None:
+            raise self.error
 
 
 def run_tiles(fn: Callable[[int, int], None], n: int, tile: int) -> None:
     """Call ``fn(start, stop)`` for consecutive tiles of ``range(n)``: inline when the caller runs one intra-op
     thread (or there is one tile), else on the worker threads. ``fn`` must write disjoint outputs per tile."""
     threads = torch.get_num_threads()
-    starts = range(0, n, tile)
-    if threads <= 1 or len(starts) <= 1:
-        for start in starts:
+    tiles = -(-n // tile)
+    if threads <= 1 or tiles <= 1:
+        for start in range(0, n, tile):
             fn(start, min(start + tile, n))
         return
-    pool = _get_pool(threads)
-    futures = [pool.submit(_no_grad_task, fn, start, min(start + tile, n)) for start in starts]
-    for future in futures:
-        future.result()  # re-raises a task's exception here
+    runners = min(threads, tiles)
+    pool = _current_pool()
+    pool.ensure(runners)
+    call = _Call(fn, n, tile, runners)
+    for _ in range(runners):
+        pool.jobs.put(call.runner)
+    call.wait()
