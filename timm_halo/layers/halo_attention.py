@@ -100,6 +100,35 @@ def _plain_autograd_required() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
+def _export_flag() -> bool:
+    """torch.export's own flag (torch 2.7+; it also covers the ONNX exporter, which runs torch.export)."""
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+# Under dynamo, torch 2.7-2.11 fold torch.compiler.is_exporting() to True (torch.compile included); called through
+# assume_constant_result, the real flag is read once at trace time instead and kept as the graph's constant.
+_export_flag_at_trace_time = torch.compiler.assume_constant_result(_export_flag)
+
+
+@torch.jit.unused
+def _exporting(x: torch.Tensor) -> bool:
+    """True while torch.export (strict or not), the ONNX exporter or make_fx trace the layer: they get the plain-op
+    path with size-independent windows, which one graph can serve at every input size; torch.compile keeps the fast
+    kernels. Torch 2.6 has no export flag: its non-strict export (the ONNX exporter's first choice) is told by the
+    fake tensors it runs this code on; its strict export captures the custom ops instead (correct, size-specific)."""
+    if torch.compiler.is_dynamo_compiling():  # torch.compile, or a strict torch.export
+        return _export_flag_at_trace_time()
+    return _export_flag() or _is_fake(x)
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    """True for the fake tensors of a tracer (non-strict torch.export, make_fx)."""
+    from torch._guards import detect_fake_mode  # the detection torch's own tracers use (torch 2.1+)
+
+    return detect_fake_mode([x]) is not None
+
+
 def _resolve_impl_name(attn_impl: Optional[str]) -> str:
     name = attn_impl if attn_impl is not None else (os.environ.get(ATTN_IMPL_ENV, '').strip() or 'auto')
     if name not in _IMPL_NAMES:
@@ -228,16 +257,16 @@ class HaloAttention(nn.Module):
 
     # ---- which kernel runs --------------------------------------------------------------------------------------
 
-    def _use_custom_kernels(self) -> bool:
+    def _use_custom_kernels(self, x: torch.Tensor) -> bool:
         """Eager mode and torch.compile: size-dependent window plans (cropped windows) are allowed. TorchScript,
         tracing and export keep plain windows, so one graph serves every input size."""
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return False
-        return self._not_exporting()
+        return self._not_exporting(x)
 
     @torch.jit.unused
-    def _not_exporting(self) -> bool:
-        return not torch.compiler.is_exporting()
+    def _not_exporting(self, x: torch.Tensor) -> bool:
+        return not _exporting(x)
 
     @torch.jit.unused
     def _select_impl(self, x: torch.Tensor, custom_ok: bool, plain_autograd: bool) -> str:
@@ -405,7 +434,7 @@ class HaloAttention(nn.Module):
     def _call_plan(self, x: torch.Tensor) -> Tuple[str, bool, bool]:
         """For this call: the kernel, whether windows are cut by the ``gather_windows`` op, and whether
         size-dependent window plans (cropped windows) are allowed (eager and torch.compile)."""
-        crop = self._use_custom_kernels()
+        crop = self._use_custom_kernels(x)
         if torch.jit.is_scripting():
             return 'broadcast', False, crop
         else:
