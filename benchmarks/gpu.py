@@ -1,40 +1,47 @@
-"""The GPU check: HaloAttention's fused CUDA path against timm, layer and whole model, in one run.
+"""The GPU check's benchmark sections: HaloAttention's CUDA path against timm, layer and whole model.
 
-    python -m benchmarks.gpu [--device cuda|cpu] [--quick] [--out DIR] [--budget SECONDS] [--no-compile]
+    python -m benchmarks.gpu [--section NAME[,NAME...]] [--device cuda|cpu] [--quick] [--out DIR] [--budget SECONDS]
+    python -m benchmarks.gpu --summary [--out DIR]
 
-Sections, each written to ``gpu.md`` / ``gpu.json`` in the output folder as soon as it is done (``$OUT`` if set,
-else ``benchmarks/out/gpu``), so a run cut short keeps what it measured:
+``benchmarks/gpu_check.sh`` runs each section in its own process under its own time limit; without ``--section``
+all run here, one after another. Each section rewrites ``<section>.md`` / ``<section>.json`` in the output folder
+(``$OUT`` if set, else ``benchmarks/out/gpu``) at every row, so a run cut short keeps what it measured, and any
+exception ends the section with its error recorded there (status ``failed``). ``--summary`` gathers the sections'
+files into ``gpu.md`` / ``gpu.json`` with the issue's targets.
 
-1. SDPA calls: the q'/k'/v' that ``attn_impl='sdpa'`` hands to ``F.scaled_dot_product_attention`` at each of
-   HaloNet-H1's stage shapes (batch 64), the backend SDPA picks by default, and which CUDA backends accept it.
-2. Layer: ours ('sdpa' with values padded for flash, 'sdpa narrow-v' with values at their own width, 'broadcast')
-   vs timm's ``HaloAttn`` at the four stage shapes (batch 64, block 8, halo 3, 8 heads of C/8), fp32 and bf16
-   autocast: forward (no grad), forward+backward (input gradient too), peak memory of one forward+backward above
-   what was allocated before it (``torch.cuda.max_memory_allocated``).
-3. Models: ours halonet_h1 vs timm's own halonet_h1 (``timm.models.byoanet.halonet_h1``; the name in timm's
-   registry is ours once timm_halo is imported) vs resnet50, all at 256 px, bf16 autocast, channels-last, batch
-   128: inference and train step (forward + cross-entropy + backward, no optimizer step), eager and
-   ``torch.compile``. GMACs per image are counted once per model with ``FlopCounterMode`` on a meta-device copy
-   (so ours counts the maths of its plain path: the cropped late-stage windows, not the padding and one-hot
-   columns of the fused call); GMAC/s = GMACs per image x img/s (a train step counts as 3 forwards).
-4. Targets: the issue's targets, each marked met or not, from the ratios of the same run.
+- ``layer``: ours ('sdpa' with values padded for flash, 'sdpa narrow-v' with values at their own width,
+  'broadcast') vs timm's ``HaloAttn`` at HaloNet-H1's four stage shapes (batch 64, block 8, halo 3, 8 heads of
+  C/8), fp32 and bf16 autocast: forward (no grad), forward+backward (input gradient too), peak memory of one
+  forward+backward above what was allocated before it (``torch.cuda.max_memory_allocated``).
+- ``sdpa``: the q'/k'/v' that ``attn_impl='sdpa'`` hands to ``F.scaled_dot_product_attention`` at each stage shape,
+  the backend SDPA picks by default, and which CUDA backends accept the call.
+- ``models_eager``, ``models_compiled``: ours halonet_h1 vs timm's own halonet_h1 (``timm.models.byoanet``; the
+  registry name is ours once timm_halo is imported) vs resnet50 at 256 px, bf16 autocast, channels-last, batch 128:
+  inference and train step (forward + cross-entropy + backward, no optimizer step), eager or ``torch.compile``
+  (train first: it matters most). GMACs per image are counted on a meta-device copy (ours counts the maths of its
+  plain path); GMAC/s = GMACs per image x img/s (a train step counts as 3 forwards).
 
-Timings: CUDA events around each sample (host clock on CPU), several samples per contender taken round-robin
-with its peers, medians. ``--quick`` shrinks the sizes (layer: batch 2, maps / 4; models: batch 1; 2 samples) for a dry
-run; on CPU it compiles with the ``eager`` backend (dynamo's tracing, no code generation) so the whole script runs
-in a few minutes on 2 cores.
+Timings: CUDA events around each sample (host clock on CPU), samples taken round-robin across contenders, medians.
+``--quick`` is the dry run: stages 1 and 4 at a quarter of their size, one sample, models at batch 1 timed by
+their first call, only ours compiled and only its train step, on CPU with the ``eager`` compile backend (dynamo's
+tracing, no code generation).
+``GPU_CHECK_FAIL=<section>[:error|crash|hang],...`` makes a section raise, die by SIGSEGV or hang at its first
+row, to check that the failure is recorded and the rest runs.
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
+import traceback
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -47,12 +54,9 @@ import timm_halo  # noqa: F401  (registers halonet_* with timm)
 from timm_halo.layers import HaloAttention
 from timm_halo.layers import sdpa as sdpa_module
 
-STAGES = {  # name: (channels, map size), as HaloNet-H1 at 256 px; batch from the command line
-    'stage1 C64 64x64': (64, 64),
-    'stage2 C128 32x32': (128, 32),
-    'stage3 C256 16x16': (256, 16),
-    'stage4 C512 8x8': (512, 8),
-}
+SECTIONS = ('layer', 'sdpa', 'models_eager', 'models_compiled')  # gpu_check.sh runs 'tests' itself, first
+# (channels, map size) of each stage, as HaloNet-H1 at 256 px; the batch comes from the command line
+STAGES = {'stage1': (64, 64), 'stage2': (128, 32), 'stage3': (256, 16), 'stage4': (512, 8)}
 BLOCK, HALO, HEADS = 8, 3, 8
 LAYER_IMPLS = ('timm HaloAttn', 'ours sdpa', 'ours sdpa narrow-v', 'ours broadcast')
 MODELS = ('ours halonet_h1', 'timm halonet_h1', 'resnet50')
@@ -60,10 +64,10 @@ TRAIN_MACS_FACTOR = 3.0  # backward: gradients w.r.t. inputs and weights, about 
 BACKEND_NAMES = {int(b): n for n, b in SDPBackend.__members__.items()}
 
 
-# ---- timing and output ---------------------------------------------------------------------------------------------
+# ---- timing ------------------------------------------------------------------------------------------------------
 
 class Clock:
-    """Wall-clock budget of the whole run."""
+    """Wall-clock budget of one section (its process's time limit, less a margin)."""
 
     def __init__(self, budget_s: float):
         self.start, self.budget = time.monotonic(), budget_s
@@ -102,6 +106,9 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], device: torch.device
         for _ in range(warmup):
             fn()
         _sync(device)
+        if min_sample_s <= 0:  # the dry run: one call per sample, no calibration call
+            number[name] = 1
+            continue
         once = _sample(fn, device, 1)
         number[name] = max(1, min(50, math.ceil(min_sample_s / max(once, 1e-6))))
     samples: Dict[str, List[float]] = {name: [] for name in fns}
@@ -109,6 +116,25 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], device: torch.device
         for name, fn in fns.items():
             samples[name].append(_sample(fn, device, number[name]))
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def timed(fns: Dict[str, Callable[[], None]], device, args) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """Medians of ``fns`` round-robin; should that fail, each alone, so one failing contender costs only its
+    own number. Returns (seconds per call, error per contender)."""
+    if not fns:
+        return {}, {}
+    try:
+        return interleaved_medians(fns, device, args.repeats, args.warmup, args.min_sample), {}
+    except Exception:
+        release(device)
+    times, errors = {}, {}
+    for name, fn in fns.items():
+        try:
+            times.update(interleaved_medians({name: fn}, device, args.repeats, args.warmup, args.min_sample))
+        except Exception as e:
+            errors[name] = short_error(e)
+            release(device)
+    return times, errors
 
 
 def peak_bytes(fn: Callable[[], None], device: torch.device) -> Optional[int]:
@@ -124,50 +150,136 @@ def peak_bytes(fn: Callable[[], None], device: torch.device) -> Optional[int]:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def release(device: torch.device) -> None:
+    """Free what a failed call left behind; after a CUDA error this may raise too, and the next call reports it."""
+    gc.collect()
+    if device.type == 'cuda':
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
+def short_error(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [''])[0]
+    return f'{type(e).__name__}: {first[:200]}'
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1e3
+
+
+def _ratio(a, b) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# ---- output ------------------------------------------------------------------------------------------------------
+
 def _fmt(value, spec: str = '.2f', suffix: str = '') -> str:
     return '-' if value is None else f'{value:{spec}}{suffix}'
 
 
 def table(header: List[str], rows: List[List[str]]) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+    return '\n'.join(lines + ['| ' + ' | '.join(str(c).replace('|', '/') for c in r) + ' |' for r in rows])
 
 
-class Report:
-    """Markdown and JSON written after every section."""
+def write_atomic(path: str, text: str) -> None:
+    """A kill mid-write leaves the previous version, never half a file."""
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
 
-    def __init__(self, out_dir: str, meta: dict):
+
+def forced_failures() -> Dict[str, str]:
+    """GPU_CHECK_FAIL=<section>[:error|crash|hang],...: the sections to fail on purpose, and how."""
+    out = {}
+    for item in filter(None, os.environ.get('GPU_CHECK_FAIL', '').split(',')):
+        name, _, mode = item.strip().partition(':')
+        out[name] = mode or 'error'
+    return out
+
+
+class Section:
+    """One section's rows, written to ``<name>.md`` / ``<name>.json`` after every row and at the end."""
+
+    def __init__(self, name: str, title: str, out_dir: str, meta: dict, render: Callable[[List[dict]], str],
+                 derive: Optional[Callable[[List[dict]], None]] = None):
         os.makedirs(out_dir, exist_ok=True)
-        self.md_path, self.json_path = os.path.join(out_dir, 'gpu.md'), os.path.join(out_dir, 'gpu.json')
-        self.meta, self.sections, self.data = meta, [], dict(meta=meta)
+        self.name, self.title, self.meta, self.render, self.derive = name, title, meta, render, derive
+        self.path = os.path.join(out_dir, name)
+        self.rows: List[dict] = []
+        self.status, self.error, self.trace = 'running', None, None
+        self.start = time.monotonic()
+        self.write()
 
-    def add(self, title: str, markdown: str, key: str, rows) -> None:
-        self.sections.append(f'## {title}\n\n{markdown}\n')
-        self.data[key] = rows
-        print(f'\n## {title}\n\n{markdown}', flush=True)
-        with open(self.md_path, 'w') as f:
-            f.write('# GPU check\n\n' + '\n'.join(f'- {k}: {v}' for k, v in self.meta.items()) + '\n\n')
-            f.write('\n'.join(self.sections))
-        with open(self.json_path, 'w') as f:
-            json.dump(self.data, f, indent=1, default=str)
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.write()
+        if len(self.rows) == 1:
+            fail_on_purpose(self.name)
+        return row
+
+    def write(self) -> None:
+        if self.derive:
+            self.derive(self.rows)
+        seconds = time.monotonic() - self.start
+        data = dict(section=self.name, title=self.title, status=self.status, error=self.error, traceback=self.trace,
+                    seconds=round(seconds, 1), meta=self.meta, rows=self.rows)
+        write_atomic(self.path + '.json', json.dumps(data, indent=1, default=str))
+        status = f'FAILED after {seconds:.0f} s: {self.error}' if self.status == 'failed' else \
+            f'{self.status} ({seconds:.0f} s, {len(self.rows)} rows)'
+        md = f'## {self.title}\n\nstatus: {status}\n\n{self.render(self.rows) if self.rows else "(no rows)"}\n'
+        if self.trace:
+            md += f'\n```text\n{self.trace}```\n'
+        write_atomic(self.path + '.md', md)
+
+    def finish(self, error: Optional[BaseException] = None) -> None:
+        if error is None:
+            self.status = 'ok'
+        else:
+            self.status, self.error = 'failed', short_error(error)
+            self.trace = ''.join(traceback.format_exception(type(error), error, error.__traceback__)[-12:])
+        self.write()
+        print(f'\n## {self.title}\n\nstatus: {self.status}{": " + self.error if self.error else ""}\n\n'
+              f'{self.render(self.rows) if self.rows else "(no rows)"}', flush=True)
+
+
+def fail_on_purpose(name: str) -> None:
+    mode = forced_failures().get(name)
+    if mode is None:
+        return
+    print(f'GPU_CHECK_FAIL: {name} {mode}', flush=True)
+    if mode == 'crash':  # as a fatal CUDA error would: the process dies, no exception handler runs
+        import resource  # Unix only, as the GPU machine
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the checkout
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if mode == 'hang':  # until the time limit of gpu_check.sh kills it
+        while True:
+            time.sleep(60)
+    raise RuntimeError(f'forced failure of section {name} (GPU_CHECK_FAIL)')
 
 
 def environment(device: torch.device, args) -> dict:
-    meta = dict(
-        device=torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu'),
-        torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        tf32=f'matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}',
-        sdpa_priority=[BACKEND_NAMES.get(int(b), str(b)) for b in torch._C._get_sdp_priority_order()]
-        if hasattr(torch._C, '_get_sdp_priority_order') else None,
-        mode='quick' if args.quick else 'full', date=time.strftime('%Y-%m-%d %H:%M:%S'),
-    )
-    if device.type == 'cuda':
-        meta['flash_built'] = torch.backends.cuda.is_flash_attention_available()
+    meta = dict(device=platform.processor() or 'cpu', torch=torch.__version__, timm=timm.__version__,
+                python=platform.python_version(), cuda=torch.version.cuda,
+                mode='quick' if args.quick else 'full', date=time.strftime('%Y-%m-%d %H:%M:%S'))
+    try:  # informative only: none of it may stop a section
+        if device.type == 'cuda':
+            meta['device'] = torch.cuda.get_device_name(device)
+            meta['flash_built'] = torch.backends.cuda.is_flash_attention_available()
+        meta['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        meta['tf32'] = f'matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}'
+        if hasattr(torch._C, '_get_sdp_priority_order'):
+            meta['sdpa_priority'] = [BACKEND_NAMES.get(int(b), str(b)) for b in torch._C._get_sdp_priority_order()]
+    except Exception as e:
+        meta['environment_error'] = short_error(e)
     return meta
 
 
-# ---- 1. the SDPA calls -------------------------------------------------------------------------------------------
+# ---- the SDPA calls ----------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def record_sdpa_calls(calls: list):
@@ -195,45 +307,62 @@ def values_padded(pad: bool):
 
 
 def _eligible(q, k, v) -> Dict[str, bool]:
-    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
     cuda = torch.backends.cuda
-    return dict(flash=cuda.can_use_flash_attention(params), efficient=cuda.can_use_efficient_attention(params),
-                cudnn=cuda.can_use_cudnn_attention(params))
+    try:
+        params = cuda.SDPAParams(q, k, v, None, 0.0, False, False)  # torch >= 2.5: enable_gqa
+    except TypeError:
+        params = cuda.SDPAParams(q, k, v, None, 0.0, False)
+    out = dict(flash=cuda.can_use_flash_attention(params), efficient=cuda.can_use_efficient_attention(params))
+    if hasattr(cuda, 'can_use_cudnn_attention'):
+        out['cudnn'] = cuda.can_use_cudnn_attention(params)
+    return out
 
 
-def sdpa_calls(device: torch.device, batch: int, stages: dict, amp: torch.dtype) -> List[dict]:
-    rows = []
+def sdpa_section(sec: Section, device: torch.device, args, stages: dict, clock: Clock) -> None:
+    amp = torch.bfloat16
     for stage, (channels, size) in stages.items():
-        layer = _our_layer(channels, 'sdpa', device)
-        x = torch.randn(batch, channels, size, size, device=device)
-        for precision, dtype in (('fp32', None), ('bf16', amp)):
-            for pad in ((True, False) if dtype is not None else (True,)):
-                calls: list = []
-                with torch.no_grad(), record_sdpa_calls(calls), values_padded(pad), \
-                        torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    layer(x)
-                q, k, v = calls[0]
-                row = dict(stage=stage, precision=precision + ('' if pad else ' narrow-v'), calls=len(calls),
-                           windows=sum(c[0].shape[0] for c in calls), q=list(q.shape), k=list(k.shape),
-                           v=list(v.shape), dtype=str(q.dtype).replace('torch.', ''),
-                           default_backend=BACKEND_NAMES.get(int(torch._fused_sdp_choice(q, k, v)), '?'))
-                if device.type == 'cuda':
-                    row.update(_eligible(q, k, v))
-                rows.append(row)
-                del calls, q, k, v
-    return rows
+        for precision, dtype, pad in (('fp32', None, True), ('bf16', amp, True), ('bf16 narrow-v', amp, False)):
+            if clock.left() < 5:
+                sec.add(dict(stage=stage, precision=precision, note='skipped: time limit'))
+                continue
+            try:
+                row = _sdpa_row(stage, channels, size, precision, dtype, pad, device, args.layer_batch)
+            except Exception as e:
+                row = dict(stage=stage, precision=precision, note=short_error(e))
+                release(device)
+            sec.add(row)
+
+
+def _sdpa_row(stage, channels, size, precision, dtype, pad, device, batch) -> dict:
+    layer = _our_layer(channels, 'sdpa', device)
+    x = torch.randn(batch, channels, size, size, device=device)
+    calls: list = []
+    with torch.no_grad(), record_sdpa_calls(calls), values_padded(pad), \
+            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        layer(x)
+    q, k, v = calls[0]
+    row = dict(stage=stage, precision=precision, calls=len(calls), windows=sum(c[0].shape[0] for c in calls),
+               q=list(q.shape), k=list(k.shape), v=list(v.shape), dtype=str(q.dtype).replace('torch.', ''),
+               default_backend=BACKEND_NAMES.get(int(torch._fused_sdp_choice(q, k, v)), '?'))
+    if device.type == 'cuda':
+        try:
+            row.update(_eligible(q, k, v))
+        except Exception as e:  # the private eligibility API may differ; the rest of the row stands
+            row['note'] = short_error(e)
+    return row
 
 
 def sdpa_table(rows: List[dict]) -> str:
     header = ['stage', 'precision', 'calls x windows', "q' / k' / v' (per call)", 'default backend', 'flash',
-              'efficient', 'cudnn']
+              'efficient', 'cudnn', 'note']
     return table(header, [[
-        r['stage'], r['precision'], f"{r['calls']} x {r['windows'] // r['calls']}",
-        f"{r['q'][2:]} / {r['k'][2:]} / {r['v'][2:]} {r['dtype']}", r['default_backend'],
-        *[_fmt(r.get(b), '') for b in ('flash', 'efficient', 'cudnn')]] for r in rows])
+        r['stage'], r['precision'], f"{r['calls']} x {r['windows'] // r['calls']}" if r.get('calls') else '-',
+        f"{r['q'][2:]} / {r['k'][2:]} / {r['v'][2:]} {r['dtype']}" if 'q' in r else '-',
+        r.get('default_backend', '-'), *[_fmt(r.get(b), '') for b in ('flash', 'efficient', 'cudnn')],
+        r.get('note', '')] for r in rows])
 
 
-# ---- 2. the layer ------------------------------------------------------------------------------------------------
+# ---- the layer ---------------------------------------------------------------------------------------------------
 
 def _our_layer(channels: int, impl: str, device: torch.device) -> HaloAttention:
     return HaloAttention(channels, block_size=BLOCK, halo_size=HALO, heads=HEADS, dim_head=channels // HEADS,
@@ -256,66 +385,71 @@ def _layer_call(layer, x, amp, backward: bool, pad: bool) -> None:
     out.float().sum().backward()
 
 
-def layer_rows(device, batch, stages, amp, args, clock: Clock) -> List[dict]:
-    rows = []
+def layer_section(sec: Section, device: torch.device, args, stages: dict, clock: Clock) -> None:
+    amp = torch.bfloat16
     for stage, (channels, size) in stages.items():
         for precision, dtype in (('fp32', None), ('bf16', amp)):
-            if clock.left() < 30:
-                print(f'budget: skipping layer {stage} {precision}', flush=True)
-                continue
             impls = [i for i in LAYER_IMPLS if not (i == 'ours sdpa narrow-v' and dtype is None)]  # fp32: v narrow
-            torch.manual_seed(0)
-            layers = {i: make_layer(i, channels, device) for i in impls}
-            x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
-            pads = {i: i != 'ours sdpa narrow-v' for i in impls}
-            res: Dict[str, dict] = {i: {} for i in impls}
-            for mode, backward in (('fwd', False), ('fwd_bwd', True)):
-                fns = {i: partial(_layer_call, layers[i], x, dtype, backward, pads[i]) for i in impls}
+            if clock.left() < (5 if args.quick else 30):
+                rows = [dict(stage=stage, precision=precision, impl=i, note='skipped: time limit') for i in impls]
+            else:
                 try:
-                    times = interleaved_medians(fns, device, args.repeats, args.warmup, args.min_sample)
-                except torch.cuda.OutOfMemoryError:
-                    times = {}
-                for i in impls:
-                    res[i][mode] = times.get(i)
-            for i in impls:
-                layers[i].zero_grad(set_to_none=True)
-                x.grad = None
-                try:
-                    res[i]['peak'] = peak_bytes(partial(_layer_call, layers[i], x, dtype, True, pads[i]), device)
-                except torch.cuda.OutOfMemoryError:
-                    res[i]['peak'] = None
-            base = res['timm HaloAttn']
-            for i in impls:
-                r = res[i]
-                rows.append(dict(
-                    stage=stage, precision=precision, impl=i, fwd_ms=_ms(r['fwd']), fwd_bwd_ms=_ms(r['fwd_bwd']),
-                    peak_mib=None if r['peak'] is None else r['peak'] / 2**20,
-                    fwd_x_timm=_ratio(base['fwd'], r['fwd']), fwd_bwd_x_timm=_ratio(base['fwd_bwd'], r['fwd_bwd']),
-                    mem_vs_timm=_ratio(r['peak'], base['peak'])))
-            del layers, x
-            if device.type == 'cuda':
-                torch.cuda.empty_cache()
+                    rows = _layer_rows(stage, channels, size, precision, dtype, impls, device, args)
+                except Exception as e:  # building the layers or the input: the whole group is lost, not the rest
+                    rows = [dict(stage=stage, precision=precision, impl=i, note=short_error(e)) for i in impls]
+                    release(device)
+            for row in rows:
+                sec.add(row)
+
+
+def _layer_rows(stage, channels, size, precision, dtype, impls, device, args) -> List[dict]:
+    torch.manual_seed(0)
+    layers = {i: make_layer(i, channels, device) for i in impls}
+    x = torch.randn(args.layer_batch, channels, size, size, device=device, requires_grad=True)
+    pads = {i: i != 'ours sdpa narrow-v' for i in impls}
+    res: Dict[str, dict] = {i: {} for i in impls}
+    notes: Dict[str, str] = {}
+    for mode, backward in (('fwd', False), ('fwd_bwd', True)):
+        times, errors = timed({i: partial(_layer_call, layers[i], x, dtype, backward, pads[i]) for i in impls},
+                              device, args)
+        for i in impls:
+            res[i][mode] = times.get(i)
+            if i in errors:
+                notes.setdefault(i, f'{mode}: {errors[i]}')
+    for i in impls:
+        layers[i].zero_grad(set_to_none=True)
+        x.grad = None
+        try:
+            res[i]['peak'] = peak_bytes(partial(_layer_call, layers[i], x, dtype, True, pads[i]), device)
+        except Exception as e:
+            res[i]['peak'] = None
+            notes.setdefault(i, f'peak: {short_error(e)}')
+            release(device)
+    base = res['timm HaloAttn']
+    rows = []
+    for i in impls:
+        r = res[i]
+        rows.append(dict(
+            stage=stage, precision=precision, impl=i, fwd_ms=_ms(r['fwd']), fwd_bwd_ms=_ms(r['fwd_bwd']),
+            peak_mib=None if r['peak'] is None else r['peak'] / 2**20,
+            fwd_x_timm=_ratio(base['fwd'], r['fwd']), fwd_bwd_x_timm=_ratio(base['fwd_bwd'], r['fwd_bwd']),
+            mem_vs_timm=_ratio(r['peak'], base['peak']), note=notes.get(i, '')))
+    del layers, x
+    release(device)
     return rows
-
-
-def _ms(seconds: Optional[float]) -> Optional[float]:
-    return None if seconds is None else seconds * 1e3
-
-
-def _ratio(a, b) -> Optional[float]:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def layer_table(rows: List[dict]) -> str:
     header = ['stage', 'precision', 'impl', 'fwd ms', 'fwd+bwd ms', 'peak MiB', 'fwd x timm', 'fwd+bwd x timm',
-              'memory / timm']
+              'memory / timm', 'note']
     return table(header, [[
-        r['stage'], r['precision'], r['impl'], _fmt(r['fwd_ms']), _fmt(r['fwd_bwd_ms']), _fmt(r['peak_mib'], '.0f'),
-        _fmt(r['fwd_x_timm'], '.2f', 'x'), _fmt(r['fwd_bwd_x_timm'], '.2f', 'x'), _fmt(r['mem_vs_timm'], '.2f', 'x'),
+        r['stage'], r['precision'], r['impl'], _fmt(r.get('fwd_ms')), _fmt(r.get('fwd_bwd_ms')),
+        _fmt(r.get('peak_mib'), '.0f'), _fmt(r.get('fwd_x_timm'), '.2f', 'x'),
+        _fmt(r.get('fwd_bwd_x_timm'), '.2f', 'x'), _fmt(r.get('mem_vs_timm'), '.2f', 'x'), r.get('note', ''),
     ] for r in rows])
 
 
-# ---- 3. the models -----------------------------------------------------------------------------------------------
+# ---- the models --------------------------------------------------------------------------------------------------
 
 def model_factory(name: str) -> Callable[[], torch.nn.Module]:
     if name == 'ours halonet_h1':
@@ -325,13 +459,17 @@ def model_factory(name: str) -> Callable[[], torch.nn.Module]:
     return partial(timm.create_model, name)
 
 
-def count_gmacs(name: str, img_size: int) -> float:
-    """Forward GMACs of one image, on a meta-device copy (nothing allocated or computed)."""
-    with torch.device('meta'):
-        model = model_factory(name)().eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.empty(1, 3, img_size, img_size, device='meta'))
-    return counter.get_total_flops() / 2e9
+def count_gmacs(name: str, img_size: int) -> Optional[float]:
+    """Forward GMACs of one image, on a meta-device copy (nothing allocated or computed); None if that fails."""
+    try:
+        with torch.device('meta'):
+            model = model_factory(name)().eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, img_size, img_size, device='meta'))
+        return counter.get_total_flops() / 2e9
+    except Exception as e:
+        print(f'{name}: GMACs not counted: {short_error(e)}', flush=True)
+        return None
 
 
 def _model_step(model, x, target, amp, train: bool) -> None:
@@ -344,91 +482,101 @@ def _model_step(model, x, target, amp, train: bool) -> None:
     loss.backward()
 
 
-def model_rows(device, args, amp, clock: Clock) -> List[dict]:
-    batch, img = args.model_batch, args.img_size
-    gmacs = {m: count_gmacs(m, img) for m in MODELS}
+def models_section(sec: Section, device: torch.device, args, compiled: bool, clock: Clock) -> None:
+    """Per mode (train first), each model is built and called once (a compile), its row written at once; then
+    the ready ones are timed round-robin and their rows completed. A kill keeps every row written so far."""
+    batch, img, amp = args.model_batch, args.img_size, torch.bfloat16
+    names = args.compiled_models if compiled else MODELS
+    variant = 'compiled' if compiled else 'eager'
+    need = args.compile_estimate if compiled else 10  # seconds one model's first call may take
+    gmacs = {m: count_gmacs(m, img) for m in names}
     x = torch.randn(batch, 3, img, img, device=device).to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device=device)
-    rows = []
-    # Compiled train steps first: they matter most and compiling is what runs out of budget.
-    runs = [('eager', False, False), ('eager', False, True)]
-    if args.compile:
-        runs += [('compiled', True, True), ('compiled', True, False)]
-    for variant, compiled, train in runs:
+    built: Dict[str, torch.nn.Module] = {}  # one copy per model for both modes: building costs seconds on CPU
+    for train in (True,) if compiled and args.quick else (True, False):  # a dry run traces one graph per model
         mode = 'train' if train else 'infer'
-        fns, compile_s = {}, {}
-        models = {}
-        for name in MODELS:
-            need = args.compile_estimate if compiled else 10
-            if clock.left() < need + 20:
-                print(f'budget: skipping {name} {variant} {mode} ({clock.left():.0f} s left)', flush=True)
+        fns, rows = {}, {}
+        for name in names:
+            row = rows[name] = dict(model=name, mode=mode, variant=variant, img_per_s=None, ms=None,
+                                    gmacs=gmacs[name], gmac_per_s=None, first_call_s=None, note='')
+            if clock.left() < need:
+                row['note'] = f'skipped: time limit ({clock.left():.0f} s left)'
+                sec.add(row)
                 continue
-            torch.manual_seed(0)
-            model = model_factory(name)().to(device).to(memory_format=torch.channels_last)
-            model.train(train)
-            models[name] = model
-            run = torch.compile(model, backend=args.compile_backend, dynamic=False) if compiled else model
-            fn = partial(_model_step, run, x, target, amp, train)
-            t0 = time.monotonic()
             try:
+                if name not in built:
+                    torch.manual_seed(0)
+                    built[name] = model_factory(name)().to(device).to(memory_format=torch.channels_last)
+                model = built[name].train(train)
+                model.zero_grad(set_to_none=True)
+                run = torch.compile(model, backend=args.compile_backend, dynamic=False) if compiled else model
+                fn = partial(_model_step, run, x, target, amp, train)
+                t0 = time.monotonic()
                 fn()
                 _sync(device)
-            except torch.cuda.OutOfMemoryError:
-                print(f'{name} {variant} {mode}: out of memory', flush=True)
-                continue
-            compile_s[name] = time.monotonic() - t0
-            fns[name] = fn
-        try:
-            times = interleaved_medians(fns, device, args.repeats, args.warmup, args.min_sample) if fns else {}
-        except torch.cuda.OutOfMemoryError:
-            times = {}
-        for name in MODELS:
-            sec = times.get(name)
-            ips = None if sec is None else batch / sec
-            step_gmacs = gmacs[name] * (TRAIN_MACS_FACTOR if train else 1.0)
-            rows.append(dict(model=name, mode=mode, variant=variant, img_per_s=ips, ms=_ms(sec),
-                             gmacs=gmacs[name], gmac_per_s=None if ips is None else step_gmacs * ips,
-                             first_call_s=compile_s.get(name)))
-        del fns, models
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
+                row['first_call_s'] = time.monotonic() - t0
+                if args.quick:  # the dry run times the first call only: a CPU step costs seconds
+                    row['ms'], row['note'] = _ms(row['first_call_s']), 'first call (quick)'
+                else:
+                    row['note'] = 'timing' if clock.left() > 5 else 'skipped: time limit'
+                fns[name] = fn
+            except Exception as e:
+                row['note'] = short_error(e)
+                release(device)
+            sec.add(row)
+        times, errors = timed({n: f for n, f in fns.items() if rows[n]['note'] == 'timing'}, device, args)
+        for name in fns:
+            row = rows[name]
+            sec_per_call = times.get(name, row['first_call_s'] if args.quick else None)
+            row['note'] = errors.get(name, '' if name in times else row['note'])
+            if sec_per_call is not None:
+                row['ms'], row['img_per_s'] = _ms(sec_per_call), batch / sec_per_call
+                if row['gmacs'] is not None:
+                    row['gmac_per_s'] = row['gmacs'] * (TRAIN_MACS_FACTOR if train else 1.0) * row['img_per_s']
+        sec.write()
+        del fns
+        release(device)
+
+
+def model_ratios(rows: List[dict]) -> None:
+    """Each row against timm's halonet_h1 (img/s) and resnet50 (GMAC/s) of the same mode and variant."""
     by = {(r['model'], r['mode'], r['variant']): r for r in rows}
     for r in rows:
-        timm_h1, r50 = by[('timm halonet_h1', r['mode'], r['variant'])], by[('resnet50', r['mode'], r['variant'])]
-        r['x_timm_halonet'] = _ratio(r['img_per_s'], timm_h1['img_per_s'])
-        r['gmac_per_s_pct_resnet50'] = None if _ratio(r['gmac_per_s'], r50['gmac_per_s']) is None else \
-            100 * r['gmac_per_s'] / r50['gmac_per_s']
-    return rows
+        timm_h1 = by.get(('timm halonet_h1', r['mode'], r['variant']), {})
+        r50 = by.get(('resnet50', r['mode'], r['variant']), {})
+        r['x_timm_halonet'] = _ratio(r['img_per_s'], timm_h1.get('img_per_s'))
+        pct = _ratio(r['gmac_per_s'], r50.get('gmac_per_s'))
+        r['gmac_per_s_pct_resnet50'] = None if pct is None else 100 * pct
 
 
 def model_table(rows: List[dict]) -> str:
     header = ['model', 'mode', 'variant', 'img/s', 'ms/step', 'GMACs/img', 'GMAC/s', 'x timm halonet_h1',
-              'GMAC/s % of resnet50', 'first call s']
+              'GMAC/s % of resnet50', 'first call s', 'note']
     return table(header, [[
         r['model'], r['mode'], r['variant'], _fmt(r['img_per_s'], '.0f'), _fmt(r['ms'], '.1f'), _fmt(r['gmacs']),
-        _fmt(r['gmac_per_s'], '.0f'), _fmt(r['x_timm_halonet'], '.2f', 'x'),
-        _fmt(r['gmac_per_s_pct_resnet50'], '.0f', '%'), _fmt(r['first_call_s'], '.1f')] for r in rows])
+        _fmt(r['gmac_per_s'], '.0f'), _fmt(r.get('x_timm_halonet'), '.2f', 'x'),
+        _fmt(r.get('gmac_per_s_pct_resnet50'), '.0f', '%'), _fmt(r['first_call_s'], '.1f'), r['note']]
+        for r in rows])
 
 
-# ---- 4. targets --------------------------------------------------------------------------------------------------
+# ---- targets and the summary -------------------------------------------------------------------------------------
 
-def targets(layer: List[dict], models: List[dict], stages: dict) -> List[dict]:
-    names = list(stages)
+def targets(layer: List[dict], models: List[dict]) -> List[dict]:
     out = []
 
     def best(stage):  # our fastest bf16 sdpa variant at a stage
-        rows = [r for r in layer if r['stage'] == stage and r['precision'] == 'bf16' and r['impl'].startswith(
-            'ours sdpa') and r['fwd_bwd_x_timm'] is not None]
+        rows = [r for r in layer if r['stage'].startswith(stage + ' ') and r['precision'] == 'bf16' and
+                r['impl'].startswith('ours sdpa') and r.get('fwd_bwd_x_timm') is not None]
         return max(rows, key=lambda r: r['fwd_bwd_x_timm'], default=None)
 
     def add(measure, value, target, ok, where):
         out.append(dict(measure=measure, value=value, target=target, met=ok, where=where))
 
-    s1, s3 = best(names[0]), best(names[2])
+    s1, s3 = best('stage1'), best('stage3')
     add('layer fwd+bwd stage 1, bf16 (x timm)', _fmt(s1 and s1['fwd_bwd_x_timm'], '.2f', 'x'), '>= 4x',
         s1 is not None and s1['fwd_bwd_x_timm'] >= 4, s1 and s1['impl'])
-    add('layer peak memory stage 1, bf16 (/ timm)', _fmt(s1 and s1['mem_vs_timm'], '.2f', 'x'), '<= 0.3x',
-        s1 is not None and s1['mem_vs_timm'] is not None and s1['mem_vs_timm'] <= 0.3, s1 and s1['impl'])
+    add('layer peak memory stage 1, bf16 (/ timm)', _fmt(s1 and s1.get('mem_vs_timm'), '.2f', 'x'), '<= 0.3x',
+        s1 is not None and s1.get('mem_vs_timm') is not None and s1['mem_vs_timm'] <= 0.3, s1 and s1['impl'])
     add('layer fwd+bwd stage 3, bf16 (x timm)', _fmt(s3 and s3['fwd_bwd_x_timm'], '.2f', 'x'), '>= 2x',
         s3 is not None and s3['fwd_bwd_x_timm'] >= 2, s3 and s3['impl'])
     for variant in dict.fromkeys(r['variant'] for r in models):
@@ -436,7 +584,7 @@ def targets(layer: List[dict], models: List[dict], stages: dict) -> List[dict]:
                      and r['variant'] == variant), None)
         if ours is None:
             continue
-        x, pct = ours['x_timm_halonet'], ours['gmac_per_s_pct_resnet50']
+        x, pct = ours.get('x_timm_halonet'), ours.get('gmac_per_s_pct_resnet50')
         add(f'halonet_h1 train step, {variant} (x timm halonet_h1)', _fmt(x, '.2f', 'x'), '>= 3x',
             x is not None and x >= 3, variant)
         add(f'halonet_h1 train GMAC/s, {variant} (% of resnet50)', _fmt(pct, '.0f', '%'), '>= 50%',
@@ -449,20 +597,89 @@ def targets_table(rows: List[dict]) -> str:
         [r['measure'], r['value'], r['target'], 'yes' if r['met'] else 'NO', str(r['where'])] for r in rows])
 
 
+def summary(out_dir: str) -> int:
+    """gpu.md / gpu.json from the sections' files: environment, status of each, their tables, the targets."""
+    found = {}
+    for name in ('tests',) + SECTIONS:
+        try:
+            with open(os.path.join(out_dir, name + '.json')) as f:
+                found[name] = json.load(f)
+        except (OSError, ValueError):
+            continue
+    meta = dict(next((d['meta'] for d in found.values() if d.get('meta')), {}))
+    meta.pop('budget_s', None)  # each section's own
+    status = table(['section', 'status', 's', 'rows', 'error'], [
+        [n, d.get('status'), _fmt(d.get('wall_s', d.get('seconds')), '.0f'), len(d.get('rows') or []),
+         d.get('error') or '']
+        for n, d in found.items()])
+    parts = ['# GPU check\n', '\n'.join(f'- {k}: {v}' for k, v in meta.items()) + '\n', status + '\n']
+    for name in found:
+        with open(os.path.join(out_dir, name + '.md')) as f:
+            parts.append(f.read())
+    layer = [r for r in found.get('layer', {}).get('rows', []) if r.get('fwd_bwd_x_timm') is not None]
+    models = [r for n in ('models_eager', 'models_compiled') for r in found.get(n, {}).get('rows', [])
+              if 'model' in r]
+    goals = targets(layer, models)
+    parts.append('## Targets (issue 12)\n\n' + targets_table(goals) + '\n')
+    write_atomic(os.path.join(out_dir, 'gpu.md'), '\n'.join(parts))
+    write_atomic(os.path.join(out_dir, 'gpu.json'),
+                 json.dumps(dict(meta=meta, sections=found, targets=goals), indent=1, default=str))
+    return 0
+
+
 # ---- main --------------------------------------------------------------------------------------------------------
+
+def run_section(name: str, device: torch.device, args, out_dir: str) -> bool:
+    clock = Clock(args.budget)
+    # the dry run: stage 1 (maps of several blocks) and stage 4 (one block), the two shapes of the code path
+    sizes = {k: (c, max(8, s // 4)) for k, (c, s) in STAGES.items() if k in ('stage1', 'stage4')} if args.quick \
+        else STAGES
+    stages = {f'{k} C{c} {s}x{s}': (c, s) for k, (c, s) in sizes.items()}
+    meta = environment(device, args)
+    meta.update(layer_batch=args.layer_batch, model_batch=args.model_batch, img_size=args.img_size,
+                repeats=args.repeats, compile_backend=args.compile_backend, budget_s=args.budget)
+    medians = f'medians of {args.repeats}'
+    if name == 'layer':
+        sec = Section(name, f'Layer vs timm HaloAttn (batch {args.layer_batch}, {medians})', out_dir, meta,
+                      layer_table)
+        run = partial(layer_section, sec, device, args, stages, clock)
+    elif name == 'sdpa':
+        sec = Section(name, f'SDPA calls and backends (batch {args.layer_batch})', out_dir, meta, sdpa_table)
+        run = partial(sdpa_section, sec, device, args, stages, clock)
+    else:
+        compiled = name == 'models_compiled'
+        how = f'torch.compile, backend {args.compile_backend}' if compiled else 'eager'
+        sec = Section(name, f'Models, {how} (batch {args.model_batch}, {args.img_size} px, bf16 autocast, '
+                      f'channels-last, {medians})', out_dir, meta, model_table, model_ratios)
+        run = partial(models_section, sec, device, args, compiled, clock)
+    try:
+        run()
+    except Exception as e:  # any error, not only out-of-memory: recorded, and the next section still runs
+        sec.finish(e)
+        return False
+    sec.finish()
+    return True
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--section', default=','.join(SECTIONS), help=f'comma-separated, of {",".join(SECTIONS)}')
+    parser.add_argument('--summary', action='store_true', help='only gather the sections\' files into gpu.md/json')
     parser.add_argument('--device', default='cuda', help='cuda (default) or cpu (a dry run with --quick)')
-    parser.add_argument('--quick', action='store_true', help='tiny sizes and 2 samples: checks the script runs')
+    parser.add_argument('--quick', action='store_true', help='tiny sizes, one sample: checks the script runs')
     parser.add_argument('--out', default=None, help='output folder (default: $OUT, else benchmarks/out/gpu)')
-    parser.add_argument('--budget', type=float, default=420.0, help='seconds for the whole run; sections and '
-                        'compiled models that would not fit are skipped (and say so)')
-    parser.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile rows')
+    parser.add_argument('--budget', type=float, default=420.0, help='seconds for each section; what would not '
+                        'fit is skipped (and says so)')
     parser.add_argument('--compile-backend', default=None, help='torch.compile backend (default: inductor; '
                         'eager for a CPU --quick run)')
-    parser.add_argument('--sections', default='sdpa,layer,model', help='comma-separated subset of sdpa,layer,model')
     args = parser.parse_args(argv)
+    out_dir = args.out or os.environ.get('OUT') or os.path.join('benchmarks', 'out', 'gpu')
+    if args.summary:
+        return summary(out_dir)
+    names = [s for s in args.section.split(',') if s]
+    unknown = set(names) - set(SECTIONS)
+    if unknown:
+        parser.error(f'unknown section(s) {sorted(unknown)}; known: {", ".join(SECTIONS)}')
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         print('no CUDA device: run with --device cpu --quick for a dry run', file=sys.stderr)
@@ -471,42 +688,17 @@ def main(argv=None) -> int:
     args.layer_batch = 2 if quick else 64
     args.model_batch = 1 if quick else 128
     args.img_size = 256  # timm's halonet_h1 needs every stage's map divisible by its block size 8
-    args.repeats = 2 if quick else 10
-    args.warmup = 1 if quick else 3
+    args.repeats = 1 if quick else 10
+    args.warmup = 0 if quick else 3
     args.min_sample = 0.0 if quick else 0.02
-    args.compile_estimate = 30 if quick else 90
+    args.compile_estimate = 5 if quick else 60
+    args.compiled_models = MODELS[:1] if quick else MODELS  # a dry run compiles ours only: a trace costs seconds
     if args.compile_backend is None:
         args.compile_backend = 'eager' if quick and device.type == 'cpu' else 'inductor'
-    stages = {k: (c, max(8, s // 4) if quick else s) for k, (c, s) in STAGES.items()}
-    amp = torch.bfloat16
-    out_dir = args.out or os.environ.get('OUT') or os.path.join('benchmarks', 'out', 'gpu')
-    clock = Clock(args.budget)
-    sections = set(args.sections.split(','))
-
-    meta = environment(device, args)
-    meta.update(layer_batch=args.layer_batch, model_batch=args.model_batch, img_size=args.img_size,
-                repeats=args.repeats, compile_backend=args.compile_backend if args.compile else 'off')
-    report = Report(out_dir, meta)
-    print('# GPU check\n' + '\n'.join(f'- {k}: {v}' for k, v in meta.items()), flush=True)
-
-    if 'sdpa' in sections:
-        rows = sdpa_calls(device, args.layer_batch, stages, amp)
-        report.add(f'SDPA calls (batch {args.layer_batch})', sdpa_table(rows), 'sdpa_calls', rows)
-    layer: List[dict] = []
-    if 'layer' in sections:
-        layer = layer_rows(device, args.layer_batch, stages, amp, args, clock)
-        report.add(f'Layer vs timm HaloAttn (batch {args.layer_batch}, medians of {args.repeats})',
-                   layer_table(layer), 'layer', layer)
-    models: List[dict] = []
-    if 'model' in sections:
-        models = model_rows(device, args, amp, clock)
-        report.add(f'Models (batch {args.model_batch}, {args.img_size} px, bf16 autocast, channels-last, medians of '
-                   f'{args.repeats})', model_table(models), 'models', models)
-    if layer or models:
-        rows = targets(layer, models, stages)
-        report.add('Targets (issue 12)', targets_table(rows), 'targets', rows)
-    print(f'\nwrote {report.md_path} and {report.json_path} ({time.monotonic() - clock.start:.0f} s)', flush=True)
-    return 0
+    ok = [run_section(name, device, args, out_dir) for name in names]
+    if len(names) > 1:
+        summary(out_dir)
+    return 0 if all(ok) else 1
 
 
 if __name__ == '__main__':
