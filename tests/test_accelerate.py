@@ -19,7 +19,7 @@ import timm_halo
 import timm_halo.layers.fused_cpu as fused_module
 import timm_halo.layers.tiled as tiled_module
 from timm_halo.accelerate import ACCELERATE_ENV
-from timm_halo.layers.halo_attention import ATTN_IMPL_ENV
+from timm_halo.layers import ATTN_IMPL_ENV
 from timm_halo.layers.timm_halo_attn import TimmHaloAttn
 
 IMPLS = ['auto', 'tiled', 'sdpa', 'broadcast']

@@ -247,7 +247,9 @@ def test_compile_model_training_with_changing_sizes():
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
         frames.append(counter.frame_count)
-    assert frames == [1, 2, 2], f'compiled frames after each size: {frames}'
+    # torch < 2.7 compiles the third size once more (its dynamic shapes specialise a block count); same answers
+    expected_frames = [1, 2, 2] if torch.__version__ >= '2.7' else [1, 2, 3]
+    assert frames == expected_frames, f'compiled frames after each size: {frames}'
     torch._dynamo.reset()
 
 
@@ -288,8 +290,10 @@ def test_models_pass_attn_impl_to_every_layer():
     assert impls == {'sdpa'}
 
 
+@pytest.mark.parametrize('strict', [False, pytest.param(True, marks=pytest.mark.skipif(
+    torch.__version__ < '2.8', reason="torch < 2.8: a strict export looks like torch.compile (it captures the op)"))])
 @pytest.mark.parametrize('impl', [FUSED, 'tiled'])
-def test_explicit_custom_op_kernel_refuses_export(impl):
+def test_explicit_custom_op_kernel_refuses_export(impl, strict):
     layer = _layer(1, impl, dtype=torch.float32).eval()
     with pytest.raises(RuntimeError, match=rf"attn_impl='{impl}' is a custom op that tracing and export cannot"):
-        torch.export.export(layer, (torch.randn(1, 8, 8, 8),))
+        torch.export.export(layer, (torch.randn(1, 8, 8, 8),), strict=strict)

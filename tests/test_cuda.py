@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import timm_halo  # noqa: F401  (registers the halonet_* models with timm)
 from timm_halo import HaloAttention
-from timm_halo.layers import halo_attention as halo_module
+from timm_halo.layers import kernels as kernels_module
 from timm_halo.layers import sdpa as sdpa_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -182,8 +182,8 @@ def test_more_windows_than_a_cuda_grid_holds(backend):
 
 def test_auto_runs_sdpa_on_cuda_and_broadcast_in_fp64(monkeypatch):
     ran = []
-    real = halo_module.attend_sdpa
-    monkeypatch.setattr(halo_module, 'attend_sdpa', lambda *a, **k: ran.append(a[0].dtype) or real(*a, **k))
+    real = kernels_module.attend_sdpa
+    monkeypatch.setattr(kernels_module, 'attend_sdpa', lambda *a, **k: ran.append(a[0].dtype) or real(*a, **k))
     layer = HaloAttention(64, block_size=8, halo_size=3, heads=8, dim_head=8).cuda()
     x = _input(64, 24)
     with torch.no_grad():

@@ -20,7 +20,7 @@ def _forward(layer: HaloAttention, x: torch.Tensor, path: str) -> torch.Tensor:
     impl, _, plain = path.partition('-')
     layer.attn_impl = impl
     if plain:
-        layer._use_custom_kernels = lambda x: False  # what tracing/export see; an instance attribute, removed below
+        layer._use_custom_kernels = lambda: False  # what tracing/export see; an instance attribute, removed below
     try:
         return layer(x)
     finally:

@@ -19,9 +19,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from timm_halo import HaloAttention
 from timm_halo.layers import fused_cpu
-from timm_halo.layers import halo_attention as halo_module
+from timm_halo.layers import kernels as kernels_module
 from timm_halo.layers import sdpa as sdpa_module
 from timm_halo.layers.broadcast import attend_broadcast
+from timm_halo.layers.kernels import Call, choose
 from timm_halo.layers.sdpa import attend_sdpa, augment
 
 # (channels, H, W, block, halo, stride, heads, dim_head, value_ratio)
@@ -75,7 +76,7 @@ class _SdpaSpy:
 @pytest.mark.parametrize('case', CASES)
 def test_outputs_and_gradients_match_reference_fp64(case, variant, monkeypatch):
     options, backends = VARIANTS[variant]
-    monkeypatch.setattr(halo_module, 'attend_sdpa', functools.partial(attend_sdpa, **options))
+    monkeypatch.setattr(kernels_module, 'attend_sdpa', functools.partial(attend_sdpa, **options))
     spy = _SdpaSpy(monkeypatch)
     layer = _layer(CASES[case])
     C, H, W = CASES[case][:3]
@@ -107,7 +108,7 @@ def test_outputs_and_gradients_match_reference_fp64(case, variant, monkeypatch):
 def test_the_call_suits_every_fused_backend(case, pad_values, monkeypatch):
     """No mask, 4-D (windows, 1 head, tokens, width), contiguous, q/k widths equal and multiples of 8, v as wide as
     q/k when padded for flash (else the next multiple of 8), scale 1 (already folded into q')."""
-    monkeypatch.setattr(halo_module, 'attend_sdpa', functools.partial(attend_sdpa, pad_values=pad_values))
+    monkeypatch.setattr(kernels_module, 'attend_sdpa', functools.partial(attend_sdpa, pad_values=pad_values))
     spy = _SdpaSpy(monkeypatch)
     layer = _layer(CASES[case], torch.float32)
     C, H, W = CASES[case][:3]
@@ -202,21 +203,20 @@ def test_double_backward_works_or_raises_never_wrong():
         penalty(layer, [SDPBackend.FLASH_ATTENTION])
 
 
-def _fake_x(device_type: str, dtype=torch.float32):
-    return SimpleNamespace(device=torch.device(device_type), dtype=dtype, shape=(2, 8, 16, 16))
+def _call(device: str, dtype=torch.float32, traced=False, plain_autograd=False) -> Call:
+    return Call(device, dtype, traced, plain_autograd, logits=1 << 24)
 
 
 def test_auto_picks_sdpa_on_cuda_where_it_can_run():
-    layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert layer._auto_impl(_fake_x('cuda', dtype), True, True) == 'sdpa'
-        # forward-mode AD / torch.func (custom_op_ok False), tracing / export (both False): plain ops
-        assert layer._select_impl(_fake_x('cuda', dtype), True, True) == 'broadcast'
-        assert layer._select_impl(_fake_x('cuda', dtype), False, False) == 'broadcast'
-    assert layer._auto_impl(_fake_x('cuda', torch.float64), True, True) == 'broadcast'  # no fused fp64 kernel
-    assert layer._auto_impl(_fake_x('mps'), True, True) == 'broadcast'
-    cpu_kernels = ('fused',) if fused_cpu.preferred() else ('tiled', 'broadcast')
-    assert layer._auto_impl(_fake_x('cpu'), True, True) in cpu_kernels
+        assert choose('auto', _call('cuda', dtype)) == 'sdpa'
+        # forward-mode AD / torch.func, tracing / export: plain ops
+        assert choose('auto', _call('cuda', dtype, plain_autograd=True)) == 'broadcast'
+        assert choose('auto', _call('cuda', dtype, traced=True)) == 'broadcast'
+    assert choose('auto', _call('cuda', torch.float64)) == 'broadcast'  # no fused fp64 kernel
+    assert choose('auto', _call('mps')) == 'broadcast'
+    assert choose('auto', _call('cpu')) == ('fused' if fused_cpu.preferred() else 'tiled')
+    assert choose('sdpa', _call('cpu', torch.float64)) == 'sdpa'  # explicit: any device and dtype
 
 
 def test_compile_traces_the_sdpa_path_in_one_graph():

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch.nn as nn
 from timm.layers.halo_attn import HaloAttn
 
-from .layers.halo_attention import _resolve_impl_name
+from .layers.kernels import resolve_impl_name
 from .layers.timm_halo_attn import TimmHaloAttn
 
 __all__ = ['ACCELERATE_ENV', 'COUNT_ATTR', 'TimmHaloAttn', 'accelerate']
@@ -60,7 +60,7 @@ def accelerate(model: nn.Module, attn_impl: Optional[str] = None) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f'accelerate expects a torch.nn.Module, got {type(model).__name__}')
-    impl = _resolve_impl_name(attn_impl)
+    impl = resolve_impl_name(attn_impl)
     swapped = already = 0
     for module in model.modules():
         if type(module) is HaloAttn:

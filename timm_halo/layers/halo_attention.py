@@ -15,14 +15,13 @@ the block size) are masked: they get exactly zero attention probability.
 With ``stride=2`` the queries of each block are subsampled (every other row and column), keys and values
 come from the full-resolution window, and the output has ``ceil(H / 2) x ceil(W / 2)`` pixels.
 
-The layer cuts its input into blocks and key windows, then hands them to one kernel of ``ATTN_IMPLS`` (each in
+The layer cuts its input into blocks and key windows, then hands them to one kernel of ``kernels.KERNELS`` (each in
 its own module, all computing the same maths); ``HaloAttention.attn_impl`` names the one to use, and ``'auto'``
-picks per call (``_auto_impl``). ``reference_forward`` is dense attention over every pixel with an explicit
+picks per call (``kernels.choose``). ``reference_forward`` is dense attention over every pixel with an explicit
 window mask: slow and obviously correct; the tests hold every kernel to it.
 """
 import math
-import os
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,31 +29,10 @@ from einops import rearrange
 from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from torch import nn
 
-from . import fused_cpu as _fused
-from . import tiled as _tiled
-from .broadcast import attend_broadcast
-from .sdpa import attend_sdpa
+from .kernels import KernelChoice, resolve_impl_name
 from .windows import gather_windows, unfold_windows
 
-__all__ = ['ATTN_IMPLS', 'ATTN_IMPL_ENV', 'HaloAttention', 'check_image_input']
-
-ATTN_IMPL_ENV = 'TIMM_HALO_ATTN_IMPL'
-
-
-class AttnImpl(NamedTuple):
-    devices: Optional[Tuple[str, ...]]  # device types it runs on; None: any
-    custom_op: bool  # a torch.library custom op: eager and torch.compile only, no forward-mode AD / torch.func
-    doc: str
-
-
-ATTN_IMPLS: Dict[str, AttnImpl] = {
-    'fused': AttnImpl(('cpu',), True, "C kernel built on first use (fused_cpu.py); 'auto' on CPU where it builds"),
-    'tiled': AttnImpl(('cpu',), True, 'tiled flash-style CPU kernel in ATen ops (tiled.py)'),
-    'sdpa': AttnImpl(None, False, "fused scaled_dot_product_attention calls (sdpa.py); 'auto' on CUDA, first order"),
-    'broadcast': AttnImpl(None, False, 'whole tensors in plain ATen ops (broadcast.py)'),
-}
-_IMPL_NAMES = ('auto', *ATTN_IMPLS)
-
+__all__ = ['HaloAttention', 'check_image_input']
 
 def _autocast_enabled(device_type: str) -> bool:
     try:
@@ -91,52 +69,6 @@ def check_image_input(x: torch.Tensor, channels: int, param_dtype: torch.dtype, 
         _check_dtype(x, param_dtype, owner)
 
 
-@torch.jit.unused
-def _plain_autograd_required() -> bool:
-    """True inside forward-mode AD (``torch.autograd.forward_ad``) or a ``torch.func`` transform (jvp, jacfwd,
-    grad, vmap, ...): custom ops have no rules there (forward AD would silently get a zero tangent)."""
-    if torch.compiler.is_compiling():  # dynamo traces transforms itself
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0
-
-
-def _export_flag() -> bool:
-    """torch.export's own flag (torch 2.7+; it also covers the ONNX exporter, which runs torch.export)."""
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
-    return bool(is_exporting is not None and is_exporting())
-
-
-# Under dynamo, torch 2.7-2.11 fold torch.compiler.is_exporting() to True (torch.compile included); called through
-# assume_constant_result, the real flag is read once at trace time instead and kept as the graph's constant.
-_export_flag_at_trace_time = torch.compiler.assume_constant_result(_export_flag)
-
-
-@torch.jit.unused
-def _exporting(x: torch.Tensor) -> bool:
-    """True while torch.export (strict or not), the ONNX exporter or make_fx trace the layer: they get the plain-op
-    path with size-independent windows, which one graph can serve at every input size; torch.compile keeps the fast
-    kernels. Torch 2.6 has no export flag: its non-strict export (the ONNX exporter's first choice) is told by the
-    fake tensors it runs this code on; its strict export captures the custom ops instead (correct, size-specific)."""
-    if torch.compiler.is_dynamo_compiling():  # torch.compile, or a strict torch.export
-        return _export_flag_at_trace_time()
-    return _export_flag() or _is_fake(x)
-
-
-def _is_fake(x: torch.Tensor) -> bool:
-    """True for the fake tensors of a tracer (non-strict torch.export, make_fx)."""
-    from torch._guards import detect_fake_mode  # the detection torch's own tracers use (torch 2.1+)
-
-    return detect_fake_mode([x]) is not None
-
-
-def _resolve_impl_name(attn_impl: Optional[str]) -> str:
-    name = attn_impl if attn_impl is not None else (os.environ.get(ATTN_IMPL_ENV, '').strip() or 'auto')
-    if name not in _IMPL_NAMES:
-        source = 'attn_impl' if attn_impl is not None else f'the environment variable {ATTN_IMPL_ENV}'
-        raise ValueError(f'HaloAttention: unknown {source} {name!r}; choose one of {", ".join(_IMPL_NAMES)}')
-    return name
-
-
 def _check_int(name: str, value, lowest: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(
@@ -146,7 +78,7 @@ def _check_int(name: str, value, lowest: int) -> None:
 
 
 @register_notrace_module  # a leaf for torch.fx feature extraction: its shape arithmetic is not symbolic
-class HaloAttention(nn.Module):
+class HaloAttention(KernelChoice, nn.Module):
     """Halo attention: blocked local self-attention with 2-D relative positions. NCHW in, NCHW out.
 
     Args:
@@ -161,10 +93,11 @@ class HaloAttention(nn.Module):
         value_ratio: value channels per head relative to ``dim_head`` (the paper's rv).
         qkv_bias: add a bias to the q and kv projections.
         attn_impl: the attention kernel: ``'auto'``, ``'fused'`` or ``'tiled'`` (CPU), ``'sdpa'`` or ``'broadcast'``
-            (see ``ATTN_IMPLS``; ``'auto'`` runs ``'fused'`` on CPU (``'tiled'`` where no C compiler could build
+            (see ``kernels.py``; ``'auto'`` runs ``'fused'`` on CPU (``'tiled'`` where no C compiler could build
             it), ``'sdpa'`` on CUDA, ``'broadcast'`` where those cannot run). ``None`` reads the environment
             variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
     """
+    rel_tables = True  # 'fused' reads the relative tables themselves (KernelChoice)
 
     def __init__(
             self,
@@ -219,7 +152,7 @@ class HaloAttention(nn.Module):
         self.win_size = block_size + 2 * halo_size
         self.stride = stride
         self.scale = dim_head ** -0.5
-        self.attn_impl = _resolve_impl_name(attn_impl)
+        self.attn_impl = resolve_impl_name(attn_impl)
 
         self.q = nn.Conv2d(dim, heads * dim_head, 1, bias=qkv_bias, **dd)
         self.kv = nn.Conv2d(dim, heads * (dim_head + dim_head_v), 1, bias=qkv_bias, **dd)
@@ -254,68 +187,6 @@ class HaloAttention(nn.Module):
         # same expression as a model's strided shortcut and can add the two (it cannot prove (n + 1) // 2 equal to
         # it, and would specialise the size). n >= 1, so the ONNX exporter's truncating Div is exact too.
         return (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
-
-    # ---- which kernel runs --------------------------------------------------------------------------------------
-
-    def _use_custom_kernels(self, x: torch.Tensor) -> bool:
-        """Eager mode and torch.compile: size-dependent window plans (cropped windows) are allowed. TorchScript,
-        tracing and export keep plain windows, so one graph serves every input size."""
-        if torch.jit.is_scripting() or torch.jit.is_tracing():
-            return False
-        return self._not_exporting(x)
-
-    @torch.jit.unused
-    def _not_exporting(self, x: torch.Tensor) -> bool:
-        return not _exporting(x)
-
-    @torch.jit.unused
-    def _select_impl(self, x: torch.Tensor, custom_ok: bool, plain_autograd: bool) -> str:
-        """The one place that decides which kernel runs; explicit choices it cannot honour are errors.
-
-        ``custom_ok``: eager or torch.compile (not tracing/export); ``plain_autograd``: forward-mode AD or a
-        torch.func transform is active."""
-        if self.attn_impl == 'auto':
-            return self._auto_impl(x, custom_ok and not plain_autograd, custom_ok)
-        impl = ATTN_IMPLS[self.attn_impl]
-        if impl.devices is not None and x.device.type not in impl.devices:
-            raise RuntimeError(
-                f'HaloAttention: attn_impl={self.attn_impl!r} runs on {"/".join(impl.devices)} only, got a '
-                f'{x.device.type} input; use attn_impl="auto" (or "sdpa" / "broadcast")')
-        if impl.custom_op and not custom_ok:
-            raise RuntimeError(
-                f'HaloAttention: attn_impl={self.attn_impl!r} is a custom op that tracing and export cannot '
-                'capture; use attn_impl="auto" (exports the "broadcast" path) or "broadcast"')
-        if self.attn_impl == 'fused' and not _fused.available():
-            raise RuntimeError(
-                "HaloAttention: attn_impl='fused' builds a C kernel on first use, and that failed "
-                f"({_fused.unavailable_reason()}); use attn_impl='auto' (runs 'tiled' then) or 'tiled'")
-        if impl.custom_op and plain_autograd:
-            raise RuntimeError(
-                f'HaloAttention: attn_impl={self.attn_impl!r} is a custom op without forward-mode AD or torch.func '
-                'rules (its tangents would be wrong); use attn_impl="auto" or "broadcast" for jvp/jacfwd/vmap')
-        return self.attn_impl
-
-    @torch.jit.unused
-    def _auto_impl(self, x: torch.Tensor, custom_op_ok: bool, crop: bool) -> str:
-        """``custom_op_ok``: eager or torch.compile, no forward-mode AD / torch.func; ``crop``: eager or compile."""
-        if x.device.type == 'cuda':
-            # Fused SDPA (flash / memory-efficient / cuDNN) in fp32 and under autocast; fp64 has no fused CUDA kernel
-            # (SDPA would run its math backend), and tracing, export, forward AD and torch.func keep plain ops.
-            fused = custom_op_ok and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            return 'sdpa' if fused else 'broadcast'
-        if not custom_op_ok or x.device.type != 'cpu':
-            return 'broadcast'
-        if _fused.preferred():  # fastest at HaloNet's stages 1-3, on a par at 4 (AVX2 / AVX-512)
-            return 'fused'
-        # All logits of the call fit in one tile (late stages, small batches): tiling buys nothing there, and one
-        # whole-tensor call is faster.
-        B, _, H, W = x.shape
-        b, bq = self.block_size, self.block_size // self.stride
-        nh, nw = (H + b - 1) // b, (W + b - 1) // b
-        keys = self._window_plan(H, nh, crop)[3] * self._window_plan(W, nw, crop)[3]
-        if B * self.heads * nh * nw * bq * bq * keys <= _tiled.TILE_LOGITS:
-            return 'broadcast'
-        return 'tiled'
 
     # ---- blocks and windows -------------------------------------------------------------------------------------
 
@@ -431,37 +302,12 @@ class HaloAttention(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
-    def _call_plan(self, x: torch.Tensor) -> Tuple[str, bool, bool]:
-        """For this call: the kernel, whether windows are cut by the ``gather_windows`` op, and whether
-        size-dependent window plans (cropped windows) are allowed (eager and torch.compile)."""
-        crop = self._use_custom_kernels(x)
-        if torch.jit.is_scripting():
-            return 'broadcast', False, crop
-        else:
-            plain_autograd = _plain_autograd_required()
-            return self._select_impl(x, crop, plain_autograd), crop and not plain_autograd, crop
-
-    def _attend(self, impl: str, q, k, v, rel: List[torch.Tensor]) -> torch.Tensor:
-        """``rel``: [rel_h, rel_w], or for ``'fused'`` also the table form of ``_blocked(tables=True)``."""
-        if impl == 'broadcast':
-            return attend_broadcast(q, k, v, rel[0], rel[1], self.scale)
-        return self._attend_custom(impl, q, k, v, rel)
-
-    @torch.jit.unused
-    def _attend_custom(self, impl: str, q, k, v, rel: List[torch.Tensor]) -> torch.Tensor:
-        if impl == 'fused':
-            if len(rel) == 6:
-                return _fused.attend_fused_tables(q, k, v, *rel, self.scale)
-            return _fused.attend_fused(q, k, v, rel[0], rel[1], self.scale)
-        if impl == 'tiled':
-            return _tiled.attend_tiled(q, k, v, rel[0], rel[1], self.scale, _tiled.TILE_LOGITS)
-        return attend_sdpa(q, k, v, rel[0], rel[1], self.scale)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         impl, gather_op, crop = self._call_plan(x)
-        q, k, v, rel, geom = self._blocked(x, crop, gather_op, impl == 'fused')
-        return self.proj(self._unblock(self._attend(impl, q, k, v, rel), geom))
+        tables = impl != 'broadcast' and self._takes_tables(impl)
+        q, k, v, rel, geom = self._blocked(x, crop, gather_op, tables)
+        return self.proj(self._unblock(self._attend(impl, q, k, v, rel, tables), geom))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense attention over all pixels with an explicit window mask: slow, for tests only.

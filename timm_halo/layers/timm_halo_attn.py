@@ -13,8 +13,8 @@ it and overrides ``forward`` only, reproducing timm's semantics exactly:
 * stride 2 by the strided q conv, or ``AvgPool2d(2)`` after attention (``avg_down``, odd block sizes).
 
 Those per-axis terms are exactly what our kernels take (``rel_h``/``rel_w``, here without a mask), so the
-blocks and windows go to the same kernels as ``HaloAttention``, chosen by ``HaloAttention``'s own methods
-(``attn_impl`` / ``TIMM_HALO_ATTN_IMPL`` / ``'auto'``, see ``ATTN_IMPLS``). ``timm_halo.accelerate`` swaps the
+blocks and windows go to the same kernels as ``HaloAttention``, chosen as ``HaloAttention``'s
+(``attn_impl`` / ``TIMM_HALO_ATTN_IMPL`` / ``'auto'``, see ``kernels.py``). ``timm_halo.accelerate`` swaps the
 class of existing ``HaloAttn`` instances to this one (state dict, hooks and parameters untouched).
 """
 from typing import Optional, Tuple
@@ -24,14 +24,15 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from timm.layers.halo_attn import HaloAttn
 
-from .halo_attention import HaloAttention, _resolve_impl_name, check_image_input
+from .halo_attention import check_image_input
+from .kernels import KernelChoice, resolve_impl_name
 from .windows import gather_windows, unfold_windows
 
 __all__ = ['TimmHaloAttn']
 
 
 @register_notrace_module  # a leaf for torch.fx (timm's feature extraction): the shape checks need real sizes
-class TimmHaloAttn(HaloAttn):
+class TimmHaloAttn(KernelChoice, HaloAttn):
     """``timm.layers.halo_attn.HaloAttn`` with the forward pass on timm-halo's kernels (same maths, same state dict).
 
     Args: those of ``HaloAttn``, plus ``attn_impl``: ``'auto'``, ``'tiled'`` (CPU), ``'sdpa'`` or
@@ -43,20 +44,11 @@ class TimmHaloAttn(HaloAttn):
 
     def __init__(self, *args, attn_impl: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.attn_impl = _resolve_impl_name(attn_impl)
+        self.attn_impl = resolve_impl_name(attn_impl)
 
-    # The kernel choice is HaloAttention's, method for method, so both layers pick alike. Those methods read the
-    # attributes below: ``heads``, ``dim_head``, ``stride`` (query subsampling inside a block: timm's
-    # ``block_stride``; 1 with ``avg_down``, which pools after attention) and ``_window_plan`` (timm's windows: pad
-    # by the halo on both sides, one window of ``win_size`` every ``block_size``; never cropped); and
-    # ``dim_head_v``, timm's own.
-    _select_impl = HaloAttention._select_impl
-    _auto_impl = HaloAttention._auto_impl
-    _use_custom_kernels = HaloAttention._use_custom_kernels
-    _not_exporting = HaloAttention._not_exporting
-    _attend_custom = HaloAttention._attend_custom
-    _call_plan = HaloAttention._call_plan
-    _attend = HaloAttention._attend
+    # KernelChoice reads ``heads``, ``dim_head``, ``stride`` (query subsampling inside a block: timm's
+    # ``block_stride``; 1 with ``avg_down``, which pools after attention) and ``_window_plan`` (timm's windows:
+    # pad by the halo on both sides, one window of ``win_size`` every ``block_size``; never cropped).
 
     @property
     def heads(self) -> int:
@@ -118,7 +110,7 @@ class TimmHaloAttn(HaloAttn):
         else:
             k, v = unfold_windows(kv, heads, d, b, win, b, win)
 
-        out = self._attend(impl, q, k, v, [rel_h, rel_w])
+        out = self._attend(impl, q, k, v, [rel_h, rel_w], False)
         out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, heads * dv, nh * bq, nw * bq)
         return self.pool(out)

@@ -1,0 +1,241 @@
+"""Which attention kernel runs a call: one registry, each kernel saying why it cannot run a given call.
+
+Every kernel computes the same windowed attention (``attend(q, k, v, rel, scale)``, see ``attend_broadcast``) and
+answers ``why_not(call)``: None when it can run the call, else the reason. An explicit ``attn_impl`` raises its
+kernel's reason. ``'auto'`` walks its device's list in ``AUTO_ORDER`` and takes the first kernel that can run the
+call and that ``auto_skip`` does not pass over (a kernel that could run but is slower there than the next one).
+
+Adding a kernel: its own module with an ``attend`` function, one ``Kernel`` entry in ``KERNELS``, and its name in
+``AUTO_ORDER`` if ``'auto'`` should use it (docs/kernels.md).
+"""
+import os
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from . import fused_cpu
+from .broadcast import attend_broadcast
+from .sdpa import attend_sdpa
+from .tiled import TILE_LOGITS, attend_tiled
+
+__all__ = ['ATTN_IMPLS', 'ATTN_IMPL_ENV', 'AUTO_ORDER', 'Call', 'Kernel', 'KernelChoice', 'RelTables', 'RelTerms',
+           'choose', 'resolve_impl_name']
+
+ATTN_IMPL_ENV = 'TIMM_HALO_ATTN_IMPL'
+
+
+class Call(NamedTuple):
+    """What decides the kernel, computed once per call."""
+    device: str  # the input's device type
+    dtype: torch.dtype
+    traced: bool  # TorchScript, tracing or export: plain ATen ops, one graph for every input size
+    plain_autograd: bool  # forward-mode AD or a torch.func transform: custom ops have no rules there
+    logits: int  # logits of the whole call (windows x queries x keys)
+
+
+class RelTerms(NamedTuple):
+    """The per-axis relative terms with the border mask: (N, bq, bq, kh) and (N, bq, bq, kw)."""
+    rel_h: torch.Tensor
+    rel_w: torch.Tensor
+
+
+class RelTables(NamedTuple):
+    """The relative tables and where each block reads them (``attend_fused_tables``)."""
+    table_h: torch.Tensor
+    table_w: torch.Tensor
+    base_h: torch.Tensor
+    base_w: torch.Tensor
+    mask_h: torch.Tensor
+    mask_w: torch.Tensor
+
+
+def _can(call: Call) -> Optional[str]:
+    return None
+
+
+class Kernel(NamedTuple):
+    attend: Callable[..., torch.Tensor]  # (q, k, v, rel: RelTerms or, with takes_tables, RelTables, scale)
+    why_not: Callable[[Call], Optional[str]]  # why it cannot run a call (None: it can)
+    auto_skip: Callable[[Call], Optional[str]] = _can  # why 'auto' passes it over although it could run
+    takes_tables: bool = False  # also takes RelTables: the tables themselves instead of each query's products
+    doc: str = ''
+
+
+def _cpu_custom_op(name: str) -> Callable[[Call], Optional[str]]:
+    def why_not(call: Call) -> Optional[str]:
+        if call.device != 'cpu':
+            return f"attn_impl='{name}' runs on cpu only, got a {call.device} input; use attn_impl='auto'"
+        if call.traced:
+            return (f"attn_impl='{name}' is a custom op that tracing and export cannot capture; use attn_impl='auto' "
+                    "(exports the 'broadcast' path) or 'broadcast'")
+        if name == 'fused' and not fused_cpu.available():
+            return (f"attn_impl='fused' builds a C kernel on first use, and that failed "
+                    f"({fused_cpu.unavailable_reason()}); use attn_impl='auto' (runs 'tiled' then) or 'tiled'")
+        if call.plain_autograd:
+            return (f"attn_impl='{name}' is a custom op without forward-mode AD or torch.func rules (its tangents "
+                    "would be wrong); use attn_impl='auto' or 'broadcast' for jvp/jacfwd/vmap")
+        return None
+    return why_not
+
+
+def _attend_fused(q, k, v, rel: Union[RelTerms, RelTables], scale: float) -> torch.Tensor:
+    if isinstance(rel, RelTables):
+        return fused_cpu.attend_fused_tables(q, k, v, *rel, scale)
+    return fused_cpu.attend_fused(q, k, v, rel.rel_h, rel.rel_w, scale)
+
+
+def _fused_auto_skip(call: Call) -> Optional[str]:
+    # Measured (benchmarks/RESULTS.md): with AVX2 or AVX-512 the C kernel beats the tiled kernel at HaloNet's stages
+    # 1-3 and is on a par at stage 4; with 16-byte vectors it is slower. Other CPUs never compile it for 'auto'.
+    return None if fused_cpu.preferred() else 'no AVX2 / AVX-512 build of the C kernel here'
+
+
+def _tiled_auto_skip(call: Call) -> Optional[str]:
+    # All logits fit in one tile (late stages, small batches): tiling buys nothing, one whole-tensor call is faster.
+    # Not asked where the kernel cannot run: an exporter would guard the (symbolic) batch size on the comparison.
+    if call.traced or call.plain_autograd:
+        return None
+    return 'the call fits in one tile' if call.logits <= TILE_LOGITS else None
+
+
+def _sdpa_auto_skip(call: Call) -> Optional[str]:
+    if call.traced or call.plain_autograd:
+        return 'tracing, export, forward-mode AD and torch.func keep plain ops'
+    if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return 'no fused CUDA kernel for this dtype (SDPA would run its math backend)'
+    return None
+
+
+KERNELS: Dict[str, Kernel] = {
+    'fused': Kernel(_attend_fused, _cpu_custom_op('fused'), _fused_auto_skip, takes_tables=True,
+                    doc="C kernel built on first use (fused_cpu.py); 'auto' on CPU with AVX2 / AVX-512"),
+    'tiled': Kernel(lambda q, k, v, rel, scale: attend_tiled(q, k, v, *rel, scale, TILE_LOGITS),
+                    _cpu_custom_op('tiled'), _tiled_auto_skip,
+                    doc="tiled flash-style CPU kernel in ATen ops (tiled.py); 'auto' on CPU without the C kernel"),
+    'sdpa': Kernel(lambda q, k, v, rel, scale: attend_sdpa(q, k, v, *rel, scale), _can, _sdpa_auto_skip,
+                   doc="fused scaled_dot_product_attention calls (sdpa.py); 'auto' on CUDA, first order"),
+    'broadcast': Kernel(lambda q, k, v, rel, scale: attend_broadcast(q, k, v, *rel, scale), _can,
+                        doc='whole tensors in plain ATen ops (broadcast.py); every device, autograd mode and exporter'),
+}
+ATTN_IMPLS = KERNELS  # the public name
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {'cpu': ('fused', 'tiled', 'broadcast'), 'cuda': ('sdpa', 'broadcast')}
+_IMPL_NAMES = ('auto', *KERNELS)
+
+
+def resolve_impl_name(attn_impl: Optional[str]) -> str:
+    """``attn_impl``, else ``$TIMM_HALO_ATTN_IMPL``, else ``'auto'``; an unknown name is a ValueError."""
+    name = attn_impl if attn_impl is not None else (os.environ.get(ATTN_IMPL_ENV, '').strip() or 'auto')
+    if name not in _IMPL_NAMES:
+        source = 'attn_impl' if attn_impl is not None else f'the environment variable {ATTN_IMPL_ENV}'
+        raise ValueError(f'HaloAttention: unknown {source} {name!r}; choose one of {", ".join(_IMPL_NAMES)}')
+    return name
+
+
+def choose(attn_impl: str, call: Call, owner: str = 'HaloAttention') -> str:
+    """The kernel that runs ``call``: ``attn_impl`` itself (an error with its reason if it cannot), or for
+    ``'auto'`` the first of ``AUTO_ORDER[call.device]`` that can and is not passed over."""
+    if attn_impl == 'auto':
+        for name in AUTO_ORDER.get(call.device, ('broadcast',)):
+            kernel = KERNELS[name]
+            if kernel.auto_skip(call) is None and kernel.why_not(call) is None:  # skip first: it never compiles
+                return name
+        return 'broadcast'
+    reason = KERNELS[attn_impl].why_not(call)
+    if reason is not None:
+        raise RuntimeError(f'{owner}: {reason}')
+    return attn_impl
+
+
+@torch.jit.unused
+def _plain_autograd_required() -> bool:
+    """True inside forward-mode AD (``torch.autograd.forward_ad``) or a ``torch.func`` transform (jvp, jacfwd,
+    grad, vmap, ...): custom ops have no rules there (forward AD would silently get a zero tangent)."""
+    if torch.compiler.is_compiling():  # dynamo traces transforms itself
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0
+
+
+def _export_flag() -> bool:
+    """torch.export's own flag (torch 2.7+; it also covers the ONNX exporter, which runs torch.export). Older torch
+    has none; the compiling flag outside dynamo is set by its non-strict export alone."""
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    return is_exporting() if is_exporting is not None else torch.compiler.is_compiling()
+
+
+# Under dynamo, torch 2.7-2.11 fold torch.compiler.is_exporting() to True (torch.compile included); called through
+# assume_constant_result, the real flag is read once at trace time instead and kept as the graph's constant.
+_export_flag_at_trace_time = torch.compiler.assume_constant_result(
+    lambda: bool(getattr(torch.compiler, 'is_exporting', lambda: False)()))
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    """True while torch.export (strict or not) or the ONNX exporter trace the layer: they get the plain-op path with
+    size-independent windows, which one graph can serve at every input size; torch.compile keeps the fast kernels.
+    On torch 2.5/2.6 a strict torch.export (their default) captures the custom ops instead (correct outputs, a
+    size-specific graph); the ONNX exporter's non-strict export is told apart."""
+    if torch.compiler.is_dynamo_compiling():  # torch.compile, or a strict torch.export
+        return _export_flag_at_trace_time()
+    return _export_flag()
+
+
+class KernelChoice:
+    """The kernel choice of a layer (``HaloAttention``, ``TimmHaloAttn``), once per call. The layer has
+    ``attn_impl``, ``scale``, ``heads``, ``block_size``, ``stride`` (query subsampling inside a block) and
+    ``_window_plan``; ``rel_tables``: it can give the ``'fused'`` kernel the relative tables themselves."""
+    rel_tables = False
+
+    def _use_custom_kernels(self) -> bool:
+        """Eager mode and torch.compile: size-dependent window plans (cropped windows) and custom ops are allowed.
+        TorchScript, tracing and export keep plain ops and windows, so one graph serves every input size."""
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return False
+        return self._not_exporting()
+
+    @torch.jit.unused
+    def _not_exporting(self) -> bool:
+        return not _exporting()
+
+    def _call_plan(self, x: torch.Tensor) -> Tuple[str, bool, bool]:
+        """For this call: the kernel, whether windows are cut by the ``gather_windows`` op, and whether
+        size-dependent window plans (cropped windows) are allowed."""
+        crop = self._use_custom_kernels()
+        if torch.jit.is_scripting():
+            return 'broadcast', False, crop
+        return self._choose(x, crop)
+
+    @torch.jit.unused
+    def _choose(self, x: torch.Tensor, crop: bool) -> Tuple[str, bool, bool]:
+        plain_autograd = _plain_autograd_required()
+        call = Call(x.device.type, x.dtype, not crop, plain_autograd, self._call_logits(x, crop))
+        return choose(self.attn_impl, call, type(self).__name__), crop and not plain_autograd, crop
+
+    @torch.jit.unused
+    def _call_logits(self, x: torch.Tensor, crop: bool) -> int:
+        B, _, H, W = x.shape
+        b, bq = self.block_size, self.block_size // self.stride
+        nh, nw = (H + b - 1) // b, (W + b - 1) // b
+        keys = self._window_plan(H, nh, crop)[3] * self._window_plan(W, nw, crop)[3]
+        return B * self.heads * nh * nw * bq * bq * keys
+
+    @torch.jit.unused
+    def _takes_tables(self, impl: str) -> bool:
+        return self.rel_tables and KERNELS[impl].takes_tables
+
+    def _attend(self, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: List[torch.Tensor],
+                tables: bool) -> torch.Tensor:
+        """``rel``: the fields of ``RelTables`` if ``tables``, else of ``RelTerms`` (TorchScript takes no
+        NamedTuple of this kind: the scripted path is ``'broadcast'`` on the list)."""
+        if impl == 'broadcast':
+            return attend_broadcast(q, k, v, rel[0], rel[1], self.scale)
+        return self._attend_kernel(impl, q, k, v, rel, tables)
+
+    @torch.jit.unused
+    def _attend_kernel(self, impl: str, q, k, v, rel: List[torch.Tensor], tables: bool) -> torch.Tensor:
+        return KERNELS[impl].attend(q, k, v, RelTables(*rel) if tables else RelTerms(*rel), self.scale)
+
+
+def auto_reasons(call: Call) -> List[Tuple[str, Optional[str]]]:
+    """Each kernel of ``call.device``'s 'auto' list with the reason 'auto' would pass it over (None: taken)."""
+    return [(name, KERNELS[name].auto_skip(call) or KERNELS[name].why_not(call))
+            for name in AUTO_ORDER.get(call.device, ('broadcast',))]
