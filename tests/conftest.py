@@ -19,6 +19,17 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 SHARED_FIXTURES = ('wheel_venv', 'published', 'static_layer', 'cli_export', 'family_summary')
 
 
+def pytest_generate_tests(metafunc):
+    """A test that takes ``kernel`` runs once per kernel of the registry (timm_halo.layers.kernels.KERNELS), so a new
+    kernel is held to every such test; 'fused' is skipped where its C kernel cannot be built."""
+    if 'kernel' in metafunc.fixturenames:
+        from timm_halo.layers import ATTN_IMPLS, fused_cpu
+
+        no_c_kernel = pytest.mark.skipif(not fused_cpu.available(), reason='no C kernel here')
+        metafunc.parametrize('kernel', [pytest.param(name, marks=[no_c_kernel] if name == 'fused' else [])
+                                        for name in ATTN_IMPLS])
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     for item in items:
