@@ -294,3 +294,20 @@ def test_explicit_custom_op_kernel_refuses_export(impl, strict):
     layer = _layer(1, impl, dtype=torch.float32).eval()
     with pytest.raises(RuntimeError, match=rf"attn_impl='{impl}' is a custom op that tracing and export cannot"):
         torch.export.export(layer, (torch.randn(1, 8, 8, 8),), strict=strict)
+
+
+def test_export_needs_a_recent_torch(tmp_path):
+    """torch 2.6's torch.export fails on these models' dynamic block counts: our export tools say so up front; on a
+    newer torch they export."""
+    from timm_halo import export as ex
+
+    model = timm.create_model('halonet_h0', depths=(1, 1), widths=(16, 32), stem_chs=16, heads=2, num_classes=3)
+    example = torch.randn(2, 3, 64, 64)
+    if torch.__version__ < ex.EXPORT_MIN_TORCH:
+        with pytest.raises(RuntimeError, match=f'needs torch >= {ex.EXPORT_MIN_TORCH}'):
+            ex.export_program(model, example)
+        with pytest.raises(RuntimeError, match=f'needs torch >= {ex.EXPORT_MIN_TORCH}'):
+            ex.export_onnx(model, tmp_path / 'model.onnx', example)
+    else:
+        report = ex.program_parity(ex.export_program(model, example), model, [example, torch.randn(3, 3, 64, 64)])
+        assert report.ok, report

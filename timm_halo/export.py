@@ -121,6 +121,19 @@ def _parity(run: Callable[[torch.Tensor], Sequence[Any]], model: nn.Module, inpu
     return ParityReport(path, worst, atol, [tuple(x.shape) for x in inputs], scale)
 
 
+# torch 2.6's torch.export fails on these models' dynamic shapes (it cannot prove the bounds of the block counts
+# ceil(H / block_size) and guards every size), in ONNX export too; 2.11 and later are tested.
+EXPORT_MIN_TORCH = '2.7'
+
+
+def _check_torch_version() -> None:
+    if torch.__version__ < EXPORT_MIN_TORCH:
+        raise RuntimeError(
+            f'exporting HaloNet models needs torch >= {EXPORT_MIN_TORCH}, this is {torch.__version__}: its '
+            'torch.export cannot handle the dynamic shapes of the block counts (ceil(H / block_size)). '
+            'torch.compile and TorchScript work on this torch; upgrade torch to export.')
+
+
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, dynamic_size: bool = False
                    ) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (put in eval mode) for NCHW inputs like ``example``; the batch is
@@ -131,6 +144,7 @@ def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool 
             'blocks, the padding and the border mask come from ceil(H / block_size), whose bounds torch.export '
             'cannot prove for a symbolic H, so it would fail or specialise to the example size. Export one '
             'program per input size, or use export_onnx(..., dynamic_size=True).')
+    _check_torch_version()
     return torch.export.export(model.eval(), (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch, False))
 
 
@@ -145,6 +159,7 @@ def export_onnx(model: nn.Module, path: Union[str, Path], example: torch.Tensor,
                 dynamic_size: bool = False, opset_version: Optional[int] = None) -> Path:
     """Export ``model`` (put in eval mode) to one self-contained ONNX file with the ``torch.export``-based
     exporter. Input ``input``; outputs ``output`` (or ``output_0``, ``output_1``, ... e.g. for ``features_only``)."""
+    _check_torch_version()
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes - {torch.float32}:
         raise ValueError(
