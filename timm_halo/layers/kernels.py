@@ -58,7 +58,6 @@ class Kernel(NamedTuple):
     why_not: Callable[[Call], Optional[str]]  # why it cannot run a call (None: it can)
     auto_skip: Callable[[Call], Optional[str]] = _can  # why 'auto' passes it over although it could run
     takes_tables: bool = False  # also takes RelTables: the tables themselves instead of each query's products
-    doc: str = ''
 
 
 def _cpu_custom_op(name: str) -> Callable[[Call], Optional[str]]:
@@ -107,15 +106,15 @@ def _sdpa_auto_skip(call: Call) -> Optional[str]:
 
 
 KERNELS: Dict[str, Kernel] = {
-    'fused': Kernel(_attend_fused, _cpu_custom_op('fused'), _fused_auto_skip, takes_tables=True,
-                    doc="C kernel built on first use (fused_cpu.py); 'auto' on CPU with AVX2 / AVX-512"),
+    # C kernel built on first use (fused_cpu.py); 'auto' on CPUs with AVX2 / AVX-512
+    'fused': Kernel(_attend_fused, _cpu_custom_op('fused'), _fused_auto_skip, takes_tables=True),
+    # tiled flash-style CPU kernel in ATen ops (tiled.py); 'auto' on CPU without the C kernel
     'tiled': Kernel(lambda q, k, v, rel, scale: attend_tiled(q, k, v, *rel, scale, TILE_LOGITS),
-                    _cpu_custom_op('tiled'), _tiled_auto_skip,
-                    doc="tiled flash-style CPU kernel in ATen ops (tiled.py); 'auto' on CPU without the C kernel"),
-    'sdpa': Kernel(lambda q, k, v, rel, scale: attend_sdpa(q, k, v, *rel, scale), _can, _sdpa_auto_skip,
-                   doc="fused scaled_dot_product_attention calls (sdpa.py); 'auto' on CUDA, first order"),
-    'broadcast': Kernel(lambda q, k, v, rel, scale: attend_broadcast(q, k, v, *rel, scale), _can,
-                        doc='whole tensors in plain ATen ops (broadcast.py); every device, autograd mode and exporter'),
+                    _cpu_custom_op('tiled'), _tiled_auto_skip),
+    # fused scaled_dot_product_attention calls (sdpa.py); 'auto' on CUDA; first-order gradients
+    'sdpa': Kernel(lambda q, k, v, rel, scale: attend_sdpa(q, k, v, *rel, scale), _can, _sdpa_auto_skip),
+    # whole tensors in plain ATen ops (broadcast.py): every device, autograd mode and exporter
+    'broadcast': Kernel(lambda q, k, v, rel, scale: attend_broadcast(q, k, v, *rel, scale), _can),
 }
 ATTN_IMPLS = KERNELS  # the public name
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {'cpu': ('fused', 'tiled', 'broadcast'), 'cuda': ('sdpa', 'broadcast')}
@@ -234,8 +233,3 @@ class KernelChoice:
     def _attend_kernel(self, impl: str, q, k, v, rel: List[torch.Tensor], tables: bool) -> torch.Tensor:
         return KERNELS[impl].attend(q, k, v, RelTables(*rel) if tables else RelTerms(*rel), self.scale)
 
-
-def auto_reasons(call: Call) -> List[Tuple[str, Optional[str]]]:
-    """Each kernel of ``call.device``'s 'auto' list with the reason 'auto' would pass it over (None: taken)."""
-    return [(name, KERNELS[name].auto_skip(call) or KERNELS[name].why_not(call))
-            for name in AUTO_ORDER.get(call.device, ('broadcast',))]
