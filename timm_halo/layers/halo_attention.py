@@ -21,6 +21,7 @@ picks per call (``kernels.choose``). ``reference_forward`` is dense attention ov
 window mask: slow and obviously correct; the tests hold every kernel to it.
 """
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 from .kernels import KernelChoice, resolve_impl_name
 from .windows import gather_windows, unfold_windows
 
-__all__ = ['HaloAttention', 'check_image_input']
+__all__ = ['HaloAttention', 'check_image_input', 'check_int']
 
 def _autocast_enabled(device_type: str) -> bool:
     try:
@@ -69,12 +70,14 @@ def check_image_input(x: torch.Tensor, channels: int, param_dtype: torch.dtype, 
         _check_dtype(x, param_dtype, owner)
 
 
-def _check_int(name: str, value, lowest: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f'HaloAttention: {name} must be an integer >= {lowest}, got {value!r} of type {type(value).__name__}')
+def check_int(owner: str, name: str, value, lowest: int, hint: str = '') -> None:
+    """``value`` must be an integer (not a bool) >= ``lowest``: TypeError for another type, ValueError below it."""
+    hint = f' ({hint})' if hint else ''
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f'{owner}: {name} must be an integer >= {lowest}{hint}, got {value!r} of type '
+                        f'{type(value).__name__}')
     if value < lowest:
-        raise ValueError(f'HaloAttention: {name} must be an integer >= {lowest}, got {value!r}')
+        raise ValueError(f'{owner}: {name} must be an integer >= {lowest}{hint}, got {value!r}')
 
 
 @register_notrace_module  # a leaf for torch.fx feature extraction: its shape arithmetic is not symbolic
@@ -119,9 +122,9 @@ class HaloAttention(KernelChoice, nn.Module):
         for name, value, lowest in (
                 ('dim', dim, 1), ('block_size', block_size, 1), ('halo_size', halo_size, 0),
                 ('dim_head', dim_head, 1), ('heads', heads, 1)):
-            _check_int(name, value, lowest)
+            check_int('HaloAttention', name, value, lowest)
         if dim_out is not None:
-            _check_int('dim_out', dim_out, 1)
+            check_int('HaloAttention', 'dim_out', dim_out, 1)
         if isinstance(stride, bool) or not isinstance(stride, int):
             raise TypeError(f'HaloAttention: stride must be 1 or 2 (an int), got {stride!r} of type '
                             f'{type(stride).__name__}')

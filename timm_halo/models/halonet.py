@@ -57,7 +57,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from timm_halo.layers import HaloAttention
-from timm_halo.layers.halo_attention import check_image_input
+from timm_halo.layers.halo_attention import check_image_input, check_int
 
 from ._pretrained import PretrainedWeightsError, build_pretrained, warn_if_classifier_dropped
 
@@ -99,13 +99,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_int(name: str, value: Any, lowest: int, hint: str = '') -> None:
-    """`value` must be an integer (not a bool) >= `lowest`: TypeError for another type, ValueError below it."""
-    hint = f' ({hint})' if hint else ''
-    if not _is_int(value):
-        raise TypeError(f'HaloNet: {name} must be an integer >= {lowest}{hint}, got {value!r} '
-                        f'of type {type(value).__name__}')
-    if value < lowest:
-        raise ValueError(f'HaloNet: {name} must be an integer >= {lowest}{hint}, got {value!r}')
+    check_int('HaloNet', name, value, lowest, hint)
 
 
 def _check_ratio(name: str, value: Any, hint: str) -> None:
