@@ -44,7 +44,7 @@ from timm_halo.layers import ATTN_IMPLS
 MODELS = ['halonet26t', 'sehalonet33ts', 'halonet50ts', 'eca_halonext26ts', 'haloregnetz_b',
           'lamhalobotnet50ts_256', 'halo2botnet50ts_256']
 STOCK, FAST, BOUND = 'stock', 'accelerated', 'no-attention bound'
-TARGETS = {'infer': 2.0, 'train': 1.5}  # issue 13: halonet26t and halonet50ts at 256 px, CPU
+TARGETS = {'infer': 2.0, 'train': 1.5}  # goals: halonet26t and halonet50ts at 256 px, CPU
 TARGET_MODELS = ('halonet26t', 'halonet50ts')
 
 
@@ -152,7 +152,7 @@ def plot(data: dict, path: str) -> None:
         ax.axhline(1.0, color='grey', lw=0.8)
         if mode in TARGETS:
             ax.axhline(TARGETS[mode], color='red', lw=0.8, ls='--',
-                       label=f'issue target {TARGETS[mode]:g}x ({", ".join(TARGET_MODELS)})')
+                       label=f'goal {TARGETS[mode]:g}x ({", ".join(TARGET_MODELS)})')
         ax.tick_params(axis='x', labelrotation=20)
         ax.legend(fontsize=8)
     fig.suptitle(textwrap.fill(data['header'], 200), fontsize=8)

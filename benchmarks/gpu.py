@@ -7,7 +7,7 @@
 all run here, one after another. Each section rewrites ``<section>.md`` / ``<section>.json`` in the output folder
 (``$OUT`` if set, else ``benchmarks/out/gpu``) at every row, so a run cut short keeps what it measured, and any
 exception ends the section with its error recorded there (status ``failed``). ``--summary`` gathers the sections'
-files into ``gpu.md`` / ``gpu.json`` with the issue's targets.
+files into ``gpu.md`` / ``gpu.json`` with the performance goals.
 
 - ``layer``: ours ('sdpa' with values padded for flash, 'sdpa narrow-v' with values at their own width,
   'broadcast') vs timm's ``HaloAttn`` at HaloNet-H1's four stage shapes (batch 64, block 8, halo 3, 8 heads of
@@ -620,7 +620,7 @@ def summary(out_dir: str) -> int:
     models = [r for n in ('models_eager', 'models_compiled') for r in found.get(n, {}).get('rows', [])
               if 'model' in r]
     goals = targets(layer, models)
-    parts.append('## Targets (issue 12)\n\n' + targets_table(goals) + '\n')
+    parts.append('## Performance goals\n\n' + targets_table(goals) + '\n')
     write_atomic(os.path.join(out_dir, 'gpu.md'), '\n'.join(parts))
     write_atomic(os.path.join(out_dir, 'gpu.json'),
                  json.dumps(dict(meta=meta, sections=found, targets=goals), indent=1, default=str))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 12 in one call: CUDA tests, then the sections of benchmarks/gpu.py (layer vs timm's
+# The GPU check in one call: CUDA tests, then the sections of benchmarks/gpu.py (layer vs timm's
 # HaloAttn, SDPA calls, halonet_h1 vs timm's halonet_h1 and resnet50 eager and compiled), each in its own process
 # under its own time limit, so an error, a crash or a hang costs that section only. Stops by itself within
 # GPU_CHECK_BUDGET + 5 seconds (default 525: under 9 minutes, all included); no network needed.

@@ -769,7 +769,7 @@ def train_checkpoint(path: Path, net: torch.nn.Module, **args) -> Path:
 
 @pytest.fixture(scope='module')
 def trained_export(tmp_path_factory):
-    """The issue's story: a halonet_h0 trained by train.py at 64 px on 3 classes, with --model-kwargs, exported
+    """A user's story: a halonet_h0 trained by train.py at 64 px on 3 classes, with --model-kwargs, exported
     with `timm-halo hub-export --model halonet_h0 --checkpoint ... --output DIR` (and --labels), no size flag."""
     root = tmp_path_factory.mktemp('trained-export')
     model = randomize(timm.create_model('halonet_h0', num_classes=3, **H0_TINY), seed=11)
