@@ -54,7 +54,7 @@ def test_dry_run_writes_every_section(tmp_path):
     summary = (tmp_path / 'gpu.md').read_text()
     for name in SECTIONS:
         assert section(tmp_path, name)['title'] in summary
-    assert '## Targets' in summary
+    assert '## Performance goals' in summary
     assert set(json.loads((tmp_path / 'gpu.json').read_text())['sections']) == set(SECTIONS)
 
 
