@@ -1,8 +1,8 @@
 """Catalogue of bad and edge-case inputs: each row says what happens, an exception (type and message) or a result.
 
 To add a case, append a `Case` to `CASES`: `run` performs the action; give `error` and `match` (a regex searched
-in the message) for a failure, or `check` (called with what `run` returned) for a success. README's "Behaviour on
-bad input" lists the same cases.
+in the message) for a failure, or `check` (called with what `run` returned) for a success. docs/bad-input.md lists
+the same cases.
 """
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
