@@ -180,3 +180,38 @@ def test_plot_writes_png(tmp_path, kind):
     path = tmp_path / f'{kind}.png'
     plot_mod.plot(dict(benchmark=kind, header='test', rows=rows), str(path))
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.heavy  # exports three (tiny) models to ONNX
+def test_deploy_benchmark_quick_table_ratios_and_ort_profile(tmp_path, monkeypatch, capsys):
+    pytest.importorskip('onnxruntime')
+    deploy = pytest.importorskip('benchmarks.deploy', reason='benchmarks/ is only in a source checkout')
+    # Tiny stand-ins at 64 px (timm's halonet_h1 needs 256 px; exporting the real three takes over a minute).
+    monkeypatch.setattr(deploy, 'CONTENDERS', {deploy.OURS: _tiny_h0, deploy.TIMM: _tiny_h0,
+                                               deploy.RESNET: partial(timm.create_model, 'resnet10t', num_classes=10)})
+    out = tmp_path / 'deploy.json'
+    deploy.main(['--quick', '--img-size', '64', '--ort-profile', '1', '--json', str(out)])
+    assert '| backend | model | ms | img/s | GMAC/s |' in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = {(r['backend'], r['model']): r for r in data['rows']}
+    assert set(rows) == {(b, m) for b in ('eager', 'ort') for m in deploy.CONTENDERS}
+    assert all(r['batch'] == 1 and r['ms'] > 0 and r['gmac_per_s'] > 0 for r in rows.values())
+    assert rows[('eager', deploy.RESNET)]['vs_resnet50'] == pytest.approx(1.0)
+    ours_ort = rows[('ort', deploy.OURS)]
+    assert ours_ort['ms_vs_eager'] == pytest.approx(ours_ort['ms'] / rows[('eager', deploy.OURS)]['ms'])
+    assert all(v['max_abs_diff'] < 1e-4 for v in data['onnx'].values())  # the timed graphs compute the model
+    assert [t['value'] is not None for t in data['targets']] == [True] * 4
+    assert data['ort_profile']['op_types'] and data['ort_profile']['node_ms'] > 0
+
+
+def test_deploy_ratios_on_numbers_worked_out_by_hand():
+    deploy = pytest.importorskip('benchmarks.deploy', reason='benchmarks/ is only in a source checkout')
+    rows = [dict(backend=b, model=m, batch=1, seconds=s, gmacs=g, gmac_per_s=g / s)
+            for b, m, s, g in (('eager', deploy.OURS, 0.1, 3.0), ('eager', deploy.TIMM, 0.3, 3.0),
+                               ('eager', deploy.RESNET, 0.05, 5.0), ('ort', deploy.OURS, 0.2, 3.0))]
+    by = {(r['backend'], r['model']): r for r in deploy.add_ratios(rows)}
+    ours = by[('eager', deploy.OURS)]
+    assert ours['vs_timm'] == pytest.approx(3.0) and ours['vs_resnet50'] == pytest.approx(0.5)
+    assert ours['gmac_per_s_pct_resnet50'] == pytest.approx(30.0)  # 30 GMAC/s against 100
+    assert by[('ort', deploy.OURS)]['ms_vs_eager'] == pytest.approx(2.0)
+    assert by[('ort', deploy.OURS)]['vs_timm'] is None  # no timm row in ORT: no ratio rather than a wrong one
