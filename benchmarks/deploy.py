@@ -42,7 +42,7 @@ CONTENDERS: Dict[str, Callable[[], torch.nn.Module]] = {
     RESNET: partial(timm.create_model, 'resnet50'),
 }
 EAGER, COMPILE, ORT = 'eager', 'compile', 'ort'
-# The issue's targets (#24), ratios in the same run: (measure, how to read the row, target).
+# Deployment goals, ratios in the same run: (measure, how to read the row, target).
 TARGETS = ('eager batch 1 vs timm >= 3x', 'eager batch 1 GMAC/s vs resnet50 >= 50%', 'ORT batch 1 vs timm >= 3x',
            'ours in ORT / ours eager (ms) <= 1.3x')
 
@@ -157,7 +157,7 @@ def format_tables(rows: List[dict]) -> str:
 
 
 def target_rows(rows: List[dict]) -> List[dict]:
-    """The issue's four deployment targets, read off this run (batch 1)."""
+    """The four deployment goals, read off this run (batch 1)."""
     def ours(backend: str) -> Optional[dict]:
         return next((r for r in rows if (r['backend'], r['model'], r['batch']) == (backend, OURS, 1)), None)
 
