@@ -35,6 +35,7 @@ from .windows import gather_windows, unfold_windows
 
 __all__ = ['HaloAttention', 'check_image_input', 'check_int']
 
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
