@@ -177,12 +177,16 @@ def test_fp64_is_left_alone_by_autocast():
     torch.testing.assert_close(out, attend_broadcast(*args, 0.5), rtol=1e-10, atol=1e-10)
 
 
-def test_value_padding_defaults():
+def test_value_padding_defaults(monkeypatch):
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
     assert sdpa_module._pad_values_default(cpu, torch.float32)  # CPU flash needs equal widths
+    # CUDA: narrow values (SDPA picks cuDNN either way on an H100); the switch brings flash's padding back for
+    # fp16/bf16 only, as CUDA has no fp32 flash kernel
+    assert not any(sdpa_module._pad_values_default(cuda, t) for t in (torch.float16, torch.bfloat16, torch.float))
+    monkeypatch.setattr(sdpa_module, 'CUDA_PAD_VALUES_FOR_FLASH', True)
     assert sdpa_module._pad_values_default(cuda, torch.bfloat16) and sdpa_module._pad_values_default(
         cuda, torch.float16)
-    assert not sdpa_module._pad_values_default(cuda, torch.float32)  # no fp32 flash kernel on CUDA
+    assert not sdpa_module._pad_values_default(cuda, torch.float32)
 
 
 def test_double_backward_works_or_raises_never_wrong():
@@ -277,5 +281,5 @@ def test_cuda_call_shapes_on_fake_tensors(fake_cuda, monkeypatch, dtype, batch, 
         assert {q.dtype, k.dtype, v.dtype} == {dtype} and all(t.is_contiguous() for t in (q, k, v))
         assert q.shape[-1] == k.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
         dv = channels // 8
-        # bf16: v as wide as q'/k' (flash); fp32: v at its own width (memory-efficient; CUDA has no fp32 flash)
-        assert v.shape[-1] == (q.shape[-1] if dtype == torch.bfloat16 else dv + (-dv) % 8)
+        # v at its own width, padded to a multiple of 8 (cuDNN / memory-efficient attention)
+        assert v.shape[-1] == dv + (-dv) % 8

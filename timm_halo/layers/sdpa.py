@@ -15,9 +15,10 @@ What the backends ask of the call, and how it is met:
 * last dims contiguous, equal q/k widths, multiples of 8 (memory-efficient and cuDNN in fp16/bf16; 4 in fp32):
   q', k' and v are fresh copies, each width padded with zeros to a multiple of 8;
 * flash (CUDA: fp16/bf16 only; CPU: any float dtype) needs v as wide as q'/k': v is padded to the q'/k' width on
-  CPU and, by default (``CUDA_PAD_VALUES_FOR_FLASH``), for fp16/bf16 on CUDA. In fp32 CUDA has no flash kernel,
-  so v is padded only to a multiple of 8 there (memory-efficient attention; a quarter of the value traffic at
-  HaloNet's head width 8). ``pad_values=`` overrides the choice;
+  CPU. On CUDA v is padded only to a multiple of 8 (cuDNN or memory-efficient attention run, with a quarter of the
+  value traffic at head width 8): on an H100 SDPA chose cuDNN even for padded values, and narrow values were 15%
+  faster with a third less memory at stage 1 (benchmarks/RESULTS.md). ``CUDA_PAD_VALUES_FOR_FLASH = True`` or
+  ``pad_values=`` brings the padding back;
 * one dtype: under autocast the call runs in the autocast dtype (cast here, so no fp32/bf16 mix reaches
   ``torch.cat``, which autocast would promote to fp32). A border mask made for a wider dtype saturates at a
   quarter of the narrower dtype's range instead of rounding to ``-inf`` (``-inf`` times a zero of the one-hot
@@ -42,9 +43,9 @@ import torch.nn.functional as F
 __all__ = ['CUDA_MAX_WINDOWS_PER_CALL', 'CUDA_PAD_VALUES_FOR_FLASH', 'attend_sdpa']
 
 CUDA_MAX_WINDOWS_PER_CALL = 65535
-# fp16/bf16 on CUDA: pad v to the q'/k' width so that flash attention qualifies. False: v padded to a multiple of
-# 8 only (memory-efficient or cuDNN run, with less value traffic). benchmarks/gpu.py measures both.
-CUDA_PAD_VALUES_FOR_FLASH = True
+# fp16/bf16 on CUDA: True pads v to the q'/k' width so that flash attention qualifies. False (measured faster on an
+# H100, where SDPA picks cuDNN either way): v padded to a multiple of 8 only. benchmarks/gpu.py measures both.
+CUDA_PAD_VALUES_FOR_FLASH = False
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
