@@ -1,29 +1,5 @@
-"""HaloNet H0-H7
-
-Paper: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones`
-    - https://arxiv.org/abs/2103.12731 (Vaswani, Ramachandran, Srinivas, Parmar, Hechtman, Shlens; CVPR 2021)
-
-A ResNet-style backbone whose bottleneck blocks use halo attention (`timm_halo.layers.HaloAttention`)
-as their spatial op in all four stages; the first block of stages 2-4 downsamples by strided attention.
-
-Per model the paper gives: block size b, halo h, value multiplier rv, bottleneck multiplier rb, stage-3
-depth l3, final 1x1 conv width df and input size s. The paper leaves some details open; this file makes
-these choices, and they reproduce every parameter count of the paper's table to within 0.3%:
-
-* stage base widths w = 64, 128, 256, 512 (ResNet), depths 3, 3, l3, 3, strides 1, 2, 2, 2;
-* block: 1x1 conv in -> w, halo attention with query/key width w and value width rv * w,
-  1x1 conv rv * w -> rb * w (the block's output width), residual (1x1 conv shortcut where shape changes);
-  BN + ReLU after the first conv and after the attention, BN (zero-init gamma) after the last conv;
-* 8 heads in every stage (head dims 8, 16, 32, 64), relative logits not scaled (as timm's HaloAttn);
-* stem: 7x7 stride-2 conv (64 ch) + BN + ReLU + 3x3 stride-2 max pool, as ResNet;
-* df > 0: a final 1x1 conv + BN + ReLU to df channels before global pooling (H3-H7); none for H0-H2.
-
-Feature levels (`feature_info`, `features_only` / `out_indices`, `forward_intermediates`) follow timm's ResNet
-and ByobNet: level 0 is the stem conv + BN + ReLU output before the max pool (reduction 2), levels 1-4 are
-the stages (reductions 4, 8, 16, 32; the last one after the final 1x1 conv when df > 0).
-
-With rb = 1 these choices reduce to timm's own `halonet_h1` reference layout (8.10M params).
-"""
+"""HaloNet H0-H7: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones` (CVPR 2021,
+https://arxiv.org/abs/2103.12731). The design choices the paper leaves open are listed in README.md."""
 import math
 import numbers
 import re
@@ -94,79 +70,55 @@ def halonet_args(variant: str) -> HaloNetArgs:
                 out_ratio=f['rb'], num_features=f['df'])
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+# HaloNet's kwargs checked up front, named in the error with a hint: name -> (lowest value, hint) for integers,
+# (example, hint) for the per-stage lists, hint for the ratios.
+_INT_ARGS = dict(
+    stem_chs=(1, 'stem conv width'), in_chans=(1, 'input image channels'), num_classes=(0, '0 for no classifier'),
+    num_features=(0, 'width of the final 1x1 conv; 0 for none'), heads=(1, 'attention heads per block'),
+    block_size=(1, 'halo attention block size b'), halo_size=(0, 'halo h; 0 for none'))
+_STAGE_ARGS = dict(
+    depths=('(3, 3, 10, 3)', 'blocks in that stage; its first block downsamples, so a stage cannot be empty: '
+                             'to drop a stage, remove its entry from both depths and widths'),
+    widths=('(64, 128, 256, 512)', 'query/key width of that stage'))
+_RATIO_ARGS = dict(out_ratio="the paper's rb, e.g. 1.0: block output width = round(width * out_ratio)",
+                   value_ratio="the paper's rv, e.g. 1.0: value width = round(width * value_ratio)")
 
 
-def _check_int(name: str, value: Any, lowest: int, hint: str = '') -> None:
-    check_int('HaloNet', name, value, lowest, hint)
-
-
-def _check_ratio(name: str, value: Any, hint: str) -> None:
-    """`value` must be a real number (not a bool), finite and > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f'HaloNet: {name} must be a finite number > 0 ({hint}), got {value!r} '
-                        f'of type {type(value).__name__}')
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f'HaloNet: {name} must be a finite number > 0 ({hint}), got {value!r}')
-
-
-def _check_stage_list(name: str, values: Any, example: str, hint: str) -> Tuple[int, ...]:
+def _check_stages(name: str, values: Any) -> Tuple[int, ...]:
     """A non-empty sequence of integers >= 1, one per stage (depths, widths)."""
+    example, hint = _STAGE_ARGS[name]
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f'HaloNet: {name} must be a sequence with one integer per stage, e.g. {name}={example}; '
                         f'got {values!r} of type {type(values).__name__}')
     if not len(values):
         raise ValueError(f'HaloNet: {name} must name at least one stage, e.g. {name}={example}; got {tuple(values)}')
     for i, value in enumerate(values):
-        _check_int(f'{name}[{i}] of {tuple(values)}', value, 1, hint)
+        check_int('HaloNet', f'{name}[{i}] of {tuple(values)}', value, 1, hint)
     return tuple(values)
 
 
-def _check_depths(depths: Any) -> Tuple[int, ...]:
-    return _check_stage_list(
-        'depths', depths, '(3, 3, 10, 3)',
-        'blocks in that stage; its first block downsamples, so a stage cannot be empty: '
-        'to drop a stage, remove its entry from both depths and widths')
-
-
-def _check_model_args(
-        depths: Any,
-        widths: Any,
-        block_size: Any,
-        halo_size: Any,
-        value_ratio: Any,
-        out_ratio: Any,
-        num_features: Any,
-        heads: Any,
-        stem_chs: Any,
-        in_chans: Any,
-        num_classes: Any,
-) -> None:
-    """Validate HaloNet's constructor kwargs up front, naming the kwarg, the bad value and the fix.
-
-    HaloAttention validates its own arguments, but in terms of the layer (dim_head, stride, ...); the model
-    knows which of its kwargs produced them, so it checks what the layer would otherwise report second-hand.
-    """
-    depths = _check_depths(depths)
-    widths = _check_stage_list('widths', widths, '(64, 128, 256, 512)', 'query/key width of that stage')
+def _check_model_args(args: Dict[str, Any]) -> None:
+    """Validate HaloNet's constructor kwargs (``args``) before any layer is built, naming the kwarg and the fix."""
+    depths, widths = _check_stages('depths', args['depths']), _check_stages('widths', args['widths'])
     if len(depths) != len(widths):
         raise ValueError(
             f'HaloNet: depths {depths} and widths {widths} must have the same length (one entry per stage)')
-    _check_int('stem_chs', stem_chs, 1, 'stem conv width')
-    _check_int('in_chans', in_chans, 1, 'input image channels')
-    _check_int('num_classes', num_classes, 0, '0 for no classifier')
-    _check_int('num_features', num_features, 0, 'width of the final 1x1 conv; 0 for none')
-    _check_int('heads', heads, 1, 'attention heads per block')
-    _check_int('block_size', block_size, 1, 'halo attention block size b')
-    _check_int('halo_size', halo_size, 0, 'halo h; 0 for none')
+    for name, (lowest, hint) in _INT_ARGS.items():
+        check_int('HaloNet', name, args[name], lowest, hint)
+    block_size, heads = args['block_size'], args['heads']
     if len(depths) > 1 and block_size % 2:
         strided = f'stages 2-{len(depths)} downsample' if len(depths) > 2 else 'stage 2 downsamples'
         raise ValueError(
             f'HaloNet: block_size must be even, got {block_size}: {strided} with stride-2 attention, which '
             f'needs blocks divisible by the stride; use e.g. block_size={block_size + 1}')
-    _check_ratio('out_ratio', out_ratio, "the paper's rb, e.g. 1.0: block output width = round(width * out_ratio)")
-    _check_ratio('value_ratio', value_ratio, "the paper's rv, e.g. 1.0: value width = round(width * value_ratio)")
+    for name, hint in _RATIO_ARGS.items():
+        value = args[name]
+        message = f'HaloNet: {name} must be a finite number > 0 ({hint}), got {value!r}'
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f'{message} of type {type(value).__name__}')
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(message)
+    out_ratio, value_ratio = args['out_ratio'], args['value_ratio']
     for i, width in enumerate(widths):
         if width % heads:
             raise ValueError(
@@ -187,45 +139,24 @@ class HaloBottleneck(nn.Module):
     """Bottleneck block with halo attention as its spatial op."""
 
     def __init__(
-            self,
-            in_chs: int,
-            width: int,
-            out_chs: int,
-            stride: int = 1,
-            block_size: int = 8,
-            halo_size: int = 3,
-            heads: int = 8,
-            value_ratio: float = 1.0,
-            qkv_bias: bool = False,
-            act_layer: Union[str, Callable] = 'relu',
-            drop_path: float = 0.,
-            attn_impl: Optional[str] = None,
-            device=None,
-            dtype=None,
+            self, in_chs: int, width: int, out_chs: int, stride: int = 1, block_size: int = 8, halo_size: int = 3,
+            heads: int = 8, value_ratio: float = 1.0, qkv_bias: bool = False,
+            act_layer: Union[str, Callable] = 'relu', drop_path: float = 0., attn_impl: Optional[str] = None,
+            device=None, dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         if width % heads:
             raise ValueError(f'HaloBottleneck: width {width} is not divisible by heads {heads}')
-        dim_v = int(round(width * value_ratio))
         if in_chs != out_chs or stride != 1:
             self.shortcut = ConvNormAct(in_chs, out_chs, 1, stride=stride, apply_act=False, **dd)
         else:
             self.shortcut = nn.Identity()
         self.conv1 = ConvNormAct(in_chs, width, 1, act_layer=act_layer, **dd)
         self.attn = HaloAttention(
-            width,
-            block_size=block_size,
-            halo_size=halo_size,
-            dim_head=width // heads,
-            heads=heads,
-            dim_out=dim_v,
-            stride=stride,
-            value_ratio=value_ratio,
-            qkv_bias=qkv_bias,
-            attn_impl=attn_impl,
-            **dd,
-        )
+            width, block_size=block_size, halo_size=halo_size, dim_head=width // heads, heads=heads,
+            dim_out=int(round(width * value_ratio)), stride=stride, value_ratio=value_ratio, qkv_bias=qkv_bias,
+            attn_impl=attn_impl, **dd)
         self.post_attn = BatchNormAct2d(self.attn.dim_out, act_layer=act_layer, **dd)
         self.conv3 = ConvNormAct(self.attn.dim_out, out_chs, 1, apply_act=False, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -246,27 +177,13 @@ class HaloBottleneck(nn.Module):
 class HaloStage(nn.Module):
     """A sequence of halo bottlenecks; the first one carries the stage's stride."""
 
-    def __init__(
-            self,
-            in_chs: int,
-            width: int,
-            out_chs: int,
-            depth: int,
-            stride: int,
-            drop_path_rates: List[float],
-            **block_kwargs,
-    ):
+    def __init__(self, in_chs: int, width: int, out_chs: int, depth: int, stride: int,
+                 drop_path_rates: List[float], **block_kwargs):
         super().__init__()
         self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
-            HaloBottleneck(
-                in_chs if i == 0 else out_chs,
-                width,
-                out_chs,
-                stride=stride if i == 0 else 1,
-                drop_path=drop_path_rates[i],
-                **block_kwargs,
-            )
+            HaloBottleneck(in_chs if i == 0 else out_chs, width, out_chs, stride=stride if i == 0 else 1,
+                           drop_path=drop_path_rates[i], **block_kwargs)
             for i in range(depth)
         ])
 
@@ -277,35 +194,15 @@ class HaloStage(nn.Module):
 
 
 class HaloNet(nn.Module):
-    """HaloNet backbone with the timm model API.
+    """HaloNet backbone with the timm model API (feature levels: 0 the stem before its max pool, i stage i).
 
-    Feature levels (``feature_info``, ``forward_intermediates``, ``features_only`` / ``out_indices``) follow timm's
-    ResNet and ByobNet: index 0 is the stem (conv + BN + ReLU before the max pool, reduction 2), index i >= 1 is
-    stage i (reductions 4, 8, 16, 32 for four stages).
-
-    Args:
-        depths: blocks per stage.
-        widths: base (query/key) width per stage.
-        block_size: halo attention block size b (all stages).
-        halo_size: halo h (all stages).
-        value_ratio: value width multiplier rv.
-        out_ratio: block output width multiplier rb.
-        num_features: width df of a final 1x1 conv before pooling; 0 for none.
-        heads: attention heads per block.
-        stem_chs: stem conv width.
-        in_chans: input image channels.
-        num_classes: classifier outputs (0 for a feature extractor).
-        global_pool: 'avg', 'max', 'avgmax', 'catavgmax' or '' (timm's SelectAdaptivePool2d).
-        drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth rate, increasing linearly over blocks.
-        act_layer: activation.
-        qkv_bias: bias in the attention projections.
-        attn_impl: HaloAttention kernel for every block ('auto', 'tiled', 'sdpa', 'broadcast'); None reads
-            TIMM_HALO_ATTN_IMPL, else 'auto'.
-        zero_init_last: zero-init the last BN gamma of every residual branch.
-        bn_momentum: override BatchNorm momentum (timm's train.py ``--bn-momentum``).
-        bn_eps: override BatchNorm epsilon (timm's train.py ``--bn-eps``).
-        drop_block_rate: accepted for timm's train.py; HaloNet has no DropBlock, so only 0 is valid.
+    Args (the paper's symbols in brackets): depths, widths: blocks and base (query/key) width per stage;
+    block_size (b), halo_size (h): of every attention layer; value_ratio (rv), out_ratio (rb): value and block
+    output width multipliers; num_features (df): width of a final 1x1 conv before pooling, 0 for none;
+    heads: attention heads per block; stem_chs: stem conv width; attn_impl: HaloAttention kernel of every block
+    (None reads TIMM_HALO_ATTN_IMPL); zero_init_last: zero-init the last BN of every residual branch;
+    bn_momentum, bn_eps: BatchNorm overrides (timm's train.py); drop_block_rate: only 0 (no DropBlock).
+    The others are timm's usual model kwargs.
     """
 
     def __init__(
@@ -335,12 +232,10 @@ class HaloNet(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
         if drop_block_rate:
             raise ValueError(f'HaloNet has no DropBlock layers: drop_block_rate must be 0, got {drop_block_rate}')
-        _check_model_args(
-            depths, widths, block_size, halo_size, value_ratio, out_ratio, num_features, heads, stem_chs,
-            in_chans, num_classes)
+        _check_model_args(locals())
+        dd = {'device': device, 'dtype': dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -361,21 +256,9 @@ class HaloNet(nn.Module):
             reduction *= stride
             out_chs = int(round(width * out_ratio))
             stages.append(HaloStage(
-                in_chs,
-                width,
-                out_chs,
-                depth=depth,
-                stride=stride,
-                drop_path_rates=dpr[i],
-                block_size=block_size,
-                halo_size=halo_size,
-                heads=heads,
-                value_ratio=value_ratio,
-                qkv_bias=qkv_bias,
-                attn_impl=attn_impl,
-                act_layer=act_layer,
-                **dd,
-            ))
+                in_chs, width, out_chs, depth=depth, stride=stride, drop_path_rates=dpr[i], block_size=block_size,
+                halo_size=halo_size, heads=heads, value_ratio=value_ratio, qkv_bias=qkv_bias, attn_impl=attn_impl,
+                act_layer=act_layer, **dd))
             in_chs = out_chs
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -398,13 +281,8 @@ class HaloNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^final_conv', (99999,)),
-            ],
-        )
+        fine = [(r'^stages\.(\d+)\.blocks\.(\d+)', None), (r'^final_conv', (99999,))]
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else fine)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -427,36 +305,16 @@ class HaloNet(nn.Module):
         self.head.reset(num_classes, global_pool, in_features=self.num_features, **get_device_dtype(self))
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates.
-
-        Args:
-            x: Input image tensor.
-            indices: Feature levels (0 = stem, i = stage i, as feature_info): the last n if int, all if None,
-                those listed if a sequence.
-            norm: Unused (HaloNet has no final norm); accepted for API compatibility.
-            stop_early: Stop iterating over stages when last desired intermediate hit.
-            output_fmt: Shape of intermediate feature outputs (only 'NCHW').
-            intermediates_only: Only return intermediate features.
-
-        Returns:
-            List of intermediate features or tuple of (final features, intermediates).
-        """
+        """timm's forward_intermediates; ``indices`` are feature levels (0 the stem, i stage i); ``norm`` unused."""
         if output_fmt != 'NCHW':
             raise ValueError(f"HaloNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
-        num_levels = len(self.stages) + 1  # the stem, then each (remaining) stage
         if not torch.jit.is_scripting():
-            _check_out_indices(indices, num_levels - 1, 'indices')
+            _check_out_indices(indices, len(self.stages), 'indices')
         intermediates = []
-        take_indices, max_index = feature_take_indices(num_levels, indices)
-        last_idx = len(self.stages)
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
 
         self._check_input(x)
         x = self.stem[0](x)  # conv + BN + ReLU
@@ -471,9 +329,8 @@ class HaloNet(nn.Module):
         for stage in stages:
             feat_idx += 1
             x = stage(x)
-            if feat_idx == last_idx:
-                # feature_info names final_conv as the last feature (as timm's ByobNet does)
-                x = self.final_conv(x)
+            if feat_idx == len(self.stages):
+                x = self.final_conv(x)  # feature_info names final_conv as the last feature (as timm's ByobNet)
             if feat_idx in take_indices:
                 intermediates.append(x)
 
@@ -482,16 +339,9 @@ class HaloNet(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
-        """Prune layers not required for specified intermediates (feature levels as in forward_intermediates).
-
-        Returns:
-            The absolute indices kept.
-        """
+        """Prune layers not required for the feature levels ``indices``; returns the absolute indices kept."""
         _check_out_indices(indices, len(self.stages), 'indices')
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
         prune_end = max_index < len(self.stages)
@@ -548,54 +398,34 @@ _BYOBNET_BLOCK_RENAMES = (
 )
 
 
-def _is_timm_byobnet(state_dict: Dict[str, torch.Tensor]) -> bool:
-    return any(k.startswith('stem.conv1.') or '.self_attn.' in k for k in state_dict)
-
-
-def _from_timm_byobnet(
-        state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor],
-) -> Dict[str, torch.Tensor]:
-    """Rename a timm ByobNet halo-attention state dict (stem.conv1, stages.i.j.conv1_1x1/self_attn/...) to ours.
-
-    q/kv 1x1 convs share the per-head channel layout. timm's relative tables hold 2(b+2h)-1 rows where ours
-    hold 2(b+h)-1: its first 2h rows belong to offsets no query uses, so ours are the last 2(b+h)-1.
-    For stride-1 layers this is exact wherever no window touches the image border (timm attends zero-padded
-    border keys, we mask them). For stride-2 layers timm measures offsets on the subsampled query grid and we
-    in input pixels, so the tables are reused but the layer computes something slightly different.
-    """
+def _from_timm_byobnet(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor]
+                       ) -> Dict[str, torch.Tensor]:
+    """Rename a timm ByobNet halo-attention state dict to ours; its relative tables lose their 2h leading rows
+    that no query uses (docs/hub.md)."""
     out = {}
     for key, value in state_dict.items():
         if key.startswith('stem.conv1.'):
             key = 'stem.0.' + key[len('stem.conv1.'):]
-        else:
-            m = re.match(r'stages\.(\d+)\.(\d+)\.(.+)$', key)
-            if m:
-                rest = m.group(3)
-                for old, new in _BYOBNET_BLOCK_RENAMES:
-                    if rest.startswith(old):
-                        rest = new + rest[len(old):]
-                        break
-                key = f'stages.{m.group(1)}.blocks.{m.group(2)}.{rest}'
-                if key.endswith(('attn.rel_pos_h', 'attn.rel_pos_w')) and key in target:
-                    extra = value.shape[0] - target[key].shape[0]
-                    if extra > 0:
-                        value = value[extra:]
+        m = re.match(r'stages\.(\d+)\.(\d+)\.(.+)$', key)
+        if m:
+            rest = m.group(3)
+            for old, new in _BYOBNET_BLOCK_RENAMES:
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            key = f'stages.{m.group(1)}.blocks.{m.group(2)}.{rest}'
+            if key.endswith(('attn.rel_pos_h', 'attn.rel_pos_w')) and key in target:
+                value = value[max(value.shape[0] - target[key].shape[0], 0):]
         out[key] = value
     return out
 
 
 def _check_matches(state_dict: Dict[str, torch.Tensor], model: nn.Module, target: Dict[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint that would load only partially, before timm's non-strict paths could let it through.
-
-    timm loads non-strictly whenever num_classes changes; without this check a checkpoint of another
-    architecture would then load nothing and say so only in a log line. The classifier (reset by timm when
-    num_classes changes) and the first conv's input channels (adapted by timm for in_chans) are left to timm.
-    """
+    """Refuse a checkpoint that would load only partially: timm loads non-strictly whenever num_classes changes,
+    and would then say so only in a log line. The classifier and the first conv's channels are left to timm."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    classifier = cfg.get('classifier') or 'head.fc'
-    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    first_conv = cfg.get('first_conv') or 'stem.0.conv'
-    first_convs = (first_conv,) if isinstance(first_conv, str) else tuple(first_conv)
+    classifiers = _names(cfg.get('classifier') or 'head.fc')
+    first_convs = {f'{c}.weight' for c in _names(cfg.get('first_conv') or 'stem.0.conv')}
 
     def is_head(key: str) -> bool:
         return key.rsplit('.', 1)[0] in classifiers
@@ -605,8 +435,7 @@ def _check_matches(state_dict: Dict[str, torch.Tensor], model: nn.Module, target
     mismatched = [
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}'
         for k, v in state_dict.items()
-        if k in target and not is_head(k) and k not in {f'{c}.weight' for c in first_convs}
-        and tuple(v.shape) != tuple(target[k].shape)
+        if k in target and not is_head(k) and k not in first_convs and tuple(v.shape) != tuple(target[k].shape)
     ]
     if not (missing or unexpected or mismatched):
         return
@@ -624,22 +453,21 @@ def _check_matches(state_dict: Dict[str, torch.Tensor], model: nn.Module, target
         + listing('shape mismatches', mismatched))
 
 
-def checkpoint_filter_fn(
-        state_dict: Dict[str, Any], model: nn.Module, strict: bool = True,
-) -> Dict[str, torch.Tensor]:
-    """Prepare a checkpoint for `model`: our own layout, or timm's ByobNet `halonet_h1` layout (renamed).
+def _names(value: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
 
-    Unwraps training-checkpoint containers ('state_dict', 'model', EMA) and DDP / torch.compile prefixes.
-    With `strict`, a checkpoint that would load only partially raises PretrainedWeightsError listing the
-    missing, unexpected and mis-shaped keys.
-    """
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, strict: bool = True
+                         ) -> Dict[str, torch.Tensor]:
+    """Prepare a checkpoint (ours or timm's ByobNet `halonet_h1`; training containers, EMA, DDP / torch.compile
+    prefixes unwrapped) for `model`; with `strict`, a partial load raises PretrainedWeightsError."""
     for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
             break
     cleaned = clean_state_dict(state_dict)  # DDP / torch.compile prefixes
     target = model.state_dict()
-    if _is_timm_byobnet(cleaned):
+    if any(k.startswith('stem.conv1.') or '.self_attn.' in k for k in cleaned):  # timm's ByobNet layout
         cleaned = _from_timm_byobnet(cleaned, target)
     if strict:
         _check_matches(cleaned, model, target)
@@ -648,69 +476,52 @@ def checkpoint_filter_fn(
 
 
 def _check_out_indices(out_indices: Any, num_stages: int, name: str = 'out_indices') -> None:
-    """timm indexes feature_info with out_indices unchecked (a bare IndexError) and asserts in
-    feature_take_indices; name the problem instead. Levels are the stem (0) and the stages (1 to num_stages)."""
+    """Name the problem where timm raises a bare IndexError / AssertionError. Levels: the stem (0), the stages."""
     if out_indices is None:
         return
     levels = num_stages + 1
     layout = (f'this HaloNet has {levels} feature levels, the stem (0, reduction 2) and {num_stages} '
               f'stage{"s" if num_stages > 1 else ""} (1 to {num_stages})')
-
-    is_sequence = isinstance(out_indices, Sequence) and not isinstance(out_indices, (str, bytes))
-    if not (_is_int(out_indices) or is_sequence and all(_is_int(i) for i in out_indices)):
+    is_int = isinstance(out_indices, numbers.Integral) and not isinstance(out_indices, bool)
+    if not is_int and (isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in out_indices)):
         raise TypeError(
             f'{name} must be an int n (the last n levels) or a sequence of int levels, got {out_indices!r}; '
             f'{layout}')
-    if isinstance(out_indices, numbers.Integral):  # timm: an int n means the last n levels
+    if is_int:  # timm: an int n means the last n levels
         if not 1 <= out_indices <= levels:
             raise ValueError(f'{name}={out_indices} (the last n levels) must be 1 to {levels}: {layout}')
-        return
-    bad = [i for i in out_indices if not -levels <= i < levels]
-    if bad or not len(out_indices):
+    elif not len(out_indices) or any(not -levels <= i < levels for i in out_indices):
         raise ValueError(
             f'{name} {tuple(out_indices)} out of range: {layout}, so valid indices are 0 to {levels - 1} '
             f'(or -{levels} to -1)')
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
-    model_args = halonet_args(variant)
-    model_args.update(kwargs)
-    num_stages = len(_check_depths(model_args['depths']))  # before out_indices are checked against it
+    model_args = {**halonet_args(variant), **kwargs}
+    num_stages = len(_check_stages('depths', model_args['depths']))  # before out_indices are checked against it
     if model_args.get('features_only') and 'out_indices' in model_args:
         _check_out_indices(model_args['out_indices'], num_stages)
     strict = model_args.get('pretrained_strict', True)
     build = partial(
-        build_model_with_cfg,
-        HaloNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn if strict else partial(checkpoint_filter_fn, strict=False),
+        build_model_with_cfg, HaloNet, variant, pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict),
         # all levels by default: the stem (0) and every stage, as timm's ResNet / ByobNet (0, 1, 2, 3, 4)
         feature_cfg=dict(out_indices=tuple(range(num_stages + 1)), flatten_sequential=True),
-        **model_args,
-    )
+        **model_args)
     if not pretrained:
         return build()
-    # timm's loader errors are terse (a bare FileNotFoundError, huggingface_hub's cache messages without the
-    # repo name): report the architecture, the repo/file looked for, and how to load a local file instead.
-    return build_pretrained(
-        build, variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    # timm's loader errors are terse: check the weights first, naming the architecture, source and fix
+    return build_pretrained(build, variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
 
 
 def _cfg(img_size: int, **kwargs) -> Dict[str, Any]:
     return {
-        'url': '',
-        'num_classes': 1000,
-        'input_size': (3, img_size, img_size),
+        'url': '', 'num_classes': 1000, 'input_size': (3, img_size, img_size),
         'pool_size': (-(-img_size // 32), -(-img_size // 32)),  # stride-2 stages round up
-        'min_input_size': (3, 32, 32),
-        'crop_pct': 0.95,
-        'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.0.conv',
-        'classifier': 'head.fc',
-        'paper_ids': 'arXiv:2103.12731',
+        'min_input_size': (3, 32, 32), 'crop_pct': 0.95, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'stem.0.conv',
+        'classifier': 'head.fc', 'paper_ids': 'arXiv:2103.12731',
         'paper_name': 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones',
         **kwargs,
     }
@@ -721,12 +532,8 @@ default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg(f['s']) for name
 
 
 def _register(fn: Callable[..., HaloNet]) -> Callable[..., HaloNet]:
-    """`register_model`, replacing timm's own untrained `halonet_h1` reference quietly.
-
-    timm registers a ByobNet `halonet_h1` with no weights; ours supersedes that one name (on purpose,
-    see README). Registering our own entry again (module reload, plugin loaded twice) is quiet too; any
-    other clash still warns as timm intends.
-    """
+    """`register_model` with a docstring from FAMILY, quietly replacing timm's untrained ByobNet `halonet_h1`
+    (see README) or our own entry registered again (a reload); any other clash still warns."""
     name = fn.__name__
     f = FAMILY[name]
     fn.__doc__ = (f"HaloNet-H{name[-1]}: b={f['b']}, h={f['h']}, rv={f['rv']:g}, rb={f['rb']:g}, l3={f['l3']}"
