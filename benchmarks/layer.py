@@ -1,22 +1,12 @@
-"""HaloAttention vs timm's HaloAttn and lucidrains' halonet-pytorch (equal dims): fwd, fwd+bwd, peak memory.
+"""HaloAttention vs timm's HaloAttn and lucidrains' halonet-pytorch (equal dims): fwd, fwd+bwd, peak memory; the
+shapes, peers and how memory is measured: docs/benchmarks.md.
 
-    python -m benchmarks.layer [--device cpu|cuda] [--repeats 7] [--compile] [--threads N] [--json PATH] [--plot PATH]
-
-Shapes are HaloNet-H1's stage 1 and stage 3 (block 8, halo 3, 8 heads, head dim C/8). Timings are medians of
-interleaved runs in one process; peak memory is the extra memory of one fwd+bwd (CPU: peak RSS growth in a
-fresh child process; CUDA: allocator peak).
-
-Peers: timm's ``HaloAttn``, and lucidrains' ``halonet_pytorch.HaloAttention`` 0.0.5 (``pip install
-halonet-pytorch``; skipped with a note when missing). Both it and ours take and return NCHW. lucidrains' layer
-always ends in a CxC linear output projection with bias; ours and timm's have none at these dims, so its figures
-include one extra 1x1-conv-sized matmul (B*H*W*C*C MACs).
-
-``--compile`` adds ``torch.compile(HaloAttention)`` (inductor, default mode) as a separate contender; compiling
-takes up to a minute per shape on CPU, hence opt-in.
+    python -m benchmarks.layer [--device cpu|cuda] [--repeats 7] [--compile] [--kernels] [--shapes NAME ...] [...]
 """
 import argparse
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import platform
 from functools import partial
@@ -51,8 +41,7 @@ def make_layer(impl: str, channels: int, device: torch.device) -> torch.nn.Modul
     if impl in OURS:
         kernel = impl.split()[1] if impl in KERNELS else 'auto'
         layer = HaloAttention(channels, block_size=BLOCK, halo_size=HALO, heads=HEADS, dim_head=channels // HEADS,
-                              attn_impl=kernel)
-        layer = layer.to(device)
+                              attn_impl=kernel).to(device)
         # dynamic=False: each shape gets its own layer, so no shape ever needs a dynamic graph.
         return torch.compile(layer, dynamic=False) if impl == 'timm_halo compiled' else layer
     if impl == 'timm':
@@ -87,16 +76,11 @@ def measure_memory(impl: str, shape: str, device: torch.device) -> int:
 
 
 def impls_to_run(with_compiled: bool, kernels: bool) -> List[str]:
-    impls = ['timm']
-    if lucidrains_available():
-        impls.append('lucidrains')
-    else:
+    impls = ['timm', 'lucidrains', 'timm_halo', *(KERNELS if kernels else ()),
+             *(['timm_halo compiled'] if with_compiled else [])]
+    if not lucidrains_available():
         print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
-    impls.append('timm_halo')
-    if kernels:
-        impls += list(KERNELS)
-    if with_compiled:
-        impls.append('timm_halo compiled')
+        impls.remove('lucidrains')
     return impls
 
 
@@ -106,58 +90,53 @@ def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> 
         torch.manual_seed(0)
         layers = {impl: make_layer(impl, channels, device) for impl in impls}
         x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
-
         with busy_load(load):
             fwd_t = interleaved_medians({i: partial(_fwd, m, x) for i, m in layers.items()}, repeats)
             bwd_t = interleaved_medians({i: partial(_fwd_bwd, m, x) for i, m in layers.items()}, repeats)
         del layers
         if device.type == 'cuda':
             mem = {i: measure_memory(i, shape, device) for i in impls}
-        else:
+        else:  # peak RSS growth, each in a fresh process
             mem = {i: peak_memory_in_child('benchmarks.layer', ['--impl', i, '--shape', shape]) for i in impls}
-        for impl in impls:
-            rows.append(dict(shape=shape, impl=impl, load=load, fwd_ms=fwd_t[impl] * 1e3, fwd_bwd_ms=bwd_t[impl] * 1e3,
-                             peak_mb=mem[impl] / 2**20))
+        rows += [dict(shape=shape, impl=i, load=load, fwd_ms=fwd_t[i] * 1e3, fwd_bwd_ms=bwd_t[i] * 1e3,
+                      peak_mb=mem[i] / 2**20) for i in impls]
     return rows
+
+
+def _vs(row: dict, peer: dict) -> Tuple[float, float, float]:
+    """(fwd speedup, fwd+bwd speedup: peer time / row time; memory ratio: row / peer)."""
+    return (peer['fwd_ms'] / row['fwd_ms'], peer['fwd_bwd_ms'] / row['fwd_bwd_ms'],
+            row['peak_mb'] / max(peer['peak_mb'], 1e-9))
 
 
 def ratios(rows: List[dict]) -> List[dict]:
     """Each of our variants vs each peer (and compiled vs eager) of the same shape, from the same run."""
-    out = []
     by_key = {(r['shape'], r['impl']): r for r in rows}
-    for shape in SHAPES:
-        for ours in OURS:
-            for peer in PEERS + ('timm_halo',):
-                a, b = by_key.get((shape, ours)), by_key.get((shape, peer))
-                if a is None or b is None or a is b:
-                    continue
-                out.append(dict(shape=shape, ours=ours, peer=peer, fwd_speedup=b['fwd_ms'] / a['fwd_ms'],
-                                fwd_bwd_speedup=b['fwd_bwd_ms'] / a['fwd_bwd_ms'],
-                                memory_ratio=a['peak_mb'] / max(b['peak_mb'], 1e-9)))
+    out = []
+    for shape, ours, peer in itertools.product(SHAPES, OURS, PEERS + ('timm_halo',)):
+        if ours != peer and (shape, ours) in by_key and (shape, peer) in by_key:
+            fwd, fwd_bwd, memory = _vs(by_key[shape, ours], by_key[shape, peer])
+            out.append(dict(shape=shape, ours=ours, peer=peer, fwd_speedup=fwd, fwd_bwd_speedup=fwd_bwd,
+                            memory_ratio=memory))
     return out
 
 
-def header(device: torch.device) -> str:
+def header(device: torch.device, load: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
     peer = f'halonet-pytorch {importlib.metadata.version("halonet-pytorch")}' if lucidrains_available() else 'none'
     return (f'HaloAttention vs timm HaloAttn and lucidrains ({peer}) | device {device.type} ({name}) | '
-            f'torch {torch.__version__} | {torch.get_num_threads()} threads | medians of interleaved runs')
+            f'torch {torch.__version__} | {torch.get_num_threads()} threads | medians of interleaved runs | '
+            + (f'{load} busy-loop process(es) running' if load else 'quiet (no other load)'))
 
 
-def load_note(load: int) -> str:
-    return f'{load} busy-loop process(es) running' if load else 'quiet (no other load)'
-
-
-def print_table(rows: List[dict], device: torch.device) -> None:
-    print(header(device))
+def print_tables(rows: List[dict]) -> None:
     print('| shape | impl | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | fwd speedup | fwd+bwd speedup | memory ratio |')
     print('|---|---|---|---|---|---|---|---|')
-    for row in rows:  # the ratio columns are vs timm, as in earlier RESULTS.md tables
-        base = next(r for r in rows if r['shape'] == row['shape'] and r['impl'] == 'timm')
-        print(f"| {row['shape']} | {row['impl']} | {row['fwd_ms']:.1f} | {row['fwd_bwd_ms']:.1f} "
-              f"| {row['peak_mb']:.0f} "
-              f"| {base['fwd_ms'] / row['fwd_ms']:.2f}x | {base['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x "
-              f"| {row['peak_mb'] / max(base['peak_mb'], 1e-9):.2f}x |")
+    timm_rows = {r['shape']: r for r in rows if r['impl'] == 'timm'}
+    for r in rows:  # the ratio columns are vs timm, as in earlier RESULTS.md tables
+        fwd, fwd_bwd, memory = _vs(r, timm_rows[r['shape']])
+        print(f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['peak_mb']:.0f} "
+              f"| {fwd:.2f}x | {fwd_bwd:.2f}x | {memory:.2f}x |")
     print('\nOurs vs each peer (speedup: peer time / ours; memory ratio: ours / peer)')
     print('| shape | ours | peer | fwd speedup | fwd+bwd speedup | memory ratio |')
     print('|---|---|---|---|---|---|')
@@ -183,17 +162,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.shapes:
-        for name in [s for s in SHAPES if s not in args.shapes]:
-            del SHAPES[name]
+    for name in set(SHAPES) - set(args.shapes or SHAPES):
+        del SHAPES[name]
     device = torch.device(args.device)
     if args.measure_memory:
         print(json.dumps(dict(peak_bytes=measure_memory(args.impl, args.shape, device))))
         return
     rows = run(device, args.repeats, impls_to_run(args.compile, args.kernels), args.load)
-    print(load_note(args.load))
-    print_table(rows, device)
-    data = dict(benchmark='layer', header=header(device), args=vars(args), rows=rows, ratios=ratios(rows))
+    print(header(device, args.load))
+    print_tables(rows)
+    data = dict(benchmark='layer', header=header(device, args.load), args=vars(args), rows=rows,
+                ratios=ratios(rows))
     save_results(data, args.json, args.plot)
 
 

@@ -1,15 +1,7 @@
-"""Whole-model speed: ours halonet_h1 vs timm's own halonet_h1 vs resnet50, inference and train step.
+"""Whole-model speed: ours halonet_h1 vs timm's own halonet_h1 vs resnet50 (224 and 256 px), inference and train
+step; img/s, GMACs, GMAC/s and ratios (docs/benchmarks.md).
 
-    python -m benchmarks.model [--device cpu|cuda] [--batch-size N] [--repeats N] [--amp [bf16|fp16]]
-                               [--compile] [--channels-last] [--no-train] [--threads N] [--load N] [--json PATH]
-                               [--plot PATH] [--kernels IMPL ...]
-
-Contenders: ours ``timm.create_model('halonet_h1')`` and timm's ByobNet ``timm.models.byoanet.halonet_h1()``
-at 256 px; ``timm.create_model('resnet50')`` at 224 px (timm's own input size) and at 256 px. The train step is
-fwd + cross-entropy + bwd (no optimizer step). All contenders live in one process and are timed round-robin
-(medians); GMACs per image are counted on a meta-device copy of each model; achieved GMAC/s = GMACs per image x
-img/s (a train step counts as 3 forwards). Defaults: batch 8 and 20 repeats on CUDA, batch 2 and 5 repeats on
-CPU (a few minutes on 2 cores).
+    python -m benchmarks.model [--device cpu|cuda] [--batch-size N] [--amp [bf16|fp16]] [--compile] [--kernels IMPL ...]
 """
 import argparse
 from functools import partial
@@ -19,17 +11,7 @@ import timm
 import torch
 
 from benchmarks.plot import save_results
-from timm_halo import HaloAttention
-from timm_halo.bench import (
-    ModelResult,
-    ModelSpec,
-    add_run_args,
-    busy_load,
-    format_table,
-    measure_models,
-    resolve_run,
-    run_header,
-)
+from timm_halo import HaloAttention, bench
 
 OURS = 'ours halonet_h1'
 
@@ -44,17 +26,17 @@ def _ours_with_kernel(kernel: str) -> torch.nn.Module:
     return model
 
 
-def contenders(kernels: List[str]) -> List[ModelSpec]:
+def contenders(kernels: List[str]) -> List[bench.ModelSpec]:
     return [
-        ModelSpec(OURS, partial(timm.create_model, 'halonet_h1'), 256),
-        *[ModelSpec(f'{OURS} {k}', partial(_ours_with_kernel, k), 256) for k in kernels],
-        ModelSpec('timm halonet_h1', timm.models.byoanet.halonet_h1, 256),
-        ModelSpec('resnet50', partial(timm.create_model, 'resnet50'), 224),
-        ModelSpec('resnet50', partial(timm.create_model, 'resnet50'), 256),
+        bench.ModelSpec(OURS, partial(timm.create_model, 'halonet_h1'), 256),
+        *[bench.ModelSpec(f'{OURS} {k}', partial(_ours_with_kernel, k), 256) for k in kernels],
+        bench.ModelSpec('timm halonet_h1', timm.models.byoanet.halonet_h1, 256),
+        bench.ModelSpec('resnet50', partial(timm.create_model, 'resnet50'), 224),
+        bench.ModelSpec('resnet50', partial(timm.create_model, 'resnet50'), 256),
     ]
 
 
-def ratios(results: List[ModelResult]) -> List[dict]:
+def ratios(results: List[bench.ModelResult]) -> List[dict]:
     """Ours vs each peer in the same mode: speed (ours img/s / peer img/s) and ours GMAC/s as % of the peer's."""
     out = []
     for mode in dict.fromkeys(r.mode for r in results):
@@ -65,38 +47,32 @@ def ratios(results: List[ModelResult]) -> List[dict]:
     return out
 
 
-def print_ratios(rows: List[dict]) -> None:
-    print(f'\n{OURS} @256 vs each peer (speed: ours img/s / peer img/s; efficiency: ours GMAC/s as % of the peer\'s)')
-    print('| mode | peer | speed | GMAC/s % of peer |')
-    print('|---|---|---|---|')
-    for r in rows:
-        print(f"| {r['mode']} | {r['peer']} | {r['speed']:.2f}x | {r['gmac_per_s_pct']:.0f}% |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(parser, cpu_batch_size=2)
+    bench.add_run_args(parser, cpu_batch_size=2)
     parser.add_argument('--no-train', action='store_true', help='inference only: skip the train step')
     parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
     parser.add_argument('--kernels', nargs='+', default=[], metavar='IMPL',
                         help="also run ours with these attn_impl kernels forced (e.g. --kernels tiled)")
     args = parser.parse_args()
-    device, amp_dtype, batch_size, repeats = resolve_run(args, parser)
-
-    results: List[ModelResult] = []
+    device, amp_dtype, batch_size, repeats = bench.resolve_run(args, parser)
+    results: List[bench.ModelResult] = []
     for train in (False,) if args.no_train else (False, True):
-        with busy_load(args.load):
-            results += measure_models(contenders(args.kernels), device, batch_size, train=train, repeats=repeats,
-                                      warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
-                                      channels_last=args.channels_last)
-    header = run_header(device, f'Models, batch {batch_size}, {repeats} repeats', args)
-    print(header)
-    print(format_table(results))
+        with bench.busy_load(args.load):
+            results += bench.measure_models(contenders(args.kernels), device, batch_size, train=train,
+                                            repeats=repeats, warmup=args.warmup, amp_dtype=amp_dtype,
+                                            compiled=args.compile, channels_last=args.channels_last)
+    header = bench.run_header(device, f'Models, batch {batch_size}, {repeats} repeats', args)
     ratio_rows = ratios(results)
-    print_ratios(ratio_rows)
+    print(f'{header}\n{bench.format_table(results)}\n')
+    print(f'{OURS} @256 vs each peer (speed: ours img/s / peer img/s; efficiency: ours GMAC/s as % of the peer\'s)')
+    print('| mode | peer | speed | GMAC/s % of peer |\n|---|---|---|---|')
+    for r in ratio_rows:
+        print(f"| {r['mode']} | {r['peer']} | {r['speed']:.2f}x | {r['gmac_per_s_pct']:.0f}% |")
     data = dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results],
                 ratios=ratio_rows)
     save_results(data, args.json, args.plot)
+
 
 if __name__ == '__main__':
     main()

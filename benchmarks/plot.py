@@ -1,37 +1,37 @@
-"""Draw the JSON that a benchmark wrote with ``--json`` as a PNG (needs matplotlib).
+"""Draw the JSON that a benchmark wrote with ``--json`` as a PNG (needs matplotlib); ``--plot PATH`` does the same.
 
-    python -m benchmarks.plot RESULTS.json [-o OUT.png]
-    python -m benchmarks.plot layer_quiet.json --loaded layer_load1.json -o layer_load.png
-
-The scripts' ``--plot PATH`` option calls the same code directly.
+    python -m benchmarks.plot RESULTS.json [-o OUT.png] [--loaded LOADED.json]
 """
 import argparse
 import json
 import os
 import textwrap
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
+
+from timm_halo.bench import write_json
 
 
 def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel: str, title: str) -> None:
     width = 0.8 / max(len(series), 1)
     for i, (name, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=name)
-        ax.bar_label(bars, fmt='%.3g', fontsize=7)
+        ax.bar_label(ax.bar(xs, values, width, label=name), fmt='%.3g', fontsize=7)
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _shapes(data: Dict[str, Any]) -> List[str]:
+    return list(dict.fromkeys(r['shape'] for r in data['rows']))
 
 
 def _plot_layer(data: Dict[str, Any], fig) -> None:
     # One row per shape: the shapes' times differ by 10x or more, so they get their own axes.
-    rows = data['rows']
-    shapes = list(dict.fromkeys(r['shape'] for r in rows))
-    impls = list(dict.fromkeys(r['impl'] for r in rows))
-    by_key = {(r['shape'], r['impl']): r for r in rows}
+    impls = list(dict.fromkeys(r['impl'] for r in data['rows']))
+    by_key = {(r['shape'], r['impl']): r for r in data['rows']}
     colors = {impl: f'C{i}' for i, impl in enumerate(impls)}
-    axes = fig.subplots(len(shapes), 3, squeeze=False)
-    for row_axes, shape in zip(axes, shapes):
+    for row_axes, shape in zip(fig.subplots(len(_shapes(data)), 3, squeeze=False), _shapes(data)):
         present = [i for i in impls if (shape, i) in by_key]
         for ax, key, label in zip(row_axes, ('fwd_ms', 'fwd_bwd_ms', 'peak_mb'), ('fwd ms', 'fwd+bwd ms', 'peak MB')):
             bars = ax.bar(present, [by_key[shape, i][key] for i in present], color=[colors[i] for i in present])
@@ -40,17 +40,27 @@ def _plot_layer(data: Dict[str, Any], fig) -> None:
             ax.tick_params(axis='x', labelsize=8)
 
 
+def _plot_layer_load(data: Dict[str, Any], fig) -> None:
+    """fwd+bwd time of every layer contender, quiet (``data``) and under load (``data['loaded']``)."""
+    load = data['loaded']['rows'][0].get('load', '?')
+    for ax, shape in zip(fig.subplots(len(_shapes(data)), 1, squeeze=False)[:, 0], _shapes(data)):
+        impls = [r['impl'] for r in data['rows'] if r['shape'] == shape]
+        series = {}
+        for name, run in (('quiet', data), (f'{load} busy process(es)', data['loaded'])):
+            by_impl = {r['impl']: r['fwd_bwd_ms'] for r in run['rows'] if r['shape'] == shape}
+            series[name] = [by_impl.get(i, 0.0) for i in impls]
+        _grouped_bars(ax, impls, series, 'fwd+bwd ms', f'{shape}: fwd+bwd ms, quiet vs loaded (lower is better)')
+
+
 def _plot_model(data: Dict[str, Any], fig) -> None:
     rows = data['rows']
     labels = list(dict.fromkeys(f"{r['label']} @{r['img_size']}" for r in rows))
     modes = list(dict.fromkeys(r['mode'] for r in rows))
     by_key = {(f"{r['label']} @{r['img_size']}", r['mode']): r for r in rows}
-    axes = fig.subplots(1, 2)
-    for ax, key, label in zip(axes, ('img_per_s', 'gmac_per_s'), ('img/s', 'GMAC/s')):
+    for ax, key, label in zip(fig.subplots(1, 2), ('img_per_s', 'gmac_per_s'), ('img/s', 'GMAC/s')):
         series = {m: [by_key[lb, m][key] if (lb, m) in by_key else 0.0 for lb in labels] for m in modes}
         _grouped_bars(ax, labels, series, label, label + ' (higher is better)')
         ax.tick_params(axis='x', labelrotation=20)
-    axes[0].legend(fontsize=8)
 
 
 def _plot_resolution(data: Dict[str, Any], fig) -> None:
@@ -64,44 +74,34 @@ def _plot_resolution(data: Dict[str, Any], fig) -> None:
         axes[1].plot(sizes, [r['time_deviation_pct'] for r in sel], 'o-', label=f'{mode} time')
         if i == 0:  # the MAC count is the same for every mode
             axes[1].plot(sizes, [r['gmacs_deviation_pct'] for r in sel], 'x--', color='grey', label='GMACs')
-    axes[0].set_xlabel('input size (px)')
-    axes[0].set_ylabel('ms per megapixel')
+    axes[0].set(xlabel='input size (px)', ylabel='ms per megapixel', ylim=(0, None))
     axes[0].set_title('cost per pixel (flat = linear in pixel count)', fontsize=10)
-    axes[0].set_ylim(bottom=0)
     axes[1].axhspan(-tol, tol, color='green', alpha=0.1, label=f'target ±{tol:g}%')
     axes[1].axhline(0, color='grey', lw=0.5)
-    axes[1].set_xlabel('input size (px)')
-    axes[1].set_ylabel('% deviation from linear')
+    axes[1].set(xlabel='input size (px)', ylabel='% deviation from linear')
     axes[1].set_title(f'deviation from linear, normalised to {rows[0]["img_size"]}px', fontsize=10)
     for ax in axes:
         ax.legend(fontsize=8)
 
 
-_PLOTTERS = {'layer': _plot_layer, 'model': _plot_model, 'resolution': _plot_resolution}
+def _plot_accelerate(data: Dict[str, Any], fig) -> None:
+    """Speedup over stock per model (accelerated, and the no-attention bound), inference and train step."""
+    rows, goals = data['ratios'], data.get('goals', {})
+    modes = list(dict.fromkeys(r['mode'] for r in rows))
+    for ax, mode in zip(fig.subplots(1, len(modes), squeeze=False)[0], modes):
+        sel = [r for r in rows if r['mode'] == mode]
+        series = {k: [r['speedup'][k] for r in sel] for k in sel[0]['speedup'] if k != 'stock'}
+        ax.axhline(1.0, color='grey', lw=0.8)
+        if mode in goals:
+            ax.axhline(goals[mode], color='red', lw=0.8, ls='--',
+                       label=f'goal {goals[mode]:g}x ({", ".join(data.get("goal_models", []))})')
+        _grouped_bars(ax, [r['model'] for r in sel], series, 'speedup over stock (x)',
+                      f'{mode}: stock time / contender time (higher is better)')
+        ax.tick_params(axis='x', labelrotation=20)
 
 
-def plot_quiet_vs_loaded(quiet: Dict[str, Any], loaded: Dict[str, Any], path: str) -> None:
-    """fwd+bwd time of every layer contender, quiet and under load (two ``benchmarks.layer --json`` files)."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    shapes = list(dict.fromkeys(r['shape'] for r in quiet['rows']))
-    fig = plt.figure(figsize=(15, 4 * len(shapes)), layout='constrained')
-    axes = fig.subplots(len(shapes), 1, squeeze=False)[:, 0]
-    load = loaded['rows'][0].get('load', '?')
-    for ax, shape in zip(axes, shapes):
-        impls = [r['impl'] for r in quiet['rows'] if r['shape'] == shape]
-        series = {}
-        for name, data in (('quiet', quiet), (f'{load} busy process(es)', loaded)):
-            by_impl = {r['impl']: r['fwd_bwd_ms'] for r in data['rows'] if r['shape'] == shape}
-            series[name] = [by_impl.get(i, 0.0) for i in impls]
-        _grouped_bars(ax, impls, series, 'fwd+bwd ms', f'{shape}: fwd+bwd ms, quiet vs loaded (lower is better)')
-        ax.legend(fontsize=8)
-    fig.suptitle(textwrap.fill(quiet.get('header', 'layer'), 200), fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+_PLOTTERS = {'layer': _plot_layer, 'layer_load': _plot_layer_load, 'model': _plot_model,
+             'resolution': _plot_resolution, 'accelerate': _plot_accelerate}
 
 
 def plot(data: Dict[str, Any], path: str) -> None:
@@ -114,23 +114,19 @@ def plot(data: Dict[str, Any], path: str) -> None:
     kind = data.get('benchmark')
     if kind not in _PLOTTERS:
         raise ValueError(f'unknown benchmark kind {kind!r}; expected one of {sorted(_PLOTTERS)}')
-    shapes = len({r['shape'] for r in data['rows']}) if kind == 'layer' else 1
-    fig = plt.figure(figsize=(15, 1 + 4 * shapes), layout='constrained')
+    fig = plt.figure(figsize=(15, 1 + 4 * (len(_shapes(data)) if kind.startswith('layer') else 1)),
+                     layout='constrained')
     _PLOTTERS[kind](data, fig)
     fig.suptitle(textwrap.fill(data.get('header', kind), 200), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def save_results(data: Dict[str, Any], json_path: Optional[str], png_path: Optional[str],
-                 draw: Optional[Callable[[Dict[str, Any], str], None]] = None) -> None:
-    """A benchmark script's ``--json`` and ``--plot`` outputs: the JSON file, and a PNG drawn by ``draw``
-    (default: ``plot``)."""
-    from timm_halo.bench import write_json
-
+def save_results(data: Dict[str, Any], json_path: Optional[str], png_path: Optional[str]) -> None:
+    """A benchmark script's ``--json`` and ``--plot`` outputs."""
     write_json(data, json_path)
     if png_path:
-        (draw or plot)(data, png_path)
+        plot(data, png_path)
         print(f'wrote {png_path}')
 
 
@@ -142,13 +138,10 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.json_path) as f:
         data = json.load(f)
-    out = args.output or os.path.splitext(args.json_path)[0] + '.png'
     if args.loaded:
         with open(args.loaded) as f:
-            plot_quiet_vs_loaded(data, json.load(f), out)
-    else:
-        plot(data, out)
-    print(f'wrote {out}')
+            data = dict(data, benchmark='layer_load', loaded=json.load(f))
+    save_results(data, None, args.output or os.path.splitext(args.json_path)[0] + '.png')
 
 
 if __name__ == '__main__':

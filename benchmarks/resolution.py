@@ -1,15 +1,7 @@
-"""Cost vs input resolution of ours halonet_h1: is it linear in the pixel count?
+"""Cost vs input resolution of ours halonet_h1: is it linear in the pixel count (within +-15%)? Time and GMACs per
+pixel against the first size's (docs/benchmarks.md).
 
-    python -m benchmarks.resolution [--sizes 256 384 512 768] [--train] [--batch-size N] [--repeats N]
-                                    [--device cpu|cuda] [--amp [bf16|fp16]] [--channels-last] [--compile]
-                                    [--threads N] [--json PATH] [--plot PATH]
-
-Every size is a separate model instance, and all sizes are timed round-robin in one process (medians). Per size:
-time per image, time per megapixel, and the deviation of time per pixel from the first size's (256 px by
-default) in %: 0% means cost exactly linear in pixel count; the target is within +-15%. GMACs per pixel get the
-same deviation column, so that a deviation the MAC count explains (the stem, the head, padding to whole
-blocks) can be told apart from one the kernels cause. Inference always; ``--train`` adds a train step (fwd+bwd).
-Defaults: batch 8 and 20 repeats on CUDA, batch 1 and 5 repeats on CPU.
+    python -m benchmarks.resolution [--sizes 256 384 512 768] [--train] [--batch-size N] [--json PATH] [--plot PATH]
 """
 import argparse
 from functools import partial
@@ -18,20 +10,12 @@ from typing import List
 import timm
 
 from benchmarks.plot import save_results
-from timm_halo.bench import (
-    ModelResult,
-    ModelSpec,
-    add_run_args,
-    busy_load,
-    measure_models,
-    resolve_run,
-    run_header,
-)
+from timm_halo import bench
 
 TOLERANCE_PCT = 15.0
 
 
-def rows_for(results: List[ModelResult]) -> List[dict]:
+def rows_for(results: List[bench.ModelResult]) -> List[dict]:
     """Per-size rows of one mode, deviations normalised to the first size."""
     base = results[0]
     base_s_per_px = base.seconds / base.batch_size / base.img_size ** 2
@@ -65,26 +49,26 @@ def main() -> None:
     parser.add_argument('--sizes', type=int, nargs='+', default=[256, 384, 512, 768],
                         help='input sizes; deviations are relative to the first (default: 256 384 512 768)')
     parser.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
-    add_run_args(parser, cpu_batch_size=1)  # 768 px costs 9x a 256 px image: a run within minutes on 2 cores
+    bench.add_run_args(parser, cpu_batch_size=1)  # 768 px costs 9x a 256 px image: a run within minutes on 2 cores
     parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
     args = parser.parse_args()
-    device, amp_dtype, batch_size, repeats = resolve_run(args, parser)
+    device, amp_dtype, batch_size, repeats = bench.resolve_run(args, parser)
     if not timm.is_model(args.model):
         parser.error(f'unknown model {args.model!r}')
-
-    specs = [ModelSpec(args.model, partial(timm.create_model, args.model), size) for size in args.sizes]
+    specs = [bench.ModelSpec(args.model, partial(timm.create_model, args.model), size) for size in args.sizes]
     rows: List[dict] = []
     for train in (False, True) if args.train else (False,):
-        with busy_load(args.load):
-            rows += rows_for(measure_models(specs, device, batch_size, train=train, repeats=repeats,
-                                            warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
-                                            channels_last=args.channels_last))
-    header = run_header(device, f'{args.model} cost vs resolution, batch {batch_size}, {repeats} repeats, '
-                                f'deviation from linear in pixels normalised to {args.sizes[0]} px', args)
+        with bench.busy_load(args.load):
+            rows += rows_for(bench.measure_models(specs, device, batch_size, train=train, repeats=repeats,
+                                                  warmup=args.warmup, amp_dtype=amp_dtype, compiled=args.compile,
+                                                  channels_last=args.channels_last))
+    header = bench.run_header(device, f'{args.model} cost vs resolution, batch {batch_size}, {repeats} repeats, '
+                              f'deviation from linear in pixels normalised to {args.sizes[0]} px', args)
     print(header)
     print_rows(rows)
     data = dict(benchmark='resolution', header=header, args=vars(args), tolerance_pct=TOLERANCE_PCT, rows=rows)
     save_results(data, args.json, args.plot)
+
 
 if __name__ == '__main__':
     main()

@@ -1,10 +1,6 @@
-"""Interpreter start-up cost of the autoload hook when timm is never imported.
+"""Interpreter start-up cost of the autoload hook when timm is never imported (docs/benchmarks.md).
 
     python -m benchmarks.startup [--runs 21]
-
-Runs ``python -X importtime -c pass`` repeatedly and reports the median import time of ``_timm_halo_autoload``
-(the module the .pth line imports) and the median total start-up time, with and without the hook
-(``TIMM_HALO_DISABLE_AUTOLOAD=1`` still imports the module but returns before installing anything).
 """
 import argparse
 import os
@@ -25,8 +21,7 @@ def _one_run(disable: bool) -> tuple:
     err = subprocess.run([sys.executable, '-X', 'importtime', '-c', 'pass'], capture_output=True, text=True,
                          env=env, check=True).stderr
     wall = time.perf_counter() - start
-    hook_us = sum(int(m.group(2)) for m in _LINE.finditer(err) if m.group(3) == '_timm_halo_autoload')
-    return hook_us, wall
+    return sum(int(m[2]) for m in _LINE.finditer(err) if m[3] == '_timm_halo_autoload'), wall
 
 
 def main() -> None:
@@ -40,8 +35,7 @@ def main() -> None:
     if rows['hook on'][0] == 0:
         raise SystemExit('_timm_halo_autoload was not imported at start-up: is timm-halo installed here?')
     print(f'Start-up with timm never imported | {sys.executable} | medians of {args.runs} runs')
-    print('| case | _timm_halo_autoload import (ms) | `python -c pass` wall (ms) |')
-    print('|---|---|---|')
+    print('| case | _timm_halo_autoload import (ms) | `python -c pass` wall (ms) |\n|---|---|---|')
     for label, (hook_ms, wall_ms) in rows.items():
         print(f'| {label} | {hook_ms:.3f} | {wall_ms:.1f} |')
 

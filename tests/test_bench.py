@@ -85,15 +85,6 @@ def test_interleaved_medians_calls_every_contender_round_robin():
     assert medians == {'a': 3, 'b': 2, 'c': 7}  # warm-up durations (9) never count
 
 
-def test_benchmark_scripts_use_the_package_harness():
-    for script in ('model', 'resolution', 'layer'):
-        module = pytest.importorskip(f'benchmarks.{script}', reason='benchmarks/ is only in a source checkout')
-        assert module.__dict__.get('measure_models', bench.measure_models) is bench.measure_models
-        assert module.__dict__.get('interleaved_medians', bench.interleaved_medians) is bench.interleaved_medians
-    with pytest.raises(ImportError):
-        import benchmarks.harness  # noqa: F401  (the one harness is timm_halo.bench)
-
-
 def test_benchmarks_is_not_importable_outside_the_checkout(tmp_path):
     """The editable install exposes timm_halo only, not the checkout's top-level benchmarks/ or tests/."""
     code = 'import importlib.util as u; print(u.find_spec("benchmarks"), u.find_spec("timm_halo") is not None)'
