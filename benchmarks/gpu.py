@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from benchmarks.layer import make_layer
+from benchmarks.plot import table, yes_no
 from timm_halo import bench  # (importing timm_halo registers halonet_* with timm)
 from timm_halo.layers import sdpa as sdpa_module
 
@@ -109,16 +110,6 @@ def _ratio(a, b) -> Optional[float]:
 
 
 # ---- output ------------------------------------------------------------------------------------------------------
-
-def table(columns: list, rows: List[dict]) -> str:
-    """Markdown table of ``rows``; a column is a key, or (header, key, format); a missing value shows as '-'."""
-    columns = [(c, c, '{}') if isinstance(c, str) else c for c in columns]
-    lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |', '|' + '---|' * len(columns)]
-    for r in rows:
-        cells = ('-' if r.get(key) is None else fmt.format(r[key]).replace('|', '/') for _, key, fmt in columns)
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
-
 
 def write_atomic(path: str, text: str) -> None:
     """A kill mid-write leaves the previous version, never half a file."""
@@ -440,9 +431,8 @@ def summary(out_dir: str) -> int:
     models = [r for n in ('models_eager', 'models_compiled') for r in found.get(n, {}).get('rows', [])
               if 'model' in r]
     goals = targets(layer, models)
-    goal_rows = [dict(r, met='yes' if r['met'] else 'NO') for r in goals]
-    columns = ['measure', 'value', 'target', 'met', ('best variant', 'where', '{}')]
-    parts.append('## Performance goals\n\n' + table(columns, goal_rows) + '\n')
+    columns = ['measure', 'value', 'target', ('met', 'met', yes_no), ('best variant', 'where', '{}')]
+    parts.append('## Performance goals\n\n' + table(columns, goals) + '\n')
     write_atomic(os.path.join(out_dir, 'gpu.md'), '\n'.join(parts))
     write_atomic(os.path.join(out_dir, 'gpu.json'),
                  json.dumps(dict(meta=meta, sections=found, targets=goals), indent=1, default=str))

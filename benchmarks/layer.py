@@ -15,7 +15,7 @@ from typing import Dict, List, Tuple
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from benchmarks.plot import save_results
+from benchmarks.plot import save_results, table
 from timm_halo.bench import busy_load, interleaved_medians, peak_memory, peak_memory_in_child
 from timm_halo.layers import HaloAttention
 
@@ -103,22 +103,18 @@ def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> 
     return rows
 
 
-def _vs(row: dict, peer: dict) -> Tuple[float, float, float]:
-    """(fwd speedup, fwd+bwd speedup: peer time / row time; memory ratio: row / peer)."""
-    return (peer['fwd_ms'] / row['fwd_ms'], peer['fwd_bwd_ms'] / row['fwd_bwd_ms'],
-            row['peak_mb'] / max(peer['peak_mb'], 1e-9))
+def _vs(row: dict, peer: dict) -> dict:
+    """Speedups (peer time / row time) and memory ratio (row / peer)."""
+    return dict(fwd_speedup=peer['fwd_ms'] / row['fwd_ms'], fwd_bwd_speedup=peer['fwd_bwd_ms'] / row['fwd_bwd_ms'],
+                memory_ratio=row['peak_mb'] / max(peer['peak_mb'], 1e-9))
 
 
 def ratios(rows: List[dict]) -> List[dict]:
     """Each of our variants vs each peer (and compiled vs eager) of the same shape, from the same run."""
     by_key = {(r['shape'], r['impl']): r for r in rows}
-    out = []
-    for shape, ours, peer in itertools.product(SHAPES, OURS, PEERS + ('timm_halo',)):
-        if ours != peer and (shape, ours) in by_key and (shape, peer) in by_key:
-            fwd, fwd_bwd, memory = _vs(by_key[shape, ours], by_key[shape, peer])
-            out.append(dict(shape=shape, ours=ours, peer=peer, fwd_speedup=fwd, fwd_bwd_speedup=fwd_bwd,
-                            memory_ratio=memory))
-    return out
+    return [dict(shape=shape, ours=ours, peer=peer, **_vs(by_key[shape, ours], by_key[shape, peer]))
+            for shape, ours, peer in itertools.product(SHAPES, OURS, PEERS + ('timm_halo',))
+            if ours != peer and (shape, ours) in by_key and (shape, peer) in by_key]
 
 
 def header(device: torch.device, load: int) -> str:
@@ -129,20 +125,18 @@ def header(device: torch.device, load: int) -> str:
             + (f'{load} busy-loop process(es) running' if load else 'quiet (no other load)'))
 
 
+RATIO_COLUMNS = [('fwd speedup', 'fwd_speedup', '{:.2f}x'), ('fwd+bwd speedup', 'fwd_bwd_speedup', '{:.2f}x'),
+                 ('memory ratio', 'memory_ratio', '{:.2f}x')]
+COLUMNS = ['shape', 'impl', ('fwd ms', 'fwd_ms', '{:.1f}'), ('fwd+bwd ms', 'fwd_bwd_ms', '{:.1f}'),
+           ('peak MB (fwd+bwd)', 'peak_mb', '{:.0f}'), *RATIO_COLUMNS]
+
+
 def print_tables(rows: List[dict]) -> None:
-    print('| shape | impl | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | fwd speedup | fwd+bwd speedup | memory ratio |')
-    print('|---|---|---|---|---|---|---|---|')
     timm_rows = {r['shape']: r for r in rows if r['impl'] == 'timm'}
-    for r in rows:  # the ratio columns are vs timm, as in earlier RESULTS.md tables
-        fwd, fwd_bwd, memory = _vs(r, timm_rows[r['shape']])
-        print(f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['peak_mb']:.0f} "
-              f"| {fwd:.2f}x | {fwd_bwd:.2f}x | {memory:.2f}x |")
+    # the ratio columns are vs timm, as in earlier RESULTS.md tables
+    print(table(COLUMNS, [dict(r, **_vs(r, timm_rows[r['shape']])) for r in rows]))
     print('\nOurs vs each peer (speedup: peer time / ours; memory ratio: ours / peer)')
-    print('| shape | ours | peer | fwd speedup | fwd+bwd speedup | memory ratio |')
-    print('|---|---|---|---|---|---|')
-    for r in ratios(rows):
-        print(f"| {r['shape']} | {r['ours']} | {r['peer']} | {r['fwd_speedup']:.2f}x | {r['fwd_bwd_speedup']:.2f}x "
-              f"| {r['memory_ratio']:.2f}x |")
+    print(table(['shape', 'ours', 'peer', *RATIO_COLUMNS], ratios(rows)))
 
 
 def main() -> None:

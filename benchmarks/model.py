@@ -10,7 +10,7 @@ from typing import List
 import timm
 import torch
 
-from benchmarks.plot import save_results
+from benchmarks.plot import save_results, table
 from timm_halo import HaloAttention, bench
 
 OURS = 'ours halonet_h1'
@@ -66,9 +66,8 @@ def main() -> None:
     ratio_rows = ratios(results)
     print(f'{header}\n{bench.format_table(results)}\n')
     print(f'{OURS} @256 vs each peer (speed: ours img/s / peer img/s; efficiency: ours GMAC/s as % of the peer\'s)')
-    print('| mode | peer | speed | GMAC/s % of peer |\n|---|---|---|---|')
-    for r in ratio_rows:
-        print(f"| {r['mode']} | {r['peer']} | {r['speed']:.2f}x | {r['gmac_per_s_pct']:.0f}% |")
+    print(table(['mode', 'peer', ('speed', 'speed', '{:.2f}x'), ('GMAC/s % of peer', 'gmac_per_s_pct', '{:.0f}%')],
+                ratio_rows))
     data = dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results],
                 ratios=ratio_rows)
     save_results(data, args.json, args.plot)

@@ -1,4 +1,4 @@
-"""Draw the JSON that a benchmark wrote with ``--json`` as a PNG (needs matplotlib); ``--plot PATH`` does the same.
+"""What the benchmark scripts write: markdown tables, ``--json`` files, and their PNGs (``--plot``; needs matplotlib).
 
     python -m benchmarks.plot RESULTS.json [-o OUT.png] [--loaded LOADED.json]
 """
@@ -9,6 +9,25 @@ import textwrap
 from typing import Any, Dict, List, Optional
 
 from timm_halo.bench import write_json
+
+
+def table(columns: list, rows: List[dict]) -> str:
+    """Markdown table of ``rows``; a column is a key, or (header, key, format string or function); a missing
+    value shows as '-'."""
+    columns = [(c, c, '{}') if isinstance(c, str) else c for c in columns]
+    lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |', '|' + '---|' * len(columns)]
+    lines += ['| ' + ' | '.join(_cell(r.get(key), fmt) for _, key, fmt in columns) + ' |' for r in rows]
+    return '\n'.join(lines)
+
+
+def _cell(value, fmt) -> str:
+    if value is None:
+        return '-'
+    return (fmt(value) if callable(fmt) else fmt.format(value)).replace('|', '/')
+
+
+def yes_no(met: bool) -> str:
+    return 'yes' if met else 'NO'
 
 
 def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel: str, title: str) -> None:

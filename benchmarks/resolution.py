@@ -9,7 +9,7 @@ from typing import List
 
 import timm
 
-from benchmarks.plot import save_results
+from benchmarks.plot import save_results, table, yes_no
 from timm_halo import bench
 
 TOLERANCE_PCT = 15.0
@@ -33,14 +33,10 @@ def rows_for(results: List[bench.ModelResult]) -> List[dict]:
     return rows
 
 
-def print_rows(rows: List[dict]) -> None:
-    print(f'| mode | input | Mpix | ms/img | ms/Mpix | time vs linear | GMACs/img | GMACs vs linear '
-          f'| within ±{TOLERANCE_PCT:g}% |')
-    print('|---|---|---|---|---|---|---|---|---|')
-    for r in rows:
-        print(f"| {r['mode']} | {r['img_size']} | {r['mpix']:.3f} | {r['ms_per_img']:.1f} | {r['ms_per_mpix']:.1f} "
-              f"| {r['time_deviation_pct']:+.1f}% | {r['gmacs']:.2f} | {r['gmacs_deviation_pct']:+.1f}% "
-              f"| {'yes' if r['within_target'] else 'NO'} |")
+COLUMNS = ['mode', ('input', 'img_size', '{}'), ('Mpix', 'mpix', '{:.3f}'), ('ms/img', 'ms_per_img', '{:.1f}'),
+           ('ms/Mpix', 'ms_per_mpix', '{:.1f}'), ('time vs linear', 'time_deviation_pct', '{:+.1f}%'),
+           ('GMACs/img', 'gmacs', '{:.2f}'), ('GMACs vs linear', 'gmacs_deviation_pct', '{:+.1f}%'),
+           (f'within ±{TOLERANCE_PCT:g}%', 'within_target', yes_no)]
 
 
 def main() -> None:
@@ -65,7 +61,7 @@ def main() -> None:
     header = bench.run_header(device, f'{args.model} cost vs resolution, batch {batch_size}, {repeats} repeats, '
                               f'deviation from linear in pixels normalised to {args.sizes[0]} px', args)
     print(header)
-    print_rows(rows)
+    print(table(COLUMNS, rows))
     data = dict(benchmark='resolution', header=header, args=vars(args), tolerance_pct=TOLERANCE_PCT, rows=rows)
     save_results(data, args.json, args.plot)
 
