@@ -12,7 +12,7 @@ import timm
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from benchmarks.plot import save_results
+from benchmarks.plot import save_results, table
 from timm_halo import accelerate, bench
 from timm_halo.layers import ATTN_IMPLS
 
@@ -75,24 +75,17 @@ def ratios(results: List[bench.ModelResult], names: List[str]) -> List[dict]:
 
 def format_ratios(rows: List[dict]) -> str:
     kinds = [k for k in rows[0]['ms'] if k != STOCK]
-    lines = [f'| model | input | mode | {STOCK} ms | ' + ' | '.join(f'{k} ms (speedup)' for k in kinds) + ' |',
-             '|---|---|---|---|' + '---|' * len(kinds)]
-    for r in rows:
-        cells = ' | '.join(f"{r['ms'][k]:.1f} ({r['speedup'][k]:.2f}x)" for k in kinds)
-        lines.append(f"| {r['model']} | {r['img_size']} | {r['mode']} | {r['ms'][STOCK]:.1f} | {cells} |")
-    return '\n'.join(lines)
+    cells = [dict(r, **{k: f"{r['ms'][k]:.1f} ({r['speedup'][k]:.2f}x)" for k in kinds}) for r in rows]
+    return table(['model', ('input', 'img_size', '{}'), 'mode', (f'{STOCK} ms', 'ms', lambda ms: f'{ms[STOCK]:.1f}'),
+                  *[(f'{k} ms (speedup)', k, '{}') for k in kinds]], cells)
 
 
 def format_goals(rows: List[dict]) -> str:
     kinds = [k for k in rows[0]['ms'] if k != STOCK]
-    lines = ['| model | mode | target | ' + ' | '.join(kinds) + ' | met (accelerated) |',
-             '|---|---|---|' + '---|' * len(kinds) + '---|']
-    for r in rows:
-        if r['model'] in GOAL_MODELS and r['mode'] in GOALS:
-            cells = ' | '.join(f"{r['speedup'][k]:.2f}x" for k in kinds)
-            met = 'yes' if r['speedup'][FAST] >= GOALS[r['mode']] else 'no'
-            lines.append(f"| {r['model']} | {r['mode']} | >= {GOALS[r['mode']]:g}x | {cells} | {met} |")
-    return '\n'.join(lines)
+    cells = [dict(r, target=f">= {GOALS[r['mode']]:g}x", met='yes' if r['speedup'][FAST] >= GOALS[r['mode']] else 'no',
+                  **{k: f"{r['speedup'][k]:.2f}x" for k in kinds})
+             for r in rows if r['model'] in GOAL_MODELS and r['mode'] in GOALS]
+    return table(['model', 'mode', 'target', *kinds, ('met (accelerated)', 'met', '{}')], cells)
 
 
 def main() -> None:
