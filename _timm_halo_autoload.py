@@ -1,11 +1,5 @@
-"""Start-up bootstrap (run by ``timm_halo_autoload.pth``): load timm plugins right after ``timm`` is imported.
-
-timm only knows models whose modules were imported. This module, imported at interpreter start-up, adds one finder
-to ``sys.meta_path`` and nothing else (no torch, no timm, no importlib.metadata). Once ``timm/__init__`` has run to
-the end, it loads every entry point of the ``timm.plugins`` group (ours registers ``halonet_*``), once. Lookups
-such as ``importlib.util.find_spec('timm')`` and imports of timm that fail do not use it up. A failing plugin
-leaves ``import timm`` working and produces one warning. ``TIMM_HALO_DISABLE_AUTOLOAD=1`` turns the hook off.
-"""
+"""Start-up hook (run by ``timm_halo_autoload.pth``): load the ``timm.plugins`` entry points once ``import timm``
+has finished (docs/contract.md). Imports neither torch nor timm; ``TIMM_HALO_DISABLE_AUTOLOAD=1`` turns it off."""
 import _thread
 import _weakref
 import os
@@ -49,11 +43,8 @@ def _being_imported(module: str) -> bool:
 
 
 class _RunPluginsAfter:
-    """Stands in for one timm loader's ``exec_module``, as an instance attribute (the loader's type is unchanged).
-
-    Calls the loader's own ``exec_module``; if that ran the top-level ``timm`` package to completion, the hook
-    finishes (plugins load). An exception propagates untouched and leaves the hook in place for a retry.
-    """
+    """Stands in for one timm loader's ``exec_module`` (an instance attribute): runs it, then tells the hook once
+    ``timm`` ran to completion; an exception propagates and leaves the hook in place for a retry."""
 
     __slots__ = ('loader', 'exec_module', 'own_attr', 'hook', '__weakref__')
 
@@ -82,13 +73,9 @@ class _RunPluginsAfter:
 
 
 class _TimmImportHook:
-    """A meta path finder that stays until ``timm`` has finished importing once, then loads the plugins.
-
-    On every lookup of ``timm`` it asks the other finders, patches the found loader's ``exec_module`` and returns
-    their spec as found (same origin, search locations, loader type). So probes and failed imports do not use it
-    up; it leaves ``sys.meta_path`` and restores every loader it patched (executed or not) only once an
-    ``exec_module`` of ``timm`` succeeds.
-    """
+    """A meta path finder that patches the loader of every spec the other finders give for ``timm`` (so probes and
+    failed imports do not use it up) until an ``exec_module`` of ``timm`` succeeds; then it leaves, restores every
+    loader it patched, and loads the plugins."""
 
     def __init__(self):
         self._busy = set()  # threads inside find_spec: our own lookup must not find us again

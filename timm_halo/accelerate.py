@@ -1,20 +1,5 @@
-"""Run timm's own halo models (and their pretrained weights) on timm-halo's kernels.
-
-``accelerate(model)`` turns every ``timm.layers.halo_attn.HaloAttn`` inside ``model`` into a ``TimmHaloAttn``
-in place, by changing the instance's class: parameters, buffers, hooks, the state dict and its keys stay as they
-are, and the answers stay timm's (same maths, another kernel). Nothing else in the model changes.
-
-Opt-in for unmodified timm scripts (train.py, validate.py, benchmark.py, inference.py): with
-``TIMM_HALO_ACCELERATE=1`` in the environment, importing timm_halo (which the timm plugin autoload does as soon as
-timm is imported) makes timm's attention factory (``get_attn('halo')``, used by ByobNet) hand out
-``TimmHaloAttn``, so every halo model built afterwards is accelerated. Off by default.
-
-Saying what it did: ``accelerate`` logs one INFO line (model and count) and sets ``model.timm_halo_accelerated``
-(the count); with the variable set, ``timm.create_model`` logs the same line for each model it builds with
-``TimmHaloAttn`` and sets the same attribute. timm's scripts configure logging at INFO, so the line shows there;
-elsewhere, read the attribute or ``logging.basicConfig(level=logging.INFO)``. A model with no ``HaloAttn`` at
-all gets a warning from ``accelerate``: nothing to accelerate is usually a mistake.
-"""
+"""Run timm's own halo models (and their pretrained weights) on timm-halo's kernels (docs/accelerate.md):
+``accelerate(model)``, or ``TIMM_HALO_ACCELERATE=1`` for every halo model timm builds."""
 import functools
 import importlib
 import logging
@@ -47,17 +32,9 @@ def _model_name(model: nn.Module) -> str:
 
 
 def accelerate(model: nn.Module, attn_impl: Optional[str] = None) -> nn.Module:
-    """Swap every ``timm.layers.halo_attn.HaloAttn`` of ``model`` (the model itself included) for
-    ``TimmHaloAttn`` in place and return ``model``.
-
-    Says what it did: logs (``INFO``, logger ``timm_halo.accelerate``) one line naming the model and the count, and
-    sets ``model.timm_halo_accelerated`` to the number of its layers that now run on timm-halo kernels (those
-    swapped before included). Warns when the model has no ``HaloAttn`` at all.
-
-    Only instances of ``HaloAttn`` itself are swapped (a subclass may have its own forward). ``attn_impl`` picks
-    the kernel as ``HaloAttention``'s argument does (``None``: ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``); given
-    explicitly, it also applies to layers accelerated before.
-    """
+    """Swap every ``timm.layers.halo_attn.HaloAttn`` (not a subclass) of ``model`` for ``TimmHaloAttn`` in place
+    and return ``model``; logs the count and sets it as ``model.timm_halo_accelerated``, warns when there is none.
+    ``attn_impl`` picks the kernel as ``HaloAttention``'s does; given, it also applies to layers swapped before."""
     if not isinstance(model, nn.Module):
         raise TypeError(f'accelerate expects a torch.nn.Module, got {type(model).__name__}')
     impl = resolve_impl_name(attn_impl)
@@ -82,8 +59,7 @@ def accelerate(model: nn.Module, attn_impl: Optional[str] = None) -> nn.Module:
 
 
 def _reporting(create_model: Callable[..., Any]) -> Callable[..., Any]:
-    """``timm.create_model`` that, after building, says how many TimmHaloAttn layers the model has (if any): for
-    ``TIMM_HALO_ACCELERATE=1``, where the layers come from timm's factory and ``accelerate`` is never called."""
+    """``timm.create_model`` that reports (as ``accelerate`` does) the TimmHaloAttn layers a model has."""
     @functools.wraps(create_model)
     def create_and_report(model_name: str, *args: Any, **kwargs: Any) -> Any:
         model = create_model(model_name, *args, **kwargs)
@@ -100,9 +76,8 @@ def _reporting(create_model: Callable[..., Any]) -> Callable[..., Any]:
 
 def _honour_env() -> None:
     """With ``TIMM_HALO_ACCELERATE=1``, make timm's attention factory build ``TimmHaloAttn`` where it builds
-    ``HaloAttn`` (patched on the module: ``timm.layers.create_attn`` is also the name of its function), and make
-    ``timm.create_model`` report it. Scripts bind ``from timm.models import create_model`` after ``import timm``
-    has loaded this plugin, so they get the reporting one."""
+    ``HaloAttn``, and ``timm.create_model`` report it (scripts bind it after ``import timm`` loaded this plugin)."""
+    # patched on the module: ``timm.layers.create_attn`` is also the name of its function
     value = os.environ.get(ACCELERATE_ENV, '').strip().lower()
     if value in ('1', 'true', 'yes', 'on'):
         importlib.import_module('timm.layers.create_attn').HaloAttn = TimmHaloAttn

@@ -1,11 +1,5 @@
-"""The benchmark harness of ``timm-halo bench`` and the scripts in ``benchmarks/``: GMACs (the family table too),
-interleaved median timings, peak memory, and the options and outputs every run shares.
-
-Contenders are timed round-robin in one process (``interleaved_medians``), so that a noisy, shared machine slows
-every contender alike. ``torch.utils.benchmark.Timer`` does not fit: each ``timeit`` sample adds two warm-up calls
-(costly for model steps of seconds), ``blocked_autorange`` times one contender after another, and importing it logs
-a CUDA_HOME warning on machines without a CUDA runtime.
-"""
+"""The benchmark harness of ``timm-halo bench`` and ``benchmarks/``: GMACs, interleaved median timings (contenders
+round-robin in one process, so that a noisy machine slows each alike; docs/benchmarks.md), peak memory, options."""
 import argparse
 import contextlib
 import gc
@@ -58,7 +52,7 @@ def summarize(name: str, img_size: Optional[int] = None) -> Dict[str, Any]:
 
 
 def sync_timer() -> float:
-    """A clock that waits for the GPU's queued work first (torch.utils.benchmark's timer does the same)."""
+    """A clock that waits for the GPU's queued work first."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
@@ -78,8 +72,7 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, 
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak extra memory of one call, in bytes: the CUDA allocator's peak, or on CPU the peak RSS growth (the
-    high-water mark is reset first through /proc/self/clear_refs, Linux >= 4.0)."""
+    """Peak extra memory of one call, in bytes: the CUDA allocator's peak, or on CPU the peak RSS growth (Linux)."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -101,11 +94,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def peak_memory_in_child(module: str, args: List[str]) -> int:
-    """Run ``python -m module --measure-memory ARGS`` in a fresh process; it prints {"peak_bytes": N} last.
-
-    glibc's mmap threshold is fixed at 64 KiB there (glibc raises it after large frees and keeps later tensors on
-    its heap, so RSS peaks read low): every large tensor is mapped on allocation, at the cost of page faults.
-    """
+    """Run ``python -m module --measure-memory ARGS`` in a fresh process; it prints {"peak_bytes": N} last."""
+    # a fixed mmap threshold: glibc raises it after large frees and keeps later tensors on its heap (RSS reads low)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
     out = subprocess.run([sys.executable, '-m', module, '--measure-memory', *args],
                          check=True, capture_output=True, text=True, env=env).stdout
@@ -114,8 +104,7 @@ def peak_memory_in_child(module: str, args: List[str]) -> int:
 
 @contextlib.contextmanager
 def busy_load(processes: int) -> Iterator[None]:
-    """``processes`` busy-loop processes for the duration (what DataLoader workers or a second job do to a shared
-    machine), started before and stopped after the timed block."""
+    """``processes`` busy-loop processes while the block runs (what a second job does to a shared machine)."""
     procs = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(processes)]
     try:
         time.sleep(0.5 if procs else 0)  # let the scheduler spread them
@@ -186,10 +175,7 @@ def _step(model: torch.nn.Module, x: torch.Tensor, target: Optional[torch.Tensor
 def measure_models(specs: Sequence[ModelSpec], device: torch.device, batch_size: int, train: bool = False,
                    repeats: int = 3, warmup: int = 1, amp_dtype: Optional[torch.dtype] = None, compiled: bool = False,
                    channels_last: bool = False) -> List[ModelResult]:
-    """Median seconds per step of every contender, timed round-robin in this process; plus GMACs and img/s.
-
-    All models are built first and stay in memory, so that each timing round visits every contender.
-    """
+    """Median seconds per step of every contender (all built first, timed round-robin), with GMACs."""
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -231,8 +217,6 @@ def add_run_args(parser: argparse.ArgumentParser, cpu_batch_size: int = 2) -> No
         help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
     add('--channels-last', action='store_true')
     add('--compile', action='store_true', help='torch.compile every model (slow on cpu)')
-    # On a shared 2-core machine two OpenMP threads wait on each other whenever a neighbour takes a core;
-    # --threads 1 then gives steadier (and often faster) figures.
     add('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     add('--load', type=int, default=0, metavar='N',
         help='N busy-loop processes run during the timings (a shared machine); default 0')
@@ -242,8 +226,7 @@ def add_run_args(parser: argparse.ArgumentParser, cpu_batch_size: int = 2) -> No
 
 def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser
                 ) -> Tuple[torch.device, Optional[torch.dtype], int, int]:
-    """(device, autocast dtype, batch size, repeats) of a run from ``add_run_args``' options, after setting the
-    threads; ``parser.error`` (exit 2) for what this machine cannot do."""
+    """(device, autocast dtype, batch size, repeats) from ``add_run_args``' options; sets the threads."""
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')

@@ -1,10 +1,5 @@
-"""The `timm-halo` command: every subcommand is defined here; the work is done by timm, timm_halo.bench, .export
-and .hub.
-
-Errors: a bad argument prints the usage and `timm-halo <command>: error: ...` and exits 2; a failure prints one
-line `timm-halo <command>: error: ...` and exits 1; never a traceback. Options given before the command
-(`timm-halo --model halonet_h0 bench`) count as if given after it; one the command does not take is an error.
-"""
+"""The `timm-halo` command. A bad argument exits 2, a failure 1, each with one line `timm-halo <command>: error:
+...`, never a traceback. Options given before the command count as if given after it."""
 import argparse
 import json
 import sys
@@ -14,6 +9,7 @@ from typing import Any, List, Optional
 
 import timm
 import torch
+from huggingface_hub.utils import tqdm
 from timm.utils import ParseKwargs
 
 import timm_halo
@@ -28,7 +24,7 @@ GLOBAL_OPTIONS = dict(model=dict(help='model name'),
 
 
 class ModelKwargs(ParseKwargs):
-    """timm's ``--model-kwargs`` syntax (train.py): ``key=value`` pairs, values as Python literals."""
+    """timm train.py's ``--model-kwargs``: ``key=value`` pairs, values as Python literals."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         bad = [v for v in values if '=' not in v]
@@ -38,7 +34,6 @@ class ModelKwargs(ParseKwargs):
 
 
 def fail(command: str, message: Any) -> int:
-    """A failure: one line on stderr, exit status 1."""
     print(f'timm-halo {command}: error: {" ".join(str(message).split())}', file=sys.stderr)
     return 1
 
@@ -58,8 +53,6 @@ def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f'timm-halo {timm_halo.__version__} | timm {timm.__version__} | torch {torch.__version__} | '
           f'{torch.get_num_threads()} CPU threads\n')
     if not args.skip_family:
-        from huggingface_hub.utils import tqdm
-
         rows = [bench.summarize(name) for name in tqdm(FAMILY, desc='measuring the family', unit='model')]
         print('HaloNet family: params measured here vs the paper; GMACs of one image at the input size')
         print(f'{"model":<12}{"input":>6}{"params":>9}{"paper":>8}{"diff":>8}{"GMACs":>8}{"top-1*":>8}')
@@ -168,10 +161,9 @@ def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     info = hub.inspect_hub_model(args.source, load=not args.no_load)
-    for message in info['warnings']:
-        print(f'timm-halo hub-inspect: warning: {" ".join(message.split())}', file=sys.stderr)
-    for message in info['notes']:
-        print(f'timm-halo hub-inspect: note: {" ".join(message.split())}', file=sys.stderr)
+    for kind in ('warning', 'note'):
+        for message in info[f'{kind}s']:
+            print(f'timm-halo hub-inspect: {kind}: {" ".join(message.split())}', file=sys.stderr)
     cfg = info['pretrained_cfg']
     print(f"source        {info['source']}\narchitecture  {info['architecture']}")
     if 'params' in info:
@@ -194,40 +186,30 @@ def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog='timm-halo', description='HaloNet backbones for timm: family overview and a real forward pass '
-                                      '(the default command, info), benchmarks, ONNX export, Hub folders.')
+    parser = argparse.ArgumentParser(prog='timm-halo', description='HaloNet backbones for timm (README.md).')
     for name, kwargs in GLOBAL_OPTIONS.items():
         parser.add_argument('--' + name.replace('_', '-'), default=None, **kwargs)
     sub = parser.add_subparsers(dest='command', metavar='{info,bench,export,hub-export,hub-inspect}')
 
-    def command(name, handler, help: str, description: str, *options: str, **defaults) -> argparse.ArgumentParser:
-        """A subcommand taking the global ``options``: they default to 'not given' there, so that the same option
-        given before the command is kept; ``defaults`` replace what is still not given after parsing."""
-        p = sub.add_parser(name, help=help, description=description)
+    def command(name, handler, help: str, *options: str, **defaults) -> argparse.ArgumentParser:
+        """A subcommand taking the global ``options`` (not given unless given; ``defaults`` fill them later)."""
+        p = sub.add_parser(name, help=help, description=help)
         for option in options:
             p.add_argument('--' + option.replace('_', '-'), default=argparse.SUPPRESS, **GLOBAL_OPTIONS[option])
         p.handler, p.global_options, p.global_defaults = handler, set(options), defaults
         return p
 
-    command('info', cmd_info, 'show the H0-H7 family and run a forward pass (the default command)',
-            'Measure the family (params, GMACs) and run a forward pass of --model (default halonet_h0).',
+    command('info', cmd_info, 'show the H0-H7 family and run a forward pass of --model (the default command)',
             *GLOBAL_OPTIONS, model='halonet_h0', batch_size=1)
-    p = command('bench', cmd_bench, "time a model's inference (and train step): img/s, GMACs, GMAC/s",
-                'Time a timm model on the available device (cuda if there is one, else cpu): median of repeated '
-                'steps, img/s, GMACs per image and achieved GMAC/s. For peers and ratios run python -m '
-                'benchmarks.model from a source checkout. --model: any timm model (default halonet_h1).',
-                'model', 'img_size', model='halonet_h1')
+    p = command('bench', cmd_bench, "time any timm model's inference (and train step): img/s, GMACs, GMAC/s "
+                '(docs/benchmarks.md)', 'model', 'img_size', model='halonet_h1')
     p.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
     bench.add_run_args(p)  # --batch-size among them
     p.global_options.add('batch_size')
 
-    p = command('export', cmd_export, 'export a model to ONNX and check it against PyTorch in ONNX Runtime',
-                "Build a registered HaloNet with timm (seed 0, untrained; each residual branch gets a small random "
-                "gain instead of timm's zero-init, so that every attention layer shows in the check), export it "
-                'with torch.onnx.export (dynamic batch), run it in ONNX Runtime and compare with PyTorch. Exits 1 '
-                'if the max abs difference exceeds --atol. --model default halonet_h0, --batch-size 2.',
-                'model', 'img_size', 'batch_size', model='halonet_h0', batch_size=2)
+    p = command('export', cmd_export, 'export a model to ONNX and check it against PyTorch in ONNX Runtime; exits 1 '
+                'beyond --atol (docs/deployment.md)', 'model', 'img_size', 'batch_size', model='halonet_h0',
+                batch_size=2)
     p.add_argument('--format', default='onnx', choices=['onnx'], help='export format (default: onnx)')
     p.add_argument('--output', default=None, help='file to write (default: <model>.onnx)')
     p.add_argument('--dynamic-size', action='store_true',
@@ -237,12 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='constructor kwargs as key=value, e.g. num_classes=10 depths="(1, 1, 1, 1)"')
 
     p = command('hub-export', cmd_hub_export, 'write a Hub-ready folder (weights, config.json, model card) for a '
-                'checkpoint', "Load a checkpoint into a registered HaloNet (--model) through timm, then write "
-                "timm's save_for_hf folder (loadable by timm and by transformers' AutoModel) plus a README model "
-                'card, and check that it reloads with the same logits. --img-size: the size the checkpoint was '
-                'trained at, written to config.json. A timm train.py checkpoint supplies --model, --img-size and '
-                '--model-args from its args (said when used; a flag given wins); otherwise the defaults are the '
-                "model's own.", 'model', 'img_size')
+                "checkpoint; a train.py checkpoint's args supply --model, --img-size, --model-args (docs/hub.md)",
+                'model', 'img_size')
     p.add_argument('--checkpoint', required=True, help='.safetensors, or .pth/.pth.tar/.bin (weights only)')
     p.add_argument('--output', required=True, help='folder to write')
     p.add_argument('--num-classes', type=int, default=None,
@@ -256,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help='allow a non-empty output folder')
 
     p = command('hub-inspect', cmd_hub_inspect, 'show architecture, params and config of a Hub-ready folder or '
-                'Hub repo', 'Read config.json with timm, build the model with its weights, and print what it is.')
+                'Hub repo')
     p.add_argument('source', help="folder, 'org/name' Hub repo, or a 'local-dir:' / 'hf-hub:' name")
     p.add_argument('--no-load', action='store_true', help='only read config.json; do not build the model')
     parser.commands = {name: p for name, p in sub.choices.items()}

@@ -1,22 +1,17 @@
-"""Deployment: ONNX and ``torch.export`` of HaloNet models and ``HaloAttention``, checked against eager PyTorch.
-
-While exporting, ``HaloAttention`` runs its whole-tensor path with plain key windows (the CPU kernels and the window
-gather are custom ops for eager mode and torch.compile, not for exporters), so both exporters see plain ATen ops
-whose block/halo geometry depends only on the input's shape. The batch is dynamic by default. A dynamic
-height/width works for ONNX (``dynamic_size=True``: the ceil divisions that count blocks avoid negative operands,
-as ONNX's integer ``Div`` truncates toward zero; ``export_onnx_checked`` checks such a graph at a second, awkward
-size too) and is refused by ``torch.export``, which cannot prove ``ceil(H / b) * b >= H`` for a symbolic ``H``:
-export one program per input size there. Parity checks compare fp32 outputs with the eager module's.
-"""
+"""ONNX and ``torch.export`` of HaloNet models and ``HaloAttention``, checked against eager PyTorch in fp32
+(docs/deployment.md). The batch is dynamic by default; a dynamic height/width works for ONNX only."""
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.export import Dim
 
-# Max abs difference allowed between ONNX Runtime and eager PyTorch in fp32: ORT's MatMul and Softmax round
-# differently from ATen's (typical diffs 1e-7 to 1e-5).
+from timm_halo.layers import HaloAttention
+from timm_halo.models.halonet import HaloBottleneck
+
+# Max abs difference allowed between ONNX Runtime and eager PyTorch in fp32 (typical diffs 1e-7 to 1e-5)
 ONNX_ATOL = 1e-4
 
 
@@ -46,11 +41,8 @@ class ParityReport:
 
 def example_input(model: nn.Module, img_size: Optional[int] = None, batch_size: int = 2, seed: int = 0
                   ) -> torch.Tensor:
-    """A seeded standard-normal NCHW input for ``model``: its default size (a timm model's ``pretrained_cfg``)
-    unless ``img_size`` is given; for a ``HaloAttention``, a map that is not a multiple of its block size (so that
-    padding and border masking are part of the check)."""
-    from timm_halo.layers import HaloAttention
-
+    """A seeded standard-normal NCHW input for ``model`` at its default size unless ``img_size`` is given (for a
+    ``HaloAttention``, a map that is not a multiple of its block size, so that padding and masking are checked)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if isinstance(model, HaloAttention):
         channels, size = model.dim, 2 * model.block_size + 3
@@ -63,11 +55,8 @@ def example_input(model: nn.Module, img_size: Optional[int] = None, batch_size: 
 
 
 def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -> nn.Module:
-    """Give an untrained HaloNet small random gains (``gain`` x U[0.5, 1.5]) where timm zero-initialises the
-    last BatchNorm of every residual branch (else the output depends on no attention layer and a parity check
-    would not see them; full gains make H5-H7 logits reach 1e6-1e9); returns the model."""
-    from timm_halo.models.halonet import HaloBottleneck
-
+    """Give an untrained HaloNet small random gains (``gain`` x U[0.5, 1.5]) where timm zero-initialises the last
+    BatchNorm of every residual branch, so that a parity check sees every attention layer; returns the model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -77,8 +66,6 @@ def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -
 
 
 def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool) -> Optional[Tuple[dict]]:
-    from torch.export import Dim
-
     dims = {0: Dim('batch', min=1)} if dynamic_batch else {}
     if dynamic_size:
         dims[2], dims[3] = Dim('height', min=1), Dim('width', min=1)
@@ -121,8 +108,7 @@ def _parity(run: Callable[[torch.Tensor], Sequence[Any]], model: nn.Module, inpu
     return ParityReport(path, worst, atol, [tuple(x.shape) for x in inputs], scale)
 
 
-# torch 2.6's torch.export fails on these models' dynamic shapes (it cannot prove the bounds of the block counts
-# ceil(H / block_size) and guards every size), in ONNX export too; 2.11 and later are tested.
+# torch 2.6's torch.export (ONNX export too) fails on these models' dynamic block counts; 2.11 and later are tested.
 EXPORT_MIN_TORCH = '2.7'
 
 
@@ -136,8 +122,7 @@ def _check_torch_version() -> None:
 
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, dynamic_size: bool = False
                    ) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of ``model`` (put in eval mode) for NCHW inputs like ``example``; the batch is
-    dynamic by default, a dynamic height/width is refused (see the module docstring)."""
+    """``torch.export.export`` of ``model`` (put in eval mode) for inputs like ``example``; dynamic batch."""
     if dynamic_size:
         raise ValueError(
             'torch.export with a dynamic height/width is not supported for HaloAttention models: the number of '
@@ -157,8 +142,8 @@ def program_parity(program: torch.export.ExportedProgram, model: nn.Module, inpu
 
 def export_onnx(model: nn.Module, path: Union[str, Path], example: torch.Tensor, dynamic_batch: bool = True,
                 dynamic_size: bool = False, opset_version: Optional[int] = None) -> Path:
-    """Export ``model`` (put in eval mode) to one self-contained ONNX file with the ``torch.export``-based
-    exporter. Input ``input``; outputs ``output`` (or ``output_0``, ``output_1``, ... e.g. for ``features_only``)."""
+    """Export ``model`` (put in eval mode) to one self-contained ONNX file (``dynamo=True``); input ``input``,
+    outputs ``output`` (or ``output_0``, ``output_1``, ... e.g. for ``features_only``)."""
     _check_torch_version()
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes - {torch.float32}:
@@ -219,9 +204,8 @@ def parity_inputs(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, 
 def export_onnx_checked(model: nn.Module, path: Union[str, Path], example: Optional[torch.Tensor] = None,
                         dynamic_batch: bool = True, dynamic_size: bool = False, atol: float = ONNX_ATOL,
                         opset_version: Optional[int] = None) -> ParityReport:
-    """Export to ONNX, then check it in ONNX Runtime against eager PyTorch on the example and, for each dynamic
-    axis, on an input that differs there. Raises ``ExportParityError`` if the max abs difference exceeds ``atol``.
-    """
+    """Export to ONNX and check it in ONNX Runtime against eager PyTorch (``parity_inputs``); raises
+    ``ExportParityError`` if the max abs difference exceeds ``atol``."""
     example = example_input(model) if example is None else example
     export_onnx(model, path, example, dynamic_batch, dynamic_size, opset_version)
     report = onnx_parity(path, model, parity_inputs(model, example, dynamic_batch, dynamic_size), atol)

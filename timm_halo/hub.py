@@ -1,10 +1,5 @@
-"""Publishing HaloNets and looking into published ones, through timm's own Hub code.
-
-Loading needs nothing from here (``timm.create_model('hf-hub:...' | 'local-dir:...', pretrained=True)``; clear
-errors come from ``timm_halo.models._pretrained``). Here: ``model_card`` for ``timm.models.push_to_hf_hub``,
-``save_for_hf`` / ``push_to_hf_hub`` (timm's, writing a config.json that transformers' ``AutoModel`` loads too; see
-``fix_hub_config``), ``export_for_hub`` (`timm-halo hub-export`) and ``inspect_hub_model`` (`timm-halo hub-inspect`).
-"""
+"""Publishing HaloNets and looking into published ones, through timm's own Hub code (docs/hub.md): model cards,
+timm's save_for_hf / push_to_hf_hub with a config.json transformers loads too, `hub-export` and `hub-inspect`."""
 import argparse
 import copy
 import inspect
@@ -23,16 +18,9 @@ import torch.nn as nn
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from timm.models import (
-    get_arch_pretrained_cfgs,
-    get_pretrained_cfg,
-    load_model_config_from_hf,
-    load_state_dict,
-    parse_model_name,
-    split_model_name_tag,
-)
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models import save_for_hf as timm_save_for_hf
-from timm.models._hub import generate_readme, load_model_config_from_path
+from timm.models._hub import generate_readme, load_model_config_from_hf, load_model_config_from_path
 
 from timm_halo.bench import count_gmacs
 from timm_halo.models import HaloNet
@@ -70,34 +58,26 @@ _HUB_FOLDER_FILES = ('model.safetensors', 'pytorch_model.bin', 'config.json', 'R
 Size = Union[int, Tuple[int, int]]  # a square side, or (height, width)
 
 
-def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """A checkpoint's tensors through timm's reader (safetensors, or pickle with weights_only=True), unwrapped
-    (training-checkpoint containers, EMA, ``module.`` / ``_orig_mod.`` prefixes: timm's ``load_state_dict``).
-
-    Raises:
-        PretrainedWeightsError: the file is missing, corrupt, or a pickle that needs more than tensors.
-    """
-    problem = checkpoint_problem(str(path))
-    if problem:
-        raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {problem}")
-    return load_state_dict(str(path), weights_only=True)
-
-
-def read_train_args(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
-    """The ``args`` that timm's train.py stores in its checkpoints (an ``argparse.Namespace``; a dict is taken too),
-    as a dict; None for a safetensors file, a bare state dict, or a checkpoint without them. Read with
-    ``weights_only=True`` (the Namespace allowed, as timm does), the tensors memory-mapped, not read.
-
-    Raises:
-        PretrainedWeightsError: the file is missing, corrupt, or a pickle that needs more than tensors.
-    """
-    path = str(path)
-    if path.endswith('.safetensors'):
-        return None
+def _check_readable(path: str) -> str:
     problem = checkpoint_problem(path)
     if problem:
         raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {problem}")
-    checkpoint = torch_load_weights_only(path, mmap=is_zipfile(path))
+    return path
+
+
+def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """A checkpoint's tensors through timm's ``load_state_dict`` (weights_only, containers and prefixes unwrapped);
+    PretrainedWeightsError for a missing or corrupt file or a pickle that needs more than tensors."""
+    return timm.models.load_state_dict(_check_readable(str(path)), weights_only=True)
+
+
+def read_train_args(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The ``args`` timm's train.py stores in its checkpoints, as a dict (None where there are none), read with
+    ``weights_only=True``, the tensors memory-mapped; PretrainedWeightsError as ``read_checkpoint``."""
+    path = str(path)
+    if path.endswith('.safetensors'):
+        return None
+    checkpoint = torch_load_weights_only(_check_readable(path), mmap=is_zipfile(path))
     args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     if isinstance(args, argparse.Namespace):
         return dict(vars(args))
@@ -105,12 +85,8 @@ def read_train_args(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
 
 
 def is_hub_dataset_id(name: Any) -> bool:
-    """Whether ``name`` looks like a Hugging Face Hub dataset id, which a card's ``datasets:`` metadata links to:
-    ``owner/name`` (the Hub's own id rules), or one of the owner-less ImageNet ids timm's cards use. Free text such
-    as ``'tiny'`` or ``'our photos'`` is not one."""
-    if not isinstance(name, str):
-        return False
-    if name.lower() in _CANONICAL_DATASETS:
+    """Whether ``name`` is a Hub dataset id (``owner/name``, or an owner-less ImageNet id as timm's cards use)."""
+    if isinstance(name, str) and name.lower() in _CANONICAL_DATASETS:
         return True
     try:
         validate_repo_id(name)
@@ -122,7 +98,7 @@ def is_hub_dataset_id(name: Any) -> bool:
 def is_halonet(name: Any) -> bool:
     """Whether ``name`` (``arch`` or ``arch.tag``, with a known tag) is one of this plugin's architectures."""
     arch, tag = split_model_name_tag(name) if isinstance(name, str) else (None, '')
-    return arch in FAMILY and (not tag or name in get_arch_pretrained_cfgs(arch))
+    return arch in FAMILY and (not tag or name in timm.models.get_arch_pretrained_cfgs(arch))
 
 
 def model_arg_names() -> List[str]:
@@ -171,12 +147,8 @@ def output_problem(output: Union[str, Path], overwrite: bool, overwrite_flag: st
 
 
 def check_hub_config(config: Any, where: str) -> None:
-    """Refuse a config.json that timm's parser would meet with a bare KeyError / AttributeError / TypeError,
-    or that does not describe a HaloNet of this plugin. ``where`` names the file in messages.
-
-    Raises:
-        PretrainedWeightsError: naming the problem and the fix.
-    """
+    """PretrainedWeightsError for a config.json (named ``where``) that timm's parser would meet with a bare
+    KeyError / TypeError, or that does not describe a HaloNet of this plugin."""
     remake = 'or write the folder again with timm.models.save_for_hf / `timm-halo hub-export`'
     if not isinstance(config, dict):
         raise PretrainedWeightsError(f'{where} must hold a JSON object (architecture, num_classes, model_args, '
@@ -209,14 +181,14 @@ def check_hub_config(config: Any, where: str) -> None:
             f'them; {arch} takes {", ".join(model_arg_names())}')
 
 
-def describe_model(model: nn.Module, gmacs: bool = True) -> Dict[str, Any]:
+def describe_model(model: nn.Module) -> Dict[str, Any]:
     """Architecture facts of a HaloNet (as built, kwargs included): sizes, params, input size, GMACs."""
     if not isinstance(model, HaloNet):
         raise TypeError(f'describe_model() describes timm_halo HaloNet models, got {type(model).__name__}')
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     attn, last = model.stages[0].blocks[0].attn, model.stages[0].blocks[-1]
     input_size = (model.in_chans, *tuple(cfg.get('input_size') or (3, 256, 256))[1:])
-    facts: Dict[str, Any] = dict(
+    return dict(
         architecture=cfg.get('architecture') or type(model).__name__, num_classes=model.num_classes,
         params=sum(p.numel() for p in model.parameters()), in_chans=model.in_chans, input_size=input_size,
         block_size=attn.block_size, halo_size=attn.halo_size, heads=attn.heads,
@@ -224,23 +196,17 @@ def describe_model(model: nn.Module, gmacs: bool = True) -> Dict[str, Any]:
         depths=[len(stage.blocks) for stage in model.stages],
         widths=[stage.blocks[0].attn.dim for stage in model.stages],
         final_conv=model.num_features if not isinstance(model.final_conv, nn.Identity) else 0,
+        # counted on a meta-device copy: shapes only, no compute, no second set of weights in memory
+        gmacs=count_gmacs(copy.deepcopy(model).to('meta').eval(), input_size[-1], input_size[0]),
     )
-    if gmacs:  # counted on a meta-device copy: shapes only, no compute, no second set of weights in memory
-        facts['gmacs'] = count_gmacs(copy.deepcopy(model).to('meta').eval(), input_size[-1], input_size[0])
-    return facts
 
 
 def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optional[Union[str, Sequence[str]]] = None,
                description: Optional[str] = None, license: str = 'apache-2.0',
                details: Optional[Dict[str, Any]] = None, local_dir: Optional[str] = None) -> Dict[str, Any]:
-    """A model card for ``timm.models.push_to_hf_hub(model, repo_id, model_card=model_card(model, repo_id))``:
-    what the model is (architecture and settings, paper, params, GMACs, input size, classes) and how to load it
-    (timm, transformers); timm renders it as the repo's README.md. ``dataset`` (a name or several) is stated in
-    the card, and those that are Hub dataset ids (``is_hub_dataset_id``) become its ``datasets`` metadata;
-    ``description`` replaces the factual first paragraph; ``details`` adds ``Model Details`` entries, e.g.
-    ``{'Top-1': '79.1 (ImageNet-1k val)'}``. The usage loads ``repo_id``; without one, the folder ``local_dir``
-    (default: the current folder).
-    """
+    """A model card for ``timm.models.push_to_hf_hub(..., model_card=model_card(model, repo_id))`` (docs/hub.md):
+    ``dataset`` names are stated, Hub dataset ids among them linked; ``details`` adds ``Model Details`` entries;
+    the usage loads ``repo_id``, else the folder ``local_dir`` (default: the current folder)."""
     facts = describe_model(model)
     arch, (c, h, w) = facts['architecture'], facts['input_size']
     settings = (f"block size b={facts['block_size']}, halo h={facts['halo_size']}, value ratio "
@@ -289,16 +255,11 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optiona
 _default_card = model_card  # push_to_hf_hub's argument of that name hides it
 
 
-def _file_mode() -> int:
-    """The mode ``open()`` gives a new file (0o666 less the umask), which config.json and README.md get;
-    safetensors writes its file 0600 whatever the umask."""
+def _set_file_modes(folder: Union[str, Path]) -> None:
+    """Every file the mode ``open()`` gives a new one (0o666 less the umask): safetensors writes 0600."""
     umask = os.umask(0o022)  # reading the umask means setting it; put back at once
     os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _set_file_modes(folder: Union[str, Path]) -> None:
-    mode = _file_mode()
+    mode = 0o666 & ~umask
     for name in _HUB_FOLDER_FILES:
         path = Path(folder) / name
         if path.is_file():
@@ -306,8 +267,7 @@ def _set_file_modes(folder: Union[str, Path]) -> None:
 
 
 def _check_label_names(model: nn.Module, model_config: Optional[Dict[str, Any]]) -> None:
-    """transformers reads ``label_names`` by position (``id2label = dict(enumerate(label_names))``): one name per
-    class, in order, or it mislabels them."""
+    """One name per class, in order: transformers reads ``label_names`` by position."""
     names = (model_config or {}).get('label_names')
     if names is None:
         return
@@ -320,17 +280,9 @@ def _check_label_names(model: nn.Module, model_config: Optional[Dict[str, Any]])
 
 
 def fix_hub_config(folder: Union[str, Path]) -> bool:
-    """Make the config.json of a timm ``save_for_hf`` / ``push_to_hf_hub`` folder load in transformers as well.
-
-    timm records ``num_classes`` in ``model_args`` too; transformers' timm wrapper (``AutoModel``,
-    ``AutoModelForImageClassification``, ``pipeline``) passes its own ``num_classes`` next to ``model_args`` and
-    fails (``got multiple values for keyword argument 'num_classes'``). timm builds with the top-level
-    ``num_classes`` without it, so this removes ``model_args.num_classes`` and changes nothing else. Returns whether
-    the file changed (a folder already fixed is left alone).
-
-    Raises:
-        PretrainedWeightsError: no readable config.json, or one that disagrees with itself on the class count.
-    """
+    """Remove ``model_args.num_classes`` from a timm ``save_for_hf`` folder's config.json, which transformers
+    would pass twice (docs/hub.md); returns whether the file changed. PretrainedWeightsError: no readable
+    config.json, or one that disagrees with itself on the class count."""
     path = Path(folder) / 'config.json'
     try:
         config = json.loads(path.read_text(encoding='utf-8'))
@@ -351,13 +303,8 @@ def fix_hub_config(folder: Union[str, Path]) -> bool:
 def save_for_hf(model: nn.Module, save_directory: Union[str, Path], model_config: Optional[Dict[str, Any]] = None,
                 model_args: Optional[Dict[str, Any]] = None, safe_serialization: Union[bool, str] = False,
                 data_config: Optional[Dict[str, Any]] = None) -> None:
-    """timm's ``save_for_hf`` (same arguments, same files), whose folder also loads in transformers
-    (``fix_hub_config``), every file at the mode ``open()`` gives. ``model_config={'label_names': [...]}`` names
-    the classes, one per class in order (transformers' ``id2label``).
-
-    Raises:
-        ValueError: ``label_names`` that are not one name per class.
-    """
+    """timm's ``save_for_hf`` (same arguments, same files), whose folder also loads in transformers; ValueError
+    for ``label_names`` that are not one name per class."""
     _check_label_names(model, model_config)
     timm_save_for_hf(model, str(save_directory), model_config=model_config, model_args=model_args,
                      safe_serialization=safe_serialization, data_config=data_config)
@@ -371,9 +318,8 @@ def push_to_hf_hub(model: nn.Module, repo_id: str, commit_message: str = 'Add mo
                    model_args: Optional[Dict[str, Any]] = None, task_name: str = 'image-classification',
                    safe_serialization: Union[bool, str] = 'both', data_config: Optional[Dict[str, Any]] = None
                    ) -> Any:
-    """timm's ``push_to_hf_hub`` (same arguments, same steps: create the repo, write the folder, add a README if
-    the repo has none, upload), writing through ``save_for_hf`` above so that the repo loads in transformers too.
-    For a HaloNet, ``model_card`` defaults to ``model_card(model, repo_id)``. Returns the upload's commit info."""
+    """timm's ``push_to_hf_hub`` (same arguments and steps) writing through ``save_for_hf`` above; for a HaloNet
+    ``model_card`` defaults to ``model_card(model, repo_id)``. Returns the upload's commit info."""
     api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # the owner filled in
     has_readme = api.file_exists(repo_id=repo_id, filename='README.md', revision=revision)
@@ -396,32 +342,34 @@ def _plain(value: Any) -> Any:
     return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
-def _trained_size(train_args: Dict[str, Any]) -> Tuple[Optional[Size], str]:
+def _trained_size(train_args: Dict[str, Any]) -> Tuple[Optional[Tuple[int, int]], str]:
     """The input size a train.py run used, as its data config resolves it (``input_size`` before ``img_size``)."""
     input_size, img_size = train_args.get('input_size'), train_args.get('img_size')
     if input_size is not None:
         if not (isinstance(input_size, (list, tuple)) and len(input_size) == 3 and all(map(_is_count, input_size))):
             raise ValueError(f"The checkpoint's training args hold input_size={input_size!r}, not [channels, height, "
                              'width]; give the size it was trained at (--img-size / img_size)')
-        h, w = input_size[1:]
-        return (h if h == w else (h, w)), f'args.input_size {list(input_size)}'
+        return tuple(input_size[1:]), f'args.input_size {list(input_size)}'
     if img_size is not None:
         if not _size_ok(img_size, 1):
             raise ValueError(f"The checkpoint's training args hold img_size={img_size!r}, not a size; give the size "
                              'it was trained at (--img-size / img_size)')
-        return (tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size), 'args.img_size'
+        return _hw(img_size), 'args.img_size'
     return None, ''
 
 
-def _size_text(size: Size) -> str:
-    return f'{size[0]} x {size[1]}' if isinstance(size, tuple) else str(size)
+def _hw(size: Optional[Size]) -> Optional[Tuple[int, int]]:
+    return None if size is None else tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def _size_text(size: Tuple[int, int]) -> str:
+    return str(size[0]) if size[0] == size[1] else f'{size[0]} x {size[1]}'
 
 
 def _apply_train_args(train_args: Dict[str, Any], model_name: Optional[str], model_args: Dict[str, Any],
-                      img_size: Optional[Size]) -> Tuple[str, Dict[str, Any], Optional[Size], List[str], List[str]]:
-    """Fill what was not given from a train.py checkpoint's ``args``: model name, input size, model kwargs
-    (``model_kwargs``, and ``gp`` as ``global_pool``). Given values win. Returns the settings, what was taken
-    (with the field it came from) and notes where a given value differs from the checkpoint's."""
+                      img_size: Optional[Size]) -> Tuple[str, Dict[str, Any], Optional[Tuple[int, int]], List, List]:
+    """Fill what was not given from a train.py checkpoint's ``args`` (given values win): the settings, what was
+    taken (and from which field), and notes where a given value differs from the checkpoint's."""
     took: List[str] = []
     notes: List[str] = []
     trained = train_args.get('model')
@@ -448,10 +396,10 @@ def _apply_train_args(train_args: Dict[str, Any], model_name: Optional[str], mod
         try:
             trained_size, field = _trained_size(train_args)
         except ValueError:  # a malformed value that the given one replaces anyway
-            trained_size, field = None, ''
-        given = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
-        if trained_size is not None and _plain(given) != _plain(trained_size):
-            notes.append(f'input size {_size_text(given)} (given) overrides {_size_text(trained_size)} from the '
+            trained_size = None
+        img_size = _hw(img_size)
+        if trained_size is not None and img_size != trained_size:
+            notes.append(f'input size {_size_text(img_size)} (given) overrides {_size_text(trained_size)} from the '
                          f"checkpoint's {field}")
 
     trained_kwargs = train_args.get('model_kwargs') or {}
@@ -476,21 +424,9 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
                    label_names: Optional[Sequence[str]] = None, dataset: Optional[Union[str, Sequence[str]]] = None,
                    repo_id: Optional[str] = None, overwrite: bool = False, img_size: Optional[Size] = None
                    ) -> Dict[str, Any]:
-    """Write a Hub-ready folder for a checkpoint: timm's save_for_hf layout (config.json as ``save_for_hf`` here
-    writes it, so that transformers loads it too) plus a README model card.
-
-    The checkpoint (.safetensors, or .pth/.pth.tar/.bin read with weights_only=True; timm training checkpoints and
-    timm's ByobNet ``halonet_h1`` layout included) is loaded through ``timm.create_model(model_name,
-    pretrained=True, pretrained_cfg_overlay=dict(file=...))``, its classes and input channels read from the
-    weights (``num_classes=0`` publishes the backbone alone); ``model_args`` are the constructor kwargs it was
-    trained with, ``img_size`` the size it was trained at (a side, or (height, width)), written to config.json's
-    ``input_size`` (and ``test_input_size`` / ``pool_size``). A timm train.py checkpoint's ``args`` supply what is
-    not given: ``model_name`` (args.model), ``img_size`` (args.input_size / img_size), ``model_args``
-    (args.model_kwargs, args.gp); a bare state dict has none, and then the defaults are the model's. The folder is
-    reloaded through ``local-dir:`` and checked to give the same logits. Returns a summary: folder, files,
-    architecture, params, classes, input, max |logit diff|, ``from_checkpoint`` (what the training args supplied,
-    and from which field) and ``notes`` (given values that differ from the checkpoint's).
-    """
+    """`timm-halo hub-export` (docs/hub.md): load a checkpoint through timm (classes and input channels from its
+    weights, what is not given from a train.py checkpoint's ``args``), write ``save_for_hf``'s folder and a model
+    card, check that it reloads with the same logits; returns a summary."""
     output = Path(output)
     model_args = dict(model_args or {})
     problem = output_problem(output, overwrite, 'overwrite=True') or (
@@ -557,7 +493,7 @@ def _input_size_overlay(default_cfg: Any, in_chans: int, img_size: Optional[Size
     """pretrained_cfg entries for the exported input: channels, and the trained size when given."""
     if img_size is None:
         return dict(input_size=(in_chans, *default_cfg.input_size[1:]))
-    h, w = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+    h, w = _hw(img_size)
     overlay: Dict[str, Any] = dict(input_size=(in_chans, h, w))
     if default_cfg.test_input_size:
         overlay['test_input_size'] = (in_chans, h, w)
@@ -568,20 +504,14 @@ def _input_size_overlay(default_cfg: Any, in_chans: int, img_size: Optional[Size
 
 
 def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
-    """What a Hub-ready folder or Hub repo holds: architecture, config, files, and (``load``) the built model.
-
-    config.json is checked first (``check_hub_config``), then parsed by timm; with ``load`` the model is built with
-    ``timm.create_model(<source>, pretrained=True)`` (a strict load; a Hub repo's weights are downloaded unless
-    HF_HUB_OFFLINE is set). ``warnings`` lists what looked wrong without stopping the inspection, ``notes`` what
-    keeps transformers from loading it. Raises
-    ``PretrainedWeightsError`` when the config or weights cannot be found, read or used.
-    """
+    """`timm-halo hub-inspect`: what a folder or Hub repo holds (config, files and, with ``load``, the model built
+    by timm); PretrainedWeightsError when the config or weights cannot be found, read or used."""
     if os.path.isdir(source):
         kind, ident = 'local-dir', source
     elif ':' not in source and source.count('/') == 1 and not source.startswith(('.', '/')):
         kind, ident = 'hf-hub', source  # a bare 'org/name'
     else:
-        kind, ident = parse_model_name(source) if ':' in source else (None, source)
+        kind, ident = timm.models.parse_model_name(source) if ':' in source else (None, source)
         if kind not in ('hf-hub', 'local-dir'):
             raise ValueError(f"'{source}' is neither an existing folder nor a Hub repo id like 'org/name'")
     if kind == 'local-dir':

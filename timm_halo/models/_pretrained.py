@@ -1,11 +1,5 @@
-"""Pretrained weights of the HaloNet family: checked before timm's loader runs, so that a failure says what failed.
-
-timm finds and reads the weights itself (``pretrained_cfg`` file / ``hf-hub:`` / ``local-dir:``); its errors
-are terse (a bare FileNotFoundError, huggingface_hub's cache message without the repo). ``build_pretrained``
-first finds the weights where timm will look (downloading a Hub file into the cache timm then reads) and checks
-the file cheaply (safetensors header, the pickle's globals), raising ``PretrainedWeightsError`` that names the
-architecture, the source and the reason. It also warns where timm would silently re-initialise a classifier.
-"""
+"""Pretrained weights: found where timm will look and checked cheaply before timm's loader runs, so that a failure
+names the architecture, the source and the reason (``PretrainedWeightsError``); docs/hub.md lists the cases."""
 import argparse
 import json
 import os
@@ -41,6 +35,8 @@ CONVERT_HINT = (
     "(or torch.save(sd, 'model.pth') for a plain state dict).")
 _HUB_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's order when a repo names no file
 _DIR_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+# torch's refusal names the global: 'Unsupported global: GLOBAL posix.mkdir ...', older: 'Unsupported class x.y'
+_REFUSAL = re.compile(r'(?:GLOBAL|Unsupported class) ([\w.]+)')
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -52,25 +48,18 @@ def _is_count(value: Any) -> bool:
 
 
 def torch_load_weights_only(path: str, mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, allowing the ``argparse.Namespace`` that timm's train.py
-    stores as ``args`` (as timm's own reader does). ``mmap`` (zip checkpoints only) maps the tensors instead of
-    reading them, for a cheap look at the rest."""
-    kwargs: Dict[str, Any] = dict(map_location='cpu', weights_only=True, **({'mmap': True} if mmap else {}))
-    if hasattr(torch.serialization, 'safe_globals'):  # the context manager: torch >= 2.5
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, **kwargs)
-    return torch.load(path, **kwargs)
+    """``torch.load(path, weights_only=True)`` on the CPU, allowing the ``argparse.Namespace`` of timm's train.py
+    (as timm's own reader does); ``mmap`` (zip checkpoints only) maps the tensors instead of reading them."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True, **({'mmap': True} if mmap else {}))
 
 
 def _unsafe_globals(path: str) -> Optional[List[str]]:
-    """The globals of a zip checkpoint that weights_only refuses (timm's allowed Namespace aside), or None where
-    torch cannot list them: get_unsafe_globals_in_checkpoint is torch >= 2.6, and a damaged file makes it fail
-    (the load that follows then reports torch's own error)."""
+    """The globals of a zip checkpoint that weights_only refuses, or None where torch cannot list them (no lister
+    before torch 2.6; a damaged file: the load that follows reports it)."""
     lister = getattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', None)
-    if lister is None:
-        return None
     try:
-        return [g for g in lister(path) if g != 'argparse.Namespace']
+        return None if lister is None else [g for g in lister(path) if g != 'argparse.Namespace']
     except Exception:
         return None
 
@@ -81,17 +70,14 @@ def _refused(names: List[str], how: str, kind: str = 'a pickle checkpoint') -> s
             'code). ' + CONVERT_HINT)
 
 
-# torch's refusal names the global: 'Unsupported global: GLOBAL posix.mkdir was not an allowed global ...',
-# 'Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked', older: 'Unsupported class x.y'
-_REFUSAL = re.compile(r'(?:GLOBAL|Unsupported class) ([\w.]+)')
+def _unreadable(e: Exception, corrupt: bool) -> str:
+    what = ('it could not be read as a checkpoint (truncated or corrupt?): it is neither a safetensors file nor a '
+            'readable torch.save checkpoint' if corrupt else 'torch.load(weights_only=True) failed on it')
+    return f'{what} ({type(e).__name__}: {" ".join(str(e).split())})'
 
 
 def checkpoint_problem(path: str) -> Optional[str]:
-    """Why timm's reader (safetensors, or torch.load with weights_only=True) would fail on ``path``, else None.
-
-    Cheap where it can be: a safetensors header, the pickle data of a zip checkpoint (torch >= 2.6 lists the
-    globals it references); otherwise the weights_only load itself, whose error is reported as torch gives it.
-    """
+    """Why timm's reader (safetensors, or torch.load with weights_only=True) would fail on ``path``, else None."""
     path = str(path)
     if not os.path.isfile(path):
         return ("it is a folder; use timm.create_model('local-dir:<folder>', pretrained=True) for a folder"
@@ -117,7 +103,9 @@ def checkpoint_problem(path: str) -> Optional[str]:
             legacy = torch.serialization.MAGIC_NUMBER.to_bytes(10, 'little') in f.read(16)
         kind = 'an old-format (torch < 1.6) pickle checkpoint' if legacy else 'a pickle checkpoint'
         if refused:
-            return _refused(refused, f'refused: {_first_line(e)}', kind)
+            # torch's long message: the line naming the cause, without its advice to allowlist the global
+            line = next(line for line in str(e).splitlines() if _REFUSAL.search(line))
+            return _refused(refused, f'refused: {line.strip().split(" Please use")[0]}', kind)
         if legacy:  # torch cannot list this format's globals, and did not name one
             return ('torch.load(weights_only=True) refused this old-format (torch < 1.6) pickle checkpoint: it '
                     'most likely references Python objects other than tensors, which timm-halo does not load '
@@ -129,19 +117,6 @@ def checkpoint_problem(path: str) -> Optional[str]:
         return _unreadable(e, corrupt='zip archive' in str(e) or 'PytorchStreamReader' in str(e))
     except Exception as e:
         return _unreadable(e, corrupt=False)
-
-
-def _first_line(e: Exception) -> str:
-    """torch's long multi-line messages: the line that names the cause."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    line = next((line for line in lines if _REFUSAL.search(line)), lines[0] if lines else type(e).__name__)
-    return line.split(' Please use')[0]  # not torch's advice to allowlist the global
-
-
-def _unreadable(e: Exception, corrupt: bool) -> str:
-    what = ('it could not be read as a checkpoint (truncated or corrupt?): it is neither a safetensors file nor a '
-            'readable torch.save checkpoint' if corrupt else 'torch.load(weights_only=True) failed on it')
-    return f'{what} ({type(e).__name__}: {" ".join(str(e).split())})'
 
 
 def hub_problem(exc: Exception) -> str:
@@ -193,19 +168,10 @@ def _source(cfg: Dict[str, Any]) -> Tuple[str, Any, str]:
     return '', None, ''
 
 
-def build_pretrained(
-        build: Callable[[], nn.Module],
-        variant: str,
-        pretrained_cfg: Any = None,
-        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-) -> nn.Module:
-    """Check the weights timm is about to load for ``variant``, then run ``build()`` (timm's
-    ``build_model_with_cfg`` with ``pretrained=True``).
-
-    Raises:
-        PretrainedWeightsError: no weights, weights not found or unreadable, or (from the checkpoint filter) not
-            matching the model; errors of the model itself (a bad kwarg) pass through unchanged.
-    """
+def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cfg: Any = None,
+                     pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Check the weights timm is about to load for ``variant``, then run ``build()`` (``build_model_with_cfg``
+    with ``pretrained=True``); raises PretrainedWeightsError, and lets errors of the model kwargs through."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay).to_dict()
     arch = cfg.get('architecture') or variant
     kind, loc, where = _source(cfg)
@@ -242,12 +208,8 @@ def build_pretrained(
 
 
 def num_classes_conflict(config: Any, where: str) -> Optional[str]:
-    """A warning when config.json disagrees with itself on the number of classes, else None.
-
-    timm replaces ``pretrained_cfg.num_classes`` by the top-level ``num_classes`` and takes that as the classes of
-    the weights; the model is built with ``model_args.num_classes`` when present. If the two differ,
-    ``timm.create_model(..., pretrained=True)`` discards the weights' classifier and initialises a random one.
-    """
+    """A warning when config.json disagrees with itself on the number of classes (timm would then silently
+    re-initialise the classifier), else None."""
     if not isinstance(config, dict) or not isinstance(config.get('pretrained_cfg'), dict):
         return None  # timm's older flat layout: a single num_classes
     model_args = config.get('model_args') if isinstance(config.get('model_args'), dict) else {}
@@ -271,13 +233,8 @@ def num_classes_conflict(config: Any, where: str) -> Optional[str]:
 
 
 def warn_if_classifier_dropped(state_dict: Dict[str, Any], model: nn.Module) -> None:
-    """Warn when timm is about to discard a checkpoint's classifier that fits the model as built.
-
-    For the checkpoint filter, which sees the weights and the built model just before timm's ``load_pretrained``
-    drops the classifier whenever the model's num_classes differs from its pretrained cfg's, even when the
-    weights' classifier has exactly the model's classes (e.g. ``num_classes=5`` without ``num_classes=5`` in
-    ``pretrained_cfg_overlay``).
-    """
+    """Warn when timm is about to discard a checkpoint's classifier that fits the model as built (the model's
+    num_classes differs from its pretrained cfg's, but the weights' classifier has the model's classes)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     classifier, cfg_classes = cfg.get('classifier'), cfg.get('num_classes')
     built = getattr(model, 'num_classes', None)
