@@ -301,13 +301,11 @@ def fix_hub_config(folder: Union[str, Path]) -> bool:
 
 
 def save_for_hf(model: nn.Module, save_directory: Union[str, Path], model_config: Optional[Dict[str, Any]] = None,
-                model_args: Optional[Dict[str, Any]] = None, safe_serialization: Union[bool, str] = False,
-                data_config: Optional[Dict[str, Any]] = None) -> None:
-    """timm's ``save_for_hf`` (same arguments, same files), whose folder also loads in transformers; ValueError
-    for ``label_names`` that are not one name per class."""
+                *args: Any, **kwargs: Any) -> None:
+    """timm's ``save_for_hf`` (same arguments: ``model_args``, ``safe_serialization``, ``data_config``; same files),
+    whose folder also loads in transformers; ValueError for ``label_names`` that are not one name per class."""
     _check_label_names(model, model_config)
-    timm_save_for_hf(model, str(save_directory), model_config=model_config, model_args=model_args,
-                     safe_serialization=safe_serialization, data_config=data_config)
+    timm_save_for_hf(model, str(save_directory), model_config, *args, **kwargs)
     fix_hub_config(save_directory)
     _set_file_modes(save_directory)
 
