@@ -17,6 +17,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from timm.models import resolve_pretrained_cfg
+from timm.models._builder import _resolve_pretrained_source
 from timm.models._hub import hf_split
 
 __all__ = ['PretrainedWeightsError', 'build_pretrained', 'checkpoint_problem', 'hub_download', 'hub_problem',
@@ -151,21 +152,14 @@ def hub_download(repo_id: str, filenames: Tuple[str, ...]) -> Tuple[Optional[str
 
 
 def _source(cfg: Dict[str, Any]) -> Tuple[str, Any, str]:
-    """Where timm's loader will look for weights, in its order of priority: (kind, location, description)."""
-    if cfg.get('source') == 'local-dir':
-        return 'local-dir', cfg['file'], f"local folder '{cfg['file']}'"
-    if cfg.get('source') != 'hf-hub':
-        if cfg.get('state_dict') is not None:
-            return 'state_dict', None, 'the state_dict given in pretrained_cfg'
-        if cfg.get('file'):
-            return 'file', cfg['file'], f"file '{cfg['file']}'"
-        if cfg.get('url') and not cfg.get('hf_hub_id'):
-            return 'url', cfg['url'], f"URL {cfg['url']}"
-    if cfg.get('hf_hub_id'):
-        files = (cfg['hf_hub_filename'],) if cfg.get('hf_hub_filename') else _HUB_FILES
-        where = f"Hugging Face Hub repo '{cfg['hf_hub_id']}' (looked for {', then '.join(files)})"
-        return 'hf-hub', (cfg['hf_hub_id'], files), where
-    return '', None, ''
+    """Where timm's loader will look for weights (timm's own resolution): (kind, location, description)."""
+    kind, loc = _resolve_pretrained_source(cfg)
+    if kind == 'hf-hub':
+        loc = (loc[0], loc[1:]) if isinstance(loc, tuple) else (loc, _HUB_FILES)
+        return kind, loc, f"Hugging Face Hub repo '{loc[0]}' (looked for {', then '.join(loc[1])})"
+    where = {'local-dir': f"local folder '{loc}'", 'file': f"file '{loc}'", 'url': f'URL {loc}',
+             'state_dict': 'the state_dict given in pretrained_cfg'}
+    return kind, loc, where.get(kind, '')
 
 
 def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cfg: Any = None,
