@@ -158,25 +158,52 @@ def test_table_kernel_matches_broadcast_kernel(geometry):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def _map_inputs(layer: HaloAttention, x: torch.Tensor):
+    """What the layer hands the maps form of the kernel: q and kv maps, the tables and the window list."""
+    H, W = x.shape[-2:]
+    nh, nw = -(-H // layer.block_size), -(-W // layer.block_size)
+    with torch.no_grad():
+        q, kv = layer.q(x[:, :, ::layer.stride, ::layer.stride]), layer.kv(x)
+        plan_h, plan_w = layer._window_plan(H, nh, True), layer._window_plan(W, nw, True)
+        (rows_h, mask_h), (rows_w, mask_w) = (layer._axis_terms(H, nh, plan_h, x.dtype, x.device),
+                                              layer._axis_terms(W, nw, plan_w, x.dtype, x.device))
+    tables = [layer.rel_pos_h.detach(), layer.rel_pos_w.detach(), rows_h[:, :, 0].to(torch.int32),
+              rows_w[:, :, 0].to(torch.int32), mask_h, mask_w]
+    return q, kv, tables, [layer.heads, plan_h[2], plan_h[0], plan_w[2], plan_w[0]]
+
+
 def test_inconsistent_operands_are_errors_not_bad_reads():
     """The op reads raw memory at offsets from the shapes: called directly with operands that do not fit together,
-    it refuses."""
+    it refuses (windows one after another, and maps)."""
     layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4)
-    q, k, v, tables, _ = _table_inputs(layer, torch.randn(1, 8, 8, 8))
+    x = torch.randn(1, 8, 8, 8)
+    q, k, v, tables, _ = _table_inputs(layer, x)
     op = torch.ops.timm_halo.attend_fused.default
-    with pytest.raises(ValueError, match=r'operands: .*\[8, 4, 20\] \(expected \[8, 4, 25\]\)'):
-        op(q, k[..., :20], v, *tables, layer.scale)  # two blocks per axis: cropped windows of 5 x 5 keys
+    with pytest.raises(ValueError, match=r'\[8, 4, 20\] \(expected \[8, 4, 25\]\)'):
+        op(q, k[..., :20], v, *tables, [], layer.scale)  # two blocks per axis: cropped windows of 5 x 5 keys
     with pytest.raises(ValueError, match='inconsistent fused-kernel operands'):
-        op(q[:5], k[:5], v[:5], *(t[:5] for t in tables[:2]), *tables[2:], layer.scale)  # not whole images
-    with pytest.raises(TypeError, match='table rows must be int32, got torch.int64'):
-        op(q, k, v, *tables[:2], tables[2].long(), *tables[3:], layer.scale)
+        op(q[:5], k[:5], v[:5], *(t[:5] for t in tables[:2]), *tables[2:], [], layer.scale)  # not whole images
+    with pytest.raises(TypeError, match='int32'):
+        op(q, k, v, *tables[:2], tables[2].long(), *tables[3:], [], layer.scale)
+    q, kv, tables, window = _map_inputs(layer, x)
+    with pytest.raises(ValueError, match='inconsistent fused-kernel operands'):
+        op(q[..., :4, :], kv, None, *tables, window, layer.scale)  # one block row of queries for two of tables
+    with pytest.raises(ValueError, match='inconsistent fused-kernel operands'):
+        op(q, kv[:, :8], None, *tables, window, layer.scale)  # no value channels
 
 
-def test_custom_op_registration_passes_opcheck():
+@pytest.mark.parametrize('form', ['windows', 'maps'])
+def test_custom_op_registration_passes_opcheck(form):
     layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4, stride=2)
-    q, k, v, tables, _ = _table_inputs(layer, torch.randn(2, 8, 10, 9))
-    inputs = [t.clone().requires_grad_() for t in (q, k, v, *tables[:2])]
-    torch.library.opcheck(torch.ops.timm_halo.attend_fused.default, (*inputs, *tables[2:], layer.scale))
+    x = torch.randn(2, 8, 10, 9)
+    if form == 'windows':
+        q, k, v, tables, _ = _table_inputs(layer, x)
+        inputs, window = [t.clone().requires_grad_() for t in (q, k, v, *tables[:2])], []
+    else:
+        q, kv, tables, window = _map_inputs(layer, x)
+        inputs = [q.clone().requires_grad_(), kv.clone().requires_grad_(), None,
+                  *(t.clone().requires_grad_() for t in tables[:2])]
+    torch.library.opcheck(torch.ops.timm_halo.attend_fused.default, (*inputs, *tables[2:], window, layer.scale))
 
 
 def test_table_row_outside_the_table_is_an_error_not_a_read_out_of_bounds():

@@ -2,8 +2,10 @@
  *
  * Built on first use by fused_cpu.py, once for float and once for double (-DHALO_DOUBLE), and called through
  * ctypes on a range of windows; the caller runs ranges on its own threads (ctypes releases the GIL).
- * Layouts, window w (n windows; nh x nw blocks per image and head, window w is block (w / nw % nh, w % nw)):
- *   q (d, Q), k (d, K), v (dv, K), out (dv, Q), stats (Q, 2);  K = kh * kw, Q = bq * bq,
+ * Layouts, window w (n windows; nh x nw blocks per image and head, window w is block (w / nw % nh, w % nw) of group
+ * w / (nh * nw)): q (d, Q), k (d, K), v (dv, K), out (dv, Q) as read through a Layout each (below: windows stored one
+ * after another, or cut straight out of NCHW maps, out-of-image positions reading as 0), stats (Q, 2);
+ * K = kh * kw, Q = bq * bq,
  *   rel_h, rel_w: the relative terms' source, either (mode PRODUCTS) per window (Rh, Q) / (Rw, Q): each query's
  *     dot products with every row of the two tables, or (mode TABLES) the tables themselves, (Rh, d) / (Rw, d),
  *     whose products with q the kernel takes itself (no per-query products in memory),
@@ -59,6 +61,21 @@ typedef int32_t I;
 typedef T vec __attribute__((vector_size(VBYTES)));
 enum { PRODUCTS = 0, TABLES = 1 };  /* HaloArgs.mode: what rel_h / rel_w point to (see the top comment) */
 
+/* Where element (channel c, row y, column x) of window w's q / k / v / out lies: index
+ *   group * g + block_y * by + block_x * bx + channel * c + row * (y - pad_y) + (x - pad_x)
+ * with (g, by, bx) = (w / (nh * nw), w / nw % nh, w % nw); it exists where by * step_y - pad_y + y lies in
+ * [0, height) and bx * step_x - pad_x + x in [0, width) (0 is read elsewhere, nothing written). Windows stored one
+ * after another: pad 0, steps = the window's sides, bounds never hit. */
+typedef struct {
+    int64_t group, channel, block_y, block_x, row;
+    int32_t step_y, step_x, pad_y, pad_x, height, width;
+} Layout;
+
+/* The layouts (mirrored by fused_cpu.py's Layouts): grad_q is laid out as q, grad_out as out; grad_k / grad_v are
+ * always windows one after another. */
+typedef struct {
+    Layout q, k, v, out;
+} Layouts;
 /* One call's operands, named (mirrored field by field by fused_cpu.py's HaloArgs; halo_args_bytes lets the caller
  * check the layout). Backward reads out and stats and writes the grad_* fields; forward writes out and stats. */
 typedef struct {
@@ -74,7 +91,9 @@ typedef struct {
     T *out, *stats;
     const T *grad_out;
     T *grad_q, *grad_k, *grad_v, *grad_rel_h, *grad_rel_w;
+    Layouts lay;
 } HaloArgs;
+
 typedef I ivec __attribute__((vector_size(VBYTES)));
 
 static inline vec splat(T x) { return x - (vec){0}; }  /* x - 0 == x for every x, -0 included: no add */
@@ -139,6 +158,7 @@ typedef struct {
     /* TABLES: q padded (d, qv); the window's products (rows, qv) and their gradients (bwd); bwd: q key-major
      * (Q, dvec), dq padded (d, qv), this call's table gradients (rows, dvec) */
     vec *qp, *ph, *pw, *gph, *gpw, *qt, *dqp, *gtab_h, *gtab_w;
+    T *qraw, *oraw, *graw, *gqraw;        /* the window's q and out (d / dv, Q); bwd: its dO and dq */
     void *mem;
 } Scratch;
 
@@ -173,6 +193,8 @@ static int scratch_init(Scratch *s, const HaloArgs *a, int backward) {
         tables * d * qv, tables * rows * qv, tables * backward * rows * qv,   /* qp, ph + pw, gph + gpw */
         tables * backward * Q * s->dvec, tables * backward * d * qv,          /* qt, dqp */
         tables * backward * rows * s->dvec,                                   /* gtab_h + gtab_w */
+        ((size_t)d * Q + VL - 1) / VL, ((size_t)dv * Q + VL - 1) / VL,       /* qraw, oraw */
+        backward * (((size_t)dv * Q + VL - 1) / VL), backward * (((size_t)d * Q + VL - 1) / VL), /* graw, gqraw */
     };
     size_t vectors = 0;
     for (size_t t = 0; t < sizeof sizes / sizeof sizes[0]; ++t) vectors += sizes[t];
@@ -204,16 +226,45 @@ static int scratch_init(Scratch *s, const HaloArgs *a, int backward) {
     s->dqp = take(&p, *z++);
     s->gtab_h = take(&p, *z++);
     s->gtab_w = s->gtab_h + (size_t)s->rows_h * s->dvec;
+    s->qraw = (T *)take(&p, *z++);
+    s->oraw = (T *)take(&p, *z++);
+    s->graw = (T *)take(&p, *z++);
+    s->gqraw = (T *)take(&p, *z++);
     for (int jw = 0; jw < kw; ++jw) ((I *)s->in_row)[jw] = -1;
     return 1;
 }
 
 static void scratch_free(Scratch *s) { free(s->mem); }
 
-/* Each channel's kh * kw keys into a row of nv vectors (the pad columns were zeroed once). */
-static void pad_rows(const Scratch *s, int channels, const T *src, vec *dst) {
-    const size_t keys = (size_t)s->kh * s->kw;
-    for (int c = 0; c < channels; ++c) memcpy(dst + (size_t)c * s->nv, src + c * keys, sizeof(T) * keys);
+/* Window w's (channels, rows, cols) through layout l: load into dst[c * ldc + y * cols + x] (0 outside the image),
+ * or store from there (inside the image only). */
+static void window_copy(const Scratch *s, const Layout *l, int64_t w, int channels, int rows, int cols, T *map,
+                        T *dst, int64_t ldc, int store) {
+    const int64_t g = w / ((int64_t)s->nh * s->nw);
+    const int by = (int)(w / s->nw % s->nh), bx = (int)(w % s->nw);
+    const int y0 = by * l->step_y - l->pad_y, x0 = bx * l->step_x - l->pad_x;
+    const int x_lo = x0 < 0 ? -x0 : 0, x_hi = l->width - x0 < cols ? l->width - x0 : cols;
+    const int64_t origin = g * l->group + by * l->block_y + bx * l->block_x - l->pad_y * l->row - l->pad_x;
+    for (int c = 0; c < channels; ++c)
+        for (int y = 0; y < rows; ++y) {
+            T *local = dst + c * ldc + (int64_t)y * cols;
+            const int inside = y0 + y >= 0 && y0 + y < l->height && x_lo < x_hi;
+            T *at = map + origin + c * l->channel + (int64_t)y * l->row;
+            if (store) {
+                if (inside) memcpy(at + x_lo, local + x_lo, sizeof(T) * (size_t)(x_hi - x_lo));
+            } else if (!inside) {
+                memset(local, 0, sizeof(T) * (size_t)cols);
+            } else {
+                memset(local, 0, sizeof(T) * (size_t)x_lo);
+                memcpy(local + x_lo, at + x_lo, sizeof(T) * (size_t)(x_hi - x_lo));
+                memset(local + x_hi, 0, sizeof(T) * (size_t)(cols - x_hi));
+            }
+        }
+}
+
+static void window_load(const Scratch *s, const Layout *l, int64_t w, int channels, int rows, int cols,
+                        const T *map, T *dst, int64_t ldc) {
+    window_copy(s, l, w, channels, rows, cols, (T *)map, dst, ldc, 0);
 }
 
 /* Rows of nv vectors back to rows of kh * kw keys. */
@@ -234,9 +285,9 @@ static void transpose(int rows, int cols, const T *src, int64_t lds, T *dst, int
         for (int j = 0; j < cols; ++j) dst[j * ldd + r] = src[r * lds + j];
 }
 
-/* (channels, kh * kw) into key-major rows (nv * VL, width vectors); their pads were zeroed once. */
-static void key_major(const Scratch *s, int channels, const T *src, vec *dst, int width) {
-    transpose(channels, s->kh * s->kw, src, (int64_t)s->kh * s->kw, (T *)dst, (int64_t)width * VL);
+/* A padded copy (channels, nv vectors) into key-major rows (nv * VL, width vectors); their pads were zeroed once. */
+static void key_major(const Scratch *s, int channels, const vec *src, vec *dst, int width) {
+    transpose(channels, s->kh * s->kw, (const T *)src, (int64_t)s->nv * VL, (T *)dst, (int64_t)width * VL);
 }
 
 /* The small matrix products of a window, all one register-blocked kernel:
@@ -364,16 +415,15 @@ static int block_logits(Scratch *s, int64_t w, int i0, int n, const int32_t *bas
     return status;
 }
 
-/* Window w's scaled queries into s->qs, its keys and values into the padded copies, and (TABLES) its products with
- * the tables; returns where the relative terms' products are. */
-static void window_inputs(Scratch *s, int64_t w, T scale, const T *q, const T *k, const T *v, const T *rel_h,
-                          const T *rel_w, const T **ph, const T **pw) {
-    const int d = s->d, Q = s->Q, qv = s->qv;
-    const int64_t K = (int64_t)s->kh * s->kw;
-    const T *qw = q + w * d * Q;
-    for (int64_t x = 0; x < (int64_t)d * Q; ++x) s->qs[x] = qw[x] * scale;
-    pad_rows(s, d, k + w * d * K, s->k);
-    pad_rows(s, s->dv, v + w * s->dv * K, s->v);
+/* Window w's queries into s->qraw and, scaled, s->qs, its keys and values into the padded copies, and (TABLES) its
+ * products with the tables; returns where the relative terms' products are. */
+static void window_inputs(Scratch *s, const HaloArgs *a, int64_t w, const T **ph, const T **pw) {
+    const int d = s->d, Q = s->Q, qv = s->qv, nvl = s->nv * VL;
+    const T *rel_h = a->rel_h, *rel_w = a->rel_w, *qw = s->qraw;
+    window_load(s, &a->lay.q, w, d, s->bq, s->bq, a->q, s->qraw, Q);
+    for (int64_t x = 0; x < (int64_t)d * Q; ++x) s->qs[x] = qw[x] * a->scale;
+    window_load(s, &a->lay.k, w, d, s->kh, s->kw, a->k, (T *)s->k, nvl);
+    window_load(s, &a->lay.v, w, s->dv, s->kh, s->kw, a->v, (T *)s->v, nvl);
     if (s->mode == TABLES) {  /* (rows, Q) = table (rows, d) . q (d, Q) */
         for (int c = 0; c < d; ++c) memcpy(s->qp + (size_t)c * qv, qw + (size_t)c * Q, sizeof(T) * (size_t)Q);
         gemm(s->rows_h, qv, d, rel_h, d, 1, s->qp, qv, s->ph, qv, 0);
@@ -419,19 +469,17 @@ static void softmax_row(vec *row, int nv, T *max_out, T *inv_sum_out) {
 }
 
 int halo_fwd(const HaloArgs *a, int64_t start, int64_t stop) {
-    const T scale = a->scale, *q = a->q, *k = a->k, *v = a->v, *rel_h = a->rel_h, *rel_w = a->rel_w;
     const T *mask_h = a->mask_h, *mask_w = a->mask_w;
     const int32_t *base_h = a->base_h, *base_w = a->base_w;
-    T *out = a->out, *stats = a->stats;
+    T *stats = a->stats;
     Scratch s;
     if (!scratch_init(&s, a, 0)) return 1;
     const int dv = s.dv, Q = s.Q, nv = s.nv, width = s.dvvec, keys = s.nv * VL;
-    const int64_t K = (int64_t)s.kh * s.kw;
     for (int64_t w = start; w < stop; ++w) {
         const T *ph, *pw;
-        T *ow = out + w * dv * Q, *lw = stats + w * Q * 2;
-        window_inputs(&s, w, scale, q, k, v, rel_h, rel_w, &ph, &pw);
-        key_major(&s, dv, v + w * dv * K, s.keys_t, width);
+        T *ow = s.oraw, *lw = stats + w * Q * 2;
+        window_inputs(&s, a, w, &ph, &pw);
+        key_major(&s, dv, s.v, s.keys_t, width);
         for (int i0 = 0; i0 < Q; i0 += QB) {
             const int n = Q - i0 < QB ? Q - i0 : QB;
             if (block_logits(&s, w, i0, n, base_h, base_w, mask_h, mask_w, ph, pw)) {
@@ -447,6 +495,7 @@ int halo_fwd(const HaloArgs *a, int64_t start, int64_t stop) {
         const T *o = (const T *)s.per_query;
         for (int i = 0; i < Q; ++i)
             for (int c = 0; c < dv; ++c) ow[(size_t)c * Q + i] = o[(size_t)i * width * VL + c] * lw[2 * i + 1];
+        window_copy(&s, &a->lay.out, w, dv, s.bq, s.bq, a->out, ow, Q, 1);
     }
     scratch_free(&s);
     return 0;
@@ -455,10 +504,10 @@ int halo_fwd(const HaloArgs *a, int64_t start, int64_t stop) {
 /* grad_rel_h / grad_rel_w: PRODUCTS: (n, rows, Q) like rel_h / rel_w; TABLES: (calls, rows, d), one accumulator
  * per call (concurrent calls never share one; the caller sums them). */
 int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
-    const T scale = a->scale, *q = a->q, *k = a->k, *v = a->v, *rel_h = a->rel_h, *rel_w = a->rel_w;
-    const T *mask_h = a->mask_h, *mask_w = a->mask_w, *out = a->out, *stats = a->stats, *grad_out = a->grad_out;
+    const T scale = a->scale, *rel_h = a->rel_h, *rel_w = a->rel_w;
+    const T *mask_h = a->mask_h, *mask_w = a->mask_w, *stats = a->stats;
     const int32_t *base_h = a->base_h, *base_w = a->base_w;
-    T *grad_q = a->grad_q, *grad_k = a->grad_k, *grad_v = a->grad_v;
+    T *grad_k = a->grad_k, *grad_v = a->grad_v;
     T *grad_rel_h = a->grad_rel_h, *grad_rel_w = a->grad_rel_w;
     if (a->mode == TABLES) {
         if (a->calls_stride < 1) return 3;
@@ -472,18 +521,20 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
     const int64_t K = (int64_t)kh * kw;
     const int nv = s.nv, rwv = s.rwv, stride = s.pstride;
     for (int64_t w = start; w < stop; ++w) {
-        const T *qw = q + w * d * Q, *ph, *pw;
-        const T *ow = out + w * dv * Q, *lw = stats + w * Q * 2, *gw = grad_out + w * dv * Q;
-        T *gq = grad_q + w * d * Q;
+        const T *qw = s.qraw, *ph, *pw;
+        const T *ow = s.oraw, *lw = stats + w * Q * 2, *gw = s.graw;
+        T *gq = s.gqraw;
         T *gph = grad_rel_h + w * s.rows_h * Q, *gpw = grad_rel_w + w * s.rows_w * Q;
-        window_inputs(&s, w, scale, q, k, v, rel_h, rel_w, &ph, &pw);
+        window_inputs(&s, a, w, &ph, &pw);
+        window_load(&s, &a->lay.out, w, dv, s.bq, s.bq, a->out, s.oraw, Q);
+        window_load(&s, &a->lay.out, w, dv, s.bq, s.bq, a->grad_out, s.graw, Q);
         if (s.mode == TABLES) {
             gph = (T *)s.gph;
             gpw = (T *)s.gpw;
         }
         memset(gph, 0, sizeof(T) * (size_t)s.rows_h * stride);  /* rows no query reads get 0 */
         memset(gpw, 0, sizeof(T) * (size_t)s.rows_w * stride);
-        key_major(&s, d, k + w * d * K, s.keys_t, width);
+        key_major(&s, d, s.k, s.keys_t, width);
         for (int i0 = 0; i0 < Q; i0 += QB) {
             const int n = Q - i0 < QB ? Q - i0 : QB;
             if (block_logits(&s, w, i0, n, base_h, base_w, mask_h, mask_w, ph, pw)) {
@@ -538,6 +589,7 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
         } else {
             transpose(Q, d, (const T *)s.per_query, (int64_t)width * VL, gq, Q);
         }
+        window_copy(&s, &a->lay.q, w, d, s.bq, s.bq, a->grad_q, gq, Q, 1);
         unpad_rows(&s, d, s.gk, grad_k + w * d * K);
         unpad_rows(&s, dv, s.gv, grad_v + w * dv * K);
     }

@@ -38,13 +38,15 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .broadcast import attend_broadcast
 from .tile_pool import run_tiles
 from .tiled import differentiable_backward
+from .windows import blocks_to_map, map_to_blocks, scatter_windows, unfold_windows
 
-__all__ = ['attend_fused', 'attend_fused_tables', 'available', 'expand_tables', 'preferred', 'unavailable_reason',
-           'DTYPES']
+__all__ = ['attend_fused', 'attend_fused_maps', 'attend_fused_tables', 'available', 'expand_tables', 'preferred',
+           'unavailable_reason', 'DTYPES']
 
 CACHE_ENV = 'TIMM_HALO_CACHE'
 DTYPES = {torch.float32: 'float', torch.float64: 'double'}  # the C kernel's scalar type
@@ -78,11 +80,36 @@ _POINTER_FIELDS = ('q', 'k', 'v', 'rel_h', 'rel_w', 'base_h', 'base_w', 'mask_h'
                    'grad_out', 'grad_q', 'grad_k', 'grad_v', 'grad_rel_h', 'grad_rel_w')
 
 
+class Layout(ctypes.Structure):
+    """The mirror of ``Layout`` in fused_cpu.c: where an operand's windows lie (element strides and image bounds)."""
+    _fields_ = [*[(name, ctypes.c_int64) for name in ('group', 'channel', 'block_y', 'block_x', 'row')],
+                *[(name, ctypes.c_int32) for name in ('step_y', 'step_x', 'pad_y', 'pad_x', 'height', 'width')]]
+
+
+class Layouts(ctypes.Structure):
+    _fields_ = [(name, Layout) for name in ('q', 'k', 'v', 'out')]
+
+
 def _args_type(real) -> type:
     """The ctypes mirror of ``HaloArgs`` in fused_cpu.c, for scalar type ``real``."""
     return type('HaloArgs', (ctypes.Structure,), {'_fields_': [
         *[(name, ctypes.c_int32) for name in _INT_FIELDS], ('calls_stride', ctypes.c_int64), ('scale', real),
-        *[(name, ctypes.c_void_p) for name in _POINTER_FIELDS]]})
+        *[(name, ctypes.c_void_p) for name in _POINTER_FIELDS], ('lay', Layouts)]})
+
+
+def _windows_layout(t: torch.Tensor, nh: int, nw: int, rows: int, cols: int) -> Layout:
+    """(N, C, rows * cols): windows one after another, ordered (group, block row, block column)."""
+    per_window = t.stride(0)
+    return Layout(per_window * nh * nw, t.stride(1), per_window * nw, per_window, cols, rows, cols, 0, 0, nh * rows,
+                  nw * cols)
+
+
+def _map_layout(t: torch.Tensor, step_y: int, step_x: int, pad_y: int, pad_x: int) -> Layout:
+    """(G, C, H, W) with contiguous rows: block (by, bx)'s window starts at (by * step_y - pad_y, bx * step_x -
+    pad_x); positions outside the map read as 0."""
+    row = t.stride(2)
+    return Layout(t.stride(0), t.stride(1), step_y * row, step_x, row, step_y, step_x, pad_y, pad_x, t.shape[2],
+                  t.shape[3])
 
 
 def target() -> Tuple[str, List[str]]:
@@ -262,37 +289,56 @@ def _tables_mode(rel_h: torch.Tensor) -> bool:
     return rel_h.dim() == 2
 
 
-def _check_shapes(q, k, v, tables, *outputs) -> None:
-    """The C kernel reads raw memory at offsets from these shapes: a mismatch must be an error, not a bad read."""
+def _geometry(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], tables) -> Tuple[int, ...]:
+    """(n, d, dv, Q, kh, kw, nh, nw, bq) of a call, checked: the C kernel reads raw memory at offsets from these
+    shapes, so a mismatch must be an error, not a bad read. Windows: q (N, d, Q), k (N, d, K), v (N, dv, K); maps
+    (``v`` None): q (G, d, Hq, Wq) in blocks of bq x bq, k the key / value map (G, d + dv, H, W)."""
     rel_h, rel_w, base_h, base_w, mask_h, mask_w = tables
-    n, d, num_q = q.shape
-    (nh, bq), (nw, bq_w), kh, kw, dv = base_h.shape, base_w.shape, mask_h.shape[-1], mask_w.shape[-1], v.shape[1]
-    rel_shapes = [(rel_h.shape[0], d), (rel_w.shape[0], d)] if _tables_mode(rel_h) else [
+    (nh, bq), (nw, bq_w), kh, kw = base_h.shape, base_w.shape, mask_h.shape[-1], mask_w.shape[-1]
+    maps = v is None
+    if maps:
+        g, d, hq, wq = q.shape
+        n, dv, num_q = g * nh * nw, k.shape[1] - d, bq * bq
+        fits = k.dim() == 4 and k.shape[0] == g and dv > 0 and -(-hq // bq) == nh and -(-wq // bq) == nw
+        expected = []
+    else:
+        n, d, num_q = q.shape
+        dv = v.shape[1]
+        fits = q.dim() == 3 and bq * bq == num_q and n % (nh * nw) == 0
+        expected = [(k, (n, d, kh * kw)), (v, (n, dv, kh * kw))]
+    rel = [(rel_h.shape[0], d), (rel_w.shape[0], d)] if _tables_mode(rel_h) else [
         (n, rel_h.shape[1], num_q), (n, rel_w.shape[1], num_q)]
-    expected = [(k, (n, d, kh * kw)), (v, (n, dv, kh * kw)), (rel_h, rel_shapes[0]), (rel_w, rel_shapes[1]),
-                (base_w, (nw, bq)), (mask_h, (nh, kh)), (mask_w, (nw, kw)),
-                *[(t, shape) for t, shape in zip(outputs, [(n, dv, num_q), (n, num_q, 2), (n, dv, num_q)])]]
+    expected += [(rel_h, rel[0]), (rel_w, rel[1]), (mask_h, (nh, kh)), (mask_w, (nw, kw))]
     bad = [f'{list(t.shape)} (expected {list(shape)})' for t, shape in expected if tuple(t.shape) != shape]
-    if q.dim() != 3 or bq * bq != num_q or bq_w != bq or n % (nh * nw) or bad:
-        raise ValueError(f'HaloAttention: inconsistent fused-kernel operands: q {list(q.shape)}, blocks {nh} x {nw} '
-                         f'of {bq} x {bq} queries; {", ".join(bad)}')
+    if not fits or bq_w != bq or bad:
+        raise ValueError(f'HaloAttention: inconsistent fused-kernel operands: q {list(q.shape)}, k {list(k.shape)}, '
+                         f'blocks {nh} x {nw} of {bq} x {bq} queries; {", ".join(bad)}')
     if base_h.dtype != torch.int32 or base_w.dtype != torch.int32:
         raise TypeError(f'HaloAttention: fused-kernel table rows must be int32, got {base_h.dtype} / {base_w.dtype}')
+    return n, d, dv, num_q, kh, kw, nh, nw, bq
 
 
-def _run(kernel: _Kernel, backward: bool, scale: float, **tensors: torch.Tensor) -> None:
+def _layouts(q, k, v, out, window: List[int], geometry) -> Layouts:
+    n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
+    if window:  # maps
+        step_h, pad_h, step_w, pad_w = window
+        lay_k = _map_layout(k, step_h, step_w, pad_h, pad_w)
+        lay_v = Layout.from_buffer_copy(lay_k)
+        return Layouts(_map_layout(q, bq, bq, 0, 0), lay_k, lay_v, _map_layout(out, bq, bq, 0, 0))
+    return Layouts(_windows_layout(q, nh, nw, bq, bq), _windows_layout(k, nh, nw, kh, kw),
+                   _windows_layout(v, nh, nw, kh, kw), _windows_layout(out, nh, nw, bq, bq))
+
+
+def _run(kernel: _Kernel, backward: bool, scale: float, geometry, lay: Layouts, **tensors: torch.Tensor) -> None:
     """The C kernel over all windows, in ranges spread over the tile pool's threads: a few ranges per thread, so a
     thread slowed by another process hands its share to the others. ``tensors``: the kernel's operands by name (the
     fields of HaloArgs); they, and so the memory the kernel reads, live until every range has ended (``run_tiles``
     waits for them, also on an error or a KeyboardInterrupt)."""
-    q, v, rel_h, rel_w = tensors['q'], tensors['v'], tensors['rel_h'], tensors['rel_w']
-    base_h, base_w, mask_h, mask_w = tensors['base_h'], tensors['base_w'], tensors['mask_h'], tensors['mask_w']
-    n, d, num_q = q.shape
+    n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
     chunk = _chunk(n)
     args = kernel.args_type(
-        d=d, dv=v.shape[1], Q=num_q, kh=mask_h.shape[1], kw=mask_w.shape[1], rows_h=rel_h.shape[-2],
-        rows_w=rel_w.shape[-2], nh=base_h.shape[0], nw=base_w.shape[0], bq=base_h.shape[1],
-        mode=int(_tables_mode(rel_h)), calls_stride=chunk, scale=scale,
+        d=d, dv=dv, Q=num_q, kh=kh, kw=kw, rows_h=tensors['rel_h'].shape[-2], rows_w=tensors['rel_w'].shape[-2],
+        nh=nh, nw=nw, bq=bq, mode=int(_tables_mode(tensors['rel_h'])), calls_stride=chunk, scale=scale, lay=lay,
         **{name: t.data_ptr() for name, t in tensors.items()})
     fn, pointer = (kernel.bwd if backward else kernel.fwd), ctypes.byref(args)
 
@@ -312,83 +358,147 @@ def _chunk(n: int) -> int:
 _TABLE_NAMES = ('rel_h', 'rel_w', 'base_h', 'base_w', 'mask_h', 'mask_w')
 
 
-def _forward(q, k, v, tables, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    kernel = _library(_check(q, k, v, *tables[:2], *tables[4:]))
-    _check_shapes(q, k, v, tables)
-    q, k, v, *tables = (t.contiguous() for t in (q, k, v, *tables))
-    n, _, num_q = q.shape
-    out, stats = q.new_empty(n, v.shape[1], num_q), q.new_empty(n, num_q, 2)  # per query: max logit, 1 / sum of exp
-    _run(kernel, False, scale, q=q, k=k, v=v, **dict(zip(_TABLE_NAMES, tables)), out=out, stats=stats)
+def _operands(q, k, v, tables):
+    """Contiguous operands; with maps, ``v`` is the value channels of the key / value map ``k``."""
+    q, k, *tables = (t.contiguous() for t in (q, k, *tables))
+    v_ptr = k[:, q.shape[1]:] if v is None else v.contiguous()
+    return q, k, v_ptr, tables
+
+
+def _forward(q, k, v, tables, window: List[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    kernel = _library(_check(q, k, *([] if v is None else [v]), *tables[:2], *tables[4:]))
+    geometry = _geometry(q, k, v, tables)
+    n, d, dv, num_q = geometry[:4]
+    q, k, v_in, tables = _operands(q, k, v, tables)
+    out = q.new_empty(q.shape[0], dv, *q.shape[2:]) if v is None else q.new_empty(n, dv, num_q)
+    stats = q.new_empty(n, num_q, 2)  # per query: max logit, 1 / sum of exp
+    lay = _layouts(q, k, v_in, out, window, geometry)
+    _run(kernel, False, scale, geometry, lay, q=q, k=k, v=v_in, **dict(zip(_TABLE_NAMES, tables)), out=out,
+         stats=stats)
     return out, stats
 
 
-def _backward(grad_out, q, k, v, tables, out, stats, scale: float):
-    kernel = _library(_check(grad_out, q, k, v, *tables[:2], *tables[4:], out, stats))
-    _check_shapes(q, k, v, tables, out, stats, grad_out)
-    q, k, v, *tables = (t.contiguous() for t in (q, k, v, *tables))
+def _backward(grad_out, q, k, v, tables, out, stats, window: List[int], scale: float):
+    kernel = _library(_check(grad_out, q, k, *([] if v is None else [v]), *tables[:2], *tables[4:], out, stats))
+    geometry = _geometry(q, k, v, tables)
+    n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
+    q, k, v_in, tables = _operands(q, k, v, tables)
     out, stats, grad_out = out.contiguous(), stats.contiguous(), grad_out.contiguous()
-    grads = [t.new_empty(t.shape) for t in (q, k, v)]  # contiguous (the kernel's layout)
+    grad_q = torch.empty_like(q)  # laid out as q, as the kernel writes it
+    grad_k, grad_v = q.new_empty(n, d, kh * kw), q.new_empty(n, dv, kh * kw)  # windows one after another
     tables_mode = _tables_mode(tables[0])
     if tables_mode:  # one table gradient per range of windows (concurrent ranges never share one), summed here
-        calls = -(-q.shape[0] // _chunk(q.shape[0]))
+        calls = -(-n // _chunk(n))
         rel_grads = [t.new_zeros(calls, *t.shape) for t in tables[:2]]
     else:
         rel_grads = [t.new_empty(t.shape) for t in tables[:2]]
-    _run(kernel, True, scale, q=q, k=k, v=v, **dict(zip(_TABLE_NAMES, tables)), out=out, stats=stats,
-         grad_out=grad_out, grad_q=grads[0], grad_k=grads[1], grad_v=grads[2], grad_rel_h=rel_grads[0],
+    lay = _layouts(q, k, v_in, out, window, geometry)
+    _run(kernel, True, scale, geometry, lay, q=q, k=k, v=v_in, **dict(zip(_TABLE_NAMES, tables)), out=out,
+         stats=stats, grad_out=grad_out, grad_q=grad_q, grad_k=grad_k, grad_v=grad_v, grad_rel_h=rel_grads[0],
          grad_rel_w=rel_grads[1])
     if tables_mode:
         rel_grads = [g.sum(0) for g in rel_grads]
-    return (*grads, *rel_grads)
+    if v is None:  # the windows' gradients summed back into the key / value map
+        step_h, pad_h, step_w, pad_w = window
+        padded = [(nh - 1) * step_h + kh, (nw - 1) * step_w + kw]
+        grad_kv = scatter_windows(grad_k, grad_v, [k.shape[0], d + dv, *padded], 1, d, step_h, kh, step_w, kw)
+        grad_k = F.pad(grad_kv, [-pad_w, pad_w + k.shape[3] - padded[1], -pad_h, pad_h + k.shape[2] - padded[0]])
+        grad_v = grad_k.new_empty(0)
+    return grad_q, grad_k, grad_v, *rel_grads
 
 
-@torch.library.custom_op('timm_halo::attend_fused', mutates_args=())
+# flexible_layout: inductor may pass any strides (the implementation makes its operands contiguous); matching them
+# exactly needs it to order symbolic strides, which it cannot do for the maps of a dynamic-size graph.
+@torch.library.custom_op('timm_halo::attend_fused', mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _attend_fused(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor,
-        base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, scale: float,
+        q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], qt_h: torch.Tensor, qt_w: torch.Tensor,
+        base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, window: List[int],
+        scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, (qt_h, qt_w, base_h, base_w, mask_h, mask_w), scale)
+    tables = (qt_h, qt_w, base_h, base_w, mask_h, mask_w)
+    if not window:
+        return _forward(q, k, v, tables, window, scale)
+    out, stats = _forward(*_per_head(window[0], q, k), None, tables, window[1:], scale)
+    return out.view(q.shape[0], k.shape[1] - q.shape[1], *q.shape[2:]), stats
+
+
+def _per_head(heads: int, *maps: torch.Tensor) -> List[torch.Tensor]:
+    """(B, heads * C, H, W) maps as (B * heads, C, H, W): in here, not in the caller's graph, where inductor would
+    have to order the strides of a reshaped convolution output of symbolic size."""
+    return [m.contiguous().view(m.shape[0] * heads, m.shape[1] // heads, *m.shape[2:]) for m in maps]
 
 
 @_attend_fused.register_fake
-def _attend_fused_fake(q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, scale):
+def _attend_fused_fake(q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, window, scale):
+    if v is None:
+        n = q.shape[0] * window[0] * base_h.shape[0] * base_w.shape[0]
+        return q.new_empty(q.shape[0], k.shape[1] - q.shape[1], *q.shape[2:]), q.new_empty(n, base_h.shape[1] ** 2, 2)
     return q.new_empty(q.shape[0], v.shape[1], q.shape[2]), q.new_empty(q.shape[0], q.shape[2], 2)
 
 
 # The backward is an op of its own, so that compiled graphs call the kernel (inductor sees one opaque node).
-@torch.library.custom_op('timm_halo::attend_fused_backward', mutates_args=())
+@torch.library.custom_op('timm_halo::attend_fused_backward', mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _attend_fused_backward(
-        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt_h: torch.Tensor,
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], qt_h: torch.Tensor,
         qt_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
-        out: torch.Tensor, stats: torch.Tensor, scale: float,
+        out: torch.Tensor, stats: torch.Tensor, window: List[int], scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, q, k, v, (qt_h, qt_w, base_h, base_w, mask_h, mask_w), out, stats, scale)
+    tables = (qt_h, qt_w, base_h, base_w, mask_h, mask_w)
+    if not window:
+        return _backward(grad_out, q, k, v, tables, out, stats, window, scale)
+    heads = window[0]
+    grad_out, out = _per_head(heads, grad_out, out)
+    grad_q, grad_k, grad_v, *rel_grads = _backward(grad_out, *_per_head(heads, q, k), None, tables, out, stats,
+                                                   window[1:], scale)
+    return grad_q.view(q.shape), grad_k.view(k.shape), grad_v, *rel_grads
 
 
 @_attend_fused_backward.register_fake
-def _attend_fused_backward_fake(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats, scale):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, qt_h, qt_w))  # contiguous, as the kernel writes them
+def _attend_fused_backward_fake(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats, window,
+                                scale):
+    grad_v = q.new_empty(0) if v is None else v.new_empty(v.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), grad_v, qt_h.new_empty(qt_h.shape), qt_w.new_empty(qt_w.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    *tensors, scale = inputs
+    q, k, v, *tables, window, scale = inputs
     out, stats = output
-    ctx.save_for_backward(*tensors, out, stats)
+    ctx.maps = v is None
+    ctx.save_for_backward(q, k, k if v is None else v, *tables, out, stats)
     ctx.mark_non_differentiable(stats)
-    ctx.scale = scale
+    ctx.window, ctx.scale = window, scale
+
+
+def _recompute_maps(q, kv, qt_h, qt_w, base_h, base_w, mask_h, mask_w, window: List[int], scale: float):
+    """The maps call in plain ops (double backward)."""
+    (nh, bq), nw, kh, kw = base_h.shape, base_w.shape[0], mask_h.shape[1], mask_w.shape[1]
+    heads, step_h, pad_h, step_w, pad_w = window
+    batch = q.shape[0]
+    q, kv = (t.reshape(batch * heads, t.shape[1] // heads, *t.shape[2:]) for t in (q, kv))
+    padded = F.pad(kv, [pad_w, (nw - 1) * step_w + kw - pad_w - kv.shape[3],
+                        pad_h, (nh - 1) * step_h + kh - pad_h - kv.shape[2]])
+    k, v = unfold_windows(padded, 1, q.shape[1], step_h, kh, step_w, kw)
+    q_windows = map_to_blocks(q, bq, nh, nw)
+    rel = expand_tables(q_windows, qt_h, qt_w, base_h, base_w, mask_h, mask_w)
+    out = blocks_to_map(attend_broadcast(q_windows, k, v, *rel, scale), bq, nh, nw, *q.shape[2:])
+    return out.reshape(batch, heads * out.shape[1], *q.shape[2:])
 
 
 def _autograd(ctx, grad_out, _grad_stats):
     q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats = ctx.saved_tensors
+    v = None if ctx.maps else v
     if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation (double backward)
         def recompute(q, k, v, qt_h, qt_w):
+            if v is None:
+                return _recompute_maps(q, k, qt_h, qt_w, base_h, base_w, mask_h, mask_w, ctx.window, ctx.scale)
             return attend_broadcast(q, k, v, *expand_tables(q, qt_h, qt_w, base_h, base_w, mask_h, mask_w), ctx.scale)
-
-        grads = differentiable_backward(grad_out, (q, k, v, qt_h, qt_w), recompute)
+        grads = list(differentiable_backward(grad_out, (q, k, v, qt_h, qt_w), recompute))
     else:
-        grads = _attend_fused_backward(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats,
-                                       ctx.scale)
-    return *grads, None, None, None, None, None
+        grads = list(_attend_fused_backward(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out,
+                                            stats, ctx.window, ctx.scale))
+        if v is None:
+            grads[2] = None
+    return *grads, None, None, None, None, None, None
 
 
 _attend_fused.register_autograd(_autograd, setup_context=_setup_context)
@@ -424,7 +534,7 @@ def _widened(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], Optional
     if dtype in DTYPES and all(t.dtype == dtype for t in tensors):
         return tensors, None
     wide = torch.promote_types(torch.promote_types(*(t.dtype for t in tensors[:2])), torch.float32)
-    return tuple(t.to(wide) for t in tensors), tensors[2].dtype
+    return tuple(t.to(wide) for t in tensors), tensors[0].dtype
 
 
 def attend_fused_tables(
@@ -445,8 +555,30 @@ def attend_fused_tables(
         (N, dv, bq * bq)
     """
     (q, k, v, qt_h, qt_w, mask_h, mask_w), cast = _widened(q, k, v, qt_h, qt_w, mask_h, mask_w)
-    out = _attend_fused(q, k, v, qt_h, qt_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h, mask_w,
+    out = _attend_fused(q, k, v, qt_h, qt_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h, mask_w, [],
                         scale)[0]
+    return out if cast is None else out.to(cast)
+
+
+def attend_fused_maps(
+        q: torch.Tensor, kv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, base_h: torch.Tensor,
+        base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, window: List[int], scale: float,
+) -> torch.Tensor:
+    """``attend_fused_tables`` reading its windows straight from the maps (no window copies in memory).
+
+    Args:
+        q: (B, heads * d, Hq, Wq) queries, in blocks of bq x bq.
+        kv: (B, heads * (d + dv), H, W), per head keys then values; block (by, bx)'s key window starts at row
+            ``by * step_h - pad_h`` and column ``bx * step_w - pad_w`` (``window = [heads, step_h, pad_h, step_w,
+            pad_w]``), positions outside the map being masked.
+        table_h, table_w, base_h, base_w, mask_h, mask_w, scale: as ``attend_fused_tables``.
+
+    Returns:
+        (B, heads * dv, Hq, Wq)
+    """
+    (q, kv, table_h, table_w, mask_h, mask_w), cast = _widened(q, kv, table_h, table_w, mask_h, mask_w)
+    out = _attend_fused(q, kv, None, table_h, table_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h,
+                        mask_w, [int(w) for w in window], scale)[0]
     return out if cast is None else out.to(cast)
 
 

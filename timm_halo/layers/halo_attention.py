@@ -30,6 +30,7 @@ from einops import rearrange
 from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from torch import nn
 
+from .fused_cpu import attend_fused_maps
 from .kernels import KernelChoice, resolve_impl_name
 from .windows import gather_windows, unfold_windows
 
@@ -309,9 +310,28 @@ class HaloAttention(KernelChoice, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         impl, gather_op, crop = self._call_plan(x)
+        if impl == 'fused':
+            return self.proj(self._fused_forward(x))
         tables = impl != 'broadcast' and self._takes_tables(impl)
         q, k, v, rel, geom = self._blocked(x, crop, gather_op, tables)
         return self.proj(self._unblock(self._attend(impl, q, k, v, rel, tables), geom))
+
+    @torch.jit.unused
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The C kernel reads its blocks and windows straight from the q and kv maps and writes the output map: no
+        window copies, no permutes."""
+        H, W = x.shape[-2:]
+        b, s = self.block_size, self.stride
+        nh, nw = _concrete_if_small((H + b - 1) // b), _concrete_if_small((W + b - 1) // b)
+        q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
+        kv = self.kv(x)
+        plan_h, plan_w = self._window_plan(H, nh, True), self._window_plan(W, nw, True)
+        rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
+        rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
+        out = attend_fused_maps(q, kv, self.rel_pos_h, self.rel_pos_w, rows_h[:, :, 0], rows_w[:, :, 0], mask_h,
+                                mask_w, [self.heads, plan_h[2], plan_h[0], plan_w[2], plan_w[0]], self.scale)
+        # The kernel saved its output for the backward: an in-place op after the layer must not change it.
+        return out.clone() if out.requires_grad and isinstance(self.proj, nn.Identity) else out
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense attention over all pixels with an explicit window mask: slow, for tests only.

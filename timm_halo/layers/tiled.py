@@ -173,12 +173,12 @@ def differentiable_backward(grad_out: torch.Tensor, inputs, recompute: Callable[
 
     The recomputation reads fresh aliases of the inputs: ``rel_h``/``rel_w`` are functions of ``q``, and a gradient
     taken with respect to ``q`` itself would also run through them (counted again by the outer backward)."""
-    aliases = [t.view_as(t) for t in inputs]
-    needed = [a for a in aliases if a.requires_grad]
+    aliases = [None if t is None else t.view_as(t) for t in inputs]
+    needed = [a for a in aliases if a is not None and a.requires_grad]
     with torch.enable_grad():
         out = recompute(*aliases)
     found = iter(torch.autograd.grad(out, needed, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(found) if a.requires_grad else None for a in aliases)
+    return tuple(next(found) if a is not None and a.requires_grad else None for a in aliases)
 
 
 def _autograd(ctx, grad_out):

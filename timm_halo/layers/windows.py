@@ -8,8 +8,23 @@ work through it.
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ['gather_windows', 'unfold_windows']
+__all__ = ['blocks_to_map', 'gather_windows', 'map_to_blocks', 'unfold_windows']
+
+
+def map_to_blocks(x: torch.Tensor, bq: int, nh: int, nw: int) -> torch.Tensor:
+    """(G, C, H, W), zero-padded to nh x nw blocks of bq x bq, as (G * nh * nw, C, bq * bq), blocks row-major."""
+    G, C, H, W = x.shape
+    x = F.pad(x, [0, nw * bq - W, 0, nh * bq - H])
+    return x.reshape(G, C, nh, bq, nw, bq).permute(0, 2, 4, 1, 3, 5).reshape(G * nh * nw, C, bq * bq)
+
+
+def blocks_to_map(blocks: torch.Tensor, bq: int, nh: int, nw: int, height: int, width: int) -> torch.Tensor:
+    """The inverse of ``map_to_blocks``: (G * nh * nw, C, bq * bq) to (G, C, height, width), a fresh tensor."""
+    n, C = blocks.shape[:2]
+    out = blocks.reshape(n // (nh * nw), nh, nw, C, bq, bq).permute(0, 3, 1, 4, 2, 5)
+    return F.pad(out.reshape(n // (nh * nw), C, nh * bq, nw * bq), [0, width - nw * bq, 0, height - nh * bq])
 
 
 def _window_views(
