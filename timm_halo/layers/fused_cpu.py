@@ -348,7 +348,7 @@ def _run(kernel: _Kernel, backward: bool, scale: float, geometry, lay: Layouts, 
             kind, message = _ERRORS[status]
             raise kind(f'HaloAttention: {message}')
 
-    run_tiles(run, n, chunk)
+    run_tiles(run, n, chunk, caller_runs=True)  # a C call runs no ATen ops
 
 
 def _chunk(n: int) -> int:
