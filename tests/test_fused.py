@@ -258,3 +258,27 @@ def test_first_use_under_torch_compile(tmp_path):
     done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ['fused' if fused_cpu.preferred() else 'broadcast']
+
+
+@pytest.mark.skipif(not fused_cpu._torch_openmp(), reason='no OpenMP runtime in torch/lib')
+def test_ranges_run_on_pytorchs_own_openmp_team(monkeypatch):
+    """Built against torch/lib's libgomp, the kernel runs its ranges on ATen's threads in one C call (never the tile
+    pool), with one OpenMP runtime in the process, and forward and backward equal the dense reference."""
+    assert fused_cpu._library(torch.float64).all_ranges is not None
+    with open('/proc/self/maps') as maps:
+        runtimes = {line.split()[-1] for line in maps if 'libgomp' in line}
+    assert len(runtimes) == 1 and all(path.startswith(os.path.dirname(torch.__file__)) for path in runtimes)
+    monkeypatch.setattr(fused_cpu, 'run_tiles', lambda *a, **k: pytest.fail('ran on the tile pool'))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8, attn_impl='fused').double()
+        x = torch.randn(3, 16, 13, 11, dtype=torch.double, requires_grad=True)
+        out, ref = layer(x), layer.reference_forward(x)
+        grads = torch.autograd.grad(out.square().sum(), (x, layer.rel_pos_h))
+        ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.rel_pos_h))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -601,3 +601,48 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
     scratch_free(&s);
     return 0;
 }
+
+/* All ranges of chunk windows on the caller's OpenMP team: the library is linked against PyTorch's own OpenMP
+ * runtime (fused_cpu.py), so these are ATen's threads, hot from the op before (its threads spin a while after each
+ * parallel region, and a pool of our own would compete with them for the cores). Returns the first error. */
+static int run_ranges(int (*fn)(const HaloArgs *, int64_t, int64_t), const HaloArgs *a, int64_t n, int64_t chunk,
+                      int threads) {
+    int status = 0;
+    const int64_t ranges = (n + chunk - 1) / chunk;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+    for (int64_t r = 0; r < ranges; ++r) {
+        int seen;
+#ifdef _OPENMP
+#pragma omp atomic read
+#endif
+        seen = status;
+        if (seen) continue; /* an error: no new range starts */
+        const int got = fn(a, r * chunk, (r + 1) * chunk < n ? (r + 1) * chunk : n);
+        if (got) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            status = got;
+        }
+    }
+    (void)threads;
+    return status;
+}
+
+int halo_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int halo_fwd_all(const HaloArgs *a, int64_t n, int64_t chunk, int threads) {
+    return run_ranges(halo_fwd, a, n, chunk, threads);
+}
+
+int halo_bwd_all(const HaloArgs *a, int64_t n, int64_t chunk, int threads) {
+    return run_ranges(halo_bwd, a, n, chunk, threads);
+}

@@ -70,6 +70,7 @@ class _Kernel(NamedTuple):
     bwd: ctypes._CFuncPtr
     args_type: type  # HaloArgs for this scalar type
     vector_bytes: int
+    all_ranges: Optional[Tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]]  # fwd / bwd on PyTorch's OpenMP team, or None
 
 
 _libs: Optional[Dict[torch.dtype, _Kernel]] = None
@@ -164,12 +165,23 @@ def _matches(library: Path, digest: Path) -> bool:
         return False
 
 
+def _torch_openmp() -> List[str]:
+    """Compiler and linker arguments that build the kernel against PyTorch's own OpenMP runtime (the libgomp in
+    torch/lib, already loaded), so that the kernel's ranges run on ATen's threads; [] where there is none."""
+    found = sorted((Path(torch.__file__).parent / 'lib').glob('libgomp*.so*')) if platform.system() == 'Linux' else []
+    if not found:
+        return []
+    # --as-needed: the compiler's own -lgomp (added by -fopenmp, after these) is not recorded as a dependency
+    return ['-fopenmp', str(_SOURCE), '-Wl,--as-needed', str(found[0]), f'-Wl,-rpath,{found[0].parent}']
+
+
 def _compile(compiler: List[str], flags: List[str], library: Path, digest: Path, failed: Path) -> None:
     """Build into temporary names, then rename: concurrent first uses (DDP ranks) never see a partial file."""
     fd, tmp = tempfile.mkstemp(suffix='.so', dir=library.parent)
     os.close(fd)
+    source = [] if str(_SOURCE) in flags else [str(_SOURCE)]  # OpenMP: the source before the libraries
     try:
-        done = subprocess.run([*compiler, *flags, str(_SOURCE), '-o', tmp, '-lm'], capture_output=True, text=True,
+        done = subprocess.run([*compiler, *source, *flags, '-o', tmp, '-lm'], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             message = f'{" ".join(compiler)} failed: {done.stderr.strip()[-2000:]}'
@@ -187,6 +199,18 @@ def _compile(compiler: List[str], flags: List[str], library: Path, digest: Path,
 
 def _build_one(compiler: List[str], version: str, isa: str, isa_flags: List[str], scalar: str,
                cache: Path) -> _Kernel:
+    """The kernel on PyTorch's OpenMP runtime where it builds, else without OpenMP (ranges on the tile pool)."""
+    openmp = _torch_openmp()
+    if openmp:
+        try:
+            return _build_variant(compiler, version, isa, [*isa_flags, *openmp], scalar, cache)
+        except (RuntimeError, OSError) as e:
+            _logger.info('timm_halo: building the fused CPU kernel with OpenMP failed (%s); building it without', e)
+    return _build_variant(compiler, version, isa, isa_flags, scalar, cache)
+
+
+def _build_variant(compiler: List[str], version: str, isa: str, isa_flags: List[str], scalar: str,
+                   cache: Path) -> _Kernel:
     flags = [*_FLAGS, *isa_flags, *(['-DHALO_DOUBLE'] if scalar == 'double' else [])]
     key = hashlib.sha256(b'\0'.join([_SOURCE.read_bytes(), ' '.join(compiler + flags).encode(),
                                      version.encode()])).hexdigest()[:16]
@@ -209,7 +233,13 @@ def _build_one(compiler: List[str], version: str, isa: str, isa_flags: List[str]
         fn.argtypes = [ctypes.POINTER(args_type), ctypes.c_int64, ctypes.c_int64]
         fn.restype = ctypes.c_int
     lib.halo_vector_bytes.restype = ctypes.c_int
-    return _Kernel(lib.halo_fwd, lib.halo_bwd, args_type, lib.halo_vector_bytes())
+    all_ranges = None
+    if lib.halo_openmp():
+        all_ranges = (lib.halo_fwd_all, lib.halo_bwd_all)
+        for fn in all_ranges:
+            fn.argtypes = [ctypes.POINTER(args_type), ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+            fn.restype = ctypes.c_int
+    return _Kernel(lib.halo_fwd, lib.halo_bwd, args_type, lib.halo_vector_bytes(), all_ranges)
 
 
 def _build() -> Dict[torch.dtype, _Kernel]:
@@ -343,12 +373,20 @@ def _run(kernel: _Kernel, backward: bool, scale: float, geometry, lay: Layouts, 
     fn, pointer = (kernel.bwd if backward else kernel.fwd), ctypes.byref(args)
 
     def run(start: int, stop: int) -> None:
-        status = fn(pointer, start, stop)
-        if status:
-            kind, message = _ERRORS[status]
-            raise kind(f'HaloAttention: {message}')
+        _raise_status(fn(pointer, start, stop))
 
-    run_tiles(run, n, chunk, caller_runs=True)  # a C call runs no ATen ops
+    threads = torch.get_num_threads()
+    if kernel.all_ranges is not None and threads > 1 and n > chunk:
+        # one C call: the ranges on PyTorch's OpenMP team; a Ctrl-C is raised when the call has returned
+        _raise_status(kernel.all_ranges[backward](pointer, n, chunk, threads))
+    else:
+        run_tiles(run, n, chunk, caller_runs=True)  # a C call runs no ATen ops
+
+
+def _raise_status(status: int) -> None:
+    if status:
+        kind, message = _ERRORS[status]
+        raise kind(f'HaloAttention: {message}')
 
 
 def _chunk(n: int) -> int:
