@@ -281,3 +281,21 @@ def test_onnx_reduced_model_dynamic_size(tmp_path):
     assert report.ok
     for shape in [(1, 3, 97, 130), (2, 3, 33, 33), (1, 3, 1, 1)]:
         assert _ort_vs_eager(tmp_path / 'dyn.onnx', model, torch.randn(*shape)) <= ex.ONNX_ATOL, shape
+
+
+@pytest.mark.parametrize('size, keys_per_axis', [(8, 8), (13, 11), (24, 14)])
+def test_one_size_exports_crop_their_windows(monkeypatch, size, keys_per_axis):
+    """An export of one input size cuts cropped key windows on maps of one or two blocks (8 or 11 rows instead of
+    14 at block 8, halo 3), as eager mode does (ONNX exports with a dynamic height/width keep plain windows:
+    test_layer_onnx_dynamic_batch_and_size). The exported graph equals the dense reference."""
+    from timm_halo.layers import halo_attention
+    lengths = []
+    unfold = halo_attention.unfold_windows
+    monkeypatch.setattr(halo_attention, 'unfold_windows', lambda *a: lengths.append(a[4]) or unfold(*a))
+    layer = HaloAttention(8, block_size=8, halo_size=3, heads=2, dim_head=4).eval()
+    x = torch.randn(2, 8, size, size)
+    program = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim('batch', min=1)},))
+    assert set(lengths) == {keys_per_axis}
+    for batch in (2, 3):
+        x = torch.randn(batch, 8, size, size)
+        torch.testing.assert_close(program.module()(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)

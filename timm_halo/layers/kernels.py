@@ -204,10 +204,13 @@ class KernelChoice:
         return self._choose(x, crop)
 
     @torch.jit.unused
-    def _choose(self, x: torch.Tensor, crop: bool) -> Tuple[str, bool, bool]:
+    def _choose(self, x: torch.Tensor, custom: bool) -> Tuple[str, bool, bool]:
+        # An export of one input size (height and width plain ints, not symbolic) also gets cropped windows: its
+        # graph serves that size only (an ONNX model of 256 px runs stage 4's 8x8 maps on 64 keys, not 196).
+        crop = custom or (not torch.jit.is_tracing() and all(isinstance(n, int) for n in x.shape[-2:]))
         plain_autograd = _plain_autograd_required()
-        call = Call(x.device.type, x.dtype, not crop, plain_autograd, self._call_logits(x, crop))
-        return choose(self.attn_impl, call, type(self).__name__), crop and not plain_autograd, crop
+        call = Call(x.device.type, x.dtype, not custom, plain_autograd, self._call_logits(x, crop))
+        return choose(self.attn_impl, call, type(self).__name__), custom and not plain_autograd, crop
 
     @torch.jit.unused
     def _call_logits(self, x: torch.Tensor, crop: bool) -> int:
