@@ -120,9 +120,8 @@ def _table_inputs(layer: HaloAttention, x: torch.Tensor):
     """What the layer hands the table form of the kernel (table rows as the op takes them: int32), and the per-axis
     terms it hands every other kernel."""
     with torch.no_grad():
-        q, k, v, tables, _ = layer._blocked(x, crop=True, gather_op=True, tables=True)
-        plain = layer._blocked(x, crop=True, gather_op=True)[3]
-    tables[2:4] = [t.to(torch.int32) for t in tables[2:4]]
+        q, k, v, plain, _ = layer._blocked(x, crop=True, gather_op=True)
+    tables = _map_inputs(layer, x)[2]
     return q, k, v, tables, plain
 
 

@@ -102,8 +102,6 @@ class HaloAttention(KernelChoice, nn.Module):
             it), ``'sdpa'`` on CUDA, ``'broadcast'`` where those cannot run). ``None`` reads the environment
             variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
     """
-    rel_tables = True  # 'fused' reads the relative tables themselves (KernelChoice)
-
     def __init__(
             self,
             dim: int,
@@ -233,12 +231,11 @@ class HaloAttention(KernelChoice, nn.Module):
         return rows, torch.where(visible, torch.zeros_like(masked), masked)
 
     def _blocked(
-            self, x: torch.Tensor, crop: bool, gather_op: bool, tables: bool = False,
+            self, x: torch.Tensor, crop: bool, gather_op: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
         """Project and cut into blocks, channels first per block: q (N, d, bq^2), k (N, d, kh * kw),
         v (N, dv, kh * kw) with N = B * heads * nh * nw, and the relative terms: [rel_h (N, bq, bq, kh),
-        rel_w (N, bq, bq, kw)] (the kernel interface of ``attend_broadcast``), or with ``tables`` what
-        ``attend_fused_tables`` reads instead: [rel_pos_h, rel_pos_w, base_h, base_w, mask_h, mask_w].
+        rel_w (N, bq, bq, kw)] (the kernel interface of ``attend_broadcast``).
 
         ``crop``: cropped key windows on maps of one or two blocks per axis; ``gather_op``: cut the windows with
         the ``gather_windows`` custom op (fast backward) instead of plain ``unfold``."""
@@ -265,19 +262,14 @@ class HaloAttention(KernelChoice, nn.Module):
         plan_h, plan_w = self._window_plan(H, nh, crop), self._window_plan(W, nw, crop)
         rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
         rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
-        if tables:
-            # The tables themselves: the kernel takes each query's products with the rows it needs, key row jh at
-            # table row rows[..., 0] + jh (the window plans never need the clamp of _axis_terms).
-            rel = [self.rel_pos_h, self.rel_pos_w, rows_h[:, :, 0], rows_w[:, :, 0], mask_h, mask_w]
-        else:
-            # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
-            q_blocks = q.view(B, heads, nh, nw, d, bq, bq)
-            rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
-            rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q_blocks, self.rel_pos_w[rows_w])
-            # The border mask is separable too, so it rides on the per-axis terms.
-            rel_h = rel_h + mask_h[:, None, None, None, :]
-            rel_w = rel_w + mask_w[:, None, None, :]
-            rel = [rel_h.reshape(n, bq, bq, plan_h[3]), rel_w.reshape(n, bq, bq, plan_w[3])]
+        # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
+        q_blocks = q.view(B, heads, nh, nw, d, bq, bq)
+        rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
+        rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q_blocks, self.rel_pos_w[rows_w])
+        # The border mask is separable too, so it rides on the per-axis terms.
+        rel_h = rel_h + mask_h[:, None, None, None, :]
+        rel_w = rel_w + mask_w[:, None, None, :]
+        rel = [rel_h.reshape(n, bq, bq, plan_h[3]), rel_w.reshape(n, bq, bq, plan_w[3])]
 
         kv = _pad(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
         if gather_op:
@@ -312,9 +304,8 @@ class HaloAttention(KernelChoice, nn.Module):
         impl, gather_op, crop = self._call_plan(x)
         if impl == 'fused':
             return self.proj(self._fused_forward(x))
-        tables = impl != 'broadcast' and self._takes_tables(impl)
-        q, k, v, rel, geom = self._blocked(x, crop, gather_op, tables)
-        return self.proj(self._unblock(self._attend(impl, q, k, v, rel, tables), geom))
+        q, k, v, rel, geom = self._blocked(x, crop, gather_op)
+        return self.proj(self._unblock(self._attend(impl, q, k, v, rel), geom))
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:

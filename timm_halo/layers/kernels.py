@@ -9,7 +9,7 @@ Adding a kernel: its own module with an ``attend`` function, one ``Kernel`` entr
 ``AUTO_ORDER`` if ``'auto'`` should use it (docs/kernels.md).
 """
 import os
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -18,7 +18,7 @@ from .broadcast import attend_broadcast
 from .sdpa import attend_sdpa
 from .tiled import TILE_LOGITS, attend_tiled
 
-__all__ = ['ATTN_IMPLS', 'ATTN_IMPL_ENV', 'AUTO_ORDER', 'Call', 'Kernel', 'KernelChoice', 'RelTables', 'RelTerms',
+__all__ = ['ATTN_IMPLS', 'ATTN_IMPL_ENV', 'AUTO_ORDER', 'Call', 'Kernel', 'KernelChoice', 'RelTerms',
            'choose', 'resolve_impl_name']
 
 ATTN_IMPL_ENV = 'TIMM_HALO_ATTN_IMPL'
@@ -39,25 +39,14 @@ class RelTerms(NamedTuple):
     rel_w: torch.Tensor
 
 
-class RelTables(NamedTuple):
-    """The relative tables and where each block reads them (``attend_fused_tables``)."""
-    table_h: torch.Tensor
-    table_w: torch.Tensor
-    base_h: torch.Tensor
-    base_w: torch.Tensor
-    mask_h: torch.Tensor
-    mask_w: torch.Tensor
-
-
 def _can(call: Call) -> Optional[str]:
     return None
 
 
 class Kernel(NamedTuple):
-    attend: Callable[..., torch.Tensor]  # (q, k, v, rel: RelTerms or, with takes_tables, RelTables, scale)
+    attend: Callable[..., torch.Tensor]  # (q, k, v, rel: RelTerms, scale)
     why_not: Callable[[Call], Optional[str]]  # why it cannot run a call (None: it can)
     auto_skip: Callable[[Call], Optional[str]] = _can  # why 'auto' passes it over although it could run
-    takes_tables: bool = False  # also takes RelTables: the tables themselves instead of each query's products
 
 
 def _cpu_custom_op(name: str) -> Callable[[Call], Optional[str]]:
@@ -75,12 +64,6 @@ def _cpu_custom_op(name: str) -> Callable[[Call], Optional[str]]:
                     "would be wrong); use attn_impl='auto' or 'broadcast' for jvp/jacfwd/vmap")
         return None
     return why_not
-
-
-def _attend_fused(q, k, v, rel: Union[RelTerms, RelTables], scale: float) -> torch.Tensor:
-    if isinstance(rel, RelTables):
-        return fused_cpu.attend_fused_tables(q, k, v, *rel, scale)
-    return fused_cpu.attend_fused(q, k, v, rel.rel_h, rel.rel_w, scale)
 
 
 def _fused_auto_skip(call: Call) -> Optional[str]:
@@ -107,7 +90,8 @@ def _sdpa_auto_skip(call: Call) -> Optional[str]:
 
 KERNELS: Dict[str, Kernel] = {
     # C kernel built on first use (fused_cpu.py); 'auto' on CPUs with AVX2 / AVX-512
-    'fused': Kernel(_attend_fused, _cpu_custom_op('fused'), _fused_auto_skip, takes_tables=True),
+    'fused': Kernel(lambda q, k, v, rel, scale: fused_cpu.attend_fused(q, k, v, *rel, scale), _cpu_custom_op('fused'),
+                    _fused_auto_skip),
     # tiled flash-style CPU kernel in ATen ops (tiled.py); 'auto' on CPU without the C kernel
     'tiled': Kernel(lambda q, k, v, rel, scale: attend_tiled(q, k, v, *rel, scale, TILE_LOGITS),
                     _cpu_custom_op('tiled'), _tiled_auto_skip),
@@ -181,8 +165,7 @@ def _exporting() -> bool:
 class KernelChoice:
     """The kernel choice of a layer (``HaloAttention``, ``TimmHaloAttn``), once per call. The layer has
     ``attn_impl``, ``scale``, ``heads``, ``block_size``, ``stride`` (query subsampling inside a block) and
-    ``_window_plan``; ``rel_tables``: it can give the ``'fused'`` kernel the relative tables themselves."""
-    rel_tables = False
+    ``_window_plan``."""
 
     def _use_custom_kernels(self) -> bool:
         """Eager mode and torch.compile: size-dependent window plans (cropped windows) and custom ops are allowed.
@@ -220,19 +203,15 @@ class KernelChoice:
         keys = self._window_plan(H, nh, crop)[3] * self._window_plan(W, nw, crop)[3]
         return B * self.heads * nh * nw * bq * bq * keys
 
-    @torch.jit.unused
-    def _takes_tables(self, impl: str) -> bool:
-        return self.rel_tables and KERNELS[impl].takes_tables
-
-    def _attend(self, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: List[torch.Tensor],
-                tables: bool) -> torch.Tensor:
-        """``rel``: the fields of ``RelTables`` if ``tables``, else of ``RelTerms`` (TorchScript takes no
-        NamedTuple of this kind: the scripted path is ``'broadcast'`` on the list)."""
+    def _attend(self, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rel: List[torch.Tensor]) -> torch.Tensor:
+        """``rel``: the fields of ``RelTerms`` (TorchScript takes no NamedTuple of this kind: the scripted path is
+        ``'broadcast'`` on the list)."""
         if impl == 'broadcast':
             return attend_broadcast(q, k, v, rel[0], rel[1], self.scale)
-        return self._attend_kernel(impl, q, k, v, rel, tables)
+        return self._attend_kernel(impl, q, k, v, rel)
 
     @torch.jit.unused
-    def _attend_kernel(self, impl: str, q, k, v, rel: List[torch.Tensor], tables: bool) -> torch.Tensor:
-        return KERNELS[impl].attend(q, k, v, RelTables(*rel) if tables else RelTerms(*rel), self.scale)
+    def _attend_kernel(self, impl: str, q, k, v, rel: List[torch.Tensor]) -> torch.Tensor:
+        return KERNELS[impl].attend(q, k, v, RelTerms(*rel), self.scale)
 

@@ -110,7 +110,7 @@ class TimmHaloAttn(KernelChoice, HaloAttn):
         else:
             k, v = unfold_windows(kv, heads, d, b, win, b, win)
 
-        out = self._attend(impl, q, k, v, [rel_h, rel_w], False)
+        out = self._attend(impl, q, k, v, [rel_h, rel_w])
         out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, heads * dv, nh * bq, nw * bq)
         return self.pool(out)
