@@ -1,26 +1,9 @@
 """Fused windowed attention for CPUs: a small C kernel (``fused_cpu.c``) as ``torch.library`` custom ops.
 
-The tiled kernel (tiled.py) makes about a dozen passes of ATen ops over each tile of logits, and at HaloNet's head
-widths (8-64 channels) those passes, not the arithmetic, are its cost. Here a window's logits are built,
-normalised and consumed in a per-thread buffer by small register-blocked matrix products, forward and backward
-(flash-attention style: the forward keeps each query's max logit and 1 / sum of exp, the backward recomputes the
-same probabilities from them); no logits reach a tensor.
-
-Building and loading (once per machine, about a second; ``_load``):
-- The C file is compiled with the system C compiler (``cc``, or ``$CC``) for the instruction set PyTorch detected
-  (``torch.backends.cpu.get_cpu_capability()``: AVX-512 or AVX2 on x86-64; a portable baseline elsewhere), so the
-  library's name says what it targets and a cache shared between machines is safe. ``'auto'`` uses the kernel
-  only where it pays off (``preferred``: 32-byte vectors or wider); other CPUs never pay for a compile.
-- The cache is ``$TIMM_HALO_CACHE``, else ``~/.cache/timm_halo``: a folder of this user's, mode 0700. A library is
-  loaded only if its SHA-256 matches the digest written beside it when it was built; anything else (a half-written,
-  damaged or foreign file) is rebuilt. A cache folder that another user could write is not used: the build goes
-  to a private temporary folder instead. A failed build is remembered per (source, compiler, flags), so later
-  processes do not pay for it again; a changed compiler or source retries.
-- Any failure on the way makes ``'auto'`` fall back to the tiled kernel, with one WARNING on the ``timm_halo``
-  logger per process, and an explicit ``attn_impl='fused'`` an error naming the reason.
-
-Ranges of windows run on the tile pool's worker threads (ctypes releases the GIL), so the kernel keeps tiled.py's
-behaviour on a busy machine. The kernel computes in fp32 or fp64; bf16/fp16 (autocast) inputs are widened to fp32.
+A window's logits are built, normalised and consumed in a per-thread buffer (flash-attention style forward and
+backward); no logits reach a tensor. The kernel is compiled on first use for the CPU's instruction set, cached,
+digest-checked, and linked against PyTorch's OpenMP runtime where there is one; any failure makes ``'auto'`` run
+``'tiled'`` with one WARNING (docs/kernels.md: build, cache, fallback, threads).
 """
 import atexit
 import ctypes

@@ -1,39 +1,9 @@
 """Windowed attention as fused ``F.scaled_dot_product_attention`` calls, the relative terms folded into q/k.
 
-The logit of query ``i`` and key ``j = (row, col)`` of a window is ``scale * q_i . k_j + Lh[i, row] + Lw[i, col]``
-(``Lh``/``Lw``: the per-axis relative terms with the border mask). With
-
-    q'_i = [scale * q_i, Lh[i, :], Lw[i, :]]        k'_j = [k_j, onehot(row), onehot(col)]
-
-``q'_i . k'_j`` is exactly that logit, so SDPA with ``scale=1`` and no ``attn_mask`` computes the layer, windows
-as the batch. No mask means every fused backend qualifies (CPU flash; CUDA flash, memory-efficient, cuDNN), the
-logits are never stored, and the gradients reach the relative tables through ``Lh``/``Lw`` by ordinary
-autograd (a learnable ``attn_mask`` would only get a gradient from the memory-efficient backend).
-
-What the backends ask of the call, and how it is met:
-
-* last dims contiguous, equal q/k widths, multiples of 8 (memory-efficient and cuDNN in fp16/bf16; 4 in fp32):
-  q', k' and v are fresh copies, each width padded with zeros to a multiple of 8;
-* flash (CUDA: fp16/bf16 only; CPU: any float dtype) needs v as wide as q'/k': v is padded to the q'/k' width on
-  CPU. On CUDA v is padded only to a multiple of 8 (cuDNN or memory-efficient attention run, with a quarter of the
-  value traffic at head width 8): on an H100 SDPA chose cuDNN even for padded values, and narrow values were 15%
-  faster with a third less memory at stage 1 (benchmarks/RESULTS.md). ``CUDA_PAD_VALUES_FOR_FLASH = True`` or
-  ``pad_values=`` brings the padding back;
-* one dtype: under autocast the call runs in the autocast dtype (cast here, so no fp32/bf16 mix reaches
-  ``torch.cat``, which autocast would promote to fp32). A border mask made for a wider dtype saturates at a
-  quarter of the narrower dtype's range instead of rounding to ``-inf`` (``-inf`` times a zero of the one-hot
-  keys is NaN);
-* CUDA grids hold at most 65535 blocks in y and z: flash and memory-efficient launch one block per
-  (query tile, batch entry, head) and fail beyond it ("invalid configuration argument", pytorch #146704,
-  #142228), cuDNN fails from batch 65536 (pytorch #181085). Windows are the batch (one head) and a CUDA call holds
-  at most ``CUDA_MAX_WINDOWS_PER_CALL`` windows: more are split into equal chunks (HaloNet-H1's stage 1 at batch
-  128 has exactly 65536 windows, two calls).
-
-Autograd: first order everywhere. PyTorch's fused backward kernels (CPU flash; CUDA flash, memory-efficient,
-cuDNN) have no derivative, so a second backward through them (``create_graph=True``, gradient penalties) raises
-PyTorch's ``derivative for aten::_scaled_dot_product_..._backward is not implemented``: an error, never a wrong
-value. The math backend (fp64, or ``sdpa_kernel(SDPBackend.MATH)``) is differentiable to any order. Forward-mode
-AD and ``torch.func`` follow SDPA's own rules; ``'auto'`` runs ``'broadcast'`` there.
+With ``q'_i = [scale * q_i, Lh[i, :], Lw[i, :]]`` and ``k'_j = [k_j, onehot(row_j), onehot(col_j)]``, ``q'_i . k'_j``
+is exactly the logit (``Lh``/``Lw``: the per-axis relative terms with the border mask), so SDPA runs with
+``scale=1`` and no mask and every fused backend qualifies. Widths are padded to multiples of 8, autocast inputs
+are cast to one dtype, and CUDA calls are split at 65535 windows. Gradients: first order (docs/gpu.md).
 """
 from typing import Optional
 

@@ -1,24 +1,8 @@
-"""Runs the tiles of a CPU kernel on persistent worker threads, one intra-op thread each.
+"""Runs the tiles of a CPU kernel on persistent daemon worker threads, one intra-op thread each.
 
-Why: a tile loop whose every small op is an intra-op parallel region (an OpenMP team with a barrier) collapses when
-a core is shared with another process (DataLoader workers, a second job, a CPU quota): each barrier waits for the
-descheduled thread's next time slice, thousands of times per step. Here a call hands its tiles out through a shared
-counter to as many runners as the caller's ``torch.get_num_threads()`` (a slowed runner simply takes fewer), each
-runner runs its ops single-threaded, and the only barrier is the end of the call.
-
-Safety, since the tiles read and write raw memory owned by the caller's frame (the C kernel):
-- ``run_tiles`` never returns or raises while a tile it handed out can still run. On an error in a tile, or a
-  KeyboardInterrupt while the caller waits, no further tile starts; the call waits for the running ones, then
-  re-raises.
-- Workers are shared by concurrent callers with different thread counts; the pool only grows, so no caller's
-  workers go away under it. Workers are daemon threads waiting on a queue: nothing for the interpreter to join at
-  exit, and no start-up barrier that a signal could leave half-passed.
-- After ``fork`` (DataLoader workers) the child has none of the parent's threads: a pool belongs to the process id
-  that made it (no ``os.register_at_fork``, which Windows lacks).
-
-Each worker sets its own intra-op thread count to 1, which is thread-local for OpenMP and MKL; the caller's count is
-then written back, so the process-wide default seen by later threads stays the user's. Grad mode is thread-local:
-the tiles run under ``no_grad`` on plain tensors.
+One barrier per call, not per op, so a core taken by another process slows a call by its share only. A call never
+returns or raises while one of its tiles can run (an error or Ctrl-C stops new tiles, then waits for the running
+ones); concurrent callers share the workers, which only grow; after ``fork`` the child makes its own (docs/kernels.md).
 """
 import os
 import queue
