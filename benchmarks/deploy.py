@@ -254,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print('\nONNX Runtime vs eager, max |diff| at batch 1: ' + ', '.join(
             f"{k} {v['max_abs_diff']:.2g}" for k, v in exported.items()))
     targets = target_rows(rows)
-    print('\nissue #24 targets (batch 1, this run)')
+    print('\ndeployment goals (batch 1, this run)')
     for t in targets:
         print(f"  {t['target']}: {_fmt(t['value'], '.2f')}")
     if prof:
