@@ -281,3 +281,16 @@ def test_ranges_run_on_pytorchs_own_openmp_team(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_rows_kept_from_an_inference_call_serve_a_training_call():
+    """The layer keeps each input size's table rows and masks: made under inference_mode, they must still serve a
+    later call that records gradients, and a new size gets its own."""
+    layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8, attn_impl='fused').double()
+    for size in (9, 12, 9):
+        x = torch.randn(2, 16, size, size, dtype=torch.double, requires_grad=True)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-10, atol=1e-10)
+        grad, = torch.autograd.grad(layer(x).square().sum(), x)
+        ref, = torch.autograd.grad(layer.reference_forward(x).square().sum(), x)
+        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-9)
