@@ -8,6 +8,7 @@ digest-checked, and linked against PyTorch's OpenMP runtime where there is one; 
 import atexit
 import ctypes
 import hashlib
+import inspect
 import logging
 import os
 import platform
@@ -429,8 +430,13 @@ def _backward(grad_out, q, k, v, tables, out, stats, window: List[int], scale: f
 
 
 # flexible_layout: inductor may pass any strides (the implementation makes its operands contiguous); matching them
-# exactly needs it to order symbolic strides, which it cannot do for the maps of a dynamic-size graph.
-@torch.library.custom_op('timm_halo::attend_fused', mutates_args=(), tags=(torch.Tag.flexible_layout,))
+# exactly needs it to order symbolic strides, which it cannot do for the maps of a dynamic-size graph. torch 2.6's
+# custom_op takes no tags (its inductor does not ask for exact strides).
+_FLEXIBLE = {'tags': (torch.Tag.flexible_layout,)} if 'tags' in inspect.signature(torch.library.custom_op).parameters \
+    else {}
+
+
+@torch.library.custom_op('timm_halo::attend_fused', mutates_args=(), **_FLEXIBLE)
 def _attend_fused(
         q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], qt_h: torch.Tensor, qt_w: torch.Tensor,
         base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, window: List[int],
@@ -458,7 +464,7 @@ def _attend_fused_fake(q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, wind
 
 
 # The backward is an op of its own, so that compiled graphs call the kernel (inductor sees one opaque node).
-@torch.library.custom_op('timm_halo::attend_fused_backward', mutates_args=(), tags=(torch.Tag.flexible_layout,))
+@torch.library.custom_op('timm_halo::attend_fused_backward', mutates_args=(), **_FLEXIBLE)
 def _attend_fused_backward(
         grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], qt_h: torch.Tensor,
         qt_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
