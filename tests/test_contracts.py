@@ -244,9 +244,7 @@ def test_compile_model_training_with_changing_sizes():
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
         frames.append(counter.frame_count)
-    # torch < 2.7 compiles the third size once more (its dynamic shapes specialise a block count); same answers
-    expected_frames = [1, 2, 2] if torch.__version__ >= '2.7' else [1, 2, 3]
-    assert frames == expected_frames, f'compiled frames after each size: {frames}'
+    assert frames == [1, 2, 2], f'compiled frames after each size: {frames}'
     torch._dynamo.reset()
 
 
