@@ -439,3 +439,34 @@ def test_pool_belongs_to_the_process_that_made_it(four_threads, monkeypatch):
     seen = []
     tile_pool.run_tiles(lambda a, b: seen.append(a), 8, 1)
     assert sorted(seen) == list(range(8))
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='fork start method')
+def test_forked_dataloader_workers_run_the_kernel(tmp_path):
+    """After the parent ran the kernel on 2 threads (on PyTorch's OpenMP team where it is built so), forked
+    DataLoader workers (one thread each, as PyTorch sets them) run it too and get the parent's answers. (A forked
+    child that keeps several threads hangs in any OpenMP op of PyTorch's, a convolution included: libgomp does not
+    survive fork; DataLoader is what sets one thread.)"""
+    done = _child("""
+        import torch
+        from timm_halo.layers import HaloAttention
+        torch.set_num_threads(2)
+        layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8, attn_impl='fused').eval()
+        x = torch.randn(4, 16, 24, 24)
+        with torch.no_grad():
+            ref = layer(x)
+
+        class Windows(torch.utils.data.Dataset):
+            def __len__(self):
+                return 4
+
+            def __getitem__(self, i):
+                with torch.no_grad():
+                    return layer(x[i:i + 1])[0]
+
+        loader = torch.utils.data.DataLoader(Windows(), batch_size=2, num_workers=2, multiprocessing_context='fork')
+        out = torch.cat(list(loader))
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        print('ok')
+    """, tmp_path / 'cache', timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith('ok'), done.stderr[-2000:]
