@@ -294,3 +294,26 @@ def test_rows_kept_from_an_inference_call_serve_a_training_call():
         grad, = torch.autograd.grad(layer(x).square().sum(), x)
         ref, = torch.autograd.grad(layer.reference_forward(x).square().sum(), x)
         torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_without_openmp_the_ranges_run_on_the_tile_pool(monkeypatch):
+    """Where the kernel could not be linked against PyTorch's OpenMP runtime, its ranges run on the tile pool, the
+    calling thread taking one share: forward and backward equal the dense reference."""
+    kernel = fused_cpu._library(torch.float64)
+    monkeypatch.setitem(fused_cpu._libs, torch.float64, kernel._replace(all_ranges=None))
+    calls = []
+    run_tiles = fused_cpu.run_tiles
+    monkeypatch.setattr(fused_cpu, 'run_tiles', lambda *a, **k: calls.append(k) or run_tiles(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8, attn_impl='fused').double()
+        x = torch.randn(3, 16, 13, 11, dtype=torch.double, requires_grad=True)
+        out, ref = layer(x), layer.reference_forward(x)
+        grad, = torch.autograd.grad(out.square().sum(), x)
+        ref_grad, = torch.autograd.grad(ref.square().sum(), x)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [{'caller_runs': True}] * 2  # forward and backward
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
