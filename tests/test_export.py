@@ -127,7 +127,7 @@ def test_reduced_model_onnx_dynamic_batch(tmp_path):
     assert _ort_vs_eager(tmp_path / 'h3s.onnx', model, x) <= ex.ONNX_ATOL
 
     # The check can see the attention layers: a graph that attended the zero-padded border (no mask) in just the
-    # last of them would miss atol by far. (Plain windows, as exported: eager crops this 9x9 map's windows.)
+    # last of them would miss atol by far. (The exported path: plain ops on the layer's window plans.)
     attn = model.stages[-1].blocks[0].attn
     axis_terms = attn._axis_terms
 
@@ -135,10 +135,10 @@ def test_reduced_model_onnx_dynamic_batch(tmp_path):
         rows, mask = axis_terms(size, blocks, plan, dtype, device)
         return rows, torch.zeros_like(mask)
 
-    attn._axis_terms, attn._use_custom_kernels = unmasked_terms, lambda: False
+    attn._kept_axis_terms, attn._use_custom_kernels = unmasked_terms, lambda: False
     with torch.no_grad():
         unmasked = model(x)
-    del attn._axis_terms, attn._use_custom_kernels
+    del attn._kept_axis_terms, attn._use_custom_kernels
     with torch.no_grad():
         assert (unmasked - model(x)).abs().max().item() > 10 * ex.ONNX_ATOL
 

@@ -260,8 +260,12 @@ class HaloAttention(KernelChoice, nn.Module):
         q = q.reshape(n, d, bq * bq)
 
         plan_h, plan_w = self._window_plan(H, nh, crop), self._window_plan(W, nw, crop)
-        rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
-        rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
+        if torch.jit.is_scripting():
+            rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
+            rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
+        else:
+            rows_h, mask_h = self._kept_axis_terms(H, nh, plan_h, q.dtype, x.device)
+            rows_w, mask_w = self._kept_axis_terms(W, nw, plan_w, q.dtype, x.device)
         # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
         q_blocks = q.view(B, heads, nh, nw, d, bq, bq)
         rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
@@ -317,29 +321,27 @@ class HaloAttention(KernelChoice, nn.Module):
         q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
         kv = self.kv(x)
         plan_h, plan_w = self._window_plan(H, nh, True), self._window_plan(W, nw, True)
-        base_h, mask_h = self._table_rows(H, nh, plan_h, q.dtype, x.device)
-        base_w, mask_w = self._table_rows(W, nw, plan_w, q.dtype, x.device)
-        out = attend_fused_maps(q, kv, self.rel_pos_h, self.rel_pos_w, base_h, base_w, mask_h, mask_w,
+        rows_h, mask_h = self._kept_axis_terms(H, nh, plan_h, q.dtype, x.device)
+        rows_w, mask_w = self._kept_axis_terms(W, nw, plan_w, q.dtype, x.device)
+        out = attend_fused_maps(q, kv, self.rel_pos_h, self.rel_pos_w, rows_h[:, :, 0], rows_w[:, :, 0], mask_h, mask_w,
                                 [self.heads, plan_h[2], plan_h[0], plan_w[2], plan_w[0]], self.scale)
         # The kernel saved its output for the backward: an in-place op after the layer must not change it.
         return out.clone() if out.requires_grad and isinstance(self.proj, nn.Identity) else out
 
     @torch.jit.unused
-    def _table_rows(self, size: int, blocks: int, plan: Tuple[int, int, int, int], dtype: torch.dtype,
-                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The fused kernel's table row of key 0 per (block, query) (int32) and border mask of one axis, kept per
-        size in eager mode: a dozen small ops per axis and call cost more than a batch-1 stage-4 layer's attention."""
-        if torch.compiler.is_compiling():
-            rows, mask = self._axis_terms(size, blocks, plan, dtype, device)
-            return rows[:, :, 0].to(torch.int32), mask
-        cache = self.__dict__.setdefault('_table_rows_cache', {})
+    def _kept_axis_terms(self, size: int, blocks: int, plan: Tuple[int, int, int, int], dtype: torch.dtype,
+                         device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``_axis_terms``, kept per input size in eager mode: a dozen small ops (kernel launches on CUDA) per axis and
+        call cost more than a batch-1 stage-4 layer's attention. Traced, compiled and exported graphs build them."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._axis_terms(size, blocks, plan, dtype, device)
+        cache = self.__dict__.setdefault('_axis_terms_cache', {})
         key = (size, blocks, plan, dtype, device)
         if key not in cache:
             with torch.inference_mode(False), torch.no_grad():  # usable by a later call that records gradients
-                rows, mask = self._axis_terms(size, blocks, plan, dtype, device)
                 if len(cache) >= 32:  # many input sizes (multi-scale training): keep the memory bounded
                     cache.clear()
-                cache[key] = rows[:, :, 0].to(torch.int32).contiguous(), mask
+                cache[key] = self._axis_terms(size, blocks, plan, dtype, device)
         return cache[key]
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
