@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -179,6 +180,9 @@ CASES = [
     # -- HaloAttention: construction
     Case('layer: stride 3', lambda: _layer(stride=3), ValueError, ('stride', '3')),
     Case('layer: stride 2.0', lambda: _layer(stride=2.0), TypeError, ('stride', '2.0')),
+    Case('layer: numpy stride and value_ratio', lambda: _layer(stride=np.int64(2), value_ratio=np.float32(0.5)),
+         check=lambda layer: (type(layer.stride), layer.stride, layer.dim_head_v) == (int, 2, 4) or pytest.fail()),
+    Case("layer: qkv_bias 'no'", lambda: _layer(qkv_bias='no'), TypeError, ('qkv_bias', 'no')),
     Case('layer: dim_out 0', lambda: _layer(dim_out=0), ValueError, ('dim_out', '0')),
     Case('layer: dim_out -3', lambda: _layer(dim_out=-3), ValueError, ('dim_out', '-3')),
     Case('layer: value_ratio nan', lambda: _layer(value_ratio=float('nan')), ValueError, ('value_ratio', 'nan')),
@@ -266,6 +270,10 @@ CASES = [
     Case('model: in_chans 0', lambda: _model(in_chans=0), ValueError, ('in_chans', '0')),
     Case('model: negative num_classes', lambda: _model(num_classes=-1), ValueError, ('num_classes', '-1')),
     Case('model: misspelt kwarg', lambda: _model(halo_sise=2), TypeError, 'halo_sise'),
+    Case("model: qkv_bias 'no'", lambda: _model(qkv_bias='no'), TypeError, ('qkv_bias', 'no')),
+    Case('model: negative drop_path_rate', lambda: _model(drop_path_rate=-0.5), ValueError,
+         ('drop_path_rate', '-0.5')),
+    Case('model: bn_momentum 5.0', lambda: _model(bn_momentum=5.0), ValueError, ('bn_momentum', '5.0')),
     Case('model: depths and widths differ in length', lambda: _model(depths=(1, 1), widths=(8, 16, 32)),
          ValueError, ('depths', 'widths', 'length')),
     Case('model: intermediates in NHWC', _call(_model, X, 'forward_intermediates', output_fmt='NHWC'), ValueError,

@@ -125,16 +125,14 @@ class HaloAttention(KernelChoice, nn.Module):
             check_int('HaloAttention', name, value, lowest)
         if dim_out is not None:
             check_int('HaloAttention', 'dim_out', dim_out, 1)
-        if isinstance(stride, bool) or not isinstance(stride, int):
-            raise TypeError(f'HaloAttention: stride must be 1 or 2 (an int), got {stride!r} of type '
-                            f'{type(stride).__name__}')
+        check_int('HaloAttention', 'stride', stride, 1, '1 or 2')
         if stride not in (1, 2):
             raise ValueError(f'HaloAttention: stride must be 1 or 2, got {stride!r}')
         if block_size % stride:
             raise ValueError(
                 f'HaloAttention: block_size ({block_size}) must be divisible by stride ({stride}) '
                 'so that every block keeps the same number of queries')
-        if isinstance(value_ratio, bool) or not isinstance(value_ratio, (int, float)):
+        if isinstance(value_ratio, bool) or not isinstance(value_ratio, numbers.Real):
             raise TypeError(f'HaloAttention: value_ratio must be a finite number > 0, got {value_ratio!r} of type '
                             f'{type(value_ratio).__name__}')
         if not math.isfinite(value_ratio) or value_ratio <= 0:
@@ -143,7 +141,10 @@ class HaloAttention(KernelChoice, nn.Module):
         if dim_head_v < 1:
             raise ValueError(
                 f'HaloAttention: value_ratio {value_ratio!r} leaves no value channels (dim_head {dim_head})')
+        if not isinstance(qkv_bias, bool):  # 'no' would be truthy: biases the caller did not ask for
+            raise TypeError(f'HaloAttention: qkv_bias must be True or False, got {qkv_bias!r}')
         dim_out = dim if dim_out is None else dim_out
+        stride, value_ratio = int(stride), float(value_ratio)  # numpy scalars: plain numbers for scripting
 
         self.dim = dim
         self.dim_out = dim_out

@@ -118,6 +118,12 @@ def _check_model_args(args: Dict[str, Any]) -> None:
             raise TypeError(f'{message} of type {type(value).__name__}')
         if not math.isfinite(value) or value <= 0:
             raise ValueError(message)
+    for name, value, allowed in (('drop_path_rate', args['drop_path_rate'], '0 to 1'),
+                                 ('bn_momentum', args['bn_momentum'], '0 to 1, or None for PyTorch\'s 0.1')):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0 <= value <= 1:
+            raise ValueError(f'HaloNet: {name} must be {allowed}, got {value!r}')
+    if not isinstance(args['qkv_bias'], bool):  # 'no' would be truthy: biases the caller did not ask for
+        raise TypeError(f"HaloNet: qkv_bias must be True or False, got {args['qkv_bias']!r}")
     out_ratio, value_ratio = args['out_ratio'], args['value_ratio']
     for i, width in enumerate(widths):
         if width % heads:
