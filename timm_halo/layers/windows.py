@@ -43,10 +43,19 @@ def unfold_windows(
         padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keys (B * heads * nh * nw, d, len_h * len_w) and values (..., dv, len_h * len_w) of every window, in
-    plain ATen ops (autograd of every order, forward-mode AD, export)."""
-    k, v = _window_views(padded, heads, dim_head, step_h, len_h, step_w, len_w)
-    n = k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3]
-    return k.reshape(n, k.shape[4], len_h * len_w), v.reshape(n, v.shape[4], len_h * len_w)
+    plain ATen ops (autograd of every order, forward-mode AD, export).
+
+    One gather of whole pixels (all of a head's channels at once) from the map made pixel-major, returned as
+    channels-first views: an exporter then writes one Gather and no transposes of the windows (``unfold`` writes a
+    Gather and a Transpose per axis of the 3x larger windows), and matrix products take the views as they are."""
+    B, C, Hp, Wp = padded.shape
+    nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
+    rows = (torch.arange(nh, device=padded.device) * step_h)[:, None] + torch.arange(len_h, device=padded.device)
+    cols = (torch.arange(nw, device=padded.device) * step_w)[:, None] + torch.arange(len_w, device=padded.device)
+    index = (rows[:, None, :, None] * Wp + cols[None, :, None, :]).reshape(-1)  # (block row, column, y, x)
+    pixels = padded.reshape(B * heads, C // heads, Hp * Wp).transpose(1, 2)
+    windows = pixels.index_select(1, index).reshape(B * heads * nh * nw, len_h * len_w, C // heads)
+    return windows[:, :, :dim_head].transpose(1, 2), windows[:, :, dim_head:].transpose(1, 2)
 
 
 @torch.library.custom_op('timm_halo::gather_windows', mutates_args=())
