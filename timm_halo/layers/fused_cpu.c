@@ -249,14 +249,15 @@ static void window_copy(const Scratch *s, const Layout *l, int64_t w, int channe
         for (int y = 0; y < rows; ++y) {
             T *local = dst + c * ldc + (int64_t)y * cols;
             const int inside = y0 + y >= 0 && y0 + y < l->height && x_lo < x_hi;
-            T *at = map + origin + c * l->channel + (int64_t)y * l->row;
+            /* the first column read or written: never formed outside the map */
+            const int64_t at = origin + c * l->channel + (int64_t)y * l->row + x_lo;
             if (store) {
-                if (inside) memcpy(at + x_lo, local + x_lo, sizeof(T) * (size_t)(x_hi - x_lo));
+                if (inside) memcpy(map + at, local + x_lo, sizeof(T) * (size_t)(x_hi - x_lo));
             } else if (!inside) {
                 memset(local, 0, sizeof(T) * (size_t)cols);
             } else {
                 memset(local, 0, sizeof(T) * (size_t)x_lo);
-                memcpy(local + x_lo, at + x_lo, sizeof(T) * (size_t)(x_hi - x_lo));
+                memcpy(local + x_lo, map + at, sizeof(T) * (size_t)(x_hi - x_lo));
                 memset(local + x_hi, 0, sizeof(T) * (size_t)(cols - x_hi));
             }
         }

@@ -156,16 +156,15 @@ def _torch_openmp() -> List[str]:
     if not found:
         return []
     # --as-needed: the compiler's own -lgomp (added by -fopenmp, after these) is not recorded as a dependency
-    return ['-fopenmp', str(_SOURCE), '-Wl,--as-needed', str(found[0]), f'-Wl,-rpath,{found[0].parent}']
+    return ['-fopenmp', '-Wl,--as-needed', str(found[0]), f'-Wl,-rpath,{found[0].parent}']
 
 
 def _compile(compiler: List[str], flags: List[str], library: Path, digest: Path, failed: Path) -> None:
     """Build into temporary names, then rename: concurrent first uses (DDP ranks) never see a partial file."""
     fd, tmp = tempfile.mkstemp(suffix='.so', dir=library.parent)
     os.close(fd)
-    source = [] if str(_SOURCE) in flags else [str(_SOURCE)]  # OpenMP: the source before the libraries
-    try:
-        done = subprocess.run([*compiler, *source, *flags, '-o', tmp, '-lm'], capture_output=True, text=True,
+    try:  # the source before the flags: a shared library among them links only what the source needs
+        done = subprocess.run([*compiler, str(_SOURCE), *flags, '-o', tmp, '-lm'], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             message = f'{" ".join(compiler)} failed: {done.stderr.strip()[-2000:]}'
