@@ -71,7 +71,7 @@ def halonet_args(variant: str) -> HaloNetArgs:
 
 
 # HaloNet's kwargs checked up front, named in the error with a hint: name -> (lowest value, hint) for integers,
-# (example, hint) for the per-stage lists, hint for the ratios.
+# (example, hint) for the per-stage lists, hint for the ratios, allowed range for the rates (0 to 1).
 _INT_ARGS = dict(
     stem_chs=(1, 'stem conv width'), in_chans=(1, 'input image channels'), num_classes=(0, '0 for no classifier'),
     num_features=(0, 'width of the final 1x1 conv; 0 for none'), heads=(1, 'attention heads per block'),
@@ -82,6 +82,7 @@ _STAGE_ARGS = dict(
     widths=('(64, 128, 256, 512)', 'query/key width of that stage'))
 _RATIO_ARGS = dict(out_ratio="the paper's rb, e.g. 1.0: block output width = round(width * out_ratio)",
                    value_ratio="the paper's rv, e.g. 1.0: value width = round(width * value_ratio)")
+_RATE_ARGS = dict(drop_path_rate='0 to 1', bn_momentum="0 to 1, or None for PyTorch's 0.1")
 
 
 def _check_stages(name: str, values: Any) -> Tuple[int, ...]:
@@ -101,44 +102,36 @@ def _check_model_args(args: Dict[str, Any]) -> None:
     """Validate HaloNet's constructor kwargs (``args``) before any layer is built, naming the kwarg and the fix."""
     depths, widths = _check_stages('depths', args['depths']), _check_stages('widths', args['widths'])
     if len(depths) != len(widths):
-        raise ValueError(
-            f'HaloNet: depths {depths} and widths {widths} must have the same length (one entry per stage)')
+        raise ValueError(f'HaloNet: depths {depths} and widths {widths} must have the same length (one per stage)')
     for name, (lowest, hint) in _INT_ARGS.items():
         check_int('HaloNet', name, args[name], lowest, hint)
-    block_size, heads = args['block_size'], args['heads']
+    block_size, heads, out_ratio, value_ratio = (args[k] for k in ('block_size', 'heads', 'out_ratio', 'value_ratio'))
     if len(depths) > 1 and block_size % 2:
-        strided = f'stages 2-{len(depths)} downsample' if len(depths) > 2 else 'stage 2 downsamples'
-        raise ValueError(
-            f'HaloNet: block_size must be even, got {block_size}: {strided} with stride-2 attention, which '
-            f'needs blocks divisible by the stride; use e.g. block_size={block_size + 1}')
+        raise ValueError(f'HaloNet: block_size must be even, got {block_size}: every stage after the first '
+                         f'downsamples with stride-2 attention, which needs blocks divisible by the stride; use e.g. '
+                         f'block_size={block_size + 1}')
     for name, hint in _RATIO_ARGS.items():
-        value = args[name]
-        message = f'HaloNet: {name} must be a finite number > 0 ({hint}), got {value!r}'
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f'{message} of type {type(value).__name__}')
-        if not math.isfinite(value) or value <= 0:
+        message = f'HaloNet: {name} must be a finite number > 0 ({hint}), got {args[name]!r}'
+        if isinstance(args[name], bool) or not isinstance(args[name], numbers.Real):
+            raise TypeError(f'{message} of type {type(args[name]).__name__}')
+        if not math.isfinite(args[name]) or args[name] <= 0:
             raise ValueError(message)
-    for name, value, allowed in (('drop_path_rate', args['drop_path_rate'], '0 to 1'),
-                                 ('bn_momentum', args['bn_momentum'], '0 to 1, or None for PyTorch\'s 0.1')):
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0 <= value <= 1:
-            raise ValueError(f'HaloNet: {name} must be {allowed}, got {value!r}')
+    for name, allowed in _RATE_ARGS.items():
+        if isinstance(args[name], numbers.Real) and not isinstance(args[name], bool) and not 0 <= args[name] <= 1:
+            raise ValueError(f'HaloNet: {name} must be {allowed}, got {args[name]!r}')
     if not isinstance(args['qkv_bias'], bool):  # 'no' would be truthy: biases the caller did not ask for
         raise TypeError(f"HaloNet: qkv_bias must be True or False, got {args['qkv_bias']!r}")
-    out_ratio, value_ratio = args['out_ratio'], args['value_ratio']
     for i, width in enumerate(widths):
         if width % heads:
-            raise ValueError(
-                f'HaloNet: widths[{i}]={width} is not divisible by heads={heads} (each head gets width / heads '
-                f'channels); use widths that are multiples of {heads}, or another number of heads')
+            raise ValueError(f'HaloNet: widths[{i}]={width} is not divisible by heads={heads} (each head gets width '
+                             f'/ heads channels); use widths that are multiples of {heads}, or another number of heads')
         if int(round(width * out_ratio)) < 1:
-            raise ValueError(
-                f'HaloNet: out_ratio={out_ratio} leaves stage {i} (width {width}) with round({width} * {out_ratio}) '
-                f'= 0 output channels; use out_ratio >= {1 / width:.3g} or wider widths')
+            raise ValueError(f'HaloNet: out_ratio={out_ratio} leaves stage {i} (width {width}) with round({width} * '
+                             f'{out_ratio}) = 0 output channels; use out_ratio >= {1 / width:.3g} or wider widths')
         if int(round(width // heads * value_ratio)) < 1:
-            raise ValueError(
-                f'HaloNet: value_ratio={value_ratio} leaves stage {i} (width {width}, {heads} heads of '
-                f'{width // heads} channels) with no value channels per head; use value_ratio >= '
-                f'{1 / (width // heads):.3g}')
+            raise ValueError(f'HaloNet: value_ratio={value_ratio} leaves stage {i} (width {width}, {heads} heads of '
+                             f'{width // heads} channels) with no value channels per head; use value_ratio >= '
+                             f'{1 / (width // heads):.3g}')
 
 
 class HaloBottleneck(nn.Module):
@@ -152,12 +145,9 @@ class HaloBottleneck(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if width % heads:
-            raise ValueError(f'HaloBottleneck: width {width} is not divisible by heads {heads}')
-        if in_chs != out_chs or stride != 1:
-            self.shortcut = ConvNormAct(in_chs, out_chs, 1, stride=stride, apply_act=False, **dd)
-        else:
-            self.shortcut = nn.Identity()
+        downsample = in_chs != out_chs or stride != 1
+        self.shortcut = ConvNormAct(in_chs, out_chs, 1, stride=stride, apply_act=False, **dd) if downsample else \
+            nn.Identity()
         self.conv1 = ConvNormAct(in_chs, width, 1, act_layer=act_layer, **dd)
         self.attn = HaloAttention(
             width, block_size=block_size, halo_size=halo_size, dim_head=width // heads, heads=heads,
@@ -172,12 +162,8 @@ class HaloBottleneck(nn.Module):
         nn.init.zeros_(self.conv3.bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self.shortcut(x)
-        x = self.conv1(x)
-        x = self.attn(x)
-        x = self.post_attn(x)
-        x = self.conv3(x)
-        return self.act(self.drop_path(x) + shortcut)
+        out = self.conv3(self.post_attn(self.attn(self.conv1(x))))
+        return self.act(self.drop_path(out) + self.shortcut(x))
 
 
 class HaloStage(nn.Module):
@@ -189,9 +175,7 @@ class HaloStage(nn.Module):
         self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
             HaloBottleneck(in_chs if i == 0 else out_chs, width, out_chs, stride=stride if i == 0 else 1,
-                           drop_path=drop_path_rates[i], **block_kwargs)
-            for i in range(depth)
-        ])
+                           drop_path=drop_path_rates[i], **block_kwargs) for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -200,70 +184,48 @@ class HaloStage(nn.Module):
 
 
 class HaloNet(nn.Module):
-    """HaloNet backbone with the timm model API (feature levels: 0 the stem before its max pool, i stage i).
-
-    Args (the paper's symbols in brackets): depths, widths: blocks and base (query/key) width per stage;
-    block_size (b), halo_size (h): of every attention layer; value_ratio (rv), out_ratio (rb): value and block
-    output width multipliers; num_features (df): width of a final 1x1 conv before pooling, 0 for none;
-    heads: attention heads per block; stem_chs: stem conv width; attn_impl: HaloAttention kernel of every block
-    (None reads TIMM_HALO_ATTN_IMPL); zero_init_last: zero-init the last BN of every residual branch;
-    bn_momentum, bn_eps: BatchNorm overrides (timm's train.py); drop_block_rate: only 0 (no DropBlock).
-    The others are timm's usual model kwargs.
-    """
+    """HaloNet backbone with the timm model API (feature levels: 0 the stem before its max pool, i stage i); its
+    kwargs and the paper's symbols they stand for: docs/contract.md."""
 
     def __init__(
-            self,
-            depths: Tuple[int, ...] = (3, 3, 10, 3),
-            widths: Tuple[int, ...] = (64, 128, 256, 512),
+            self, depths: Tuple[int, ...] = (3, 3, 10, 3), widths: Tuple[int, ...] = (64, 128, 256, 512),
             block_size: int = 8, halo_size: int = 3, value_ratio: float = 1.0, out_ratio: float = 1.0,
-            num_features: int = 0, heads: int = 8, stem_chs: int = 64,
-            in_chans: int = 3, num_classes: int = 1000, global_pool: str = 'avg',
-            drop_rate: float = 0., drop_path_rate: float = 0., act_layer: Union[str, Callable] = 'relu',
-            qkv_bias: bool = False, attn_impl: Optional[str] = None, zero_init_last: bool = True,
-            bn_momentum: Optional[float] = None, bn_eps: Optional[float] = None, drop_block_rate: float = 0.,
-            device=None, dtype=None,
+            num_features: int = 0, heads: int = 8, stem_chs: int = 64, in_chans: int = 3, num_classes: int = 1000,
+            global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.,
+            act_layer: Union[str, Callable] = 'relu', qkv_bias: bool = False, attn_impl: Optional[str] = None,
+            zero_init_last: bool = True, bn_momentum: Optional[float] = None, bn_eps: Optional[float] = None,
+            drop_block_rate: float = 0., device=None, dtype=None,
     ):
         super().__init__()
         if drop_block_rate:
             raise ValueError(f'HaloNet has no DropBlock layers: drop_block_rate must be 0, got {drop_block_rate}')
         _check_model_args(locals())
         dd = {'device': device, 'dtype': dtype}
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
             ConvNormAct(in_chans, stem_chs, 7, stride=2, act_layer=act_layer, **dd),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        )
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         # level 0: the stem conv's output before the max pool (ResNet's act1, ByobNet's stem.conv1)
         self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='stem.0')]
-        reduction = 4
-        in_chs = stem_chs
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        stages = []
+        in_chs, dpr, stages = stem_chs, calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True), []
         for i, (depth, width) in enumerate(zip(depths, widths)):
-            stride = 1 if i == 0 else 2
-            reduction *= stride
             out_chs = int(round(width * out_ratio))
             stages.append(HaloStage(
-                in_chs, width, out_chs, depth=depth, stride=stride, drop_path_rates=dpr[i], block_size=block_size,
-                halo_size=halo_size, heads=heads, value_ratio=value_ratio, qkv_bias=qkv_bias, attn_impl=attn_impl,
-                act_layer=act_layer, **dd))
+                in_chs, width, out_chs, depth=depth, stride=1 if i == 0 else 2, drop_path_rates=dpr[i],
+                block_size=block_size, halo_size=halo_size, heads=heads, value_ratio=value_ratio, qkv_bias=qkv_bias,
+                attn_impl=attn_impl, act_layer=act_layer, **dd))
             in_chs = out_chs
-            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
+        self.final_conv = nn.Identity()
         if num_features:
             self.final_conv = ConvNormAct(in_chs, num_features, 1, act_layer=act_layer, **dd)
-            self.feature_info[-1] = dict(num_chs=num_features, reduction=reduction, module='final_conv')
-        else:
-            self.final_conv = nn.Identity()
-            num_features = in_chs
-        self.num_features = self.head_hidden_size = num_features
-        self.head = ClassifierHead(
-            num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+            self.feature_info[-1] = dict(self.feature_info[-1], num_chs=num_features, module='final_conv')
+        self.num_features = self.head_hidden_size = num_features or in_chs
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
 
         named_apply(partial(_init_weights, zero_init_last=zero_init_last), self)
         for module in self.modules():
@@ -303,32 +265,19 @@ class HaloNet(nn.Module):
         """timm's forward_intermediates; ``indices`` are feature levels (0 the stem, i stage i); ``norm`` unused."""
         if output_fmt != 'NCHW':
             raise ValueError(f"HaloNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
-        if not torch.jit.is_scripting():
-            _check_out_indices(indices, len(self.stages), 'indices')
-        intermediates = []
+        _check_out_indices(indices, len(self.stages), 'indices')
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-
-        self._check_input(x)
+        check_image_input(x, self.in_chans, self.stem[0].conv.weight.dtype, 'HaloNet')
         x = self.stem[0](x)  # conv + BN + ReLU
-        if 0 in take_indices:
-            intermediates.append(x)
+        intermediates = [x] if 0 in take_indices else []
         x = self.stem[1](x)  # max pool
-        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
-            stages = self.stages
-        else:
-            stages = self.stages[:max_index]
-        feat_idx = 0
-        for stage in stages:
-            feat_idx += 1
+        for level, stage in enumerate(self.stages[:max_index] if stop_early else self.stages, 1):
             x = stage(x)
-            if feat_idx == len(self.stages):
+            if level == len(self.stages):
                 x = self.final_conv(x)  # feature_info names final_conv as the last feature (as timm's ByobNet)
-            if feat_idx in take_indices:
+            if level in take_indices:
                 intermediates.append(x)
-
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        return intermediates if intermediates_only else (x, intermediates)
 
     def prune_intermediate_layers(
             self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
@@ -343,27 +292,20 @@ class HaloNet(nn.Module):
         if prune_end:
             self.final_conv = nn.Identity()
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-            prune_head = True
-        if prune_head:
+        if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # Fail at the door with the model's name rather than deep in a conv or in timm's BatchNormAct2d assert.
         check_image_input(x, self.in_chans, self.stem[0].conv.weight.dtype, 'HaloNet')
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        x = self.stem(x)
-        x = self.stages(x)  # each stage checkpoints its own blocks when enabled
-        return self.final_conv(x)
+        return self.final_conv(self.stages(self.stem(x)))  # each stage checkpoints its own blocks when enabled
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        return self.forward_head(x)
+        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(module: nn.Module, name: str = '', zero_init_last: bool = False) -> None:
@@ -380,14 +322,11 @@ def _init_weights(module: nn.Module, name: str = '', zero_init_last: bool = Fals
         module.zero_init_last()
 
 
-# timm's ByobNet `halonet_h1` (timm.models.byoanet) -> ours, per block: same tensors under other names.
-_BYOBNET_BLOCK_RENAMES = (
-    ('conv1_1x1.', 'conv1.'),
-    ('conv3_1x1.', 'conv3.'),
-    ('self_attn.pos_embed.height_rel', 'attn.rel_pos_h'),
-    ('self_attn.pos_embed.width_rel', 'attn.rel_pos_w'),
-    ('self_attn.', 'attn.'),
-)
+# timm's ByobNet `halonet_h1` (timm.models.byoanet) -> ours: the same tensors under other names, renamed in order.
+_BYOBNET_RENAMES = (
+    (r'^stem\.conv1\.', 'stem.0.'), (r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
+    (r'\.(conv[13])_1x1\.', r'.\1.'), (r'\.self_attn\.pos_embed\.height_rel$', '.attn.rel_pos_h'),
+    (r'\.self_attn\.pos_embed\.width_rel$', '.attn.rel_pos_w'), (r'\.self_attn\.', '.attn.'))
 
 
 def _from_timm_byobnet(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor]
@@ -396,18 +335,10 @@ def _from_timm_byobnet(state_dict: Dict[str, torch.Tensor], target: Dict[str, to
     that no query uses (docs/hub.md)."""
     out = {}
     for key, value in state_dict.items():
-        if key.startswith('stem.conv1.'):
-            key = 'stem.0.' + key[len('stem.conv1.'):]
-        m = re.match(r'stages\.(\d+)\.(\d+)\.(.+)$', key)
-        if m:
-            rest = m.group(3)
-            for old, new in _BYOBNET_BLOCK_RENAMES:
-                if rest.startswith(old):
-                    rest = new + rest[len(old):]
-                    break
-            key = f'stages.{m.group(1)}.blocks.{m.group(2)}.{rest}'
-            if key.endswith(('attn.rel_pos_h', 'attn.rel_pos_w')) and key in target:
-                value = value[max(value.shape[0] - target[key].shape[0], 0):]
+        for old, new in _BYOBNET_RENAMES:
+            key = re.sub(old, new, key)
+        if key.endswith(('.attn.rel_pos_h', '.attn.rel_pos_w')) and key in target:
+            value = value[max(value.shape[0] - target[key].shape[0], 0):]
         out[key] = value
     return out
 
@@ -419,30 +350,24 @@ def _check_matches(state_dict: Dict[str, torch.Tensor], model: nn.Module, target
     classifiers = _names(cfg.get('classifier') or 'head.fc')
     first_convs = {f'{c}.weight' for c in _names(cfg.get('first_conv') or 'stem.0.conv')}
 
-    def is_head(key: str) -> bool:
-        return key.rsplit('.', 1)[0] in classifiers
-
-    missing = [k for k in target if k not in state_dict and not is_head(k)]
-    unexpected = [k for k in state_dict if k not in target and not is_head(k)]
-    mismatched = [
-        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}'
-        for k, v in state_dict.items()
-        if k in target and not is_head(k) and k not in first_convs and tuple(v.shape) != tuple(target[k].shape)
-    ]
-    if not (missing or unexpected or mismatched):
-        return
+    def body(keys) -> List[str]:  # the keys not of the classifier
+        return [k for k in keys if k.rsplit('.', 1)[0] not in classifiers]
 
     def listing(title: str, keys: List[str]) -> str:
         keys = sorted(keys, key=lambda k: k.endswith('num_batches_tracked'))  # the telling keys first
         shown = ', '.join(keys[:8]) + (f', ... ({len(keys) - 8} more)' if len(keys) > 8 else '')
         return f'\n  {len(keys)} {title}: {shown}' if keys else ''
 
-    arch = cfg.get('architecture') or type(model).__name__
-    raise PretrainedWeightsError(
-        f'the checkpoint does not match {arch} as built (another architecture, or other model kwargs such as '
-        f'depths?); refusing a partial load.'
-        + listing('missing keys', missing) + listing('unexpected keys', unexpected)
-        + listing('shape mismatches', mismatched))
+    problems = (listing('missing keys', body(k for k in target if k not in state_dict))
+                + listing('unexpected keys', body(k for k in state_dict if k not in target))
+                + listing('shape mismatches', [
+                    f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
+                    for k in body(state_dict) if k in target and k not in first_convs
+                    and tuple(state_dict[k].shape) != tuple(target[k].shape)]))
+    if problems:
+        raise PretrainedWeightsError(
+            f"the checkpoint does not match {cfg.get('architecture') or type(model).__name__} as built (another "
+            f'architecture, or other model kwargs such as depths?); refusing a partial load.{problems}')
 
 
 def _names(value: Union[str, Sequence[str]]) -> Tuple[str, ...]:
@@ -454,11 +379,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, strict: b
     """Prepare a checkpoint (ours or timm's ByobNet `halonet_h1`; training containers, EMA, DDP / torch.compile
     prefixes unwrapped) for `model`; with `strict`, a partial load raises PretrainedWeightsError."""
     for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if key in state_dict and isinstance(state_dict[key], dict):
+        if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
-    cleaned = clean_state_dict(state_dict)  # DDP / torch.compile prefixes
-    target = model.state_dict()
+    cleaned, target = clean_state_dict(state_dict), model.state_dict()  # DDP / torch.compile prefixes
     if any(k.startswith('stem.conv1.') or '.self_attn.' in k for k in cleaned):  # timm's ByobNet layout
         cleaned = _from_timm_byobnet(cleaned, target)
     if strict:
@@ -469,24 +393,25 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, strict: b
 
 def _check_out_indices(out_indices: Any, num_stages: int, name: str = 'out_indices') -> None:
     """Name the problem where timm raises a bare IndexError / AssertionError. Levels: the stem (0), the stages."""
-    if out_indices is None:
-        return
     levels = num_stages + 1
     layout = (f'this HaloNet has {levels} feature levels, the stem (0, reduction 2) and {num_stages} '
               f'stage{"s" if num_stages > 1 else ""} (1 to {num_stages})')
-    is_int = isinstance(out_indices, numbers.Integral) and not isinstance(out_indices, bool)
-    if not is_int and (isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) or not all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in out_indices)):
-        raise TypeError(
-            f'{name} must be an int n (the last n levels) or a sequence of int levels, got {out_indices!r}; '
-            f'{layout}')
-    if is_int:  # timm: an int n means the last n levels
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if out_indices is None:
+        return
+    if is_int(out_indices):  # timm: an int n means the last n levels
         if not 1 <= out_indices <= levels:
             raise ValueError(f'{name}={out_indices} (the last n levels) must be 1 to {levels}: {layout}')
+    elif isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) or not all(
+            map(is_int, out_indices)):
+        raise TypeError(f'{name} must be an int n (the last n levels) or a sequence of int levels, got '
+                        f'{out_indices!r}; {layout}')
     elif not len(out_indices) or any(not -levels <= i < levels for i in out_indices):
-        raise ValueError(
-            f'{name} {tuple(out_indices)} out of range: {layout}, so valid indices are 0 to {levels - 1} '
-            f'(or -{levels} to -1)')
+        raise ValueError(f'{name} {tuple(out_indices)} out of range: {layout}, so valid indices are 0 to '
+                         f'{levels - 1} (or -{levels} to -1)')
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
@@ -494,84 +419,49 @@ def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet
     num_stages = len(_check_stages('depths', model_args['depths']))  # before out_indices are checked against it
     if model_args.get('features_only') and 'out_indices' in model_args:
         _check_out_indices(model_args['out_indices'], num_stages)
-    strict = model_args.get('pretrained_strict', True)
     build = partial(
         build_model_with_cfg, HaloNet, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict),
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=model_args.get('pretrained_strict', True)),
         # all levels by default: the stem (0) and every stage, as timm's ResNet / ByobNet (0, 1, 2, 3, 4)
-        feature_cfg=dict(out_indices=tuple(range(num_stages + 1)), flatten_sequential=True),
-        **model_args)
+        feature_cfg=dict(out_indices=tuple(range(num_stages + 1)), flatten_sequential=True), **model_args)
     if not pretrained:
         return build()
     # timm's loader errors are terse: check the weights first, naming the architecture, source and fix
     return build_pretrained(build, variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
 
 
-def _cfg(img_size: int, **kwargs) -> Dict[str, Any]:
+def _cfg(img_size: int) -> Dict[str, Any]:
     return {
         'url': '', 'num_classes': 1000, 'input_size': (3, img_size, img_size),
         'pool_size': (-(-img_size // 32), -(-img_size // 32)),  # stride-2 stages round up
         'min_input_size': (3, 32, 32), 'crop_pct': 0.95, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'stem.0.conv',
         'classifier': 'head.fc', 'paper_ids': 'arXiv:2103.12731',
-        'paper_name': 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones',
-        **kwargs,
-    }
+        'paper_name': 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones'}
 
 
 # Untrained cfgs only: add a cfg with its hf_hub_id here when weights are published.
 default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg(f['s']) for name, f in FAMILY.items()})
 
 
-def _register(fn: Callable[..., HaloNet]) -> Callable[..., HaloNet]:
-    """`register_model` with a docstring from FAMILY, quietly replacing timm's untrained ByobNet `halonet_h1`
-    (see README) or our own entry registered again (a reload); any other clash still warns."""
-    name = fn.__name__
+def _register(name: str) -> Callable[..., HaloNet]:
+    """Register the entrypoint ``name`` of FAMILY, quietly replacing timm's untrained ByobNet `halonet_h1` (see
+    README) or our own entry registered again (a reload); any other clash still warns."""
+    def entrypoint(pretrained: bool = False, **kwargs) -> HaloNet:
+        return _create_halonet(name, pretrained=pretrained, **kwargs)
+
     f = FAMILY[name]
-    fn.__doc__ = (f"HaloNet-H{name[-1]}: b={f['b']}, h={f['h']}, rv={f['rv']:g}, rb={f['rb']:g}, l3={f['l3']}"
-                  + (f", df={f['df']}" if f['df'] else '') + f", {f['s']}px; {f['params_m']}M params.")
-    ours_already = is_model(name) and model_entrypoint(name).__module__ == fn.__module__
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = (f"HaloNet-H{name[-1]}: b={f['b']}, h={f['h']}, rv={f['rv']:g}, rb={f['rb']:g}, "
+                          f"l3={f['l3']}" + (f", df={f['df']}" if f['df'] else '') + f", {f['s']}px; "
+                          f"{f['params_m']}M params.")
+    ours_already = is_model(name) and model_entrypoint(name).__module__ == __name__
     with warnings.catch_warnings():
         if name == 'halonet_h1' or ours_already:
             warnings.filterwarnings('ignore', message=rf'Overwriting {name} in registry')
-        return register_model(fn)
+        return register_model(entrypoint)
 
 
-@_register
-def halonet_h0(pretrained: bool = False, **kwargs) -> HaloNet:
-    return _create_halonet('halonet_h0', pretrained=pretrained, **kwargs)
-
-
-@_register
-def halonet_h1(pretrained: bool = False, **kwargs) -> HaloNet:
-    return _create_halonet('halonet_h1', pretrained=pretrained, **kwargs)
-
-
-@_register
-def halonet_h2(pretrained: bool = False, **kwargs) -> HaloNet:
-    return _create_halonet('halonet_h2', pretrained=pretrained, **kwargs)
-
-
-@_register
-def halonet_h3(pretrained: bool = False, **kwargs) -> HaloNet:
-    return _create_halonet('halonet_h3', pretrained=pretrained, **kwargs)
-
-
-@_register
-def halonet_h4(pretrained: bool = False, **kwargs) -> HaloNet:
-    return _create_halonet('halonet_h4', pretrained=pretrained, **kwargs)
-
-
-@_register
-def halonet_h5(pretrained: bool = False, **kwargs) -> HaloNet:
-    return _create_halonet('halonet_h5', pretrained=pretrained, **kwargs)
-
-
-@_register
-def halonet_h6(pretrained: bool = False, **kwargs) -> HaloNet:
-    return _create_halonet('halonet_h6', pretrained=pretrained, **kwargs)
-
-
-@_register
-def halonet_h7(pretrained: bool = False, **kwargs) -> HaloNet:
-    return _create_halonet('halonet_h7', pretrained=pretrained, **kwargs)
+# The entrypoints halonet_h0 ... halonet_h7, as module attributes (timm's registry and pickling find them here).
+for _name in FAMILY:
+    globals()[_name] = _register(_name)
