@@ -35,7 +35,6 @@ from timm_halo.hub import (
     PAPER_TITLE,
     PAPER_URL,
     PretrainedWeightsError,
-    _input_size_overlay,
     export_for_hub,
     model_card,
     read_checkpoint,
@@ -569,7 +568,7 @@ def test_cli_hub_export_and_inspect(tmp_path, capsys):
                      '--model-args', *MODEL_ARGS]) == 1
     err = capsys.readouterr().err
     assert 'is not empty' in err and 'pass --overwrite' in err  # the CLI flag, not the Python argument
-    with pytest.raises(ValueError, match='pass overwrite=True'):
+    with pytest.raises(ValueError, match=r'pass --overwrite \(overwrite=True\)'):
         export_for_hub(ckpt, out, 'halonet_h1', model_args=TINY)
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(tmp_path / 'none.pth'),
                      '--output', str(tmp_path / 'y')]) == 1
@@ -610,15 +609,7 @@ def test_cli_hub_export_writes_the_trained_input_size(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # a bad argument: argparse's exit code 2
         cli_main(common + ['--output', str(tmp_path / 'tiny-size'), '--img-size', '16'])
     assert info.value.code == 2
-    assert '--img-size must be an integer >= 32' in capsys.readouterr().err
-
-
-def test_input_size_overlay_sets_test_input_size_when_the_cfg_has_one():
-    cfg = timm.models.PretrainedCfg(input_size=(3, 256, 256), test_input_size=(3, 288, 288), pool_size=(8, 8),
-                                    test_pool_size=(9, 9))
-    assert _input_size_overlay(cfg, 3, None) == dict(input_size=(3, 256, 256))
-    assert _input_size_overlay(cfg, 1, 320) == dict(
-        input_size=(1, 320, 320), test_input_size=(1, 320, 320), pool_size=(10, 10), test_pool_size=(10, 10))
+    assert '--img-size / img_size must be an integer >= 32' in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -862,8 +853,8 @@ def test_hub_export_flags_override_the_training_args_with_a_note(trained_export,
     assert "model arg global_pool='max' (args.gp)" in summary['from_checkpoint']  # train.py's --gp
     assert json.loads((tmp_path / 'b' / 'config.json').read_text())['model_args']['global_pool'] == 'max'
     assert summary['notes'] == [
-        "model halonet_h0 (given) differs from the checkpoint's args.model halonet_h1; exporting as halonet_h0",
-        "model arg stem_chs=16 (given) overrides stem_chs=8 from the checkpoint's args.model_kwargs"]
+        "model halonet_h0 (given) overrides halonet_h1 from the checkpoint's args.model",
+        "model arg stem_chs=16 (given) overrides 8 from the checkpoint's args.model_kwargs"]
 
 
 def test_hub_export_of_a_bare_state_dict_keeps_the_model_defaults(tmp_path, capsys):
@@ -882,11 +873,13 @@ def test_hub_export_of_a_bare_state_dict_keeps_the_model_defaults(tmp_path, caps
 
 
 @pytest.mark.parametrize('args, expected', [
-    (dict(model='resnet50'), "trained as 'resnet50' (its training args' model), which is not a timm-halo HaloNet"),
+    (dict(model='resnet50'), "unknown model 'resnet50'; choose from halonet_h0, halonet_h1, halonet_h2, halonet_h3, "
+     "halonet_h4, halonet_h5, halonet_h6, halonet_h7; taken from the checkpoint's training args: model resnet50 "
+     "(args.model)"),
     (dict(model='halonet_h0', input_size=[64, 64]), 'input_size=[64, 64], not [channels, height, width]'),
     (dict(model='halonet_h0', model_kwargs=['depths']), "model_kwargs=['depths'], not a dict"),
     (dict(model='halonet_h0', model_kwargs={'depthz': [1, 1, 1, 1]}),
-     "takes no model_args depthz (did you mean depths?)"),
+     "takes no --model-args / model_args depthz (did you mean depths?)"),
 ])
 def test_hub_export_refuses_training_args_it_cannot_use(tmp_path, args, expected):
     ckpt = train_checkpoint(tmp_path / 'ckpt.pth.tar', tiny(), **args)

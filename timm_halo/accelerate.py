@@ -33,8 +33,7 @@ def _model_name(model: nn.Module) -> str:
 
 def accelerate(model: nn.Module, attn_impl: Optional[str] = None) -> nn.Module:
     """Swap every ``timm.layers.halo_attn.HaloAttn`` (not a subclass) of ``model`` for ``TimmHaloAttn`` in place
-    and return ``model``; logs the count and sets it as ``model.timm_halo_accelerated``, warns when there is none.
-    ``attn_impl`` picks the kernel as ``HaloAttention``'s does; given, it also applies to layers swapped before."""
+    and return ``model`` (docs/accelerate.md); a given ``attn_impl`` also applies to layers swapped before."""
     if not isinstance(model, nn.Module):
         raise TypeError(f'accelerate expects a torch.nn.Module, got {type(model).__name__}')
     impl = resolve_impl_name(attn_impl)

@@ -24,7 +24,7 @@ GLOBAL_OPTIONS = dict(model=dict(help='model name'),
 
 
 class ModelKwargs(ParseKwargs):
-    """timm train.py's ``--model-kwargs``: ``key=value`` pairs, values as Python literals."""
+    """timm train.py's ``--model-kwargs`` (``key=value`` pairs, values as Python literals), refusing a bare value."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         bad = [v for v in values if '=' not in v]
@@ -128,15 +128,10 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # --model may come from the checkpoint (a train.py checkpoint's args); export_for_hub checks it then
-    problem = (hub.export_args_problem(args.model, args.model_args, args.img_size, cli=True)
-               if args.model is not None else None)
+    problem = args.model and hub.export_args_problem(args.model, args.model_args, args.img_size)
     if problem or (args.num_classes or 0) < 0:
         parser.error(problem or f'--num-classes must be >= 0 (0 drops the classifier), got {args.num_classes}')
-    problem = hub.output_problem(args.output, args.overwrite, '--overwrite')
-    if problem:
-        return fail('hub-export', problem)
-    labels = ([line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
-              if args.labels else None)
+    labels = args.labels and [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
     summary = hub.export_for_hub(
         args.checkpoint, args.output, args.model, num_classes=args.num_classes, model_args=args.model_args,
         label_names=labels, dataset=args.dataset, repo_id=args.repo_id, overwrite=args.overwrite,
@@ -145,17 +140,15 @@ def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         print("from the checkpoint's training args: " + '; '.join(summary['from_checkpoint']))
     for note in summary['notes']:
         print(f'timm-halo hub-export: note: {note}', file=sys.stderr)
-    print(f"wrote {summary['output']}: {', '.join(summary['files'])}")
-    print(f"  {summary['architecture']}: {summary['params'] / 1e6:.2f}M params, {summary['num_classes']} classes, "
-          f"{summary['in_chans']} input channels, input size {summary['input_size']}")
-    print(f"  reloaded through timm.create_model('local-dir:{summary['output']}', pretrained=True): "
+    print(f"wrote {summary['output']}: {', '.join(summary['files'])}\n"
+          f"  {summary['architecture']}: {summary['params'] / 1e6:.2f}M params, {summary['num_classes']} classes, "
+          f"{summary['in_chans']} input channels, input size {summary['input_size']}\n"
+          f"  reloaded through timm.create_model('local-dir:{summary['output']}', pretrained=True): "
           f"max |logit diff| {summary['reload_max_abs_diff']:g}")
-    if args.repo_id:
-        print(f"next: hf upload {args.repo_id} {summary['output']}   "
-              f"(then timm.create_model('hf-hub:{args.repo_id}', pretrained=True))")
-    else:
-        print(f"next: hf upload <repo id> {summary['output']}   (a Hub repo id such as "
-              f"your-name/{Path(summary['output']).resolve().name}; --repo-id puts it in the model card)")
+    repo = args.repo_id or '<repo id>'
+    print(f"next: hf upload {repo} {summary['output']}   " + (
+        f"(then timm.create_model('hf-hub:{repo}', pretrained=True))" if args.repo_id else
+        f"(a Hub repo id such as your-name/{Path(summary['output']).resolve().name}; --repo-id puts it in the card)"))
     return 0
 
 
@@ -164,23 +157,23 @@ def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     for kind in ('warning', 'note'):
         for message in info[f'{kind}s']:
             print(f'timm-halo hub-inspect: {kind}: {" ".join(message.split())}', file=sys.stderr)
-    cfg = info['pretrained_cfg']
-    print(f"source        {info['source']}\narchitecture  {info['architecture']}")
+    cfg, classes = info['pretrained_cfg'], info['num_classes']
+    built = info.get('num_classes_built', classes)
+    rows = dict(source=info['source'], architecture=info['architecture'])
     if 'params' in info:
         loaded = ('loaded, but timm re-initialised its classifier at random (see the warning)'
                   if info['classifier_reinitialised'] else 'loaded strictly')
-        print(f"params        {info['params'] / 1e6:.2f}M ({info['params']:,}), {loaded}; "
-              f"all weights finite: {'yes' if info['weights_finite'] else 'NO'}")
-        print(f"GMACs         {info['gmacs']:.2f} at {cfg.get('input_size')}")
-        print(f"settings      {json.dumps(info['settings'])}")
-    built = info.get('num_classes_built', info['num_classes'])
-    print(f"num_classes   {info['num_classes']}" + (f" ({info['label_names']} label names)" if info['label_names']
-                                                    else '')
-          + (f'; the model was built with {built}' if built != info['num_classes'] else ''))
-    print(f"input         {cfg.get('input_size')}, {cfg.get('interpolation')}, crop_pct {cfg.get('crop_pct')}, "
-          f"mean {cfg.get('mean')}, std {cfg.get('std')}")
-    print(f"model_args    {json.dumps(info['model_args'])}")
-    print('files         ' + ', '.join(f'{n} ({s / 1e6:.2f} MB)' for n, s in info['files'].items()))
+        rows.update(params=f"{info['params'] / 1e6:.2f}M ({info['params']:,}), {loaded}; all weights finite: "
+                           f"{'yes' if info['weights_finite'] else 'NO'}",
+                    GMACs=f"{info['gmacs']:.2f} at {cfg.get('input_size')}", settings=json.dumps(info['settings']))
+    rows.update(
+        num_classes=f'{classes}' + (f" ({info['label_names']} label names)" if info['label_names'] else '')
+        + (f'; the model was built with {built}' if built != classes else ''),
+        input=f"{cfg.get('input_size')}, {cfg.get('interpolation')}, crop_pct {cfg.get('crop_pct')}, "
+              f"mean {cfg.get('mean')}, std {cfg.get('std')}",
+        model_args=json.dumps(info['model_args']),
+        files=', '.join(f'{n} ({s / 1e6:.2f} MB)' for n, s in info['files'].items()))
+    print('\n'.join(f'{name:<14}{value}' for name, value in rows.items()))
     print('pretrained_cfg ' + json.dumps({k: v for k, v in cfg.items() if k != 'label_names'}, indent=2, default=str))
     return 0
 

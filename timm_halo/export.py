@@ -13,6 +13,8 @@ from timm_halo.models.halonet import HaloBottleneck
 
 # Max abs difference allowed between ONNX Runtime and eager PyTorch in fp32 (typical diffs 1e-7 to 1e-5)
 ONNX_ATOL = 1e-4
+# torch 2.6's torch.export (ONNX export too) fails on these models' dynamic block counts; 2.11 and later are tested.
+EXPORT_MIN_TORCH = '2.7'
 
 
 class ExportParityError(RuntimeError):
@@ -74,11 +76,11 @@ def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool) -> Optional[Tuple[d
 
 def _flat_outputs(out: Any) -> List[torch.Tensor]:
     """Model outputs as a flat list (timm's features_only models return a list of maps)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
     if isinstance(out, (list, tuple)):
         return [t for o in out for t in _flat_outputs(o)]
-    raise TypeError(f'cannot compare an output of type {type(out).__name__}')
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f'cannot compare an output of type {type(out).__name__}')
+    return [out]
 
 
 def _max_abs_diff(expected: Sequence[torch.Tensor], got: Sequence[Any]) -> float:
@@ -108,10 +110,6 @@ def _parity(run: Callable[[torch.Tensor], Sequence[Any]], model: nn.Module, inpu
     return ParityReport(path, worst, atol, [tuple(x.shape) for x in inputs], scale)
 
 
-# torch 2.6's torch.export (ONNX export too) fails on these models' dynamic block counts; 2.11 and later are tested.
-EXPORT_MIN_TORCH = '2.7'
-
-
 def _check_torch_version() -> None:
     if torch.__version__ < EXPORT_MIN_TORCH:
         raise RuntimeError(
@@ -123,12 +121,10 @@ def _check_torch_version() -> None:
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, dynamic_size: bool = False
                    ) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (put in eval mode) for inputs like ``example``; dynamic batch."""
-    if dynamic_size:
-        raise ValueError(
-            'torch.export with a dynamic height/width is not supported for HaloAttention models: the number of '
-            'blocks, the padding and the border mask come from ceil(H / block_size), whose bounds torch.export '
-            'cannot prove for a symbolic H, so it would fail or specialise to the example size. Export one '
-            'program per input size, or use export_onnx(..., dynamic_size=True).')
+    if dynamic_size:  # docs/deployment.md: torch.export cannot prove the bounds of ceil(H / block_size)
+        raise ValueError('torch.export with a dynamic height/width is not supported for HaloAttention models (the '
+                         'block count ceil(H / block_size) is not provable for a symbolic H): export one program per '
+                         'input size, or use export_onnx(..., dynamic_size=True).')
     _check_torch_version()
     return torch.export.export(model.eval(), (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch, False))
 
@@ -176,11 +172,8 @@ def _ort_outputs(session: Any, x: torch.Tensor) -> List[Any]:
 def onnx_parity(path: Union[str, Path], model: nn.Module, inputs: Sequence[torch.Tensor], atol: float = ONNX_ATOL
                 ) -> ParityReport:
     """Run the ONNX file in ONNX Runtime (CPU) and the eager ``model`` on each input; report the worst diff."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError('the ONNX parity check needs onnxruntime: pip install "timm-halo[test]" or onnxruntime'
-                          ) from e
+    import onnxruntime as ort  # the test extra (docs/deployment.md)
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
     session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
@@ -196,8 +189,7 @@ def parity_inputs(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, 
     if dynamic_batch:
         inputs.append(torch.randn(batch + 1, channels, height, width, generator=generator))
     if dynamic_size:  # smaller and not a multiple of anything: other block counts, padding and border masks
-        inputs.append(torch.randn(1, channels, max(1, height * 2 // 3 + 1), max(1, width // 2 + 3),
-                                  generator=generator))
+        inputs.append(torch.randn(1, channels, height * 2 // 3 + 1, width // 2 + 3, generator=generator))
     return inputs
 
 

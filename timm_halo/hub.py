@@ -9,7 +9,7 @@ import warnings
 from difflib import get_close_matches
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from zipfile import is_zipfile
 
 import timm
@@ -20,19 +20,12 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models import save_for_hf as timm_save_for_hf
-from timm.models._hub import generate_readme, load_model_config_from_hf, load_model_config_from_path
+from timm.models._helpers import _torch_load
+from timm.models._hub import generate_readme, load_cfg_from_json, load_model_config_from_path
 
 from timm_halo.bench import count_gmacs
-from timm_halo.models import HaloNet
-from timm_halo.models._pretrained import (
-    PretrainedWeightsError,
-    _is_count,
-    checkpoint_problem,
-    hub_download,
-    hub_problem,
-    num_classes_conflict,
-    torch_load_weights_only,
-)
+from timm_halo.models import HaloNet, _pretrained
+from timm_halo.models._pretrained import PretrainedWeightsError, _is_count, num_classes_conflict
 from timm_halo.models.halonet import FAMILY
 
 __all__ = ['PretrainedWeightsError', 'model_card', 'save_for_hf', 'push_to_hf_hub', 'fix_hub_config', 'export_for_hub',
@@ -53,35 +46,23 @@ _BUILD_ARGS = ('pretrained_strict', 'features_only', 'out_indices', 'feature_cls
 # Dataset ids without an owner that timm's own model cards use (the Hub resolves them); any other `datasets:`
 # entry of a card must be a Hub dataset repo id, 'owner/name'
 _CANONICAL_DATASETS = ('imagenet-1k', 'imagenet-12k', 'imagenet-21k', 'imagenet-22k')
-# The files timm's save_for_hf and export_for_hub write
-_HUB_FOLDER_FILES = ('model.safetensors', 'pytorch_model.bin', 'config.json', 'README.md')
 Size = Union[int, Tuple[int, int]]  # a square side, or (height, width)
-
-
-def _check_readable(path: str) -> str:
-    problem = checkpoint_problem(path)
-    if problem:
-        raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {problem}")
-    return path
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """A checkpoint's tensors through timm's ``load_state_dict`` (weights_only, containers and prefixes unwrapped);
     PretrainedWeightsError for a missing or corrupt file or a pickle that needs more than tensors."""
-    return timm.models.load_state_dict(_check_readable(str(path)), weights_only=True)
+    problem = _pretrained.checkpoint_problem(str(path))
+    if problem:
+        raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {problem}")
+    return timm.models.load_state_dict(str(path), weights_only=True)
 
 
-def read_train_args(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
-    """The ``args`` timm's train.py stores in its checkpoints, as a dict (None where there are none), read with
-    ``weights_only=True``, the tensors memory-mapped; PretrainedWeightsError as ``read_checkpoint``."""
-    path = str(path)
-    if path.endswith('.safetensors'):
-        return None
-    checkpoint = torch_load_weights_only(_check_readable(path), mmap=is_zipfile(path))
-    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
-    if isinstance(args, argparse.Namespace):
-        return dict(vars(args))
-    return dict(args) if isinstance(args, dict) else None
+def read_train_args(path: Union[str, Path]) -> Dict[str, Any]:
+    """The ``args`` timm's train.py stores in a checkpoint that ``read_checkpoint`` read, as a dict (else empty)."""
+    checkpoint = {} if str(path).endswith('.safetensors') else _torch_load(str(path), mmap=is_zipfile(path))
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None  # timm's reader allows the Namespace
+    return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
 
 
 def is_hub_dataset_id(name: Any) -> bool:
@@ -119,66 +100,69 @@ def _size_ok(size: Any, lowest: int) -> bool:
     return all(_is_count(side) and side >= lowest for side in sides)
 
 
-def export_args_problem(model_name: str, model_args: Optional[Dict[str, Any]], img_size: Optional[Size],
-                        cli: bool = False) -> Optional[str]:
-    """Why ``export_for_hub`` cannot take these arguments (named as the command's options when ``cli``), else None."""
+def _hw(size: Optional[Size]) -> Optional[Tuple[int, int]]:
+    return None if size is None else tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def export_args_problem(model_name: str, model_args: Optional[Dict[str, Any]], img_size: Optional[Size]
+                        ) -> Optional[str]:
+    """Why ``export_for_hub`` (`hub-export`) cannot take these arguments, else None."""
     if not is_halonet(model_name):
         return f'unknown model {model_name!r}; choose from {", ".join(FAMILY)}'
     lowest = (get_pretrained_cfg(model_name).min_input_size or (3, 32, 32))[-1]
     if img_size is not None and not _size_ok(img_size, lowest):
-        return (f"{'--img-size' if cli else 'img_size'} must be an integer >= {lowest} (the model's min_input_size)"
-                f'{"" if cli else ", or (height, width) of such"}, got {img_size!r}')
+        return (f"--img-size / img_size must be an integer >= {lowest} (the model's min_input_size), or (height, "
+                f'width) of such, got {img_size!r}')
     unknown = unknown_model_args(model_args or {})
     if unknown:
-        return (f"{model_name} takes no {'--model-args' if cli else 'model_args'} {', '.join(unknown)}; it takes "
-                f"{', '.join(model_arg_names())}")
+        return f"{model_name} takes no --model-args / model_args {', '.join(unknown)}; it takes " + ', '.join(
+            model_arg_names())
     return None
 
 
-def output_problem(output: Union[str, Path], overwrite: bool, overwrite_flag: str) -> Optional[str]:
-    """Why ``output`` cannot be exported to (``overwrite_flag`` names the option that allows a non-empty one)."""
+def output_problem(output: Union[str, Path], overwrite: bool) -> Optional[str]:
+    """Why ``output`` cannot be exported to, else None."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         return f"Output '{output}' exists and is not a folder; choose a folder"
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        return (f"Output folder '{output}' is not empty; choose a new folder, or pass {overwrite_flag} to write "
-                'into it (files of the same names are replaced)')
+        return (f"Output folder '{output}' is not empty; choose a new folder, or pass --overwrite (overwrite=True) "
+                'to write into it (files of the same names are replaced)')
     return None
 
 
 def check_hub_config(config: Any, where: str) -> None:
     """PretrainedWeightsError for a config.json (named ``where``) that timm's parser would meet with a bare
     KeyError / TypeError, or that does not describe a HaloNet of this plugin."""
-    remake = 'or write the folder again with timm.models.save_for_hf / `timm-halo hub-export`'
+    def refuse(problem: str, remake: bool = True) -> None:
+        raise PretrainedWeightsError(f'{where}: {problem}' + (
+            '; fix it, or write the folder again with timm.models.save_for_hf / `timm-halo hub-export`' if remake
+            else ''))
+
     if not isinstance(config, dict):
-        raise PretrainedWeightsError(f'{where} must hold a JSON object (architecture, num_classes, model_args, '
-                                     f'pretrained_cfg), got {json.dumps(config)[:80]}; {remake}')
+        refuse('it must hold a JSON object (architecture, num_classes, model_args, pretrained_cfg), got '
+               + json.dumps(config)[:80])
     arch = config.get('architecture')
     if not isinstance(arch, str):
-        raise PretrainedWeightsError(
-            f'{where} has no "architecture" model name string (timm needs the name it was saved from, e.g. '
-            f'"architecture": "halonet_h1"), got {json.dumps(arch)[:80]}; add it, {remake}')
-    for key, example in (('model_args', '{"depths": [1, 1, 1, 1]}'), ('pretrained_cfg', '{"input_size": ...}')):
+        refuse('it has no "architecture" model name string (timm needs the name it was saved from, e.g. '
+               f'"architecture": "halonet_h1"), got {json.dumps(arch)[:80]}')
+    for key in ('model_args', 'pretrained_cfg'):
         if key in config and not isinstance(config[key], dict):
-            raise PretrainedWeightsError(
-                f'{where}: "{key}" must be a JSON object of keyword arguments (e.g. {example}), got '
-                f'{json.dumps(config[key])[:80]}; fix it, {remake}')
+            refuse(f'"{key}" must be a JSON object of keyword arguments, got {json.dumps(config[key])[:80]}')
     if not is_halonet(arch):
         what = 'a timm model but not a timm-halo HaloNet' if timm.is_model(arch) else 'not a registered timm model'
-        raise PretrainedWeightsError(
-            f'{where} names architecture {arch!r}, which is {what}: timm-halo inspects and exports only its '
-            f'HaloNets ({", ".join(FAMILY)}). Load other models with timm.create_model('
-            "'local-dir:<folder>' or 'hf-hub:<repo>', pretrained=True), their plugin imported")
+        refuse(f'it names architecture {arch!r}, which is {what}: timm-halo inspects and exports only its HaloNets '
+               f"({', '.join(FAMILY)}). Load other models with timm.create_model('local-dir:<folder>' or "
+               "'hf-hub:<repo>', pretrained=True), their plugin imported", remake=False)
     for name, value in (('num_classes', config.get('num_classes')),
                         ('pretrained_cfg.num_classes', config.get('pretrained_cfg', {}).get('num_classes')),
                         ('model_args.num_classes', config.get('model_args', {}).get('num_classes'))):
         if value is not None and not _is_count(value):
-            raise PretrainedWeightsError(f'{where}: {name} must be an integer >= 0, got {json.dumps(value)[:80]}')
+            refuse(f'{name} must be an integer >= 0, got {json.dumps(value)[:80]}')
     unknown = unknown_model_args(config.get('model_args', {}))
     if unknown:
-        raise PretrainedWeightsError(
-            f'{where}: model_args has keys that {arch} does not take: {", ".join(unknown)}. Correct or remove '
-            f'them; {arch} takes {", ".join(model_arg_names())}')
+        refuse(f'model_args has keys that {arch} does not take: {", ".join(unknown)}. Correct or remove them; '
+               f'{arch} takes {", ".join(model_arg_names())}', remake=False)
 
 
 def describe_model(model: nn.Module) -> Dict[str, Any]:
@@ -193,20 +177,16 @@ def describe_model(model: nn.Module) -> Dict[str, Any]:
         params=sum(p.numel() for p in model.parameters()), in_chans=model.in_chans, input_size=input_size,
         block_size=attn.block_size, halo_size=attn.halo_size, heads=attn.heads,
         value_ratio=attn.dim_head_v / attn.dim_head, out_ratio=last.conv3.conv.out_channels / attn.dim,
-        depths=[len(stage.blocks) for stage in model.stages],
-        widths=[stage.blocks[0].attn.dim for stage in model.stages],
+        depths=[len(s.blocks) for s in model.stages], widths=[s.blocks[0].attn.dim for s in model.stages],
         final_conv=model.num_features if not isinstance(model.final_conv, nn.Identity) else 0,
         # counted on a meta-device copy: shapes only, no compute, no second set of weights in memory
-        gmacs=count_gmacs(copy.deepcopy(model).to('meta').eval(), input_size[-1], input_size[0]),
-    )
+        gmacs=count_gmacs(copy.deepcopy(model).to('meta').eval(), input_size[-1], input_size[0]))
 
 
 def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optional[Union[str, Sequence[str]]] = None,
                description: Optional[str] = None, license: str = 'apache-2.0',
                details: Optional[Dict[str, Any]] = None, local_dir: Optional[str] = None) -> Dict[str, Any]:
-    """A model card for ``timm.models.push_to_hf_hub(..., model_card=model_card(model, repo_id))`` (docs/hub.md):
-    ``dataset`` names are stated, Hub dataset ids among them linked; ``details`` adds ``Model Details`` entries;
-    the usage loads ``repo_id``, else the folder ``local_dir`` (default: the current folder)."""
+    """A model card for ``timm.models.push_to_hf_hub(..., model_card=model_card(model, repo_id))`` (docs/hub.md)."""
     facts = describe_model(model)
     arch, (c, h, w) = facts['architecture'], facts['input_size']
     settings = (f"block size b={facts['block_size']}, halo h={facts['halo_size']}, value ratio "
@@ -231,7 +211,7 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optiona
         'Model Stats': stats, 'Papers': {PAPER_TITLE: PAPER_URL},
         **({'Dataset': hub_ids[0] if len(hub_ids) == 1 else hub_ids} if hub_ids else {}),
         **({'Training data': ', '.join(free_text)} if free_text else {}), **(details or {})}
-    where = repo_id or local_dir or '.'
+    where = repo_id or local_dir or '.'  # the usage loads the repo, else the folder holding the card
     name = f'hf-hub:{repo_id}' if repo_id else f'local-dir:{where}'
     folder_note = '' if repo_id else '  # the folder holding this card and its weights'
     usage = ('```python\n# pip install timm-halo\nimport timm\nimport timm_halo  # registers the HaloNet models with '
@@ -255,37 +235,13 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optiona
 _default_card = model_card  # push_to_hf_hub's argument of that name hides it
 
 
-def _set_file_modes(folder: Union[str, Path]) -> None:
-    """Every file the mode ``open()`` gives a new one (0o666 less the umask): safetensors writes 0600."""
-    umask = os.umask(0o022)  # reading the umask means setting it; put back at once
-    os.umask(umask)
-    mode = 0o666 & ~umask
-    for name in _HUB_FOLDER_FILES:
-        path = Path(folder) / name
-        if path.is_file():
-            os.chmod(path, mode)
-
-
-def _check_label_names(model: nn.Module, model_config: Optional[Dict[str, Any]]) -> None:
-    """One name per class, in order: transformers reads ``label_names`` by position."""
-    names = (model_config or {}).get('label_names')
-    if names is None:
-        return
-    classes = getattr(model, 'num_classes', None)
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f'label_names must be a list of class names, one per class in classifier order (transformers '
-                         f'reads them by position), got {type(names).__name__} {str(names)[:80]}')
-    if classes is not None and len(names) != classes:
-        raise ValueError(f'{len(names)} label_names for a model with {classes} classes; give one name per class')
-
-
 def fix_hub_config(folder: Union[str, Path]) -> bool:
     """Remove ``model_args.num_classes`` from a timm ``save_for_hf`` folder's config.json, which transformers
     would pass twice (docs/hub.md); returns whether the file changed. PretrainedWeightsError: no readable
     config.json, or one that disagrees with itself on the class count."""
     path = Path(folder) / 'config.json'
     try:
-        config = json.loads(path.read_text(encoding='utf-8'))
+        config = load_cfg_from_json(path)
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
         raise PretrainedWeightsError(f"Could not read '{path}': {e}") from e
     model_args = config.get('model_args') if isinstance(config, dict) else None
@@ -294,8 +250,7 @@ def fix_hub_config(folder: Union[str, Path]) -> bool:
     conflict = num_classes_conflict(config, f"'{path}'")
     if conflict:
         raise PretrainedWeightsError(conflict)
-    config.setdefault('num_classes', model_args['num_classes'])  # timm's count of the weights stays in the file
-    del model_args['num_classes']
+    config.setdefault('num_classes', model_args.pop('num_classes'))  # timm's count of the weights stays in the file
     path.write_text(json.dumps(config, indent=2), encoding='utf-8')  # as timm writes it
     return True
 
@@ -304,10 +259,19 @@ def save_for_hf(model: nn.Module, save_directory: Union[str, Path], model_config
                 *args: Any, **kwargs: Any) -> None:
     """timm's ``save_for_hf`` (same arguments: ``model_args``, ``safe_serialization``, ``data_config``; same files),
     whose folder also loads in transformers; ValueError for ``label_names`` that are not one name per class."""
-    _check_label_names(model, model_config)
+    names, classes = (model_config or {}).get('label_names'), getattr(model, 'num_classes', None)
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f'label_names must be a list of class names, one per class in classifier order (transformers '
+                         f'reads them by position), got {type(names).__name__} {str(names)[:80]}')
+    if names is not None and classes is not None and len(names) != classes:
+        raise ValueError(f'{len(names)} label_names for a model with {classes} classes; give one name per class')
     timm_save_for_hf(model, str(save_directory), model_config, *args, **kwargs)
     fix_hub_config(save_directory)
-    _set_file_modes(save_directory)
+    weights = Path(save_directory) / 'model.safetensors'
+    if weights.is_file():  # safetensors writes 0600: give it the mode open() gives a new file, as the others have
+        umask = os.umask(0o022)  # reading the umask means setting it; put back at once
+        os.umask(umask)
+        weights.chmod(0o666 & ~umask)
 
 
 def push_to_hf_hub(model: nn.Module, repo_id: str, commit_message: str = 'Add model', token: Optional[str] = None,
@@ -333,88 +297,51 @@ def push_to_hf_hub(model: nn.Module, repo_id: str, commit_message: str = 'Add mo
                                  commit_message=commit_message)
 
 
-def _plain(value: Any) -> Any:
-    """For comparing kwargs: tuples as lists (train.py and the CLI parse "(1, 1)", config.json holds [1, 1])."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+def _size_text(size: Any) -> str:
+    if isinstance(size, tuple) and len(size) == 2:
+        return str(size[0]) if size[0] == size[1] else f'{size[0]} x {size[1]}'
+    return str(size)
 
 
-def _trained_size(train_args: Dict[str, Any]) -> Tuple[Optional[Tuple[int, int]], str]:
-    """The input size a train.py run used, as its data config resolves it (``input_size`` before ``img_size``)."""
-    input_size, img_size = train_args.get('input_size'), train_args.get('img_size')
-    if input_size is not None:
-        if not (isinstance(input_size, (list, tuple)) and len(input_size) == 3 and all(map(_is_count, input_size))):
-            raise ValueError(f"The checkpoint's training args hold input_size={input_size!r}, not [channels, height, "
-                             'width]; give the size it was trained at (--img-size / img_size)')
-        return tuple(input_size[1:]), f'args.input_size {list(input_size)}'
-    if img_size is not None:
-        if not _size_ok(img_size, 1):
-            raise ValueError(f"The checkpoint's training args hold img_size={img_size!r}, not a size; give the size "
-                             'it was trained at (--img-size / img_size)')
-        return _hw(img_size), 'args.img_size'
-    return None, ''
-
-
-def _hw(size: Optional[Size]) -> Optional[Tuple[int, int]]:
-    return None if size is None else tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-
-
-def _size_text(size: Tuple[int, int]) -> str:
-    return str(size[0]) if size[0] == size[1] else f'{size[0]} x {size[1]}'
-
-
-def _apply_train_args(train_args: Dict[str, Any], model_name: Optional[str], model_args: Dict[str, Any],
-                      img_size: Optional[Size]) -> Tuple[str, Dict[str, Any], Optional[Tuple[int, int]], List, List]:
+def _apply_train_args(args: Dict[str, Any], model_name: Optional[str], model_args: Dict[str, Any],
+                      img_size: Optional[Tuple[int, int]]) -> Tuple[str, Dict[str, Any], Any, List, List]:
     """Fill what was not given from a train.py checkpoint's ``args`` (given values win): the settings, what was
     taken (and from which field), and notes where a given value differs from the checkpoint's."""
     took: List[str] = []
     notes: List[str] = []
-    trained = train_args.get('model')
-    trained = trained if isinstance(trained, str) and trained else None
-    if model_name is None:
+
+    def merge(label: str, given: Any, trained: Any, field: str, show: Callable[[Any], str] = str) -> Any:
         if trained is None:
-            raise ValueError("No model name given, and the checkpoint's training args name none (args.model); "
-                             'give it (--model / model_name)')
-        if not is_halonet(trained):
-            raise ValueError(f"The checkpoint was trained as {trained!r} (its training args' model), which is not a "
-                             f"timm-halo HaloNet ({', '.join(FAMILY)}); give --model / model_name if its weights "
-                             "are a HaloNet's")
-        model_name = trained
-        took.append(f'model {trained} (args.model)')
-    elif trained is not None and split_model_name_tag(trained)[0] != split_model_name_tag(model_name)[0]:
-        notes.append(f'model {model_name} (given) differs from the checkpoint\'s args.model {trained}; '
-                     f'exporting as {model_name}')
+            return given
+        if given is None:
+            took.append(f'{label}{show(trained)} ({field})')
+            return trained
+        if json.dumps(given, default=str) != json.dumps(trained, default=str):  # (1, 1) and [1, 1] are alike
+            notes.append(f"{label}{show(given)} (given) overrides {show(trained)} from the checkpoint's {field}")
+        return given
 
-    if img_size is None:
-        img_size, field = _trained_size(train_args)
-        if img_size is not None:
-            took.append(f'input size {_size_text(img_size)} ({field})')
-    else:
-        try:
-            trained_size, field = _trained_size(train_args)
-        except ValueError:  # a malformed value that the given one replaces anyway
-            trained_size = None
-        img_size = _hw(img_size)
-        if trained_size is not None and img_size != trained_size:
-            notes.append(f'input size {_size_text(img_size)} (given) overrides {_size_text(trained_size)} from the '
-                         f"checkpoint's {field}")
-
-    trained_kwargs = train_args.get('model_kwargs') or {}
-    if not isinstance(trained_kwargs, dict):
-        raise ValueError(f"The checkpoint's training args hold model_kwargs={trained_kwargs!r}, not a dict of "
-                         'keyword arguments; give them as --model-args / model_args')
-    sources = {k: 'args.model_kwargs' for k in trained_kwargs}
-    if isinstance(train_args.get('gp'), str) and train_args['gp'] and 'global_pool' not in trained_kwargs:
-        trained_kwargs = {**trained_kwargs, 'global_pool': train_args['gp']}  # train.py's --gp: its global_pool
-        sources['global_pool'] = 'args.gp'
-    taken = {k: v for k, v in trained_kwargs.items() if k not in model_args}
-    for key in sorted(set(trained_kwargs) & set(model_args)):
-        if _plain(trained_kwargs[key]) != _plain(model_args[key]):
-            notes.append(f'model arg {key}={model_args[key]!r} (given) overrides {key}={trained_kwargs[key]!r} from '
-                         f"the checkpoint's {sources[key]}")
-    took += [f'model arg {k}={v!r} ({sources[k]})' for k, v in taken.items()]
-    return model_name, {**taken, **model_args}, img_size, took, notes
+    model_name = merge('model ', model_name, args.get('model') or None, 'args.model')
+    if model_name is None:
+        raise ValueError("No model name given, and the checkpoint's training args name none (args.model); give it "
+                         '(--model / model_name)')
+    size = args.get('input_size')  # before img_size, as train.py's data config resolves them
+    valid = isinstance(size, (list, tuple)) and len(size) == 3
+    if size is not None and not valid and img_size is None:  # (a given size replaces it anyway)
+        raise ValueError(f"The checkpoint's training args hold input_size={size!r}, not [channels, height, width]; "
+                         'give the size it was trained at (--img-size / img_size)')
+    trained_size, field = ((tuple(size[1:]), f'args.input_size {list(size)}') if valid
+                           else (_hw(args.get('img_size')), 'args.img_size'))
+    img_size = merge('input size ', img_size, trained_size, field, _size_text)
+    kwargs = args.get('model_kwargs') or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"The checkpoint's training args hold model_kwargs={kwargs!r}, not a dict of keyword "
+                         'arguments; give them as --model-args / model_args')
+    fields = dict.fromkeys(kwargs, 'args.model_kwargs')
+    if args.get('gp') and 'global_pool' not in kwargs:  # train.py's --gp: its global_pool
+        kwargs, fields['global_pool'] = {**kwargs, 'global_pool': args['gp']}, 'args.gp'
+    for key, value in kwargs.items():
+        model_args[key] = merge(f'model arg {key}=', model_args.get(key), value, fields[key], repr)
+    return model_name, model_args, img_size, took, notes
 
 
 def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model_name: Optional[str] = None,
@@ -422,56 +349,47 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
                    label_names: Optional[Sequence[str]] = None, dataset: Optional[Union[str, Sequence[str]]] = None,
                    repo_id: Optional[str] = None, overwrite: bool = False, img_size: Optional[Size] = None
                    ) -> Dict[str, Any]:
-    """`timm-halo hub-export` (docs/hub.md): load a checkpoint through timm (classes and input channels from its
-    weights, what is not given from a train.py checkpoint's ``args``), write ``save_for_hf``'s folder and a model
-    card, check that it reloads with the same logits; returns a summary."""
-    output = Path(output)
-    model_args = dict(model_args or {})
-    problem = output_problem(output, overwrite, 'overwrite=True') or (
+    """`timm-halo hub-export` (docs/hub.md): load a checkpoint through timm, write ``save_for_hf``'s folder and a
+    model card, check that it reloads with the same logits; returns a summary."""
+    output, model_args = Path(output), dict(model_args or {})
+    problem = output_problem(output, overwrite) or (
         export_args_problem(model_name, model_args, img_size) if model_name is not None else None)
     if problem:
         raise ValueError(problem)
     weights = read_checkpoint(checkpoint)
-    train_args = read_train_args(checkpoint) or {}
-    model_name, model_args, img_size, took, notes = _apply_train_args(train_args, model_name, model_args, img_size)
+    train_args = read_train_args(checkpoint)
+    model_name, model_args, img_size, took, notes = _apply_train_args(train_args, model_name, model_args, _hw(img_size))
     problem = export_args_problem(model_name, model_args, img_size)
     if problem:
-        raise ValueError(problem + ('' if not took else "; taken from the checkpoint's training args: "
-                                    + '; '.join(took)))
-    head = weights.get('head.fc.weight')
+        raise ValueError(problem + (f"; taken from the checkpoint's training args: {'; '.join(took)}" if took else ''))
+    # the classes and input channels are the weights': the classifier's outputs, the stem's (ours / timm's ByobNet)
+    head, stem = weights.get('head.fc.weight'), weights.get('stem.0.conv.weight', weights.get('stem.conv1.conv.weight'))
     ckpt_classes = head.shape[0] if head is not None else 0
-    stem = weights.get('stem.0.conv.weight', weights.get('stem.conv1.conv.weight'))  # ours / timm's ByobNet
     trained_classes = train_args.get('num_classes')
     if _is_count(trained_classes) and trained_classes != ckpt_classes:
         notes.append(f"the checkpoint's args.num_classes is {trained_classes} but its classifier has {ckpt_classes} "
                      'outputs; the classifier is what is exported')
     elif _is_count(trained_classes) and num_classes is None:
         took.append(f'{trained_classes} classes (args.num_classes, as its classifier has)')
-    if num_classes is None:
-        num_classes = ckpt_classes
-    elif num_classes not in (0, ckpt_classes):
+    num_classes = ckpt_classes if num_classes is None else num_classes
+    if num_classes not in (0, ckpt_classes):
         raise ValueError(
             f"The checkpoint's classifier has {ckpt_classes} classes but num_classes={num_classes}: exporting it "
             "would publish a randomly initialised classifier. Use the checkpoint's count, or 0 to drop the head.")
-    if label_names is not None and len(label_names) != num_classes:
-        raise ValueError(f'{len(label_names)} label names for {num_classes} classes')
-
     if stem is not None:
         model_args.setdefault('in_chans', stem.shape[1])
-    overlay = dict(file=str(checkpoint), num_classes=ckpt_classes,
-                   **_input_size_overlay(get_pretrained_cfg(model_name), model_args.get('in_chans', 3), img_size))
+    h, w = img_size or get_pretrained_cfg(model_name).input_size[1:]
+    overlay = dict(file=str(checkpoint), num_classes=ckpt_classes, input_size=(model_args.get('in_chans', 3), h, w),
+                   pool_size=(-(-h // 32), -(-w // 32)))  # the final map at that size (stride-2 stages round up)
     model = timm.create_model(
         model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **model_args).eval()
-    output.mkdir(parents=True, exist_ok=True)
-    model_config: Dict[str, Any] = {'pretrained_cfg': {'tag': None}}  # the exported weights are not 'untrained'
-    if label_names:
-        model_config['label_names'] = list(label_names)
-    save_for_hf(model, output, model_config=model_config, safe_serialization=True)
+    save_for_hf(model, output, safe_serialization=True, model_config={
+        'pretrained_cfg': {'tag': None},  # the exported weights are not 'untrained'
+        'label_names': list(label_names) if label_names is not None else None})
     folder_name = output.resolve().name
     readme = generate_readme(model_card(model, repo_id=repo_id, dataset=dataset, local_dir=folder_name),
                              (repo_id or folder_name).split('/')[-1])
     (output / 'README.md').write_text(readme, encoding='utf-8')
-    _set_file_modes(output)
 
     # The folder must reload through timm's own local-dir: path and compute the same function.
     reloaded = timm.create_model(f'local-dir:{output}', pretrained=True).eval()
@@ -487,50 +405,28 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
                 from_checkpoint=took, notes=notes)
 
 
-def _input_size_overlay(default_cfg: Any, in_chans: int, img_size: Optional[Size]) -> Dict[str, Any]:
-    """pretrained_cfg entries for the exported input: channels, and the trained size when given."""
-    if img_size is None:
-        return dict(input_size=(in_chans, *default_cfg.input_size[1:]))
-    h, w = _hw(img_size)
-    overlay: Dict[str, Any] = dict(input_size=(in_chans, h, w))
-    if default_cfg.test_input_size:
-        overlay['test_input_size'] = (in_chans, h, w)
-    for key in ('pool_size', 'test_pool_size'):  # the final map at that size (stride-2 stages round up: /32)
-        if getattr(default_cfg, key):
-            overlay[key] = (-(-h // 32), -(-w // 32))
-    return overlay
-
-
 def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
     """`timm-halo hub-inspect`: what a folder or Hub repo holds (config, files and, with ``load``, the model built
     by timm); PretrainedWeightsError when the config or weights cannot be found, read or used."""
-    if os.path.isdir(source):
-        kind, ident = 'local-dir', source
-    elif ':' not in source and source.count('/') == 1 and not source.startswith(('.', '/')):
-        kind, ident = 'hf-hub', source  # a bare 'org/name'
-    else:
-        kind, ident = timm.models.parse_model_name(source) if ':' in source else (None, source)
-        if kind not in ('hf-hub', 'local-dir'):
-            raise ValueError(f"'{source}' is neither an existing folder nor a Hub repo id like 'org/name'")
-    if kind == 'local-dir':
-        folder, where = Path(ident), f"config.json of local folder '{ident}'"
-        if not (folder / 'config.json').is_file():
-            raise PretrainedWeightsError(f"'{folder}' has no config.json: it is not a save_for_hf / hub-export folder")
-    else:
-        where = f"config.json of Hugging Face Hub repo '{ident}'"
-        path, error = hub_download(ident, ('config.json',))
+    kind, ident = (('local-dir', source) if os.path.isdir(source) else source.split(':', 1) if ':' in source
+                   else ('hf-hub', source))
+    if kind not in ('hf-hub', 'local-dir') or ':' not in source and kind == 'hf-hub' and (
+            source.count('/') != 1 or source.startswith(('.', '/'))):  # a bare 'org/name' is a Hub repo
+        raise ValueError(f"'{source}' is neither an existing folder nor a Hub repo id like 'org/name'")
+    where = f"config.json of {'local folder' if kind == 'local-dir' else 'Hugging Face Hub repo'} '{ident}'"
+    folder = Path(ident)
+    if kind == 'hf-hub':
+        path, error = _pretrained.hub_download(ident, ('config.json',))
         if error is not None:
-            raise PretrainedWeightsError(
-                f"Could not get config.json of Hugging Face Hub repo '{ident}': {hub_problem(error)}") from error
-        folder = Path(path).parent
+            raise PretrainedWeightsError(f'Could not get {where}: {_pretrained.hub_problem(error)}') from error
+        folder = Path(path).parent  # the cache's snapshot folder
     try:
-        raw = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
+        raw = load_cfg_from_json(folder / 'config.json')
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
-        raise PretrainedWeightsError(f'Could not parse {where}: {e}') from e
+        raise PretrainedWeightsError(f'Could not read {where} (is it a save_for_hf / hub-export folder?): {e}') from e
     check_hub_config(raw, where)
     try:
-        cfg, arch, model_args = (load_model_config_from_path(folder) if kind == 'local-dir'
-                                 else load_model_config_from_hf(ident))
+        cfg, arch, model_args = load_model_config_from_path(folder)
     except Exception as e:
         raise PretrainedWeightsError(f'Could not parse {where} with timm: {type(e).__name__}: {e}') from e
     info: Dict[str, Any] = dict(

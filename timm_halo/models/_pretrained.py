@@ -1,16 +1,14 @@
 """Pretrained weights: found where timm will look and checked cheaply before timm's loader runs, so that a failure
 names the architecture, the source and the reason (``PretrainedWeightsError``); docs/hub.md lists the cases."""
-import argparse
 import json
 import os
 import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 from zipfile import BadZipFile, is_zipfile
 
-import huggingface_hub
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hf_constants
@@ -18,10 +16,11 @@ from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntr
 from safetensors import SafetensorError, safe_open
 from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
-from timm.models._hub import hf_split
+from timm.models._helpers import _torch_load
+from timm.models._hub import _PREFERRED_FILES, download_from_hf
 
 __all__ = ['PretrainedWeightsError', 'build_pretrained', 'checkpoint_problem', 'hub_download', 'hub_problem',
-           'num_classes_conflict', 'torch_load_weights_only', 'warn_if_classifier_dropped']
+           'num_classes_conflict', 'warn_if_classifier_dropped']
 
 LOCAL_HINT = (
     "To load weights you have locally: timm.create_model('{arch}', pretrained=True, "
@@ -35,7 +34,6 @@ CONVERT_HINT = (
     "safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors') "
     "(or torch.save(sd, 'model.pth') for a plain state dict).")
 _HUB_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's order when a repo names no file
-_DIR_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
 # torch's refusal names the global: 'Unsupported global: GLOBAL posix.mkdir ...', older: 'Unsupported class x.y'
 _REFUSAL = re.compile(r'(?:GLOBAL|Unsupported class) ([\w.]+)')
 
@@ -48,33 +46,33 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def torch_load_weights_only(path: str, mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, allowing the ``argparse.Namespace`` of timm's train.py
-    (as timm's own reader does); ``mmap`` (zip checkpoints only) maps the tensors instead of reading them."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True, **({'mmap': True} if mmap else {}))
-
-
-def _unsafe_globals(path: str) -> Optional[List[str]]:
-    """The globals of a zip checkpoint that weights_only refuses, or None where torch cannot list them (no lister
-    before torch 2.6; a damaged file: the load that follows reports it)."""
-    lister = getattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', None)
-    try:
-        return None if lister is None else [g for g in lister(path) if g != 'argparse.Namespace']
-    except Exception:
-        return None
-
-
-def _refused(names: List[str], how: str, kind: str = 'a pickle checkpoint') -> str:
-    return (f'it is {kind} that references Python objects other than tensors ({", ".join(names)}), and timm-halo '
-            f'only loads weights with torch.load(weights_only=True), which {how} (unpickling can run arbitrary '
-            'code). ' + CONVERT_HINT)
-
-
 def _unreadable(e: Exception, corrupt: bool) -> str:
     what = ('it could not be read as a checkpoint (truncated or corrupt?): it is neither a safetensors file nor a '
             'readable torch.save checkpoint' if corrupt else 'torch.load(weights_only=True) failed on it')
     return f'{what} ({type(e).__name__}: {" ".join(str(e).split())})'
+
+
+def _refusal(path: str, e: pickle.UnpicklingError) -> str:
+    """Why torch.load(weights_only=True) refused a pickle: the globals it carries (all of them where torch can list
+    them, torch >= 2.6 and a zip checkpoint; else the one torch names), or damage where it names none."""
+    reason = next((line.strip() for line in str(e).splitlines() if _REFUSAL.search(line)), '')
+    try:
+        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g != 'argparse.Namespace']
+    except Exception:  # no lister (older torch), an old-format or damaged file
+        names = []
+    names = names or list(dict.fromkeys(_REFUSAL.findall(reason)))
+    with open(path, 'rb') as f:
+        legacy = torch.serialization.MAGIC_NUMBER.to_bytes(10, 'little') in f.read(16)
+    kind = 'an old-format (torch < 1.6) pickle checkpoint' if legacy else 'a pickle checkpoint'
+    if names:  # torch's reason without its advice to allowlist the global
+        return (f'it is {kind} that references Python objects other than tensors ({", ".join(names)}), and '
+                'timm-halo only loads weights with torch.load(weights_only=True), which refused: '
+                f'{reason.split(" Please use")[0]} (unpickling can run arbitrary code). ' + CONVERT_HINT)
+    if legacy:  # torch cannot list this format's globals, and did not name one
+        return (f'torch.load(weights_only=True) refused this {kind}: it most likely references Python objects other '
+                'than tensors, which timm-halo does not load (unpickling can run arbitrary code), or it is damaged. '
+                + CONVERT_HINT)
+    return _unreadable(e, corrupt=True)
 
 
 def checkpoint_problem(path: str) -> Optional[str]:
@@ -85,81 +83,49 @@ def checkpoint_problem(path: str) -> Optional[str]:
                 if os.path.isdir(path) else 'no such file')
     try:
         if path.endswith('.safetensors'):
-            try:
-                with safe_open(path, 'pt'):
-                    return None
-            except SafetensorError as e:  # a bad header (an OSError is reported below, as it is)
-                return f'it is not a valid safetensors file (truncated or corrupt?): {e}'
-        zipped = is_zipfile(path)
-        names = _unsafe_globals(path) if zipped else None
-        if names is not None:
-            return _refused(names, 'refuses to create them') if names else None
-        torch_load_weights_only(path, mmap=zipped)  # torch < 2.6, an old-format pickle, or garbage: try it
+            with safe_open(path, 'pt'):  # reads the header only
+                return None
+        _torch_load(path, mmap=is_zipfile(path))  # timm's weights-only reader; a zip's tensors are only mapped
         return None
+    except SafetensorError as e:
+        return f'it is not a valid safetensors file (truncated or corrupt?): {e}'
     except OSError as e:
         return f'it could not be read: {type(e).__name__}: {e}'
-    except pickle.UnpicklingError as e:
-        refused = list(dict.fromkeys(_REFUSAL.findall(str(e))))
-        with open(path, 'rb') as f:
-            legacy = torch.serialization.MAGIC_NUMBER.to_bytes(10, 'little') in f.read(16)
-        kind = 'an old-format (torch < 1.6) pickle checkpoint' if legacy else 'a pickle checkpoint'
-        if refused:
-            # torch's long message: the line naming the cause, without its advice to allowlist the global
-            line = next(line for line in str(e).splitlines() if _REFUSAL.search(line))
-            return _refused(refused, f'refused: {line.strip().split(" Please use")[0]}', kind)
-        if legacy:  # torch cannot list this format's globals, and did not name one
-            return ('torch.load(weights_only=True) refused this old-format (torch < 1.6) pickle checkpoint: it '
-                    'most likely references Python objects other than tensors, which timm-halo does not load '
-                    '(unpickling can run arbitrary code), or it is damaged. ' + CONVERT_HINT)
-        return _unreadable(e, corrupt=True)
-    except (EOFError, BadZipFile) as e:
-        return _unreadable(e, corrupt=True)
-    except RuntimeError as e:  # torch's zip reader on a damaged archive; anything else is reported as it is
+    except RuntimeError as e:  # timm's reader wraps torch's refusal; torch's zip reader fails on a damaged archive
+        if isinstance(e.__cause__, pickle.UnpicklingError):
+            return _refusal(path, e.__cause__)
         return _unreadable(e, corrupt='zip archive' in str(e) or 'PytorchStreamReader' in str(e))
+    except (EOFError, BadZipFile, pickle.UnpicklingError) as e:
+        return _unreadable(e, corrupt=True)
     except Exception as e:
         return _unreadable(e, corrupt=False)
 
 
 def hub_problem(exc: Exception) -> str:
+    """What huggingface_hub's error means for the user."""
+    if isinstance(exc, LocalEntryNotFoundError):
+        how = ('HF_HUB_OFFLINE is set, so nothing was downloaded' if hf_constants.is_offline_mode()
+               else 'it could not be downloaded (no connection?)')
+        return f'it is not in the local Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and {how}'
     if isinstance(exc, GatedRepoError):
         return 'the repo is gated: accept its terms on huggingface.co and log in (`hf auth login`)'
     if isinstance(exc, RepositoryNotFoundError):
         return 'the repo does not exist, or it is private and no token with access to it is set'
-    if isinstance(exc, LocalEntryNotFoundError):
-        if hf_constants.is_offline_mode():
-            return (f'it is not in the local Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE '
-                    'is set, so nothing was downloaded')
-        return (f'it could not be downloaded (no connection?) and is not in the local Hugging Face cache '
-                f'({hf_constants.HF_HUB_CACHE})')
-    if isinstance(exc, EntryNotFoundError):
-        return 'the repo has no such file'
-    return f'{type(exc).__name__}: {exc}'
+    return 'the repo has no such file' if isinstance(exc, EntryNotFoundError) else f'{type(exc).__name__}: {exc}'
 
 
 def hub_download(repo_id: str, filenames: Tuple[str, ...]) -> Tuple[Optional[str], Optional[Exception]]:
     """The first of ``filenames`` that ``repo_id`` (``org/name[@revision]``) has, downloaded into the Hugging Face
     cache (where timm then finds it): (path, None), or (None, the last error)."""
-    repo, revision = hf_split(repo_id)
     error: Optional[Exception] = None
     for name in filenames:
         try:
-            return huggingface_hub.hf_hub_download(repo, name, revision=revision), None
+            return download_from_hf(repo_id, name), None
         except EntryNotFoundError as e:  # not there (or not cached offline): try the next name
             error = e
         except Exception as e:
             return None, e
     return None, error
-
-
-def _source(cfg: Dict[str, Any]) -> Tuple[str, Any, str]:
-    """Where timm's loader will look for weights (timm's own resolution): (kind, location, description)."""
-    kind, loc = _resolve_pretrained_source(cfg)
-    if kind == 'hf-hub':
-        loc = (loc[0], loc[1:]) if isinstance(loc, tuple) else (loc, _HUB_FILES)
-        return kind, loc, f"Hugging Face Hub repo '{loc[0]}' (looked for {', then '.join(loc[1])})"
-    where = {'local-dir': f"local folder '{loc}'", 'file': f"file '{loc}'", 'url': f'URL {loc}',
-             'state_dict': 'the state_dict given in pretrained_cfg'}
-    return kind, loc, where.get(kind, '')
 
 
 def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cfg: Any = None,
@@ -168,25 +134,28 @@ def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cf
     with ``pretrained=True``); raises PretrainedWeightsError, and lets errors of the model kwargs through."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay).to_dict()
     arch = cfg.get('architecture') or variant
-    kind, loc, where = _source(cfg)
-    failed = f'Could not load pretrained weights for {arch} from {where}'
+    kind, loc = _resolve_pretrained_source(cfg)  # where timm's loader will look
     hint = '\n' + LOCAL_HINT.format(arch=arch)
     if not kind:
         name = f"{arch}.{cfg['tag']}" if cfg.get('tag') else arch
         raise PretrainedWeightsError(
             f"No pretrained weights are available for {arch}: its pretrained cfg '{name}' names no weight file, "
             f'and timm.list_models(pretrained=True) lists the models that have some.{hint}')
-    path, config = None, None
+    if kind == 'hf-hub':
+        loc = (loc[0], loc[1:]) if isinstance(loc, tuple) else (loc, _HUB_FILES)
+    where = (f"Hugging Face Hub repo '{loc[0]}' (looked for {', then '.join(loc[1])})" if kind == 'hf-hub' else
+             {'local-dir': "local folder '{}'", 'file': "file '{}'", 'url': 'URL {}',
+              'state_dict': 'the state_dict given in pretrained_cfg'}.get(kind, '').format(loc))
+    failed = f'Could not load pretrained weights for {arch} from {where}'
+    path, config = (loc if kind == 'file' else None), None
     if kind == 'hf-hub':
         path, error = hub_download(*loc)
         if error is not None:
             raise PretrainedWeightsError(f'{failed}: {hub_problem(error)}{hint}') from error
         config = Path(path).parent / 'config.json'  # the snapshot folder: present for an 'hf-hub:' model
-    elif kind == 'local-dir':
-        path = next((p for p in (Path(loc) / f for f in _DIR_FILES) if p.is_file()), None)  # else timm's error
+    elif kind == 'local-dir':  # the file timm picks (where there is none, timm's error says so)
+        path = next((p for p in (Path(loc) / f for f in _PREFERRED_FILES) if p.is_file()), None)
         config = Path(loc) / 'config.json'
-    elif kind == 'file':
-        path = loc
     problem = checkpoint_problem(path) if path else None
     if problem:
         raise PretrainedWeightsError(f'{failed}: {problem}' + (hint if problem == 'no such file' else ''))
@@ -206,15 +175,15 @@ def num_classes_conflict(config: Any, where: str) -> Optional[str]:
     re-initialise the classifier), else None."""
     if not isinstance(config, dict) or not isinstance(config.get('pretrained_cfg'), dict):
         return None  # timm's older flat layout: a single num_classes
-    model_args = config.get('model_args') if isinstance(config.get('model_args'), dict) else {}
-    top, nested, built = (config.get('num_classes'), config['pretrained_cfg'].get('num_classes'),
-                          model_args.get('num_classes'))
-    values = [(name, v) for name, v in (('num_classes', top), ('pretrained_cfg.num_classes', nested),
-                                        ('model_args.num_classes', built)) if _is_count(v)]
-    if len({v for _, v in values}) < 2:
+    model_args = config['model_args'] if isinstance(config.get('model_args'), dict) else {}
+    top, nested = config.get('num_classes'), config['pretrained_cfg'].get('num_classes')
+    built = model_args.get('num_classes')
+    values = {n: v for n, v in (('num_classes', top), ('pretrained_cfg.num_classes', nested),
+                                ('model_args.num_classes', built)) if _is_count(v)}
+    if len(set(values.values())) < 2:
         return None
     weights = top if _is_count(top) else nested
-    msg = f'{where} disagrees on the number of classes: ' + ', '.join(f'{n}={v}' for n, v in values) + '. '
+    msg = f'{where} disagrees on the number of classes: ' + ', '.join(f'{n}={v}' for n, v in values.items()) + '. '
     if _is_count(top) and _is_count(nested) and top != nested:
         msg += (f'timm uses the top-level num_classes={top} as the class count of the weights and ignores '
                 f'pretrained_cfg.num_classes={nested}. ')
@@ -230,8 +199,7 @@ def warn_if_classifier_dropped(state_dict: Dict[str, Any], model: nn.Module) -> 
     """Warn when timm is about to discard a checkpoint's classifier that fits the model as built (the model's
     num_classes differs from its pretrained cfg's, but the weights' classifier has the model's classes)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    classifier, cfg_classes = cfg.get('classifier'), cfg.get('num_classes')
-    built = getattr(model, 'num_classes', None)
+    classifier, cfg_classes, built = cfg.get('classifier'), cfg.get('num_classes'), getattr(model, 'num_classes', None)
     if not classifier or not _is_count(cfg_classes) or not _is_count(built) or built == cfg_classes:
         return
     for name in (classifier,) if isinstance(classifier, str) else tuple(classifier):
