@@ -1,10 +1,5 @@
-"""Fused windowed attention for CPUs: a small C kernel (``fused_cpu.c``) as ``torch.library`` custom ops.
-
-A window's logits are built, normalised and consumed in a per-thread buffer (flash-attention style forward and
-backward); no logits reach a tensor. The kernel is compiled on first use for the CPU's instruction set, cached,
-digest-checked, and linked against PyTorch's OpenMP runtime where there is one; any failure makes ``'auto'`` run
-``'tiled'`` with one WARNING (docs/kernels.md: build, cache, fallback, threads).
-"""
+"""Fused windowed attention for CPUs: a small C kernel (``fused_cpu.c``) as ``torch.library`` custom ops; its build,
+cache, fallback and threads: docs/kernels.md."""
 import atexit
 import ctypes
 import hashlib
@@ -50,8 +45,7 @@ _lock = threading.Lock()
 
 
 class _Kernel(NamedTuple):
-    fwd: ctypes._CFuncPtr
-    bwd: ctypes._CFuncPtr
+    ranges: Tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]  # forward / backward over a range of windows
     args_type: type  # HaloArgs for this scalar type
     vector_bytes: int
     all_ranges: Optional[Tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]]  # fwd / bwd on PyTorch's OpenMP team, or None
@@ -61,8 +55,9 @@ _libs: Optional[Dict[torch.dtype, _Kernel]] = None
 _error: Optional[str] = None
 
 _INT_FIELDS = ('d', 'dv', 'Q', 'kh', 'kw', 'rows_h', 'rows_w', 'nh', 'nw', 'bq', 'mode')
-_POINTER_FIELDS = ('q', 'k', 'v', 'rel_h', 'rel_w', 'base_h', 'base_w', 'mask_h', 'mask_w', 'out', 'stats',
-                   'grad_out', 'grad_q', 'grad_k', 'grad_v', 'grad_rel_h', 'grad_rel_w')
+_TABLE_NAMES = ('rel_h', 'rel_w', 'base_h', 'base_w', 'mask_h', 'mask_w')
+_POINTER_FIELDS = ('q', 'k', 'v', *_TABLE_NAMES, 'out', 'stats', 'grad_out', 'grad_q', 'grad_k', 'grad_v',
+                   'grad_rel_h', 'grad_rel_w')
 
 
 class Layout(ctypes.Structure):
@@ -98,8 +93,8 @@ def _map_layout(t: torch.Tensor, step_y: int, step_x: int, pad_y: int, pad_x: in
 
 
 def target() -> Tuple[str, List[str]]:
-    """The instruction set the kernel is built for on this CPU and its compiler flags: PyTorch's own detection
-    (which ``ATEN_CPU_CAPABILITY`` can lower) on x86-64, else ``'baseline'`` (the compiler's default target)."""
+    """The instruction set the kernel is built for here and its flags: PyTorch's own detection (which
+    ``ATEN_CPU_CAPABILITY`` can lower) on x86-64, else ``'baseline'`` (the compiler's default target)."""
     capability = torch.backends.cpu.get_cpu_capability().upper()
     if platform.machine().lower() in _X86_64 and capability in _WIDE_ISAS:
         return capability.lower(), _WIDE_ISAS[capability]
@@ -180,20 +175,9 @@ def _compile(compiler: List[str], flags: List[str], library: Path, digest: Path,
                 os.remove(leftover)
 
 
-def _build_one(compiler: List[str], version: str, isa: str, isa_flags: List[str], scalar: str,
-               cache: Path) -> _Kernel:
-    """The kernel on PyTorch's OpenMP runtime where it builds, else without OpenMP (ranges on the tile pool)."""
-    openmp = _torch_openmp()
-    if openmp:
-        try:
-            return _build_variant(compiler, version, isa, [*isa_flags, *openmp], scalar, cache)
-        except (RuntimeError, OSError) as e:
-            _logger.info('timm_halo: building the fused CPU kernel with OpenMP failed (%s); building it without', e)
-    return _build_variant(compiler, version, isa, isa_flags, scalar, cache)
-
-
 def _build_variant(compiler: List[str], version: str, isa: str, isa_flags: List[str], scalar: str,
                    cache: Path) -> _Kernel:
+    """The library for these flags, from the cache when a build here wrote it, else compiled; then loaded."""
     flags = [*_FLAGS, *isa_flags, *(['-DHALO_DOUBLE'] if scalar == 'double' else [])]
     key = hashlib.sha256(b'\0'.join([_SOURCE.read_bytes(), ' '.join(compiler + flags).encode(),
                                      version.encode()])).hexdigest()[:16]
@@ -207,22 +191,17 @@ def _build_variant(compiler: List[str], version: str, isa: str, isa_flags: List[
         if not _matches(library, digest):
             raise RuntimeError(f'{library} changed while it was being loaded')
     lib = ctypes.CDLL(str(library))
-    real = {'float': ctypes.c_float, 'double': ctypes.c_double}[scalar]
-    args_type = _args_type(real)
-    lib.halo_args_bytes.restype = ctypes.c_int64
+    args_type = _args_type(ctypes.c_double if scalar == 'double' else ctypes.c_float)
+    lib.halo_args_bytes.restype = ctypes.c_int64  # (every other function returns ctypes' default, an int)
     if lib.halo_args_bytes() != ctypes.sizeof(args_type):
         raise RuntimeError(f'{library} does not match fused_cpu.py (its HaloArgs has another layout)')
+    pointer = ctypes.POINTER(args_type)
     for fn in (lib.halo_fwd, lib.halo_bwd):
-        fn.argtypes = [ctypes.POINTER(args_type), ctypes.c_int64, ctypes.c_int64]
-        fn.restype = ctypes.c_int
-    lib.halo_vector_bytes.restype = ctypes.c_int
-    all_ranges = None
-    if lib.halo_openmp():
-        all_ranges = (lib.halo_fwd_all, lib.halo_bwd_all)
-        for fn in all_ranges:
-            fn.argtypes = [ctypes.POINTER(args_type), ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-            fn.restype = ctypes.c_int
-    return _Kernel(lib.halo_fwd, lib.halo_bwd, args_type, lib.halo_vector_bytes(), all_ranges)
+        fn.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64]  # (args, start, stop)
+    for fn in (lib.halo_fwd_all, lib.halo_bwd_all):
+        fn.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]  # (args, n, chunk, threads)
+    return _Kernel((lib.halo_fwd, lib.halo_bwd), args_type, lib.halo_vector_bytes(),
+                   (lib.halo_fwd_all, lib.halo_bwd_all) if lib.halo_openmp() else None)
 
 
 def _build() -> Dict[torch.dtype, _Kernel]:
@@ -233,9 +212,17 @@ def _build() -> Dict[torch.dtype, _Kernel]:
     if version.returncode != 0:
         raise RuntimeError(f'{" ".join(compiler)} --version failed: {version.stderr.strip()[-500:]}')
     isa, isa_flags = target()
-    cache = _cache_dir()
-    return {dtype: _build_one(compiler, version.stdout, isa, isa_flags, scalar, cache)
-            for dtype, scalar in DTYPES.items()}
+    cache, openmp = _cache_dir(), _torch_openmp()
+
+    def build(scalar: str) -> _Kernel:  # on PyTorch's OpenMP runtime where that builds, else ranges on the tile pool
+        if openmp:
+            try:
+                return _build_variant(compiler, version.stdout, isa, [*isa_flags, *openmp], scalar, cache)
+            except (RuntimeError, OSError) as e:
+                _logger.info('timm_halo: building the fused CPU kernel with OpenMP failed (%s); building it without', e)
+        return _build_variant(compiler, version.stdout, isa, isa_flags, scalar, cache)
+
+    return {dtype: build(scalar) for dtype, scalar in DTYPES.items()}
 
 
 def _load() -> Optional[Dict[torch.dtype, _Kernel]]:
@@ -308,8 +295,7 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], table
     (``v`` None): q (G, d, Hq, Wq) in blocks of bq x bq, k the key / value map (G, d + dv, H, W)."""
     rel_h, rel_w, base_h, base_w, mask_h, mask_w = tables
     (nh, bq), (nw, bq_w), kh, kw = base_h.shape, base_w.shape, mask_h.shape[-1], mask_w.shape[-1]
-    maps = v is None
-    if maps:
+    if v is None:
         g, d, hq, wq = q.shape
         n, dv, num_q = g * nh * nw, k.shape[1] - d, bq * bq
         fits = k.dim() == 4 and k.shape[0] == g and dv > 0 and -(-hq // bq) == nh and -(-wq // bq) == nw
@@ -331,39 +317,35 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], table
     return n, d, dv, num_q, kh, kw, nh, nw, bq
 
 
-def _layouts(q, k, v, out, window: List[int], geometry) -> Layouts:
+def _chunk(n: int) -> int:
+    return max(1, -(-n // (8 * torch.get_num_threads())))
+
+
+def _run(kernel: _Kernel, backward: bool, scale: float, geometry, window: List[int], **tensors: torch.Tensor) -> None:
+    """The C kernel over all windows, in ranges of ``_chunk`` windows: on PyTorch's OpenMP team in one C call where
+    the library has one (a Ctrl-C is raised when the call has returned), else spread over the tile pool's threads, a
+    few ranges per thread, so a thread slowed by another process hands its share to the others. ``tensors``: the
+    kernel's operands by name (the fields of HaloArgs); they, and so the memory the kernel reads, live until every
+    range has ended (``run_tiles`` waits for them, also on an error or a KeyboardInterrupt)."""
     n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
-    if window:  # maps
+    q, k, v, out = (tensors[name] for name in ('q', 'k', 'v', 'out'))
+    if window:  # maps: query blocks of bq x bq; block (by, bx)'s key window at (by * step_h - pad_h, ...)
         step_h, pad_h, step_w, pad_w = window
-        lay_k = _map_layout(k, step_h, step_w, pad_h, pad_w)
-        lay_v = Layout.from_buffer_copy(lay_k)
-        return Layouts(_map_layout(q, bq, bq, 0, 0), lay_k, lay_v, _map_layout(out, bq, bq, 0, 0))
-    return Layouts(_windows_layout(q, nh, nw, bq, bq), _windows_layout(k, nh, nw, kh, kw),
-                   _windows_layout(v, nh, nw, kh, kw), _windows_layout(out, nh, nw, bq, bq))
-
-
-def _run(kernel: _Kernel, backward: bool, scale: float, geometry, lay: Layouts, **tensors: torch.Tensor) -> None:
-    """The C kernel over all windows, in ranges spread over the tile pool's threads: a few ranges per thread, so a
-    thread slowed by another process hands its share to the others. ``tensors``: the kernel's operands by name (the
-    fields of HaloArgs); they, and so the memory the kernel reads, live until every range has ended (``run_tiles``
-    waits for them, also on an error or a KeyboardInterrupt)."""
-    n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
+        blocks, keys = (bq, bq, 0, 0), (step_h, step_w, pad_h, pad_w)
+        lay = Layouts(*(_map_layout(t, *at) for t, at in ((q, blocks), (k, keys), (v, keys), (out, blocks))))
+    else:
+        lay = Layouts(*(_windows_layout(t, nh, nw, *sides) for t, sides in ((q, (bq, bq)), (k, (kh, kw)),
+                                                                           (v, (kh, kw)), (out, (bq, bq)))))
     chunk = _chunk(n)
     args = kernel.args_type(
         d=d, dv=dv, Q=num_q, kh=kh, kw=kw, rows_h=tensors['rel_h'].shape[-2], rows_w=tensors['rel_w'].shape[-2],
         nh=nh, nw=nw, bq=bq, mode=int(_tables_mode(tensors['rel_h'])), calls_stride=chunk, scale=scale, lay=lay,
         **{name: t.data_ptr() for name, t in tensors.items()})
-    fn, pointer = (kernel.bwd if backward else kernel.fwd), ctypes.byref(args)
-
-    def run(start: int, stop: int) -> None:
-        _raise_status(fn(pointer, start, stop))
-
-    threads = torch.get_num_threads()
+    fn, pointer, threads = kernel.ranges[backward], ctypes.byref(args), torch.get_num_threads()
     if kernel.all_ranges is not None and threads > 1 and n > chunk:
-        # one C call: the ranges on PyTorch's OpenMP team; a Ctrl-C is raised when the call has returned
         _raise_status(kernel.all_ranges[backward](pointer, n, chunk, threads))
-    else:
-        run_tiles(run, n, chunk, caller_runs=True)  # a C call runs no ATen ops
+    else:  # the caller runs a share too: a C call runs no ATen ops
+        run_tiles(lambda start, stop: _raise_status(fn(pointer, start, stop)), n, chunk, caller_runs=True)
 
 
 def _raise_status(status: int) -> None:
@@ -372,60 +354,43 @@ def _raise_status(status: int) -> None:
         raise kind(f'HaloAttention: {message}')
 
 
-def _chunk(n: int) -> int:
-    return max(1, -(-n // (8 * torch.get_num_threads())))
-
-
-_TABLE_NAMES = ('rel_h', 'rel_w', 'base_h', 'base_w', 'mask_h', 'mask_w')
-
-
-def _operands(q, k, v, tables):
-    """Contiguous operands; with maps, ``v`` is the value channels of the key / value map ``k``."""
+def _prepare(q, k, v, tables, *others: torch.Tensor):
+    """The kernel, the checked geometry, contiguous operands and the tables by name; with maps (``v`` None), ``v``
+    is the value channels of the key / value map ``k``."""
+    kernel = _library(_check(q, k, *([] if v is None else [v]), *tables[:2], *tables[4:], *others))
+    geometry = _geometry(q, k, v, tables)
     q, k, *tables = (t.contiguous() for t in (q, k, *tables))
-    v_ptr = k[:, q.shape[1]:] if v is None else v.contiguous()
-    return q, k, v_ptr, tables
+    return kernel, geometry, q, k, k[:, q.shape[1]:] if v is None else v.contiguous(), dict(zip(_TABLE_NAMES, tables))
 
 
 def _forward(q, k, v, tables, window: List[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    kernel = _library(_check(q, k, *([] if v is None else [v]), *tables[:2], *tables[4:]))
-    geometry = _geometry(q, k, v, tables)
-    n, d, dv, num_q = geometry[:4]
-    q, k, v_in, tables = _operands(q, k, v, tables)
-    out = q.new_empty(q.shape[0], dv, *q.shape[2:]) if v is None else q.new_empty(n, dv, num_q)
-    stats = q.new_empty(n, num_q, 2)  # per query: max logit, 1 / sum of exp
-    lay = _layouts(q, k, v_in, out, window, geometry)
-    _run(kernel, False, scale, geometry, lay, q=q, k=k, v=v_in, **dict(zip(_TABLE_NAMES, tables)), out=out,
-         stats=stats)
+    kernel, geometry, q, k, v_in, named = _prepare(q, k, v, tables)
+    out = q.new_empty(q.shape[0], geometry[2], *q.shape[2:])  # as q, with dv channels
+    stats = q.new_empty(geometry[0], geometry[3], 2)  # per query: max logit, 1 / sum of exp
+    _run(kernel, False, scale, geometry, window, q=q, k=k, v=v_in, **named, out=out, stats=stats)
     return out, stats
 
 
 def _backward(grad_out, q, k, v, tables, out, stats, window: List[int], scale: float):
-    kernel = _library(_check(grad_out, q, k, *([] if v is None else [v]), *tables[:2], *tables[4:], out, stats))
-    geometry = _geometry(q, k, v, tables)
+    kernel, geometry, q, k, v_in, named = _prepare(q, k, v, tables, grad_out, out, stats)
     n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
-    q, k, v_in, tables = _operands(q, k, v, tables)
-    out, stats, grad_out = out.contiguous(), stats.contiguous(), grad_out.contiguous()
     grad_q = torch.empty_like(q)  # laid out as q, as the kernel writes it
     grad_k, grad_v = q.new_empty(n, d, kh * kw), q.new_empty(n, dv, kh * kw)  # windows one after another
-    tables_mode = _tables_mode(tables[0])
-    if tables_mode:  # one table gradient per range of windows (concurrent ranges never share one), summed here
-        calls = -(-n // _chunk(n))
-        rel_grads = [t.new_zeros(calls, *t.shape) for t in tables[:2]]
-    else:
-        rel_grads = [t.new_empty(t.shape) for t in tables[:2]]
-    lay = _layouts(q, k, v_in, out, window, geometry)
-    _run(kernel, True, scale, geometry, lay, q=q, k=k, v=v_in, **dict(zip(_TABLE_NAMES, tables)), out=out,
-         stats=stats, grad_out=grad_out, grad_q=grad_q, grad_k=grad_k, grad_v=grad_v, grad_rel_h=rel_grads[0],
-         grad_rel_w=rel_grads[1])
-    if tables_mode:
-        rel_grads = [g.sum(0) for g in rel_grads]
+    # tables: one table gradient per range of windows (concurrent ranges never share one), summed here
+    calls = -(-n // _chunk(n)) if _tables_mode(named['rel_h']) else 0
+    grad_h, grad_w = (t.new_zeros(calls, *t.shape) if calls else t.new_empty(t.shape) for t in tables[:2])
+    _run(kernel, True, scale, geometry, window, q=q, k=k, v=v_in, **named, out=out.contiguous(),
+         stats=stats.contiguous(), grad_out=grad_out.contiguous(), grad_q=grad_q, grad_k=grad_k, grad_v=grad_v,
+         grad_rel_h=grad_h, grad_rel_w=grad_w)
+    if calls:
+        grad_h, grad_w = grad_h.sum(0), grad_w.sum(0)
     if v is None:  # the windows' gradients summed back into the key / value map
         step_h, pad_h, step_w, pad_w = window
         padded = [(nh - 1) * step_h + kh, (nw - 1) * step_w + kw]
         grad_kv = scatter_windows(grad_k, grad_v, [k.shape[0], d + dv, *padded], 1, d, step_h, kh, step_w, kw)
         grad_k = F.pad(grad_kv, [-pad_w, pad_w + k.shape[3] - padded[1], -pad_h, pad_h + k.shape[2] - padded[0]])
         grad_v = grad_k.new_empty(0)
-    return grad_q, grad_k, grad_v, *rel_grads
+    return grad_q, grad_k, grad_v, grad_h, grad_w
 
 
 # flexible_layout: inductor may pass any strides (the implementation makes its operands contiguous); matching them
@@ -433,6 +398,12 @@ def _backward(grad_out, q, k, v, tables, out, stats, window: List[int], scale: f
 # custom_op takes no tags (its inductor does not ask for exact strides).
 _FLEXIBLE = {'tags': (torch.Tag.flexible_layout,)} if 'tags' in inspect.signature(torch.library.custom_op).parameters \
     else {}
+
+
+def _per_head(heads: int, *maps: torch.Tensor) -> List[torch.Tensor]:
+    """(B, heads * C, H, W) maps as (B * heads, C, H, W): in here, not in the caller's graph, where inductor would
+    have to order the strides of a reshaped convolution output of symbolic size."""
+    return [m.contiguous().view(m.shape[0] * heads, m.shape[1] // heads, *m.shape[2:]) for m in maps]
 
 
 @torch.library.custom_op('timm_halo::attend_fused', mutates_args=(), **_FLEXIBLE)
@@ -446,12 +417,6 @@ def _attend_fused(
         return _forward(q, k, v, tables, window, scale)
     out, stats = _forward(*_per_head(window[0], q, k), None, tables, window[1:], scale)
     return out.view(q.shape[0], k.shape[1] - q.shape[1], *q.shape[2:]), stats
-
-
-def _per_head(heads: int, *maps: torch.Tensor) -> List[torch.Tensor]:
-    """(B, heads * C, H, W) maps as (B * heads, C, H, W): in here, not in the caller's graph, where inductor would
-    have to order the strides of a reshaped convolution output of symbolic size."""
-    return [m.contiguous().view(m.shape[0] * heads, m.shape[1] // heads, *m.shape[2:]) for m in maps]
 
 
 @_attend_fused.register_fake
@@ -488,11 +453,9 @@ def _attend_fused_backward_fake(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, m
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *tables, window, scale = inputs
-    out, stats = output
-    ctx.maps = v is None
-    ctx.save_for_backward(q, k, k if v is None else v, *tables, out, stats)
-    ctx.mark_non_differentiable(stats)
-    ctx.window, ctx.scale = window, scale
+    ctx.maps, ctx.window, ctx.scale = v is None, window, scale
+    ctx.save_for_backward(q, k, k if v is None else v, *tables, *output)
+    ctx.mark_non_differentiable(output[1])  # the stats
 
 
 def _recompute_maps(q, kv, qt_h, qt_w, base_h, base_w, mask_h, mask_w, window: List[int], scale: float):
@@ -534,8 +497,8 @@ def expand_tables(
         q: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor,
         mask_h: torch.Tensor, mask_w: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The per-axis relative terms (rel_h, rel_w of ``attend_broadcast``) that ``attend_fused_tables`` builds from
-    its sources (tables, or each query's products with them), in plain ops (the kernel's double backward, tests)."""
+    """The per-axis terms (rel_h, rel_w of ``attend_broadcast``) that ``attend_fused_tables`` builds from its
+    sources, in plain ops (the kernel's double backward, tests)."""
     if _tables_mode(qt_h):
         qt_h, qt_w = torch.matmul(qt_h, q), torch.matmul(qt_w, q)  # (N, rows, bq * bq)
     n, _, num_q = q.shape
@@ -553,59 +516,36 @@ def expand_tables(
             rel_w.permute(0, 1, 2, 4, 5, 3).reshape(n, bq, bq, kw))
 
 
-def _widened(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], Optional[torch.dtype]]:
-    """The kernel computes in fp32 or fp64: other float dtypes (bf16/fp16 under autocast) are widened to fp32, and
-    the result is cast back to the returned dtype."""
-    dtype = tensors[0].dtype
-    if dtype in DTYPES and all(t.dtype == dtype for t in tensors):
-        return tensors, None
-    wide = torch.promote_types(torch.promote_types(*(t.dtype for t in tensors[:2])), torch.float32)
-    return tuple(t.to(wide) for t in tensors), tensors[0].dtype
+def _fused(q: torch.Tensor, kv: torch.Tensor, v: Optional[torch.Tensor], table_h: torch.Tensor,
+           table_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor,
+           mask_w: torch.Tensor, window: List[int], scale: float) -> torch.Tensor:
+    """The op's output; the kernel computes in fp32 or fp64: other float dtypes (bf16/fp16 under autocast) are
+    widened to fp32, and the result is cast back."""
+    floats = [t for t in (q, kv, v, table_h, table_w, mask_h, mask_w) if t is not None]
+    dtype = q.dtype
+    if dtype not in DTYPES or any(t.dtype != dtype for t in floats):
+        wide = torch.promote_types(torch.promote_types(q.dtype, kv.dtype), torch.float32)
+        q, kv, v, table_h, table_w, mask_h, mask_w = (None if t is None else t.to(wide)
+                                                      for t in (q, kv, v, table_h, table_w, mask_h, mask_w))
+    out = _attend_fused(q, kv, v, table_h, table_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h, mask_w,
+                        [int(w) for w in window], scale)[0]
+    return out.to(dtype)
 
 
 def attend_fused_tables(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor,
         base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Fused windowed attention (CPU) that builds each query's relative terms from the relative tables.
-
-    Args:
-        q, k, v, scale: as ``attend_broadcast``; windows ordered (batch x heads, block row, block column).
-        qt_h, qt_w: the height / width tables themselves, (rows, d), whose products with q the kernel takes; or
-            each query's products with every row of them, (N, rows, bq * bq).
-        base_h, base_w: (blocks along H, bq) / (blocks along W, bq) int32: the table row of key row / column 0 for
-            each block and query row / column; key row jh reads row ``base + jh``.
-        mask_h, mask_w: (blocks along H, kh) / (blocks along W, kw) additive border masks.
-
-    Returns:
-        (N, dv, bq * bq)
-    """
-    (q, k, v, qt_h, qt_w, mask_h, mask_w), cast = _widened(q, k, v, qt_h, qt_w, mask_h, mask_w)
-    out = _attend_fused(q, k, v, qt_h, qt_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h, mask_w, [],
-                        scale)[0]
-    return out if cast is None else out.to(cast)
+    """Fused windowed attention (CPU) building each query's relative terms from the tables (docs/kernels.md)."""
+    return _fused(q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, [], scale)
 
 
 def attend_fused_maps(
         q: torch.Tensor, kv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, base_h: torch.Tensor,
         base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, window: List[int], scale: float,
 ) -> torch.Tensor:
-    """``attend_fused_tables`` reading its windows straight from the maps (no window copies in memory).
-
-    Args:
-        q: (B, heads * d, Hq, Wq) queries, in blocks of bq x bq.
-        kv: (B, heads * (d + dv), H, W), per head keys then values; block (by, bx)'s key window starts at row
-            ``by * step_h - pad_h`` and column ``bx * step_w - pad_w`` (``window = [heads, step_h, pad_h, step_w,
-            pad_w]``), positions outside the map being masked.
-        table_h, table_w, base_h, base_w, mask_h, mask_w, scale: as ``attend_fused_tables``.
-
-    Returns:
-        (B, heads * dv, Hq, Wq)
-    """
-    (q, kv, table_h, table_w, mask_h, mask_w), cast = _widened(q, kv, table_h, table_w, mask_h, mask_w)
-    out = _attend_fused(q, kv, None, table_h, table_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h,
-                        mask_w, [int(w) for w in window], scale)[0]
-    return out if cast is None else out.to(cast)
+    """``attend_fused_tables`` reading its windows straight from the q and kv maps (docs/kernels.md)."""
+    return _fused(q, kv, None, table_h, table_w, base_h, base_w, mask_h, mask_w, window, scale)
 
 
 def attend_fused(

@@ -1,9 +1,5 @@
-"""Runs the tiles of a CPU kernel on persistent daemon worker threads, one intra-op thread each.
-
-One barrier per call, not per op, so a core taken by another process slows a call by its share only. A call never
-returns or raises while one of its tiles can run (an error or Ctrl-C stops new tiles, then waits for the running
-ones); concurrent callers share the workers, which only grow; after ``fork`` the child makes its own (docs/kernels.md).
-"""
+"""Runs the tiles of a CPU kernel on persistent daemon worker threads, one intra-op thread each; a call never returns
+or raises while one of its tiles can run (docs/kernels.md, Worker threads)."""
 import os
 import queue
 import threading
@@ -51,8 +47,8 @@ class _Pool:
 
 def _wait_all(events: List[threading.Event],
               on_interrupt: Callable[[], None] = lambda: None) -> Optional[BaseException]:
-    """Wait until every event is set, even through KeyboardInterrupt (``on_interrupt`` is called then); returns
-    the first interruption, for the caller to re-raise once it is safe."""
+    """Wait until every event is set, even through KeyboardInterrupt (then calling ``on_interrupt``); returns the
+    first interruption, for the caller to re-raise once it is safe."""
     interrupted = None
     for event in events:
         while True:
@@ -81,13 +77,9 @@ class _Call:
     """One ``run_tiles`` call: its tiles, the runners taking them, the first error."""
 
     def __init__(self, fn: Callable[[int, int], None], n: int, tile: int, runners: int) -> None:
-        self.fn, self.n, self.tile = fn, n, tile
-        self.lock = threading.Lock()
-        self.next = 0
-        self.stopped = False
+        self.fn, self.n, self.tile, self.running = fn, n, tile, runners
+        self.lock, self.finished, self.next, self.stopped = threading.Lock(), threading.Event(), 0, False
         self.error: Optional[BaseException] = None
-        self.running = runners
-        self.finished = threading.Event()
 
     def _take(self) -> int:
         with self.lock:
@@ -119,17 +111,14 @@ class _Call:
         """Until no runner can touch the call's buffers; then the first error (a tile's or the caller's own
         KeyboardInterrupt) is raised."""
         interrupted = _wait_all([self.finished], self.stop)  # Ctrl-C: no new tiles, the running ones end
-        if interrupted is not None:
-            raise interrupted
-        if self.error is not None:
-            raise self.error
+        if interrupted is not None or self.error is not None:
+            raise interrupted or self.error
 
 
 def run_tiles(fn: Callable[[int, int], None], n: int, tile: int, caller_runs: bool = False) -> None:
-    """Call ``fn(start, stop)`` for consecutive tiles of ``range(n)``: inline when the caller runs one intra-op
-    thread (or there is one tile), else on the worker threads. ``fn`` must write disjoint outputs per tile.
-    ``caller_runs``: the caller is one of the runners (saves a worker's wake-up, about half a millisecond per call;
-    only for an ``fn`` that runs no intra-op parallel ATen ops, which would run on the caller's thread count)."""
+    """Call ``fn(start, stop)`` for consecutive tiles of ``range(n)`` (writing disjoint outputs): inline on one
+    intra-op thread or one tile, else on the workers. ``caller_runs``: the caller is one of the runners (saves a
+    worker's wake-up, about 0.5 ms a call; only for an ``fn`` that runs no intra-op parallel ATen ops)."""
     threads = torch.get_num_threads()
     tiles = -(-n // tile)
     if threads <= 1 or tiles <= 1:

@@ -1,15 +1,5 @@
-"""Tiled windowed attention for CPUs: a flash-attention style kernel as ``torch.library`` custom ops.
-
-The (N, bq^2, keys) logits are built tile by tile in one reused buffer so they stay in cache, and the backward
-pass recomputes them instead of storing them. Operands are channels-first per window (q: d x bq^2, k/v: d x keys):
-on CPU the small-width GEMMs of attention are several times faster in this orientation. Eager mode and
-torch.compile call the same ops (inductor treats each as one opaque node and fuses the reshapes around it).
-
-Higher-order gradients: when the backward runs with ``create_graph=True`` it switches to a differentiable
-recomputation through ``attend_broadcast`` (same maths), so double backward and Hessian products are exact.
-Forward-mode AD and ``torch.func`` transforms are not handled by custom ops: the layer routes those calls to the
-plain path before they reach this kernel.
-"""
+"""Tiled windowed attention for CPUs: a flash-attention style kernel in ATen ops as ``torch.library`` custom ops
+(logits built per tile of windows in one reused buffer, recomputed in the backward; docs/kernels.md)."""
 import threading
 from typing import Callable, Tuple
 
@@ -32,19 +22,9 @@ def _tile_windows(n: int, per_window: int, tile_logits: int) -> int:
     return max(1, budget // max(per_window, 1))
 
 
-def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out[:] = a @ b`` without a temporary when the dtypes allow it (under autocast they may not)."""
-    if out.dtype == a.dtype:
-        return torch.bmm(a, b, out=out)
-    return out.copy_(torch.bmm(a, b))
-
-
-def _sum_into(out: torch.Tensor, x: torch.Tensor, dim: int) -> None:
-    """``out[:] = x.sum(dim)`` without a temporary when the dtypes agree (under autocast they may not)."""
-    if out.dtype == x.dtype:
-        torch.sum(x, dim, out=out)
-    else:
-        out.copy_(x.sum(dim))
+def _into(out: torch.Tensor, op: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
+    """``out[:] = op(x, *args)`` without a temporary when the dtypes agree (under autocast they may not)."""
+    return op(x, *args, out=out) if out.dtype == x.dtype else out.copy_(op(x, *args))
 
 
 def _tile_attention(
@@ -117,11 +97,11 @@ def _backward(
         grad_buf = _scratch_buffer('grad', m * num_q * kh * kw, acc_dtype).view(m, num_q, kh * kw)
         attn = _tile_attention(q[s], k[s], rel_h[s], rel_w[s], scale, attn_buf)
         torch.bmm(grad_out[s], attn.to(v.dtype), out=grad_v[s])
-        grad_logits = _bmm_into(grad_buf, grad_out[s].transpose(1, 2), v[s])
+        grad_logits = _into(grad_buf, torch.bmm, grad_out[s].transpose(1, 2), v[s])
         grad_logits.sub_(delta).mul_(attn)
         grad_logits5 = grad_logits.view(m, bq, bq, kh, kw)
-        _sum_into(grad_rel_h[s], grad_logits5, -1)
-        _sum_into(grad_rel_w[s], grad_logits5, -2)
+        _into(grad_rel_h[s], torch.sum, grad_logits5, -1)
+        _into(grad_rel_w[s], torch.sum, grad_logits5, -2)
         grad_logits = grad_logits.to(q.dtype)
         # The content scale goes on the small (d x queries, d x keys) results, not on the tile of logits.
         torch.bmm(k[s], grad_logits.transpose(1, 2), out=grad_q[s]).mul_(scale)
@@ -136,9 +116,8 @@ def attend_tiled(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
         tile_logits: int = TILE_LOGITS,
 ) -> torch.Tensor:
-    """Tiled windowed attention (CPU kernel): arguments and result as ``attend_broadcast``; at most
-    ``tile_logits`` logits live at a time. The tile size is derived inside the kernel from the real shapes, so
-    compiled graphs with dynamic sizes carry no shape arithmetic for it."""
+    """Tiled windowed attention (CPU): arguments and result as ``attend_broadcast``; at most ``tile_logits`` logits
+    live at a time (the tile derived in here from the real shapes: compiled graphs carry no arithmetic for it)."""
     return _forward(q, k, v, rel_h, rel_w, scale, tile_logits)
 
 
@@ -169,10 +148,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def differentiable_backward(grad_out: torch.Tensor, inputs, recompute: Callable[..., torch.Tensor]) -> tuple:
     """``create_graph=True``: a kernel's gradients through plain ops (``recompute(*inputs)``, the kernel's output
-    in ATen ops), so that they can be differentiated again.
-
-    The recomputation reads fresh aliases of the inputs: ``rel_h``/``rel_w`` are functions of ``q``, and a gradient
-    taken with respect to ``q`` itself would also run through them (counted again by the outer backward)."""
+    in ATen ops), so that they can be differentiated again."""
+    # Fresh aliases of the inputs: rel_h / rel_w are functions of q, and a gradient taken with respect to q itself
+    # would also run through them (counted again by the outer backward).
     aliases = [None if t is None else t.view_as(t) for t in inputs]
     needed = [a for a in aliases if a is not None and a.requires_grad]
     with torch.enable_grad():

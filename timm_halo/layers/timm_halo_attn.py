@@ -1,22 +1,5 @@
-"""timm's ``HaloAttn`` on our kernels: the same constructor, parameters and answers, a faster forward.
-
-timm's pretrained hybrids (halonet26t, sehalonet33ts, halonet50ts, eca_halonext26ts, haloregnetz_b,
-lamhalobotnet50ts_256, halo2botnet50ts_256) use ``timm.layers.halo_attn.HaloAttn``. ``TimmHaloAttn`` subclasses
-it and overrides ``forward`` only, reproducing timm's semantics exactly:
-
-* kv is zero-padded by the halo *after* the projection and the padded keys are attended (content logit 0,
-  value 0): no border mask, no cropped windows;
-* the relative logit of query ``i`` (its index inside the block, after the strided q conv when strided) and key
-  slot ``j`` of the window is ``q_i . R[j - i + win - 1]``, per axis (``pos_embed.height_rel`` / ``width_rel``),
-  scaled with the content logits when ``scale_pos_embed``;
-* q/k and v widths may differ (``qk_ratio``, ``dim_head``); kv channels are ``[k, v]`` per head;
-* stride 2 by the strided q conv, or ``AvgPool2d(2)`` after attention (``avg_down``, odd block sizes).
-
-Those per-axis terms are exactly what our kernels take (``rel_h``/``rel_w``, here without a mask), so the
-blocks and windows go to the same kernels as ``HaloAttention``, chosen as ``HaloAttention``'s
-(``attn_impl`` / ``TIMM_HALO_ATTN_IMPL`` / ``'auto'``, see ``kernels.py``). ``timm_halo.accelerate`` swaps the
-class of existing ``HaloAttn`` instances to this one (state dict, hooks and parameters untouched).
-"""
+"""timm's ``HaloAttn`` on our kernels: the same constructor, parameters and answers, a faster forward (its semantics
+and how they map onto the kernels: docs/kernels.md; ``timm_halo.accelerate`` swaps existing instances' class)."""
 from typing import Optional, Tuple
 
 import torch
@@ -33,14 +16,8 @@ __all__ = ['TimmHaloAttn']
 
 @register_notrace_module  # a leaf for torch.fx (timm's feature extraction): the shape checks need real sizes
 class TimmHaloAttn(KernelChoice, HaloAttn):
-    """``timm.layers.halo_attn.HaloAttn`` with the forward pass on timm-halo's kernels (same maths, same state dict).
-
-    Args: those of ``HaloAttn``, plus ``attn_impl``: ``'auto'``, ``'tiled'`` (CPU), ``'sdpa'`` or
-    ``'broadcast'``; ``None`` reads ``TIMM_HALO_ATTN_IMPL``, else ``'auto'`` (as ``HaloAttention``).
-
-    Unlike timm's ``assert``, an input whose height or width is not a multiple of ``block_size`` raises a
-    ``ValueError``.
-    """
+    """``HaloAttn`` (its args, plus ``attn_impl`` as ``HaloAttention``'s) with the forward on timm-halo's kernels;
+    a height or width not a multiple of ``block_size`` is a ValueError (timm: an assert)."""
 
     def __init__(self, *args, attn_impl: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
