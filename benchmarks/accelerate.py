@@ -3,7 +3,6 @@ step, whole model; what each contender is: docs/benchmarks.md.
 
     python -m benchmarks.accelerate [--models NAME ...] [--attn-impl IMPL ...] [--no-train] [--no-bound] [...]
 """
-import argparse
 import os
 from functools import partial
 from typing import List
@@ -12,7 +11,7 @@ import timm
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from benchmarks.plot import save_results, table
+from benchmarks.plot import save_results, script_parser
 from timm_halo import accelerate, bench
 from timm_halo.layers import ATTN_IMPLS
 
@@ -43,8 +42,7 @@ def _bound(name: str) -> torch.nn.Module:
 def _accelerated(name: str, impl: str) -> torch.nn.Module:
     model = timm.create_model(name)
     # The GMACs are counted on the meta device, where only the plain kernels run (same MACs).
-    on_meta = next(model.parameters()).device.type == 'meta'
-    return accelerate(model, attn_impl='auto' if on_meta else impl)
+    return accelerate(model, attn_impl='auto' if next(model.parameters()).device.type == 'meta' else impl)
 
 
 def contenders(names: List[str], impls: List[str], bound: bool) -> List[bench.ModelSpec]:
@@ -63,21 +61,18 @@ def ratios(results: List[bench.ModelResult], names: List[str]) -> List[dict]:
     rows = []
     for mode in dict.fromkeys(r.mode for r in results):
         for name in names:
-            stock = by_label[f'{name} {STOCK}', mode]
-            row = dict(model=name, img_size=stock.img_size, mode=mode, ms={}, speedup={})
-            for kind in kinds:
-                r = by_label[f'{name} {kind}', mode]
-                row['ms'][kind] = r.seconds * 1e3
-                row['speedup'][kind] = stock.seconds / r.seconds
-            rows.append(row)
+            stock, runs = by_label[f'{name} {STOCK}', mode], {k: by_label[f'{name} {k}', mode] for k in kinds}
+            rows.append(dict(model=name, img_size=stock.img_size, mode=mode,
+                             ms={k: r.seconds * 1e3 for k, r in runs.items()},
+                             speedup={k: stock.seconds / r.seconds for k, r in runs.items()}))
     return rows
 
 
 def format_ratios(rows: List[dict]) -> str:
     kinds = [k for k in rows[0]['ms'] if k != STOCK]
     cells = [dict(r, **{k: f"{r['ms'][k]:.1f} ({r['speedup'][k]:.2f}x)" for k in kinds}) for r in rows]
-    return table(['model', ('input', 'img_size', '{}'), 'mode', (f'{STOCK} ms', 'ms', lambda ms: f'{ms[STOCK]:.1f}'),
-                  *[(f'{k} ms (speedup)', k, '{}') for k in kinds]], cells)
+    columns = ['model', ('input', 'img_size', '{}'), 'mode', (f'{STOCK} ms', 'ms', lambda ms: f'{ms[STOCK]:.1f}')]
+    return bench.table(columns + [(f'{k} ms (speedup)', k, '{}') for k in kinds], cells)
 
 
 def format_goals(rows: List[dict]) -> str:
@@ -85,40 +80,34 @@ def format_goals(rows: List[dict]) -> str:
     cells = [dict(r, target=f">= {GOALS[r['mode']]:g}x", met='yes' if r['speedup'][FAST] >= GOALS[r['mode']] else 'no',
                   **{k: f"{r['speedup'][k]:.2f}x" for k in kinds})
              for r in rows if r['model'] in GOAL_MODELS and r['mode'] in GOALS]
-    return table(['model', 'mode', 'target', *kinds, ('met (accelerated)', 'met', '{}')], cells)
+    return bench.table(['model', 'mode', 'target', *kinds, ('met (accelerated)', 'met', '{}')], cells)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_run_args(parser, cpu_batch_size=2)
+    parser = script_parser(__doc__, cpu_batch_size=2)
     parser.add_argument('--models', nargs='+', default=MODELS, choices=MODELS, metavar='NAME',
                         help='default: all seven')
     parser.add_argument('--no-train', action='store_true', help='inference only: skip the train step')
     parser.add_argument('--attn-impl', nargs='+', default=['auto'], choices=['auto', *ATTN_IMPLS],
                         help="accelerated contenders, one per kernel choice (default: auto; e.g. auto tiled)")
     parser.add_argument('--no-bound', action='store_true', help='skip the no-attention bound')
-    parser.add_argument('--plot', metavar='PATH', help='also draw the speedups as a PNG (needs matplotlib)')
     args = parser.parse_args()
     if args.compile or args.channels_last or args.amp:
         parser.error('--compile, --channels-last and --amp are not part of this comparison')
-    device, _, batch_size, repeats = bench.resolve_run(args, parser)
+    run = bench.resolve_run(args, parser)
     load_before = os.getloadavg()
-    specs = contenders(args.models, args.attn_impl, bound=not args.no_bound)
-    results: List[bench.ModelResult] = []
-    for train in (False,) if args.no_train else (False, True):
-        with bench.busy_load(args.load):
-            results += bench.measure_models(specs, device, batch_size, train=train, repeats=repeats, warmup=args.warmup)
+    results = bench.measure_modes(contenders(args.models, args.attn_impl, bound=not args.no_bound), args, run,
+                                  (False,) if args.no_train else (False, True))
     before, after = ('/'.join(f'{v:.1f}' for v in load) for load in (load_before, os.getloadavg()))
-    what = f'timm halo models, stock vs accelerated, batch {batch_size}, {repeats} repeats'
-    header = bench.run_header(device, what, args) + (f' | load average (1/5/15 min) before {before}, after {after} '
-                                                     f'on {os.cpu_count()} cores')
+    what = f'timm halo models, stock vs accelerated, batch {run[2]}, {run[3]} repeats'
+    header = (bench.run_header(run[0], what, args)
+              + f' | load average (1/5/15 min) before {before}, after {after} on {os.cpu_count()} cores')
     ratio_rows = ratios(results, args.models)
     print(f'{header}\n{bench.format_table(results)}\n\n{format_ratios(ratio_rows)}')
     if any(n in args.models for n in GOAL_MODELS):
         print(f'\nGoals (CPU, 256 px):\n{format_goals(ratio_rows)}')
-    data = dict(benchmark='accelerate', header=header, args=vars(args), rows=[r.as_dict() for r in results],
-                ratios=ratio_rows, goals=GOALS, goal_models=GOAL_MODELS)
-    save_results(data, args.json, args.plot)
+    save_results(dict(benchmark='accelerate', header=header, args=vars(args), rows=[r.as_dict() for r in results],
+                      ratios=ratio_rows, goals=GOALS, goal_models=GOAL_MODELS), args)
 
 
 if __name__ == '__main__':

@@ -1,21 +1,8 @@
-"""Deployment speed: halonet_h1 inference at batch 1 and 8 in PyTorch eager, torch.compile and ONNX Runtime.
+"""Deployment speed: halonet_h1 inference at batch 1 and 8 in PyTorch eager, torch.compile and ONNX Runtime; the
+contenders, backends and ratios: docs/benchmarks.md.
 
     python -m benchmarks.deploy [--batch-sizes 1 8] [--repeats N] [--compile] [--no-onnx] [--img-size 256]
                                 [--threads N] [--load N] [--json PATH] [--ort-profile N] [--quick]
-
-Contenders: ours ``timm.create_model('halonet_h1')``, timm's ByobNet ``timm.models.byoanet.halonet_h1()`` and
-``timm.create_model('resnet50')``, all at 256 px, eval mode under ``torch.inference_mode``. Backends: PyTorch
-eager; ``torch.compile`` (inductor; opt-in with --compile, compiling takes minutes on 2 cores); ONNX Runtime's CPU
-execution provider on the file of ``timm_halo.export.export_onnx`` (dynamic batch, default graph optimizations,
-intra-op threads = ``torch.get_num_threads()``, spinning off unless --ort-spin: see ``ort_session``). Every
-(backend, model, batch) of one batch size is timed round-robin in one process (medians,
-``timm_halo.bench.interleaved_medians``); GMACs per image are counted on a
-meta-device copy. Ratios are taken in the same run: speed against timm's halonet_h1 and resnet50 in the same
-backend, GMAC/s as % of resnet50's, and ours in ORT against ours eager.
-
-``--ort-profile N``: also run ours' ONNX graph N times at batch 1 under ORT's profiler and print where the time
-goes (per op type and the slowest nodes; the profiler's own cost per node inflates the totals). ``--quick``: batch
-1, one round, no warm-up (the test runs it on tiny stand-ins at 64 px: timm's halonet_h1 needs 256 px).
 """
 import argparse
 import json
@@ -30,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 
-from timm_halo.bench import busy_load, interleaved_medians, model_gmacs, write_json
+from timm_halo.bench import busy_load, interleaved_medians, model_gmacs, table, write_json
 from timm_halo.export import export_onnx, onnx_parity
 
 OURS = 'ours halonet_h1'
@@ -48,20 +35,17 @@ TARGETS = ('eager batch 1 vs timm >= 3x', 'eager batch 1 GMAC/s vs resnet50 >= 5
 
 
 def ort_session(path: Path, threads: int, profile_prefix: Optional[str] = None, spin: bool = False) -> Any:
-    """A CPU-EP session with ORT's default graph optimizations and torch's thread count (a fair comparison).
-
-    ``spin=False`` turns off ORT's busy-waiting worker threads: in a round-robin timing they keep spinning after
-    ``run()`` returns and take the cores from the next contender (measured here: a 2.2 ms eager layer call took
-    6.8 ms right after an ORT call with spinning, 2.0 ms without)."""
+    """A CPU-EP session with ORT's default graph optimizations and torch's thread count (a fair comparison)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    # Spinning worker threads keep busy after run() returns and take the cores from the contender timed next
+    # (measured: a 2.2 ms eager layer call took 6.8 ms right after an ORT call with spinning, 2.0 ms without).
     options.add_session_config_entry('session.intra_op.allow_spinning', '1' if spin else '0')
     if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
 
@@ -70,18 +54,13 @@ def _run_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
         model(x)
 
 
-def _run_ort(session: Any, feed: Dict[str, Any]) -> None:
-    session.run(None, feed)
-
-
 def export_contenders(models: Dict[str, torch.nn.Module], img_size: int, out_dir: Path) -> Dict[str, dict]:
-    """Each model exported once with a dynamic batch (example batch 2, so no size-1 specialisation), plus its
-    ORT-vs-eager max abs difference on one batch-1 input."""
+    """Each model exported with a dynamic batch, and its ORT-vs-eager max abs difference on a batch-1 input."""
     info = {}
     for label, model in models.items():
         path = out_dir / f"{label.replace(' ', '_')}.onnx"
-        example = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-        export_onnx(model, path, example)
+        # example batch 2: no size-1 specialisation in the graph
+        export_onnx(model, path, torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)))
         check = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
         info[label] = dict(path=path, max_abs_diff=onnx_parity(path, model, [check]).max_abs_diff)
     return info
@@ -96,84 +75,67 @@ def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int
         torch.manual_seed(0)
         models[label] = factory().eval()
     exported = export_contenders(models, img_size, onnx_dir) if ORT in backends else {}
-    threads = torch.get_num_threads()
-    sessions = {label: ort_session(e['path'], threads, spin=ort_spin) for label, e in exported.items()}
+    sessions = {label: ort_session(e['path'], torch.get_num_threads(), spin=ort_spin) for label, e in exported.items()}
     # One compiled module per model for every batch size: a second batch size recompiles in the warm-up round.
     compiled = {label: torch.compile(m) for label, m in models.items()} if COMPILE in backends else {}
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(2))
-        fns: Dict[Tuple[str, str], Callable[[], None]] = {}
+        fns: Dict[Tuple[str, str], Callable[[], Any]] = {}
         for label in CONTENDERS:
-            fns[(EAGER, label)] = partial(_run_eager, models[label], x)
+            fns[EAGER, label] = partial(_run_eager, models[label], x)
             if label in compiled:
-                fns[(COMPILE, label)] = partial(_run_eager, compiled[label], x)
+                fns[COMPILE, label] = partial(_run_eager, compiled[label], x)
             if label in sessions:
-                fns[(ORT, label)] = partial(_run_ort, sessions[label], {'input': x.numpy()})
-        # torch.compile needs its (slow) first call out of the timed rounds.
+                fns[ORT, label] = partial(sessions[label].run, None, {'input': x.numpy()})
         with busy_load(load):
+            # torch.compile needs its (slow) first call out of the timed rounds.
             seconds = interleaved_medians(fns, repeats=repeats, warmup=max(warmup, 1) if compiled else warmup)
-        rows += [dict(backend=b, model=label, batch=batch, seconds=s, gmacs=gmacs[label]) for (b, label), s in
-                 seconds.items()]
-    for row in rows:
-        row.update(ms=row['seconds'] * 1e3, img_per_s=row['batch'] / row['seconds'])
-        row['gmac_per_s'] = row['gmacs'] * row['img_per_s']
+        rows += [dict(backend=b, model=label, batch=batch, seconds=s, gmacs=gmacs[label], ms=s * 1e3,
+                      img_per_s=batch / s, gmac_per_s=gmacs[label] * batch / s) for (b, label), s in seconds.items()]
     return add_ratios(rows), {k: dict(path=str(v['path']), max_abs_diff=v['max_abs_diff']) for k, v in
                               exported.items()}
 
 
 def add_ratios(rows: List[dict]) -> List[dict]:
-    """Each row's speed against timm's halonet_h1 and resnet50 in the same backend and batch, GMAC/s as % of
-    resnet50's, and (ours) ms against ours eager at the same batch."""
+    """Speed against timm's halonet_h1 and resnet50 in the same backend and batch, GMAC/s as % of resnet50's, and
+    ms against the same model in eager."""
     by_key = {(r['backend'], r['model'], r['batch']): r for r in rows}
     for r in rows:
-        for peer, name in ((TIMM, 'vs_timm'), (RESNET, 'vs_resnet50')):
-            p = by_key.get((r['backend'], peer, r['batch']))
-            r[name] = p['seconds'] / r['seconds'] if p else None
-        p = by_key.get((r['backend'], RESNET, r['batch']))
-        r['gmac_per_s_pct_resnet50'] = 100.0 * r['gmac_per_s'] / p['gmac_per_s'] if p else None
+        timm_h1, r50 = (by_key.get((r['backend'], peer, r['batch'])) for peer in (TIMM, RESNET))
         eager = by_key.get((EAGER, r['model'], r['batch']))
+        r['vs_timm'] = timm_h1['seconds'] / r['seconds'] if timm_h1 else None
+        r['vs_resnet50'] = r50['seconds'] / r['seconds'] if r50 else None
+        r['gmac_per_s_pct_resnet50'] = 100.0 * r['gmac_per_s'] / r50['gmac_per_s'] if r50 else None
         r['ms_vs_eager'] = r['seconds'] / eager['seconds'] if eager else None
     return rows
 
 
-def _fmt(value: Optional[float], spec: str, suffix: str = '') -> str:
-    return '-' if value is None else f'{value:{spec}}{suffix}'
+COLUMNS = ['backend', 'model', ('ms', 'ms', '{:.1f}'), ('img/s', 'img_per_s', '{:.2f}'),
+           ('GMAC/s', 'gmac_per_s', '{:.1f}'), ('vs timm halonet_h1', 'vs_timm', '{:.2f}x'),
+           ('vs resnet50', 'vs_resnet50', '{:.2f}x'), ('GMAC/s % of resnet50', 'gmac_per_s_pct_resnet50', '{:.0f}%'),
+           ('ms / eager', 'ms_vs_eager', '{:.2f}x')]
 
 
 def format_tables(rows: List[dict]) -> str:
     """One markdown table per batch size."""
-    out = []
-    for batch in dict.fromkeys(r['batch'] for r in rows):
-        out += [f'\nbatch {batch}',
-                '| backend | model | ms | img/s | GMAC/s | vs timm halonet_h1 | vs resnet50 | GMAC/s % of resnet50 '
-                '| ms / eager |', '|---' * 9 + '|']
-        for r in (r for r in rows if r['batch'] == batch):
-            out.append(f"| {r['backend']} | {r['model']} | {r['ms']:.1f} | {r['img_per_s']:.2f} "
-                       f"| {r['gmac_per_s']:.1f} | {_fmt(r['vs_timm'], '.2f', 'x')} "
-                       f"| {_fmt(r['vs_resnet50'], '.2f', 'x')} "
-                       f"| {_fmt(r['gmac_per_s_pct_resnet50'], '.0f', '%')} | {_fmt(r['ms_vs_eager'], '.2f', 'x')} |")
-    return '\n'.join(out)
+    return '\n'.join(f'\nbatch {batch}\n' + table(COLUMNS, [r for r in rows if r['batch'] == batch])
+                     for batch in dict.fromkeys(r['batch'] for r in rows))
 
 
 def target_rows(rows: List[dict]) -> List[dict]:
     """The four deployment goals, read off this run (batch 1)."""
-    def ours(backend: str) -> Optional[dict]:
-        return next((r for r in rows if (r['backend'], r['model'], r['batch']) == (backend, OURS, 1)), None)
-
-    eager, ort = ours(EAGER), ours(ORT)
-    values = [eager and eager['vs_timm'], eager and eager['gmac_per_s_pct_resnet50'], ort and ort['vs_timm'],
-              ort and ort['ms_vs_eager']]
+    ours = {r['backend']: r for r in rows if r['model'] == OURS and r['batch'] == 1}
+    eager, ort = ours.get(EAGER, {}), ours.get(ORT, {})
+    values = [eager.get('vs_timm'), eager.get('gmac_per_s_pct_resnet50'), ort.get('vs_timm'), ort.get('ms_vs_eager')]
     return [dict(target=t, value=v) for t, v in zip(TARGETS, values)]
 
 
 def profile_ort(path: Path, img_size: int, runs: int, top: int = 12) -> dict:
     """ORT's own profile of ``runs`` batch-1 calls: summed node time per op type, and the slowest nodes."""
-    prefix = os.path.join(tempfile.mkdtemp(prefix='ort_profile_'), 'ours')
-    session = ort_session(path, torch.get_num_threads(), prefix)
+    session = ort_session(path, torch.get_num_threads(), os.path.join(tempfile.mkdtemp(prefix='ort_profile_'), 'ours'))
     feed = {'input': torch.randn(1, 3, img_size, img_size).numpy()}
-    session.run(None, feed)  # warm-up, dropped below
-    for _ in range(runs):
+    for _ in range(runs + 1):  # the first is a warm-up, dropped below
         session.run(None, feed)
     with open(session.end_profiling()) as f:
         events = json.load(f)
@@ -186,26 +148,21 @@ def profile_ort(path: Path, img_size: int, runs: int, top: int = 12) -> dict:
             op = e.get('args', {}).get('op_name', '?')
             per_type[op] += e['dur']
             per_node[(e['name'][:-len('_kernel_time')], op)] += e['dur']
-    scale = 1e-3 / runs  # microseconds summed over the runs -> ms per run
+    scale, total = 1e-3 / runs, sum(per_type.values())  # microseconds summed over the runs -> ms per run
     timed = sorted(e['dur'] / 1e3 for e in runs_seen[1:])
-    total = sum(per_type.values())
-    return dict(
-        runs=runs, model_run_ms=timed[len(timed) // 2],
-        node_ms=total * scale,
-        op_types=[dict(op=op, ms=t * scale, pct=100.0 * t / total)
-                  for op, t in sorted(per_type.items(), key=lambda kv: -kv[1])],
-        nodes=[dict(node=n, op=op, ms=t * scale) for (n, op), t in sorted(per_node.items(), key=lambda kv: -kv[1])
-               [:top]])
+    return dict(runs=runs, model_run_ms=timed[len(timed) // 2], node_ms=total * scale,
+                op_types=[dict(op=op, ms=t * scale, pct=100.0 * t / total)
+                          for op, t in sorted(per_type.items(), key=lambda kv: -kv[1])],
+                nodes=[dict(node=n, op=op, ms=t * scale)
+                       for (n, op), t in sorted(per_node.items(), key=lambda kv: -kv[1])[:top]])
 
 
 def format_profile(prof: dict) -> str:
-    lines = [f"\nORT profile, ours at batch 1 ({prof['runs']} runs): median model_run {prof['model_run_ms']:.1f} ms, "
-             f"node time {prof['node_ms']:.1f} ms per run",
-             '| op type | ms per run | share |', '|---|---|---|']
-    lines += [f"| {r['op']} | {r['ms']:.1f} | {r['pct']:.1f}% |" for r in prof['op_types'] if r['pct'] >= 0.5]
-    lines += ['\nslowest nodes', '| node | op | ms per run |', '|---|---|---|']
-    lines += [f"| {r['node']} | {r['op']} | {r['ms']:.2f} |" for r in prof['nodes']]
-    return '\n'.join(lines)
+    return (f"\nORT profile, ours at batch 1 ({prof['runs']} runs): median model_run {prof['model_run_ms']:.1f} ms, "
+            f"node time {prof['node_ms']:.1f} ms per run\n"
+            + table([('op type', 'op', '{}'), ('ms per run', 'ms', '{:.1f}'), ('share', 'pct', '{:.1f}%')],
+                    [r for r in prof['op_types'] if r['pct'] >= 0.5])
+            + '\n\nslowest nodes\n' + table(['node', 'op', ('ms per run', 'ms', '{:.2f}')], prof['nodes']))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -233,7 +190,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = [EAGER] + ([COMPILE] if args.compile else []) + ([] if args.no_onnx else [ORT])
-
     with tempfile.TemporaryDirectory() as tmp:
         onnx_dir = Path(args.onnx_dir or tmp)
         onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -241,22 +197,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                  args.load, args.ort_spin)
         prof = profile_ort(Path(exported[OURS]['path']), args.img_size, args.ort_profile) if (
             args.ort_profile and OURS in exported) else None
-
     cpu = platform.processor() or platform.machine()
     quiet = f'{args.load} busy-loop process(es)' if args.load else 'quiet'
     header = (f'Deployment, halonet_h1 @{args.img_size}, {args.repeats} repeats | cpu ({cpu}, '
               f'{torch.get_num_threads()} threads; ORT intra-op threads the same, '
               f'spinning {"on" if args.ort_spin else "off"}) | torch {torch.__version__} '
               f'| timm {timm.__version__} | fp32, inference_mode | {quiet} | medians of interleaved runs')
-    print(header)
-    print(format_tables(rows))
+    print(f'{header}\n{format_tables(rows)}')
     if exported:
         print('\nONNX Runtime vs eager, max |diff| at batch 1: ' + ', '.join(
             f"{k} {v['max_abs_diff']:.2g}" for k, v in exported.items()))
     targets = target_rows(rows)
-    print('\ndeployment goals (batch 1, this run)')
-    for t in targets:
-        print(f"  {t['target']}: {_fmt(t['value'], '.2f')}")
+    print('\ndeployment goals (batch 1, this run)\n' + '\n'.join(
+        f"  {t['target']}: {'-' if t['value'] is None else format(t['value'], '.2f')}" for t in targets))
     if prof:
         print(format_profile(prof))
     write_json(dict(benchmark='deploy', header=header, args=vars(args), rows=rows, onnx=exported, targets=targets,

@@ -15,7 +15,8 @@ import sys
 import time
 import traceback
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from unittest import mock
 
 import timm
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from benchmarks.layer import make_layer
-from benchmarks.plot import table, yes_no
+from benchmarks.plot import yes_no
 from timm_halo import bench  # (importing timm_halo registers halonet_* with timm)
+from timm_halo.bench import table
 from timm_halo.layers import sdpa as sdpa_module
 
 SECTIONS = ('layer', 'sdpa', 'models_eager', 'models_compiled')  # gpu_check.sh runs 'tests' itself, first
@@ -41,11 +43,28 @@ MIN_SAMPLE_S = 0.02  # a timing sample repeats a call to last this long: timing 
 BACKEND_NAMES = {int(b): n for n, b in SDPBackend.__members__.items()}
 
 
-# ---- timing ------------------------------------------------------------------------------------------------------
+# ---- timing and failures -----------------------------------------------------------------------------------------
 
-def left(args) -> float:
-    """Seconds left of this section's budget (its process's time limit, less a margin)."""
-    return args.deadline - time.monotonic()
+def short_error(e: BaseException) -> str:
+    return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
+
+
+def release(device: torch.device) -> None:
+    """Free what a failed call (or a finished mode) left behind."""
+    gc.collect()
+    if device.type == 'cuda':
+        with contextlib.suppress(Exception):  # after a CUDA error this may raise too; the next call reports it
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+
+
+def attempt(fn: Callable[[], Any], device: torch.device) -> Tuple[Any, str]:
+    """(fn(), ''); should it raise, (None, the error in one line), after freeing what the call left behind."""
+    try:
+        return fn(), ''
+    except Exception as e:
+        release(device)
+        return None, short_error(e)
 
 
 def _repeat(fn: Callable[[], None], number: int) -> None:
@@ -63,49 +82,24 @@ def medians(fns: Dict[str, Callable[[], None]], args) -> Dict[str, float]:
     return {n: s / number[n] for n, s in times.items()}
 
 
-def timed(fns: Dict[str, Callable[[], None]], args):
-    """``medians`` of all; should that fail, of each alone, so that a failing contender costs only its own number.
-    Returns (seconds per call, error per contender)."""
-    try:
-        return medians(fns, args), {}
-    except Exception:
-        release(args.device)
-    times, errors = {}, {}
-    for name, fn in fns.items():
-        try:
-            times.update(medians({name: fn}, args))
-        except Exception as e:
-            errors[name] = short_error(e)
-            release(args.device)
-    return times, errors
+def timed(fns: Dict[str, Callable[[], None]], args) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """(seconds per call, error per contender): ``medians`` of all, else of each alone (an error costs one number)."""
+    times, error = attempt(partial(medians, fns, args), args.device)
+    if not error:
+        return times, {}
+    alone = {name: attempt(partial(medians, {name: fn}, args), args.device) for name, fn in fns.items()}
+    return {n: t[n] for n, (t, _) in alone.items() if t}, {n: e for n, (_, e) in alone.items() if e}
 
 
 def guarded(args, need_s: float, base_rows: List[dict], measure: Callable[[], List[dict]]) -> List[dict]:
     """``measure()``'s rows; else ``base_rows`` with why not: too little time left, or the error it raised."""
-    if left(args) < need_s:
+    if args.deadline - time.monotonic() < need_s:
         return [dict(r, note='skipped: time limit') for r in base_rows]
-    try:
-        return measure()
-    except Exception as e:
-        release(args.device)
-        return [dict(r, note=short_error(e)) for r in base_rows]
+    rows, error = attempt(measure, args.device)
+    return [dict(r, note=error) for r in base_rows] if error else rows
 
 
-def release(device: torch.device) -> None:
-    """Free what a failed call left behind."""
-    gc.collect()
-    if device.type == 'cuda':
-        with contextlib.suppress(Exception):  # after a CUDA error this may raise too; the next call reports it
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-
-
-def short_error(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [''])[0]
-    return f'{type(e).__name__}: {first[:200]}'
-
-
-def _ratio(a, b) -> Optional[float]:
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None or b == 0 else a / b
 
 
@@ -113,8 +107,7 @@ def _ratio(a, b) -> Optional[float]:
 
 def write_atomic(path: str, text: str) -> None:
     """A kill mid-write leaves the previous version, never half a file."""
-    with open(path + '.tmp', 'w') as f:
-        f.write(text)
+    Path(path + '.tmp').write_text(text)
     os.replace(path + '.tmp', path)
 
 
@@ -138,21 +131,19 @@ def fail_on_purpose(name: str) -> None:
 class Section:
     """One section's rows, rewritten to ``<name>.md`` / ``<name>.json`` after every row and at the end."""
 
-    def __init__(self, name: str, title: str, args, columns: list,
-                 derive: Optional[Callable[[List[dict]], None]] = None):
+    def __init__(self, name: str, title: str, args, columns: list, derive: Optional[Callable[[List[dict]], None]]):
         os.makedirs(args.out, exist_ok=True)
         self.name, self.title, self.meta, self.columns, self.derive = name, title, args.meta, columns, derive
-        self.path = os.path.join(args.out, name)
-        self.rows: List[dict] = []
+        self.path, self.rows, self.start = os.path.join(args.out, name), [], time.monotonic()
         self.status, self.error, self.trace = 'running', None, None
-        self.start = time.monotonic()
         self.write()
 
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.write()
-        if len(self.rows) == 1:
-            fail_on_purpose(self.name)
+    def add(self, *rows: dict) -> None:
+        for row in rows:
+            self.rows.append(row)
+            self.write()
+            if len(self.rows) == 1:
+                fail_on_purpose(self.name)
 
     def write(self) -> str:
         if self.derive:
@@ -164,17 +155,9 @@ class Section:
         status = f'FAILED after {seconds:.0f} s: {self.error}' if self.status == 'failed' else \
             f'{self.status} ({seconds:.0f} s, {len(self.rows)} rows)'
         md = f'## {self.title}\n\nstatus: {status}\n\n{table(self.columns, self.rows) if self.rows else "(no rows)"}\n'
-        if self.trace:
-            md += f'\n```text\n{self.trace}```\n'
+        md += f'\n```text\n{self.trace}```\n' if self.trace else ''
         write_atomic(self.path + '.md', md)
         return md
-
-    def finish(self, error: Optional[BaseException] = None) -> None:
-        self.status = 'ok' if error is None else 'failed'
-        if error is not None:
-            self.error = short_error(error)
-            self.trace = ''.join(traceback.format_exception(type(error), error, error.__traceback__)[-12:])
-        print('\n' + self.write(), flush=True)
 
 
 def environment(args) -> dict:
@@ -183,8 +166,8 @@ def environment(args) -> dict:
                 mode='quick' if args.quick else 'full', date=time.strftime('%Y-%m-%d %H:%M:%S'))
     try:  # informative only: none of it may stop a section
         if args.device.type == 'cuda':
-            meta['device'] = torch.cuda.get_device_name(args.device)
-            meta['flash_built'] = torch.backends.cuda.is_flash_attention_available()
+            meta.update(device=torch.cuda.get_device_name(args.device),
+                        flash_built=torch.backends.cuda.is_flash_attention_available())
         meta['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         meta['tf32'] = f'matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}'
         if hasattr(torch._C, '_get_sdp_priority_order'):
@@ -196,7 +179,7 @@ def environment(args) -> dict:
 
 # ---- the SDPA calls ----------------------------------------------------------------------------------------------
 
-def _eligible(q, k, v) -> Dict[str, bool]:
+def _eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Dict[str, bool]:
     cuda = torch.backends.cuda
     params = cuda.SDPAParams(q, k, v, None, 0.0, False, False)  # attn_mask, dropout, is_causal, enable_gqa
     out = dict(flash=cuda.can_use_flash_attention(params), efficient=cuda.can_use_efficient_attention(params))
@@ -206,14 +189,14 @@ def _eligible(q, k, v) -> Dict[str, bool]:
 
 
 def sdpa_section(sec: Section, args) -> None:
-    amp = torch.bfloat16
     for stage, (channels, size) in args.stages.items():
-        for precision, dtype, pad in (('fp32', None, True), ('bf16', amp, True), ('bf16 narrow-v', amp, False)):
+        for precision, dtype, pad in (('fp32', None, True), ('bf16', torch.bfloat16, True),
+                                      ('bf16 narrow-v', torch.bfloat16, False)):
             measure = partial(_sdpa_rows, stage, channels, size, precision, dtype, pad, args)
-            sec.add(guarded(args, 5, [dict(stage=stage, precision=precision)], measure)[0])
+            sec.add(*guarded(args, 5, [dict(stage=stage, precision=precision)], measure))
 
 
-def _sdpa_rows(stage, channels, size, precision, dtype, pad, args) -> List[dict]:
+def _sdpa_rows(stage: str, channels: int, size: int, precision: str, dtype, pad: bool, args) -> List[dict]:
     layer = make_layer('timm_halo sdpa', channels, args.device)
     x = torch.randn(args.layer_batch, channels, size, size, device=args.device)
     sdpa_module.CUDA_PAD_VALUES_FOR_FLASH = pad
@@ -228,11 +211,9 @@ def _sdpa_rows(stage, channels, size, precision, dtype, pad, args) -> List[dict]
                dtype=dtype, calls_x_windows=f'{len(calls)} x {windows // len(calls)}',
                per_call=' / '.join(str(s[2:]) for s in shapes) + f' {dtype}',
                default_backend=BACKEND_NAMES.get(int(torch._fused_sdp_choice(q, k, v)), '?'), note='')
-    if args.device.type == 'cuda':
-        try:
-            row.update(_eligible(q, k, v))
-        except Exception as e:  # the private eligibility API may differ; the rest of the row stands
-            row['note'] = short_error(e)
+    if args.device.type == 'cuda':  # the private eligibility API may differ; the rest of the row stands
+        eligible, row['note'] = attempt(partial(_eligible, q, k, v), args.device)
+        row.update(eligible or {})
     return [row]
 
 
@@ -243,15 +224,13 @@ SDPA_COLUMNS = ['stage', 'precision', ('calls x windows', 'calls_x_windows', '{}
 
 # ---- the layer ---------------------------------------------------------------------------------------------------
 
-def _layer_call(layer, x, amp, backward: bool, pad: bool) -> None:
+def _layer_call(layer: torch.nn.Module, x: torch.Tensor, amp, backward: bool, pad: bool) -> None:
     sdpa_module.CUDA_PAD_VALUES_FOR_FLASH = pad  # at every call: the contenders alternate
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        if not backward:
-            with torch.no_grad():
-                layer(x)
-            return
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None), \
+            torch.set_grad_enabled(backward):
         out = layer(x)
-    out.float().sum().backward()
+    if backward:
+        out.float().sum().backward()
 
 
 def layer_section(sec: Section, args) -> None:
@@ -260,17 +239,16 @@ def layer_section(sec: Section, args) -> None:
             impls = [i for i in LAYER_IMPLS if not (i == 'ours sdpa narrow-v' and dtype is None)]  # fp32: v narrow
             base = [dict(stage=stage, precision=precision, impl=i) for i in impls]
             measure = partial(_layer_rows, stage, channels, size, precision, dtype, impls, args)
-            for row in guarded(args, 5 if args.quick else 30, base, measure):
-                sec.add(row)
+            sec.add(*guarded(args, 5 if args.quick else 30, base, measure))
 
 
-def _layer_rows(stage, channels, size, precision, dtype, impls, args) -> List[dict]:
+def _layer_rows(stage: str, channels: int, size: int, precision: str, dtype, impls: List[str], args) -> List[dict]:
     torch.manual_seed(0)
     layers = {i: make_layer(LAYER_IMPLS[i], channels, args.device) for i in impls}
     x = torch.randn(args.layer_batch, channels, size, size, device=args.device, requires_grad=True)
     calls = {mode: {i: partial(_layer_call, layers[i], x, dtype, mode == 'fwd_bwd', i != 'ours sdpa narrow-v')
                     for i in impls} for mode in ('fwd', 'fwd_bwd')}
-    res: Dict[str, dict] = {i: {} for i in impls}
+    res: Dict[str, dict] = {i: dict(peak=None) for i in impls}
     notes: Dict[str, str] = {}
     for mode, fns in calls.items():
         times, errors = timed(fns, args)
@@ -278,16 +256,12 @@ def _layer_rows(stage, channels, size, precision, dtype, impls, args) -> List[di
             res[i][mode] = times[i] * 1e3 if i in times else None  # ms
             if i in errors:
                 notes.setdefault(i, f'{mode}: {errors[i]}')
-    for i in impls:
+    for i in impls if args.device.type == 'cuda' else ():  # the allocator's peak of one fwd+bwd above the start's
         layers[i].zero_grad(set_to_none=True)
         x.grad = None
-        res[i]['peak'] = None  # CUDA only: the allocator's peak of one fwd+bwd above what was allocated before it
-        try:
-            if args.device.type == 'cuda':
-                res[i]['peak'] = bench.peak_memory(calls['fwd_bwd'][i], args.device)
-        except Exception as e:
-            notes.setdefault(i, f'peak: {short_error(e)}')
-            release(args.device)
+        res[i]['peak'], error = attempt(partial(bench.peak_memory, calls['fwd_bwd'][i], args.device), args.device)
+        if error:
+            notes.setdefault(i, f'peak: {error}')
     base = res['timm HaloAttn']
     return [dict(stage=stage, precision=precision, impl=i, fwd_ms=r['fwd'], fwd_bwd_ms=r['fwd_bwd'],
                  peak_mib=None if r['peak'] is None else r['peak'] / 2**20,
@@ -302,14 +276,6 @@ LAYER_COLUMNS = ['stage', 'precision', 'impl', ('fwd ms', 'fwd_ms', '{:.2f}'), (
 
 # ---- the models --------------------------------------------------------------------------------------------------
 
-def count_gmacs(name: str, img_size: int) -> Optional[float]:
-    try:
-        return bench.model_gmacs(MODELS[name], img_size)
-    except Exception as e:
-        print(f'{name}: GMACs not counted: {short_error(e)}', flush=True)
-        return None
-
-
 def _set_speed(row: dict, seconds: float, batch: int, train: bool) -> None:
     row['ms'], row['img_per_s'] = seconds * 1e3, batch / seconds
     if row['gmacs'] is not None:
@@ -321,44 +287,48 @@ def models_section(sec: Section, args, compiled: bool) -> None:
     the ready ones are timed round-robin and their rows completed. A kill keeps every row written so far."""
     batch, img, device = args.model_batch, args.img_size, args.device
     names = list(MODELS)[:1] if compiled and args.quick else list(MODELS)  # a dry run compiles ours only
-    variant = 'compiled' if compiled else 'eager'
     need = (5 if args.quick else 60) if compiled else 10  # seconds one model's first call may take
-    gmacs = {m: count_gmacs(m, img) for m in names}
+    gmacs = {}
+    for name in names:
+        gmacs[name], error = attempt(partial(bench.model_gmacs, MODELS[name], img), device)
+        if error:
+            print(f'{name}: GMACs not counted: {error}', flush=True)
     x = torch.randn(batch, 3, img, img, device=device).to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device=device)
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16)
     built: Dict[str, torch.nn.Module] = {}  # one copy per model for both modes: building costs seconds on CPU
+
+    def first_call(name: str, train: bool, row: dict) -> Callable[[], None]:
+        if name not in built:
+            torch.manual_seed(0)
+            built[name] = MODELS[name]().to(device).to(memory_format=torch.channels_last)
+        model = built[name].train(train)
+        model.zero_grad(set_to_none=True)
+        run = torch.compile(model, backend=args.compile_backend, dynamic=False) if compiled else model
+        fn = partial(bench._step, run, x, target if train else None, autocast)
+        row['first_call_s'] = bench.interleaved_medians({name: fn}, repeats=1, warmup=0)[name]
+        return fn
+
     for train in (True,) if compiled and args.quick else (True, False):  # a dry run traces one graph per model
         fns, rows = {}, {}
         for name in names:
-            row = rows[name] = dict(model=name, mode='train' if train else 'infer', variant=variant, img_per_s=None,
-                                    ms=None, gmacs=gmacs[name], gmac_per_s=None, first_call_s=None, note='')
-            if left(args) < need:
-                row['note'] = f'skipped: time limit ({left(args):.0f} s left)'
-                sec.add(row)
-                continue
-            try:
-                if name not in built:
-                    torch.manual_seed(0)
-                    built[name] = MODELS[name]().to(device).to(memory_format=torch.channels_last)
-                model = built[name].train(train)
-                model.zero_grad(set_to_none=True)
-                run = torch.compile(model, backend=args.compile_backend, dynamic=False) if compiled else model
-                fn = partial(bench._step, run, x, target if train else None, autocast)
-                row['first_call_s'] = bench.interleaved_medians({name: fn}, repeats=1, warmup=0)[name]
-                if args.quick:  # the dry run times the first call only: a CPU step costs seconds
+            row = rows[name] = dict(model=name, mode='train' if train else 'infer', img_per_s=None, ms=None,
+                                    variant='compiled' if compiled else 'eager', gmacs=gmacs[name], gmac_per_s=None,
+                                    first_call_s=None, note='')
+            if args.deadline - time.monotonic() < need:
+                row['note'] = f'skipped: time limit ({args.deadline - time.monotonic():.0f} s left)'
+            else:
+                fn, row['note'] = attempt(partial(first_call, name, train, row), device)
+                if fn and args.quick:  # the dry run times the first call only: a CPU step costs seconds
                     _set_speed(row, row['first_call_s'], batch, train)
                     row['note'] = 'first call (quick)'
-                else:
-                    row['note'] = 'timing' if left(args) > 5 else 'skipped: time limit'
-                    fns[name] = fn
-            except Exception as e:
-                row['note'] = short_error(e)
-                release(device)
+                elif fn:
+                    row['note'] = 'timing' if args.deadline - time.monotonic() > 5 else 'skipped: time limit'
+                    fns.update({name: fn} if row['note'] == 'timing' else {})
             sec.add(row)
-        times, errors = timed({n: f for n, f in fns.items() if rows[n]['note'] == 'timing'}, args)
+        times, errors = timed(fns, args)
         for name in fns:
-            rows[name]['note'] = errors.get(name, '' if name in times else rows[name]['note'])
+            rows[name]['note'] = errors.get(name, '')
             if name in times:
                 _set_speed(rows[name], times[name], batch, train)
         sec.write()
@@ -370,8 +340,7 @@ def model_ratios(rows: List[dict]) -> None:
     """Each row against timm's halonet_h1 (img/s) and resnet50 (GMAC/s) of the same mode and variant."""
     by = {(r['model'], r['mode'], r['variant']): r for r in rows}
     for r in rows:
-        timm_h1 = by.get(('timm halonet_h1', r['mode'], r['variant']), {})
-        r50 = by.get(('resnet50', r['mode'], r['variant']), {})
+        timm_h1, r50 = (by.get((m, r['mode'], r['variant']), {}) for m in ('timm halonet_h1', 'resnet50'))
         r['x_timm_halonet'] = _ratio(r['img_per_s'], timm_h1.get('img_per_s'))
         pct = _ratio(r['gmac_per_s'], r50.get('gmac_per_s'))
         r['gmac_per_s_pct_resnet50'] = None if pct is None else 100 * pct
@@ -388,112 +357,101 @@ MODEL_COLUMNS = ['model', 'mode', 'variant', ('img/s', 'img_per_s', '{:.0f}'), (
 
 def targets(layer: List[dict], models: List[dict]) -> List[dict]:
     """The performance goals: measure, value, target ('>= 4x', '<= 0.3x', '>= 50%'), met, where it was measured."""
-    def best(stage):  # our fastest bf16 sdpa variant at a stage
+    def best(stage: str) -> dict:  # our fastest bf16 sdpa variant at a stage
         rows = [r for r in layer if r['stage'].startswith(stage + ' ') and r['precision'] == 'bf16' and
                 r['impl'].startswith('ours sdpa') and r.get('fwd_bwd_x_timm') is not None]
         return max(rows, key=lambda r: r['fwd_bwd_x_timm'], default={})
 
     s1, s3 = best('stage1'), best('stage3')
-    goals = [('layer fwd+bwd stage 1, bf16 (x timm)', s1.get('fwd_bwd_x_timm'), '{:.2f}x', '>= 4x', s1.get('impl')),
-             ('layer peak memory stage 1, bf16 (/ timm)', s1.get('mem_vs_timm'), '{:.2f}x', '<= 0.3x', s1.get('impl')),
-             ('layer fwd+bwd stage 3, bf16 (x timm)', s3.get('fwd_bwd_x_timm'), '{:.2f}x', '>= 2x', s3.get('impl'))]
+    goals = [('layer fwd+bwd stage 1, bf16 (x timm)', s1.get('fwd_bwd_x_timm'), '>= 4x', s1.get('impl')),
+             ('layer peak memory stage 1, bf16 (/ timm)', s1.get('mem_vs_timm'), '<= 0.3x', s1.get('impl')),
+             ('layer fwd+bwd stage 3, bf16 (x timm)', s3.get('fwd_bwd_x_timm'), '>= 2x', s3.get('impl'))]
     for r in models:
         if r['model'] == 'ours halonet_h1' and r['mode'] == 'train':
-            goals += [(f'halonet_h1 train step, {r["variant"]} (x timm halonet_h1)', r.get('x_timm_halonet'),
-                       '{:.2f}x', '>= 3x', r['variant']),
-                      (f'halonet_h1 train GMAC/s, {r["variant"]} (% of resnet50)', r.get('gmac_per_s_pct_resnet50'),
-                       '{:.0f}%', '>= 50%', r['variant'])]
+            v = r['variant']
+            goals += [(f'halonet_h1 train step, {v} (x timm halonet_h1)', r.get('x_timm_halonet'), '>= 3x', v),
+                      (f'halonet_h1 train GMAC/s, {v} (% of resnet50)', r.get('gmac_per_s_pct_resnet50'), '>= 50%', v)]
     out = []
-    for measure, value, fmt, target, where in goals:
+    for measure, value, target, where in goals:
         op, bound = target.split()
         met = value is not None and (value >= float(bound[:-1]) if op == '>=' else value <= float(bound[:-1]))
-        out.append(dict(measure=measure, value='-' if value is None else fmt.format(value), target=target, met=met,
-                        where=where))
+        shown = '-' if value is None else f'{value:.0f}%' if bound.endswith('%') else f'{value:.2f}x'
+        out.append(dict(measure=measure, value=shown, target=target, met=met, where=where))
     return out
 
 
 def summary(out_dir: str) -> int:
     """gpu.md / gpu.json from the sections' files: environment, status of each, their tables, the targets."""
-    found = {}
+    out, found = Path(out_dir), {}
     for name in ('tests',) + SECTIONS:
-        with contextlib.suppress(OSError, ValueError), open(os.path.join(out_dir, name + '.json')) as f:
-            found[name] = json.load(f)
+        with contextlib.suppress(OSError, ValueError):
+            found[name] = json.loads((out / f'{name}.json').read_text())
     meta = dict(next((d['meta'] for d in found.values() if d.get('meta')), {}))
     meta.pop('budget_s', None)  # each section's own
     status = table(['section', 'status', ('s', 's', '{:.0f}'), 'rows', 'error'], [
         dict(section=n, status=d.get('status'), s=d.get('wall_s', d.get('seconds')), rows=len(d.get('rows') or []),
              error=d.get('error') or '') for n, d in found.items()])
-    parts = ['# GPU check\n', '\n'.join(f'- {k}: {v}' for k, v in meta.items()) + '\n', status + '\n']
-    for name in found:
-        with open(os.path.join(out_dir, name + '.md')) as f:
-            parts.append(f.read())
     layer = [r for r in found.get('layer', {}).get('rows', []) if r.get('fwd_bwd_x_timm') is not None]
     models = [r for n in ('models_eager', 'models_compiled') for r in found.get(n, {}).get('rows', [])
               if 'model' in r]
     goals = targets(layer, models)
     columns = ['measure', 'value', 'target', ('met', 'met', yes_no), ('best variant', 'where', '{}')]
-    parts.append('## Performance goals\n\n' + table(columns, goals) + '\n')
-    write_atomic(os.path.join(out_dir, 'gpu.md'), '\n'.join(parts))
-    write_atomic(os.path.join(out_dir, 'gpu.json'),
-                 json.dumps(dict(meta=meta, sections=found, targets=goals), indent=1, default=str))
+    parts = ['# GPU check\n', '\n'.join(f'- {k}: {v}' for k, v in meta.items()) + '\n', status + '\n',
+             *[(out / f'{name}.md').read_text() for name in found], '## Performance goals\n\n' + table(columns, goals)]
+    write_atomic(str(out / 'gpu.md'), '\n'.join(parts) + '\n')
+    write_atomic(str(out / 'gpu.json'), json.dumps(dict(meta=meta, sections=found, targets=goals), indent=1,
+                                                   default=str))
     return 0
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
 
 def run_section(name: str, args) -> bool:
+    """One section, its files written as it goes; any error (not only out-of-memory) is recorded in them."""
     args.deadline = time.monotonic() + args.budget
-    medians_of = f'medians of {args.repeats}'
-    if name == 'layer':
-        sec = Section(name, f'Layer vs timm HaloAttn (batch {args.layer_batch}, {medians_of})', args, LAYER_COLUMNS)
-        run = partial(layer_section, sec, args)
-    elif name == 'sdpa':
-        sec = Section(name, f'SDPA calls and backends (batch {args.layer_batch})', args, SDPA_COLUMNS)
-        run = partial(sdpa_section, sec, args)
-    else:
-        compiled = name == 'models_compiled'
-        how = f'torch.compile, backend {args.compile_backend}' if compiled else 'eager'
-        sec = Section(name, f'Models, {how} (batch {args.model_batch}, {args.img_size} px, bf16 autocast, '
-                      f'channels-last, {medians_of})', args, MODEL_COLUMNS, model_ratios)
-        run = partial(models_section, sec, args, compiled)
+    compiled, medians_of = name == 'models_compiled', f'medians of {args.repeats}'
+    how = f'torch.compile, backend {args.compile_backend}' if compiled else 'eager'
+    title, columns, run = dict(
+        layer=(f'Layer vs timm HaloAttn (batch {args.layer_batch}, {medians_of})', LAYER_COLUMNS, layer_section),
+        sdpa=(f'SDPA calls and backends (batch {args.layer_batch})', SDPA_COLUMNS, sdpa_section),
+    ).get(name) or (f'Models, {how} (batch {args.model_batch}, {args.img_size} px, bf16 autocast, channels-last, '
+                    f'{medians_of})', MODEL_COLUMNS, partial(models_section, compiled=compiled))
+    sec = Section(name, title, args, columns, model_ratios if columns is MODEL_COLUMNS else None)
     try:
-        run()
-    except Exception as e:  # any error, not only out-of-memory: recorded, and the next section still runs
-        sec.finish(e)
-        return False
-    sec.finish()
-    return True
+        run(sec, args)
+        sec.status = 'ok'
+    except Exception as e:  # recorded, and the next section still runs
+        sec.status, sec.error = 'failed', short_error(e)
+        sec.trace = ''.join(traceback.format_exception(type(e), e, e.__traceback__)[-12:])
+    print('\n' + sec.write(), flush=True)
+    return sec.status == 'ok'
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--section', default=','.join(SECTIONS), help=f'comma-separated, of {",".join(SECTIONS)}')
-    parser.add_argument('--summary', action='store_true', help='only gather the sections\' files into gpu.md/json')
-    parser.add_argument('--device', default='cuda', help='cuda (default) or cpu (a dry run with --quick)')
-    parser.add_argument('--quick', action='store_true', help='tiny sizes, one sample: checks the script runs')
-    parser.add_argument('--out', default=None, help='output folder (default: $OUT, else benchmarks/out/gpu)')
-    parser.add_argument('--budget', type=float, default=420.0, help='seconds for each section; what would not '
-                        'fit is skipped (and says so)')
-    parser.add_argument('--compile-backend', default=None, help='torch.compile backend (default: inductor; '
-                        'eager for a CPU --quick run)')
+    add = parser.add_argument
+    add('--section', default=','.join(SECTIONS), help=f'comma-separated, of {",".join(SECTIONS)}')
+    add('--summary', action='store_true', help='only gather the sections\' files into gpu.md/json')
+    add('--device', default='cuda', help='cuda (default) or cpu (a dry run with --quick)')
+    add('--quick', action='store_true', help='tiny sizes, one sample: checks the script runs')
+    add('--out', default=None, help='output folder (default: $OUT, else benchmarks/out/gpu)')
+    add('--budget', type=float, default=420.0, help='seconds for each section; what would not fit is skipped')
+    add('--compile-backend', default=None, help='torch.compile backend (default: inductor; eager on CPU --quick)')
     args = parser.parse_args(argv)
     args.out = args.out or os.environ.get('OUT') or os.path.join('benchmarks', 'out', 'gpu')
     if args.summary:
         return summary(args.out)
     names = [s for s in args.section.split(',') if s]
-    unknown = set(names) - set(SECTIONS)
-    if unknown:
+    if unknown := set(names) - set(SECTIONS):
         parser.error(f'unknown section(s) {sorted(unknown)}; known: {", ".join(SECTIONS)}')
-    args.device = torch.device(args.device)
+    args.device, quick = torch.device(args.device), args.quick
     if args.device.type == 'cuda' and not torch.cuda.is_available():
         print('no CUDA device: run with --device cpu --quick for a dry run', file=sys.stderr)
         return 2
-    quick = args.quick
     args.layer_batch, args.model_batch = (2, 1) if quick else (64, 128)
     args.img_size = 256  # timm's halonet_h1 needs every stage's map divisible by its block size 8
     args.repeats, args.warmup = (1, 0) if quick else (10, 3)
-    if args.compile_backend is None:
-        args.compile_backend = 'eager' if quick and args.device.type == 'cpu' else 'inductor'
+    args.compile_backend = args.compile_backend or ('eager' if quick and args.device.type == 'cpu' else 'inductor')
     # the dry run: stage 1 (maps of several blocks) and stage 4 (one block), the two shapes of the code path
     sizes = {k: (c, max(8, s // 4)) for k, (c, s) in STAGES.items() if k in ('stage1', 'stage4')} if quick else STAGES
     args.stages = {f'{k} C{c} {s}x{s}': (c, s) for k, (c, s) in sizes.items()}

@@ -8,15 +8,14 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
-import platform
 from functools import partial
 from typing import Dict, List, Tuple
 
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from benchmarks.plot import save_results, table
-from timm_halo.bench import busy_load, interleaved_medians, peak_memory, peak_memory_in_child
+from benchmarks.plot import save_results, script_parser
+from timm_halo.bench import busy_load, device_name, interleaved_medians, peak_memory, peak_memory_in_child, table
 from timm_halo.layers import HaloAttention
 
 SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
@@ -30,10 +29,7 @@ BLOCK, HALO, HEADS = 8, 3, 8
 KERNELS = ('timm_halo fused', 'timm_halo tiled', 'timm_halo sdpa', 'timm_halo broadcast')
 OURS = ('timm_halo', *KERNELS, 'timm_halo compiled')
 PEERS = ('timm', 'lucidrains')
-
-
-def lucidrains_available() -> bool:
-    return importlib.util.find_spec('halonet_pytorch') is not None
+LUCIDRAINS = importlib.util.find_spec('halonet_pytorch') is not None
 
 
 def make_layer(impl: str, channels: int, device: torch.device) -> torch.nn.Module:
@@ -54,13 +50,11 @@ def make_layer(impl: str, channels: int, device: torch.device) -> torch.nn.Modul
     raise ValueError(impl)
 
 
-def _fwd(layer, x):
-    with torch.no_grad():
-        layer(x)
-
-
-def _fwd_bwd(layer, x):
-    layer(x).sum().backward()
+def _call(layer: torch.nn.Module, x: torch.Tensor, backward: bool) -> None:
+    with torch.set_grad_enabled(backward):
+        out = layer(x)
+    if backward:
+        out.sum().backward()
 
 
 def measure_memory(impl: str, shape: str, device: torch.device) -> int:
@@ -69,19 +63,17 @@ def measure_memory(impl: str, shape: str, device: torch.device) -> int:
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
     # One untimed call first: library start-up (oneDNN primitives, MKL buffers, the compiler's own memory) is
     # not the layer's, and every later training step runs warm.
-    _fwd_bwd(layer, x)
+    _call(layer, x, True)
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    return peak_memory(lambda: _fwd_bwd(layer, x), device)
+    return peak_memory(partial(_call, layer, x, True), device)
 
 
 def impls_to_run(with_compiled: bool, kernels: bool) -> List[str]:
-    impls = ['timm', 'lucidrains', 'timm_halo', *(KERNELS if kernels else ()),
-             *(['timm_halo compiled'] if with_compiled else [])]
-    if not lucidrains_available():
+    if not LUCIDRAINS:
         print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
-        impls.remove('lucidrains')
-    return impls
+    return ['timm', *(['lucidrains'] if LUCIDRAINS else []), 'timm_halo', *(KERNELS if kernels else ()),
+            *(['timm_halo compiled'] if with_compiled else [])]
 
 
 def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> List[dict]:
@@ -91,8 +83,8 @@ def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> 
         layers = {impl: make_layer(impl, channels, device) for impl in impls}
         x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
         with busy_load(load):
-            fwd_t = interleaved_medians({i: partial(_fwd, m, x) for i, m in layers.items()}, repeats)
-            bwd_t = interleaved_medians({i: partial(_fwd_bwd, m, x) for i, m in layers.items()}, repeats)
+            fwd_t, bwd_t = (interleaved_medians({i: partial(_call, m, x, backward) for i, m in layers.items()},
+                                                repeats) for backward in (False, True))
         del layers
         if device.type == 'cuda':
             mem = {i: measure_memory(i, shape, device) for i in impls}
@@ -117,42 +109,26 @@ def ratios(rows: List[dict]) -> List[dict]:
             if ours != peer and (shape, ours) in by_key and (shape, peer) in by_key]
 
 
-def header(device: torch.device, load: int) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
-    peer = f'halonet-pytorch {importlib.metadata.version("halonet-pytorch")}' if lucidrains_available() else 'none'
-    return (f'HaloAttention vs timm HaloAttn and lucidrains ({peer}) | device {device.type} ({name}) | '
-            f'torch {torch.__version__} | {torch.get_num_threads()} threads | medians of interleaved runs | '
-            + (f'{load} busy-loop process(es) running' if load else 'quiet (no other load)'))
-
-
 RATIO_COLUMNS = [('fwd speedup', 'fwd_speedup', '{:.2f}x'), ('fwd+bwd speedup', 'fwd_bwd_speedup', '{:.2f}x'),
                  ('memory ratio', 'memory_ratio', '{:.2f}x')]
 COLUMNS = ['shape', 'impl', ('fwd ms', 'fwd_ms', '{:.1f}'), ('fwd+bwd ms', 'fwd_bwd_ms', '{:.1f}'),
            ('peak MB (fwd+bwd)', 'peak_mb', '{:.0f}'), *RATIO_COLUMNS]
 
 
-def print_tables(rows: List[dict]) -> None:
-    timm_rows = {r['shape']: r for r in rows if r['impl'] == 'timm'}
-    # the ratio columns are vs timm, as in earlier RESULTS.md tables
-    print(table(COLUMNS, [dict(r, **_vs(r, timm_rows[r['shape']])) for r in rows]))
-    print('\nOurs vs each peer (speedup: peer time / ours; memory ratio: ours / peer)')
-    print(table(['shape', 'ours', 'peer', *RATIO_COLUMNS], ratios(rows)))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--repeats', type=int, default=7)
-    parser.add_argument('--compile', action='store_true', help='add torch.compile(HaloAttention) (slow to compile)')
-    parser.add_argument('--kernels', action='store_true', help='add each kernel of the table as a contender')
-    parser.add_argument('--shapes', nargs='+', choices=list(SHAPES), default=None, help='default: all four stages')
-    parser.add_argument('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    parser.add_argument('--load', type=int, default=0, metavar='N', help='N busy-loop processes during the timings')
-    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
-    parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
-    parser.add_argument('--measure-memory', action='store_true', help=argparse.SUPPRESS)
-    parser.add_argument('--impl', help=argparse.SUPPRESS)
-    parser.add_argument('--shape', help=argparse.SUPPRESS)
+    parser = script_parser(__doc__)
+    add = parser.add_argument
+    add('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    add('--repeats', type=int, default=7)
+    add('--compile', action='store_true', help='add torch.compile(HaloAttention) (slow to compile)')
+    add('--kernels', action='store_true', help='add each kernel of the table as a contender')
+    add('--shapes', nargs='+', choices=list(SHAPES), default=None, help='default: all four stages')
+    add('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    add('--load', type=int, default=0, metavar='N', help='N busy-loop processes during the timings')
+    add('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
+    add('--measure-memory', action='store_true', help=argparse.SUPPRESS)  # the child of a CPU memory measurement
+    add('--impl', help=argparse.SUPPRESS)
+    add('--shape', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,11 +139,16 @@ def main() -> None:
         print(json.dumps(dict(peak_bytes=measure_memory(args.impl, args.shape, device))))
         return
     rows = run(device, args.repeats, impls_to_run(args.compile, args.kernels), args.load)
-    print(header(device, args.load))
-    print_tables(rows)
-    data = dict(benchmark='layer', header=header(device, args.load), args=vars(args), rows=rows,
-                ratios=ratios(rows))
-    save_results(data, args.json, args.plot)
+    peer = f'halonet-pytorch {importlib.metadata.version("halonet-pytorch")}' if LUCIDRAINS else 'none'
+    header = (f'HaloAttention vs timm HaloAttn and lucidrains ({peer}) | device {device_name(device)} | '
+              f'torch {torch.__version__} | medians of interleaved runs | '
+              + (f'{args.load} busy-loop process(es) running' if args.load else 'quiet (no other load)'))
+    timm_rows = {r['shape']: r for r in rows if r['impl'] == 'timm'}
+    # the ratio columns are vs timm, as in earlier RESULTS.md tables
+    print(f'{header}\n{table(COLUMNS, [dict(r, **_vs(r, timm_rows[r["shape"]])) for r in rows])}')
+    print('\nOurs vs each peer (speedup: peer time / ours; memory ratio: ours / peer)')
+    print(table(['shape', 'ours', 'peer', *RATIO_COLUMNS], ratios(rows)))
+    save_results(dict(benchmark='layer', header=header, args=vars(args), rows=rows, ratios=ratios(rows)), args)
 
 
 if __name__ == '__main__':

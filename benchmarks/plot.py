@@ -1,4 +1,4 @@
-"""What the benchmark scripts write: markdown tables, ``--json`` files, and their PNGs (``--plot``; needs matplotlib).
+"""What the benchmark scripts share: their parser, ``--json`` / ``--plot`` outputs, and PNGs of any ``--json`` file.
 
     python -m benchmarks.plot RESULTS.json [-o OUT.png] [--loaded LOADED.json]
 """
@@ -8,22 +8,16 @@ import os
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from timm_halo.bench import write_json
+from timm_halo.bench import add_run_args, write_json
 
 
-def table(columns: list, rows: List[dict]) -> str:
-    """Markdown table of ``rows``; a column is a key, or (header, key, format string or function); a missing
-    value shows as '-'."""
-    columns = [(c, c, '{}') if isinstance(c, str) else c for c in columns]
-    lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |', '|' + '---|' * len(columns)]
-    lines += ['| ' + ' | '.join(_cell(r.get(key), fmt) for _, key, fmt in columns) + ' |' for r in rows]
-    return '\n'.join(lines)
-
-
-def _cell(value, fmt) -> str:
-    if value is None:
-        return '-'
-    return (fmt(value) if callable(fmt) else fmt.format(value)).replace('|', '/')
+def script_parser(doc: str, cpu_batch_size: Optional[int] = None) -> argparse.ArgumentParser:
+    """A script's parser with ``--plot``, and ``timm_halo.bench.add_run_args``' options given a CPU batch size."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if cpu_batch_size:
+        add_run_args(parser, cpu_batch_size)
+    parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
+    return parser
 
 
 def yes_no(met: bool) -> str:
@@ -36,7 +30,7 @@ def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel:
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
         ax.bar_label(ax.bar(xs, values, width, label=name), fmt='%.3g', fontsize=7)
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
-    ax.set_ylabel(ylabel)
+    ax.set(ylabel=ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
 
@@ -49,33 +43,29 @@ def _plot_layer(data: Dict[str, Any], fig) -> None:
     # One row per shape: the shapes' times differ by 10x or more, so they get their own axes.
     impls = list(dict.fromkeys(r['impl'] for r in data['rows']))
     by_key = {(r['shape'], r['impl']): r for r in data['rows']}
-    colors = {impl: f'C{i}' for i, impl in enumerate(impls)}
     for row_axes, shape in zip(fig.subplots(len(_shapes(data)), 3, squeeze=False), _shapes(data)):
         present = [i for i in impls if (shape, i) in by_key]
         for ax, key, label in zip(row_axes, ('fwd_ms', 'fwd_bwd_ms', 'peak_mb'), ('fwd ms', 'fwd+bwd ms', 'peak MB')):
-            bars = ax.bar(present, [by_key[shape, i][key] for i in present], color=[colors[i] for i in present])
-            ax.bar_label(bars, fmt='%.3g', fontsize=7)
+            colors = [f'C{impls.index(i)}' for i in present]  # an impl keeps its colour across the shapes
+            ax.bar_label(ax.bar(present, [by_key[shape, i][key] for i in present], color=colors), fmt='%.3g',
+                         fontsize=7)
             ax.set_title(f'{shape}: {label} (lower is better)', fontsize=9)
             ax.tick_params(axis='x', labelsize=8)
 
 
 def _plot_layer_load(data: Dict[str, Any], fig) -> None:
     """fwd+bwd time of every layer contender, quiet (``data``) and under load (``data['loaded']``)."""
-    load = data['loaded']['rows'][0].get('load', '?')
+    runs = {'quiet': data, f"{data['loaded']['rows'][0].get('load', '?')} busy process(es)": data['loaded']}
     for ax, shape in zip(fig.subplots(len(_shapes(data)), 1, squeeze=False)[:, 0], _shapes(data)):
         impls = [r['impl'] for r in data['rows'] if r['shape'] == shape]
-        series = {}
-        for name, run in (('quiet', data), (f'{load} busy process(es)', data['loaded'])):
-            by_impl = {r['impl']: r['fwd_bwd_ms'] for r in run['rows'] if r['shape'] == shape}
-            series[name] = [by_impl.get(i, 0.0) for i in impls]
+        series = {name: [next((r['fwd_bwd_ms'] for r in run['rows'] if (r['shape'], r['impl']) == (shape, i)), 0.0)
+                         for i in impls] for name, run in runs.items()}
         _grouped_bars(ax, impls, series, 'fwd+bwd ms', f'{shape}: fwd+bwd ms, quiet vs loaded (lower is better)')
 
 
 def _plot_model(data: Dict[str, Any], fig) -> None:
-    rows = data['rows']
-    labels = list(dict.fromkeys(f"{r['label']} @{r['img_size']}" for r in rows))
-    modes = list(dict.fromkeys(r['mode'] for r in rows))
-    by_key = {(f"{r['label']} @{r['img_size']}", r['mode']): r for r in rows}
+    by_key = {(f"{r['label']} @{r['img_size']}", r['mode']): r for r in data['rows']}
+    labels, modes = (list(dict.fromkeys(k[i] for k in by_key)) for i in (0, 1))
     for ax, key, label in zip(fig.subplots(1, 2), ('img_per_s', 'gmac_per_s'), ('img/s', 'GMAC/s')):
         series = {m: [by_key[lb, m][key] if (lb, m) in by_key else 0.0 for lb in labels] for m in modes}
         _grouped_bars(ax, labels, series, label, label + ' (higher is better)')
@@ -83,8 +73,7 @@ def _plot_model(data: Dict[str, Any], fig) -> None:
 
 
 def _plot_resolution(data: Dict[str, Any], fig) -> None:
-    rows = data['rows']
-    tol = data.get('tolerance_pct', 15.0)
+    rows, tol = data['rows'], data.get('tolerance_pct', 15.0)
     axes = fig.subplots(1, 2)
     for i, mode in enumerate(dict.fromkeys(r['mode'] for r in rows)):
         sel = [r for r in rows if r['mode'] == mode]
@@ -109,11 +98,11 @@ def _plot_accelerate(data: Dict[str, Any], fig) -> None:
     modes = list(dict.fromkeys(r['mode'] for r in rows))
     for ax, mode in zip(fig.subplots(1, len(modes), squeeze=False)[0], modes):
         sel = [r for r in rows if r['mode'] == mode]
-        series = {k: [r['speedup'][k] for r in sel] for k in sel[0]['speedup'] if k != 'stock'}
         ax.axhline(1.0, color='grey', lw=0.8)
         if mode in goals:
             ax.axhline(goals[mode], color='red', lw=0.8, ls='--',
                        label=f'goal {goals[mode]:g}x ({", ".join(data.get("goal_models", []))})')
+        series = {k: [r['speedup'][k] for r in sel] for k in sel[0]['speedup'] if k != 'stock'}
         _grouped_bars(ax, [r['model'] for r in sel], series, 'speedup over stock (x)',
                       f'{mode}: stock time / contender time (higher is better)')
         ax.tick_params(axis='x', labelrotation=20)
@@ -139,14 +128,14 @@ def plot(data: Dict[str, Any], path: str) -> None:
     fig.suptitle(textwrap.fill(data.get('header', kind), 200), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    print(f'wrote {path}')
 
 
-def save_results(data: Dict[str, Any], json_path: Optional[str], png_path: Optional[str]) -> None:
+def save_results(data: Dict[str, Any], args: argparse.Namespace) -> None:
     """A benchmark script's ``--json`` and ``--plot`` outputs."""
-    write_json(data, json_path)
-    if png_path:
-        plot(data, png_path)
-        print(f'wrote {png_path}')
+    write_json(data, args.json)
+    if args.plot:
+        plot(data, args.plot)
 
 
 def main() -> None:
@@ -160,7 +149,7 @@ def main() -> None:
     if args.loaded:
         with open(args.loaded) as f:
             data = dict(data, benchmark='layer_load', loaded=json.load(f))
-    save_results(data, None, args.output or os.path.splitext(args.json_path)[0] + '.png')
+    plot(data, args.output or os.path.splitext(args.json_path)[0] + '.png')
 
 
 if __name__ == '__main__':

@@ -1,5 +1,5 @@
-"""The benchmark harness of ``timm-halo bench`` and ``benchmarks/``: GMACs, interleaved median timings (contenders
-round-robin in one process, so that a noisy machine slows each alike; docs/benchmarks.md), peak memory, options."""
+"""The benchmark harness of ``timm-halo bench`` and ``benchmarks/``: GMACs, interleaved median timings, peak memory,
+the shared options and tables (docs/benchmarks.md)."""
 import argparse
 import contextlib
 import gc
@@ -115,6 +115,17 @@ def busy_load(processes: int) -> Iterator[None]:
             proc.wait()
 
 
+def table(columns: list, rows: Sequence[dict]) -> str:
+    """Markdown table; a column is a key, or (header, key, format string or function); a missing value shows '-'."""
+    cols = [(c, c, '{}') if isinstance(c, str) else c for c in columns]
+
+    def cell(value: Any, fmt: Any) -> str:
+        return '-' if value is None else (fmt(value) if callable(fmt) else fmt.format(value)).replace('|', '/')
+
+    return '\n'.join(['| ' + ' | '.join(c[0] for c in cols) + ' |', '|' + '---|' * len(cols)] +
+                     ['| ' + ' | '.join(cell(r.get(key), fmt) for _, key, fmt in cols) + ' |' for r in rows])
+
+
 # -- whole models ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -196,12 +207,20 @@ def measure_models(specs: Sequence[ModelSpec], device: torch.device, batch_size:
     return [ModelResult(s.label, s.img_size, batch_size, train, seconds[k], gmacs[k]) for k, s in zip(keys, specs)]
 
 
+def measure_modes(specs: Sequence[ModelSpec], args: argparse.Namespace, run: Tuple[torch.device, Any, int, int],
+                  modes: Sequence[bool] = (False,)) -> List[ModelResult]:
+    """``measure_models`` in each mode (train: True) with ``resolve_run``'s ``run`` and ``add_run_args``' options."""
+    device, amp_dtype, batch_size, repeats = run
+    with busy_load(args.load):
+        return [r for train in modes for r in measure_models(
+            specs, device, batch_size, train, repeats, args.warmup, amp_dtype, args.compile, args.channels_last)]
+
+
 def format_table(results: Sequence[ModelResult]) -> str:
     """Markdown table: one row per contender and mode."""
-    lines = ['| model | input | batch | mode | ms/step | img/s | GMACs/img | GMAC/s |', '|---' * 8 + '|']
-    lines += [f'| {r.label} | {r.img_size} | {r.batch_size} | {r.mode} | {r.seconds * 1e3:.1f} | {r.img_per_s:.2f} '
-              f'| {r.gmacs:.2f} | {r.gmac_per_s:.1f} |' for r in results]
-    return '\n'.join(lines)
+    return table([('model', 'label', '{}'), ('input', 'img_size', '{}'), ('batch', 'batch_size', '{}'), 'mode',
+                  ('ms/step', 'seconds', lambda s: f'{s * 1e3:.1f}'), ('img/s', 'img_per_s', '{:.2f}'),
+                  ('GMACs/img', 'gmacs', '{:.2f}'), ('GMAC/s', 'gmac_per_s', '{:.1f}')], [r.as_dict() for r in results])
 
 
 # -- what every run shares: options, device and AMP, header, JSON ----------------------------------------------
@@ -247,14 +266,20 @@ def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     return device, AMP_DTYPES.get(args.amp), batch_size, repeats
 
 
+def device_name(device: torch.device) -> str:
+    """'cuda (<GPU name>)' or 'cpu (<processor>, N threads)'."""
+    if device.type == 'cuda':
+        return f'cuda ({torch.cuda.get_device_name(device)})'
+    return f'{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
 def run_header(device: torch.device, what: str, args: argparse.Namespace) -> str:
-    where = (f'cuda ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else
-             f'{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
     flags = [f'amp {args.amp}' if args.amp else 'fp32', 'compiled' if args.compile else 'eager']
     flags += (['channels-last'] if args.channels_last else []) + [
         f'{args.load} busy-loop process(es)' if args.load else 'quiet']
-    return (f'{what} | device {where} | torch {torch.__version__} | timm {timm.__version__} | {", ".join(flags)} '
-            f'| medians of interleaved runs | train GMAC/s counts fwd+bwd as {TRAIN_MACS_FACTOR:g}x the forward')
+    return (f'{what} | device {device_name(device)} | torch {torch.__version__} | timm {timm.__version__} | '
+            f'{", ".join(flags)} | medians of interleaved runs | train GMAC/s counts fwd+bwd as '
+            f'{TRAIN_MACS_FACTOR:g}x the forward')
 
 
 def write_json(data: Dict[str, Any], path: Optional[str]) -> None:
