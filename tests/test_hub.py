@@ -567,7 +567,7 @@ def test_cli_hub_export_and_inspect(tmp_path, capsys):
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(ckpt), '--output', str(out),
                      '--model-args', *MODEL_ARGS]) == 1
     err = capsys.readouterr().err
-    assert 'is not empty' in err and 'pass --overwrite' in err  # the CLI flag, not the Python argument
+    assert 'a folder that is not empty' in err and 'pass --overwrite' in err
     with pytest.raises(ValueError, match=r'pass --overwrite \(overwrite=True\)'):
         export_for_hub(ckpt, out, 'halonet_h1', model_args=TINY)
     assert cli_main(['hub-export', '--model', 'halonet_h1', '--checkpoint', str(tmp_path / 'none.pth'),

@@ -1,5 +1,4 @@
-"""Run timm's own halo models (and their pretrained weights) on timm-halo's kernels (docs/accelerate.md):
-``accelerate(model)``, or ``TIMM_HALO_ACCELERATE=1`` for every halo model timm builds."""
+"""timm's halo models on our kernels: ``accelerate(model)``, or ``TIMM_HALO_ACCELERATE=1`` (docs/accelerate.md)."""
 import functools
 import importlib
 import logging

@@ -1,5 +1,4 @@
-"""ONNX and ``torch.export`` of HaloNet models and ``HaloAttention``, checked against eager PyTorch in fp32
-(docs/deployment.md). The batch is dynamic by default; a dynamic height/width works for ONNX only."""
+"""ONNX and ``torch.export`` of HaloNets and ``HaloAttention``, checked against eager PyTorch (docs/deployment.md)."""
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union

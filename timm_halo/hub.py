@@ -1,5 +1,4 @@
-"""Publishing HaloNets and looking into published ones, through timm's own Hub code (docs/hub.md): model cards,
-timm's save_for_hf / push_to_hf_hub with a config.json transformers loads too, `hub-export` and `hub-inspect`."""
+"""Model cards, transformers-ready save_for_hf / push_to_hf_hub, `hub-export`, `hub-inspect` (docs/hub.md)."""
 import argparse
 import copy
 import inspect
@@ -50,8 +49,7 @@ Size = Union[int, Tuple[int, int]]  # a square side, or (height, width)
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """A checkpoint's tensors through timm's ``load_state_dict`` (weights_only, containers and prefixes unwrapped);
-    PretrainedWeightsError for a missing or corrupt file or a pickle that needs more than tensors."""
+    """A checkpoint's tensors through timm's ``load_state_dict``; PretrainedWeightsError where it cannot be read."""
     problem = _pretrained.checkpoint_problem(str(path))
     if problem:
         raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {problem}")
@@ -95,12 +93,7 @@ def unknown_model_args(model_args: Dict[str, Any]) -> List[str]:
     return [f'{key} (did you mean {match[0]}?)' if match else str(key) for key, match in sorted(close.items())]
 
 
-def _size_ok(size: Any, lowest: int) -> bool:
-    sides = list(size) if isinstance(size, (tuple, list)) and len(size) == 2 else [size]
-    return all(_is_count(side) and side >= lowest for side in sides)
-
-
-def _hw(size: Optional[Size]) -> Optional[Tuple[int, int]]:
+def _hw(size: Optional[Size]) -> Optional[Tuple[int, ...]]:
     return None if size is None else tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
@@ -110,7 +103,8 @@ def export_args_problem(model_name: str, model_args: Optional[Dict[str, Any]], i
     if not is_halonet(model_name):
         return f'unknown model {model_name!r}; choose from {", ".join(FAMILY)}'
     lowest = (get_pretrained_cfg(model_name).min_input_size or (3, 32, 32))[-1]
-    if img_size is not None and not _size_ok(img_size, lowest):
+    hw = _hw(img_size)
+    if hw is not None and not (len(hw) == 2 and all(_is_count(side) and side >= lowest for side in hw)):
         return (f"--img-size / img_size must be an integer >= {lowest} (the model's min_input_size), or (height, "
                 f'width) of such, got {img_size!r}')
     unknown = unknown_model_args(model_args or {})
@@ -120,20 +114,8 @@ def export_args_problem(model_name: str, model_args: Optional[Dict[str, Any]], i
     return None
 
 
-def output_problem(output: Union[str, Path], overwrite: bool) -> Optional[str]:
-    """Why ``output`` cannot be exported to, else None."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        return f"Output '{output}' exists and is not a folder; choose a folder"
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        return (f"Output folder '{output}' is not empty; choose a new folder, or pass --overwrite (overwrite=True) "
-                'to write into it (files of the same names are replaced)')
-    return None
-
-
 def check_hub_config(config: Any, where: str) -> None:
-    """PretrainedWeightsError for a config.json (named ``where``) that timm's parser would meet with a bare
-    KeyError / TypeError, or that does not describe a HaloNet of this plugin."""
+    """PretrainedWeightsError for a config.json that timm would misread, or that describes no HaloNet of ours."""
     def refuse(problem: str, remake: bool = True) -> None:
         raise PretrainedWeightsError(f'{where}: {problem}' + (
             '; fix it, or write the folder again with timm.models.save_for_hf / `timm-halo hub-export`' if remake
@@ -236,9 +218,8 @@ _default_card = model_card  # push_to_hf_hub's argument of that name hides it
 
 
 def fix_hub_config(folder: Union[str, Path]) -> bool:
-    """Remove ``model_args.num_classes`` from a timm ``save_for_hf`` folder's config.json, which transformers
-    would pass twice (docs/hub.md); returns whether the file changed. PretrainedWeightsError: no readable
-    config.json, or one that disagrees with itself on the class count."""
+    """Remove ``model_args.num_classes`` (which transformers passes twice) from a save_for_hf folder's config.json;
+    returns whether it changed (docs/hub.md)."""
     path = Path(folder) / 'config.json'
     try:
         config = load_cfg_from_json(path)
@@ -257,8 +238,7 @@ def fix_hub_config(folder: Union[str, Path]) -> bool:
 
 def save_for_hf(model: nn.Module, save_directory: Union[str, Path], model_config: Optional[Dict[str, Any]] = None,
                 *args: Any, **kwargs: Any) -> None:
-    """timm's ``save_for_hf`` (same arguments: ``model_args``, ``safe_serialization``, ``data_config``; same files),
-    whose folder also loads in transformers; ValueError for ``label_names`` that are not one name per class."""
+    """timm's ``save_for_hf`` (same arguments and files), whose folder also loads in transformers (docs/hub.md)."""
     names, classes = (model_config or {}).get('label_names'), getattr(model, 'num_classes', None)
     if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
         raise ValueError(f'label_names must be a list of class names, one per class in classifier order (transformers '
@@ -280,8 +260,7 @@ def push_to_hf_hub(model: nn.Module, repo_id: str, commit_message: str = 'Add mo
                    model_args: Optional[Dict[str, Any]] = None, task_name: str = 'image-classification',
                    safe_serialization: Union[bool, str] = 'both', data_config: Optional[Dict[str, Any]] = None
                    ) -> Any:
-    """timm's ``push_to_hf_hub`` (same arguments and steps) writing through ``save_for_hf`` above; for a HaloNet
-    ``model_card`` defaults to ``model_card(model, repo_id)``. Returns the upload's commit info."""
+    """timm's ``push_to_hf_hub`` (same arguments) through ``save_for_hf`` above, a HaloNet's card by default."""
     api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # the owner filled in
     has_readme = api.file_exists(repo_id=repo_id, filename='README.md', revision=revision)
@@ -305,8 +284,7 @@ def _size_text(size: Any) -> str:
 
 def _apply_train_args(args: Dict[str, Any], model_name: Optional[str], model_args: Dict[str, Any],
                       img_size: Optional[Tuple[int, int]]) -> Tuple[str, Dict[str, Any], Any, List, List]:
-    """Fill what was not given from a train.py checkpoint's ``args`` (given values win): the settings, what was
-    taken (and from which field), and notes where a given value differs from the checkpoint's."""
+    """The settings with what was not given taken from train.py's ``args``, what was taken, and notes (docs/hub.md)."""
     took: List[str] = []
     notes: List[str] = []
 
@@ -349,11 +327,12 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
                    label_names: Optional[Sequence[str]] = None, dataset: Optional[Union[str, Sequence[str]]] = None,
                    repo_id: Optional[str] = None, overwrite: bool = False, img_size: Optional[Size] = None
                    ) -> Dict[str, Any]:
-    """`timm-halo hub-export` (docs/hub.md): load a checkpoint through timm, write ``save_for_hf``'s folder and a
-    model card, check that it reloads with the same logits; returns a summary."""
+    """`timm-halo hub-export`: a checkpoint as a save_for_hf folder with a card, checked to reload (docs/hub.md)."""
     output, model_args = Path(output), dict(model_args or {})
-    problem = output_problem(output, overwrite) or (
-        export_args_problem(model_name, model_args, img_size) if model_name is not None else None)
+    if output.exists() and not (output.is_dir() and (overwrite or not any(output.iterdir()))):
+        raise ValueError(f"Output '{output}' is a file, or a folder that is not empty: choose a new folder, or pass "
+                         '--overwrite (overwrite=True) to write into it (files of the same names are replaced)')
+    problem = model_name is not None and export_args_problem(model_name, model_args, img_size)
     if problem:
         raise ValueError(problem)
     weights = read_checkpoint(checkpoint)
@@ -406,8 +385,7 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
 
 
 def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
-    """`timm-halo hub-inspect`: what a folder or Hub repo holds (config, files and, with ``load``, the model built
-    by timm); PretrainedWeightsError when the config or weights cannot be found, read or used."""
+    """`timm-halo hub-inspect`: config, files and (with ``load``) the model timm builds, of a folder or Hub repo."""
     kind, ident = (('local-dir', source) if os.path.isdir(source) else source.split(':', 1) if ':' in source
                    else ('hf-hub', source))
     if kind not in ('hf-hub', 'local-dir') or ':' not in source and kind == 'hf-hub' and (
@@ -425,10 +403,7 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
     except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
         raise PretrainedWeightsError(f'Could not read {where} (is it a save_for_hf / hub-export folder?): {e}') from e
     check_hub_config(raw, where)
-    try:
-        cfg, arch, model_args = load_model_config_from_path(folder)
-    except Exception as e:
-        raise PretrainedWeightsError(f'Could not parse {where} with timm: {type(e).__name__}: {e}') from e
+    cfg, arch, model_args = load_model_config_from_path(folder)  # timm's own reading of it
     info: Dict[str, Any] = dict(
         source=f'{kind}:{ident}', architecture=arch, num_classes=cfg.get('num_classes'),
         label_names=len(cfg.get('label_names') or ()), model_args=model_args,

@@ -1,6 +1,4 @@
-"""Pretrained weights: found where timm will look and checked cheaply before timm's loader runs, so that a failure
-names the architecture, the source and the reason (``PretrainedWeightsError``); docs/hub.md lists the cases."""
-import json
+"""Pretrained weights checked where timm will look, before its loader runs: clear failures (docs/hub.md)."""
 import os
 import pickle
 import re
@@ -12,27 +10,25 @@ from zipfile import BadZipFile, is_zipfile
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
 from timm.models._helpers import _torch_load
-from timm.models._hub import _PREFERRED_FILES, download_from_hf
+from timm.models._hub import _PREFERRED_FILES, download_from_hf, load_cfg_from_json
 
 __all__ = ['PretrainedWeightsError', 'build_pretrained', 'checkpoint_problem', 'hub_download', 'hub_problem',
            'num_classes_conflict', 'warn_if_classifier_dropped']
 
 LOCAL_HINT = (
-    "To load weights you have locally: timm.create_model('{arch}', pretrained=True, "
-    "pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')) (a .pth checkpoint works too; add "
-    "num_classes=N to the overlay if its classifier is not 1000-way), or "
-    "timm.create_model('local-dir:/path/to/folder', pretrained=True) for a folder written by "
-    "timm.models.save_for_hf / `timm-halo hub-export`.")
+    "To load weights you have locally: timm.create_model('{arch}', pretrained=True, pretrained_cfg_overlay=dict("
+    "file='/path/to/model.safetensors')) (a .pth checkpoint works too; add num_classes=N to the overlay if its "
+    "classifier is not 1000-way), or timm.create_model('local-dir:/path/to/folder', pretrained=True) for a folder "
+    "written by timm.models.save_for_hf / `timm-halo hub-export`.")
 CONVERT_HINT = (
-    'If you trust the file, convert it once to plain tensors and load that instead: '
-    "ckpt = torch.load(path, weights_only=False); sd = ckpt.get('state_dict', ckpt); "
-    "safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors') "
-    "(or torch.save(sd, 'model.pth') for a plain state dict).")
+    "If you trust the file, convert it once to plain tensors and load that instead: ckpt = torch.load(path, "
+    "weights_only=False); sd = ckpt.get('state_dict', ckpt); safetensors.torch.save_file({k: v.contiguous() for k, "
+    "v in sd.items()}, 'model.safetensors') (or torch.save(sd, 'model.pth') for a plain state dict).")
 _HUB_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's order when a repo names no file
 # torch's refusal names the global: 'Unsupported global: GLOBAL posix.mkdir ...', older: 'Unsupported class x.y'
 _REFUSAL = re.compile(r'(?:GLOBAL|Unsupported class) ([\w.]+)')
@@ -53,8 +49,7 @@ def _unreadable(e: Exception, corrupt: bool) -> str:
 
 
 def _refusal(path: str, e: pickle.UnpicklingError) -> str:
-    """Why torch.load(weights_only=True) refused a pickle: the globals it carries (all of them where torch can list
-    them, torch >= 2.6 and a zip checkpoint; else the one torch names), or damage where it names none."""
+    """Why torch.load(weights_only=True) refused a pickle: the globals it carries (docs/hub.md), else damage."""
     reason = next((line.strip() for line in str(e).splitlines() if _REFUSAL.search(line)), '')
     try:
         names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g != 'argparse.Namespace']
@@ -91,32 +86,25 @@ def checkpoint_problem(path: str) -> Optional[str]:
         return f'it is not a valid safetensors file (truncated or corrupt?): {e}'
     except OSError as e:
         return f'it could not be read: {type(e).__name__}: {e}'
-    except RuntimeError as e:  # timm's reader wraps torch's refusal; torch's zip reader fails on a damaged archive
-        if isinstance(e.__cause__, pickle.UnpicklingError):
-            return _refusal(path, e.__cause__)
-        return _unreadable(e, corrupt='zip archive' in str(e) or 'PytorchStreamReader' in str(e))
-    except (EOFError, BadZipFile, pickle.UnpicklingError) as e:
-        return _unreadable(e, corrupt=True)
     except Exception as e:
-        return _unreadable(e, corrupt=False)
+        if isinstance(e.__cause__, pickle.UnpicklingError):  # timm's reader wraps torch's refusal in a RuntimeError
+            return _refusal(path, e.__cause__)
+        # what a damaged file raises (torch's zip reader: a RuntimeError); anything else is reported as it is
+        return _unreadable(e, corrupt=isinstance(e, (EOFError, BadZipFile, pickle.UnpicklingError))
+                           or 'zip archive' in str(e) or 'PytorchStreamReader' in str(e))
 
 
 def hub_problem(exc: Exception) -> str:
-    """What huggingface_hub's error means for the user."""
+    """What huggingface_hub's error means; it blames the connection for a file missing from the cache even offline."""
     if isinstance(exc, LocalEntryNotFoundError):
         how = ('HF_HUB_OFFLINE is set, so nothing was downloaded' if hf_constants.is_offline_mode()
                else 'it could not be downloaded (no connection?)')
         return f'it is not in the local Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and {how}'
-    if isinstance(exc, GatedRepoError):
-        return 'the repo is gated: accept its terms on huggingface.co and log in (`hf auth login`)'
-    if isinstance(exc, RepositoryNotFoundError):
-        return 'the repo does not exist, or it is private and no token with access to it is set'
-    return 'the repo has no such file' if isinstance(exc, EntryNotFoundError) else f'{type(exc).__name__}: {exc}'
+    return f'{type(exc).__name__}: {exc}'  # its own words: a gated, missing or private repo, no such file
 
 
 def hub_download(repo_id: str, filenames: Tuple[str, ...]) -> Tuple[Optional[str], Optional[Exception]]:
-    """The first of ``filenames`` that ``repo_id`` (``org/name[@revision]``) has, downloaded into the Hugging Face
-    cache (where timm then finds it): (path, None), or (None, the last error)."""
+    """(path, None) of the first of ``filenames`` that ``repo_id`` has, now in the HF cache, else (None, error)."""
     error: Optional[Exception] = None
     for name in filenames:
         try:
@@ -130,8 +118,7 @@ def hub_download(repo_id: str, filenames: Tuple[str, ...]) -> Tuple[Optional[str
 
 def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cfg: Any = None,
                      pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """Check the weights timm is about to load for ``variant``, then run ``build()`` (``build_model_with_cfg``
-    with ``pretrained=True``); raises PretrainedWeightsError, and lets errors of the model kwargs through."""
+    """Check the weights timm is about to load for ``variant``, then run ``build()``; PretrainedWeightsError."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay).to_dict()
     arch = cfg.get('architecture') or variant
     kind, loc = _resolve_pretrained_source(cfg)  # where timm's loader will look
@@ -152,16 +139,15 @@ def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cf
         path, error = hub_download(*loc)
         if error is not None:
             raise PretrainedWeightsError(f'{failed}: {hub_problem(error)}{hint}') from error
-        config = Path(path).parent / 'config.json'  # the snapshot folder: present for an 'hf-hub:' model
+        config = Path(path).parent / 'config.json'  # in the snapshot folder
     elif kind == 'local-dir':  # the file timm picks (where there is none, timm's error says so)
         path = next((p for p in (Path(loc) / f for f in _PREFERRED_FILES) if p.is_file()), None)
         config = Path(loc) / 'config.json'
     problem = checkpoint_problem(path) if path else None
     if problem:
         raise PretrainedWeightsError(f'{failed}: {problem}' + (hint if problem == 'no such file' else ''))
-    if cfg.get('source') in ('hf-hub', 'local-dir') and config is not None and config.is_file():
-        what = f"config.json of {where.split(' (')[0]}"
-        conflict = num_classes_conflict(json.loads(config.read_text(encoding='utf-8')), what)
+    if cfg.get('source') in ('hf-hub', 'local-dir') and config.is_file():  # an 'hf-hub:' / 'local-dir:' model
+        conflict = num_classes_conflict(load_cfg_from_json(config), f"config.json of {where.split(' (')[0]}")
         if conflict:
             warnings.warn(conflict, UserWarning, stacklevel=5)  # user -> timm.create_model -> entrypoint -> here
     try:
@@ -171,8 +157,7 @@ def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cf
 
 
 def num_classes_conflict(config: Any, where: str) -> Optional[str]:
-    """A warning when config.json disagrees with itself on the number of classes (timm would then silently
-    re-initialise the classifier), else None."""
+    """A warning where config.json disagrees with itself on the class count (timm then drops the classifier)."""
     if not isinstance(config, dict) or not isinstance(config.get('pretrained_cfg'), dict):
         return None  # timm's older flat layout: a single num_classes
     model_args = config['model_args'] if isinstance(config.get('model_args'), dict) else {}
@@ -196,8 +181,7 @@ def num_classes_conflict(config: Any, where: str) -> Optional[str]:
 
 
 def warn_if_classifier_dropped(state_dict: Dict[str, Any], model: nn.Module) -> None:
-    """Warn when timm is about to discard a checkpoint's classifier that fits the model as built (the model's
-    num_classes differs from its pretrained cfg's, but the weights' classifier has the model's classes)."""
+    """Warn where timm will discard a checkpoint's classifier that fits the model (the cfg's count differs)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     classifier, cfg_classes, built = cfg.get('classifier'), cfg.get('num_classes'), getattr(model, 'num_classes', None)
     if not classifier or not _is_count(cfg_classes) or not _is_count(built) or built == cfg_classes:
