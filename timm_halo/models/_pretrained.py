@@ -42,34 +42,6 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _unreadable(e: Exception, corrupt: bool) -> str:
-    what = ('it could not be read as a checkpoint (truncated or corrupt?): it is neither a safetensors file nor a '
-            'readable torch.save checkpoint' if corrupt else 'torch.load(weights_only=True) failed on it')
-    return f'{what} ({type(e).__name__}: {" ".join(str(e).split())})'
-
-
-def _refusal(path: str, e: pickle.UnpicklingError) -> str:
-    """Why torch.load(weights_only=True) refused a pickle: the globals it carries (docs/hub.md), else damage."""
-    reason = next((line.strip() for line in str(e).splitlines() if _REFUSAL.search(line)), '')
-    try:
-        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g != 'argparse.Namespace']
-    except Exception:  # no lister (older torch), an old-format or damaged file
-        names = []
-    names = names or list(dict.fromkeys(_REFUSAL.findall(reason)))
-    with open(path, 'rb') as f:
-        legacy = torch.serialization.MAGIC_NUMBER.to_bytes(10, 'little') in f.read(16)
-    kind = 'an old-format (torch < 1.6) pickle checkpoint' if legacy else 'a pickle checkpoint'
-    if names:  # torch's reason without its advice to allowlist the global
-        return (f'it is {kind} that references Python objects other than tensors ({", ".join(names)}), and '
-                'timm-halo only loads weights with torch.load(weights_only=True), which refused: '
-                f'{reason.split(" Please use")[0]} (unpickling can run arbitrary code). ' + CONVERT_HINT)
-    if legacy:  # torch cannot list this format's globals, and did not name one
-        return (f'torch.load(weights_only=True) refused this {kind}: it most likely references Python objects other '
-                'than tensors, which timm-halo does not load (unpickling can run arbitrary code), or it is damaged. '
-                + CONVERT_HINT)
-    return _unreadable(e, corrupt=True)
-
-
 def checkpoint_problem(path: str) -> Optional[str]:
     """Why timm's reader (safetensors, or torch.load with weights_only=True) would fail on ``path``, else None."""
     path = str(path)
@@ -87,11 +59,19 @@ def checkpoint_problem(path: str) -> Optional[str]:
     except OSError as e:
         return f'it could not be read: {type(e).__name__}: {e}'
     except Exception as e:
-        if isinstance(e.__cause__, pickle.UnpicklingError):  # timm's reader wraps torch's refusal in a RuntimeError
-            return _refusal(path, e.__cause__)
-        # what a damaged file raises (torch's zip reader: a RuntimeError); anything else is reported as it is
-        return _unreadable(e, corrupt=isinstance(e, (EOFError, BadZipFile, pickle.UnpicklingError))
-                           or 'zip archive' in str(e) or 'PytorchStreamReader' in str(e))
+        # timm's reader calls every unpickling error a refusal (its message lists the globals where torch can, for a
+        # zip file): it is one where torch named a global, else the file is damaged
+        error = e.__cause__ if isinstance(e.__cause__, pickle.UnpicklingError) else e
+        refused = list(dict.fromkeys(_REFUSAL.findall(str(error))))
+        if refused:
+            return (f'{" ".join(str(e).split())} torch.load(weights_only=True) refused {", ".join(refused)}: it is a '
+                    'pickle that references Python objects other than tensors (unpickling can run arbitrary code). '
+                    + CONVERT_HINT)
+        damaged = (isinstance(error, (EOFError, BadZipFile, pickle.UnpicklingError)) or 'zip archive' in str(e)
+                   or 'PytorchStreamReader' in str(e))  # torch's zip reader raises a RuntimeError
+        what = ('it could not be read as a checkpoint (truncated or corrupt?): it is neither a safetensors file nor a '
+                'readable torch.save checkpoint' if damaged else 'torch.load(weights_only=True) failed on it')
+        return f'{what} ({type(error).__name__}: {" ".join(str(error).split())})'
 
 
 def hub_problem(exc: Exception) -> str:
