@@ -1,5 +1,4 @@
-"""The `timm-halo` command. A bad argument exits 2, a failure 1, each with one line `timm-halo <command>: error:
-...`, never a traceback. Options given before the command count as if given after it."""
+"""The `timm-halo` command: a bad argument exits 2, a failure 1, with one error line; global options go anywhere."""
 import argparse
 import json
 import sys
@@ -230,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                 'Hub repo')
     p.add_argument('source', help="folder, 'org/name' Hub repo, or a 'local-dir:' / 'hf-hub:' name")
     p.add_argument('--no-load', action='store_true', help='only read config.json; do not build the model')
-    parser.commands = {name: p for name, p in sub.choices.items()}
+    parser.commands = sub.choices
     return parser
 
 
@@ -247,11 +246,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             setattr(args, name, cmd_parser.global_defaults.get(name))
     try:
         return cmd_parser.handler(args, cmd_parser)
-    except (hub.PretrainedWeightsError, ValueError, OSError) as e:
-        return fail(command, e)
-    except Exception as e:  # anything else still gets one line, not a traceback
-        return fail(command, f'{type(e).__name__}: {e}')
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+    except Exception as e:  # one line, never a traceback; the type named where the message may not say what failed
+        known = isinstance(e, (hub.PretrainedWeightsError, ValueError, OSError))
+        return fail(command, e if known else f'{type(e).__name__}: {e}')
