@@ -172,8 +172,8 @@ def _map_inputs(layer: HaloAttention, x: torch.Tensor):
 
 
 def test_inconsistent_operands_are_errors_not_bad_reads():
-    """The op reads raw memory at offsets from the shapes: called directly with operands that do not fit together,
-    it refuses (windows one after another, and maps)."""
+    """The ops read raw memory at offsets from the shapes: called directly with operands that do not fit together,
+    they refuse (windows one after another, and maps; forward and backward)."""
     layer = HaloAttention(8, block_size=4, halo_size=1, heads=2, dim_head=4)
     x = torch.randn(1, 8, 8, 8)
     q, k, v, tables, _ = _table_inputs(layer, x)
@@ -184,6 +184,9 @@ def test_inconsistent_operands_are_errors_not_bad_reads():
         op(q[:5], k[:5], v[:5], *(t[:5] for t in tables[:2]), *tables[2:], [], layer.scale)  # not whole images
     with pytest.raises(TypeError, match='int32'):
         op(q, k, v, *tables[:2], tables[2].long(), *tables[3:], [], layer.scale)
+    out, stats = op(q, k, v, *tables, [], layer.scale)
+    with pytest.raises(ValueError, match='inconsistent fused-kernel operands'):  # a gradient of another shape
+        torch.ops.timm_halo.attend_fused_backward.default(out[..., 1:], q, k, v, *tables, out, stats, [], layer.scale)
     q, kv, tables, window = _map_inputs(layer, x)
     with pytest.raises(ValueError, match='inconsistent fused-kernel operands'):
         op(q[..., :4, :], kv, None, *tables, window, layer.scale)  # one block row of queries for two of tables

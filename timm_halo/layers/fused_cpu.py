@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -322,11 +322,9 @@ def _chunk(n: int) -> int:
 
 
 def _run(kernel: _Kernel, backward: bool, scale: float, geometry, window: List[int], **tensors: torch.Tensor) -> None:
-    """The C kernel over all windows, in ranges of ``_chunk`` windows: on PyTorch's OpenMP team in one C call where
-    the library has one (a Ctrl-C is raised when the call has returned), else spread over the tile pool's threads, a
-    few ranges per thread, so a thread slowed by another process hands its share to the others. ``tensors``: the
-    kernel's operands by name (the fields of HaloArgs); they, and so the memory the kernel reads, live until every
-    range has ended (``run_tiles`` waits for them, also on an error or a KeyboardInterrupt)."""
+    """The C kernel over all windows, in ranges of ``_chunk`` windows (a few per thread) on PyTorch's OpenMP team or
+    the tile pool. ``tensors``: the operands by name (HaloArgs' fields); they, and so the memory the kernel reads,
+    live until every range has ended (``run_tiles`` waits for them, also on an error or a KeyboardInterrupt)."""
     n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
     q, k, v, out = (tensors[name] for name in ('q', 'k', 'v', 'out'))
     if window:  # maps: query blocks of bq x bq; block (by, bx)'s key window at (by * step_h - pad_h, ...)
@@ -363,36 +361,6 @@ def _prepare(q, k, v, tables, *others: torch.Tensor):
     return kernel, geometry, q, k, k[:, q.shape[1]:] if v is None else v.contiguous(), dict(zip(_TABLE_NAMES, tables))
 
 
-def _forward(q, k, v, tables, window: List[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    kernel, geometry, q, k, v_in, named = _prepare(q, k, v, tables)
-    out = q.new_empty(q.shape[0], geometry[2], *q.shape[2:])  # as q, with dv channels
-    stats = q.new_empty(geometry[0], geometry[3], 2)  # per query: max logit, 1 / sum of exp
-    _run(kernel, False, scale, geometry, window, q=q, k=k, v=v_in, **named, out=out, stats=stats)
-    return out, stats
-
-
-def _backward(grad_out, q, k, v, tables, out, stats, window: List[int], scale: float):
-    kernel, geometry, q, k, v_in, named = _prepare(q, k, v, tables, grad_out, out, stats)
-    n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
-    grad_q = torch.empty_like(q)  # laid out as q, as the kernel writes it
-    grad_k, grad_v = q.new_empty(n, d, kh * kw), q.new_empty(n, dv, kh * kw)  # windows one after another
-    # tables: one table gradient per range of windows (concurrent ranges never share one), summed here
-    calls = -(-n // _chunk(n)) if _tables_mode(named['rel_h']) else 0
-    grad_h, grad_w = (t.new_zeros(calls, *t.shape) if calls else t.new_empty(t.shape) for t in tables[:2])
-    _run(kernel, True, scale, geometry, window, q=q, k=k, v=v_in, **named, out=out.contiguous(),
-         stats=stats.contiguous(), grad_out=grad_out.contiguous(), grad_q=grad_q, grad_k=grad_k, grad_v=grad_v,
-         grad_rel_h=grad_h, grad_rel_w=grad_w)
-    if calls:
-        grad_h, grad_w = grad_h.sum(0), grad_w.sum(0)
-    if v is None:  # the windows' gradients summed back into the key / value map
-        step_h, pad_h, step_w, pad_w = window
-        padded = [(nh - 1) * step_h + kh, (nw - 1) * step_w + kw]
-        grad_kv = scatter_windows(grad_k, grad_v, [k.shape[0], d + dv, *padded], 1, d, step_h, kh, step_w, kw)
-        grad_k = F.pad(grad_kv, [-pad_w, pad_w + k.shape[3] - padded[1], -pad_h, pad_h + k.shape[2] - padded[0]])
-        grad_v = grad_k.new_empty(0)
-    return grad_q, grad_k, grad_v, grad_h, grad_w
-
-
 # flexible_layout: inductor may pass any strides (the implementation makes its operands contiguous); matching them
 # exactly needs it to order symbolic strides, which it cannot do for the maps of a dynamic-size graph. torch 2.6's
 # custom_op takes no tags (its inductor does not ask for exact strides).
@@ -412,11 +380,13 @@ def _attend_fused(
         base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, window: List[int],
         scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    tables = (qt_h, qt_w, base_h, base_w, mask_h, mask_w)
-    if not window:
-        return _forward(q, k, v, tables, window, scale)
-    out, stats = _forward(*_per_head(window[0], q, k), None, tables, window[1:], scale)
-    return out.view(q.shape[0], k.shape[1] - q.shape[1], *q.shape[2:]), stats
+    """(out, stats). Maps (``v`` None, ``window`` given): ``q`` and ``k`` of all heads, run per head."""
+    kernel, geometry, q_in, k_in, v_in, named = _prepare(
+        *(_per_head(window[0], q, k) if window else (q, k)), v, (qt_h, qt_w, base_h, base_w, mask_h, mask_w))
+    out = q_in.new_empty(q_in.shape[0], geometry[2], *q_in.shape[2:])  # as q, with dv channels
+    stats = q.new_empty(geometry[0], geometry[3], 2)  # per query: max logit, 1 / sum of exp
+    _run(kernel, False, scale, geometry, window[1:], q=q_in, k=k_in, v=v_in, **named, out=out, stats=stats)
+    return out.view(q.shape[0], out.shape[1] * (window[0] if window else 1), *q.shape[2:]), stats
 
 
 @_attend_fused.register_fake
@@ -434,14 +404,32 @@ def _attend_fused_backward(
         qt_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
         out: torch.Tensor, stats: torch.Tensor, window: List[int], scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    tables = (qt_h, qt_w, base_h, base_w, mask_h, mask_w)
-    if not window:
-        return _backward(grad_out, q, k, v, tables, out, stats, window, scale)
-    heads = window[0]
-    grad_out, out = _per_head(heads, grad_out, out)
-    grad_q, grad_k, grad_v, *rel_grads = _backward(grad_out, *_per_head(heads, q, k), None, tables, out, stats,
-                                                   window[1:], scale)
-    return grad_q.view(q.shape), grad_k.view(k.shape), grad_v, *rel_grads
+    """Gradients of q, k, v and the two relative sources; with maps, of the q and kv maps (and an empty one of v)."""
+    grad_out, out, q_in, k_in = _per_head(window[0], grad_out, out, q, k) if window else (grad_out, out, q, k)
+    kernel, geometry, q_in, k_in, v_in, named = _prepare(q_in, k_in, v, (qt_h, qt_w, base_h, base_w, mask_h, mask_w),
+                                                         grad_out, out, stats)
+    n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
+    out_shape = (q_in.shape[0], dv, *q_in.shape[2:])
+    if tuple(grad_out.shape) != out_shape or tuple(out.shape) != out_shape or tuple(stats.shape) != (n, num_q, 2):
+        raise ValueError(f'HaloAttention: inconsistent fused-kernel operands: out {list(out.shape)}, grad_out '
+                         f'{list(grad_out.shape)}, stats {list(stats.shape)} for q {list(q_in.shape)}, {dv} channels')
+    grad_q = torch.empty_like(q_in)  # laid out as q, as the kernel writes it
+    grad_k, grad_v = q_in.new_empty(n, d, kh * kw), q_in.new_empty(n, dv, kh * kw)  # windows one after another
+    # tables: one table gradient per range of windows (concurrent ranges never share one), summed here
+    calls = -(-n // _chunk(n)) if _tables_mode(qt_h) else 0
+    grad_h, grad_w = (t.new_zeros(calls, *t.shape) if calls else t.new_empty(t.shape) for t in (qt_h, qt_w))
+    _run(kernel, True, scale, geometry, window[1:], q=q_in, k=k_in, v=v_in, **named, out=out.contiguous(),
+         stats=stats.contiguous(), grad_out=grad_out.contiguous(), grad_q=grad_q, grad_k=grad_k, grad_v=grad_v,
+         grad_rel_h=grad_h, grad_rel_w=grad_w)
+    if calls:
+        grad_h, grad_w = grad_h.sum(0), grad_w.sum(0)
+    if v is None:  # the windows' gradients summed back into the key / value map
+        step_h, pad_h, step_w, pad_w = window[1:]
+        padded = [(nh - 1) * step_h + kh, (nw - 1) * step_w + kw]
+        grad_kv = scatter_windows(grad_k, grad_v, [k_in.shape[0], d + dv, *padded], 1, d, step_h, kh, step_w, kw)
+        grad_k = F.pad(grad_kv, [-pad_w, pad_w + k_in.shape[3] - padded[1], -pad_h, pad_h + k_in.shape[2] - padded[0]])
+        grad_v = grad_k.new_empty(0)
+    return grad_q.view(q.shape), grad_k.view(k.shape), grad_v, grad_h, grad_w
 
 
 @_attend_fused_backward.register_fake
@@ -516,28 +504,22 @@ def expand_tables(
             rel_w.permute(0, 1, 2, 4, 5, 3).reshape(n, bq, bq, kw))
 
 
-def _fused(q: torch.Tensor, kv: torch.Tensor, v: Optional[torch.Tensor], table_h: torch.Tensor,
-           table_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor,
-           mask_w: torch.Tensor, window: List[int], scale: float) -> torch.Tensor:
-    """The op's output; the kernel computes in fp32 or fp64: other float dtypes (bf16/fp16 under autocast) are
-    widened to fp32, and the result is cast back."""
-    floats = [t for t in (q, kv, v, table_h, table_w, mask_h, mask_w) if t is not None]
-    dtype = q.dtype
-    if dtype not in DTYPES or any(t.dtype != dtype for t in floats):
-        wide = torch.promote_types(torch.promote_types(q.dtype, kv.dtype), torch.float32)
-        q, kv, v, table_h, table_w, mask_h, mask_w = (None if t is None else t.to(wide)
-                                                      for t in (q, kv, v, table_h, table_w, mask_h, mask_w))
-    out = _attend_fused(q, kv, v, table_h, table_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h, mask_w,
-                        [int(w) for w in window], scale)[0]
-    return out.to(dtype)
-
-
 def attend_fused_tables(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor,
+        q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], qt_h: torch.Tensor, qt_w: torch.Tensor,
         base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, scale: float,
+        window: Sequence[int] = (),
 ) -> torch.Tensor:
-    """Fused windowed attention (CPU) building each query's relative terms from the tables (docs/kernels.md)."""
-    return _fused(q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, [], scale)
+    """Fused windowed attention (CPU) building each query's relative terms from the tables; ``v`` None and
+    ``window``: ``attend_fused_maps`` (docs/kernels.md)."""
+    floats = [q, k, v, qt_h, qt_w, mask_h, mask_w]
+    if q.dtype not in DTYPES or any(t is not None and t.dtype != q.dtype for t in floats):
+        # the kernel computes in fp32 or fp64: bf16 / fp16 (autocast) are widened to fp32, the result cast back
+        wide = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+        floats = [None if t is None else t.to(wide) for t in floats]
+    wq, wk, wv, qt_h, qt_w, mask_h, mask_w = floats
+    out = _attend_fused(wq, wk, wv, qt_h, qt_w, base_h.to(torch.int32), base_w.to(torch.int32), mask_h, mask_w,
+                        [int(w) for w in window], scale)[0]
+    return out.to(q.dtype)
 
 
 def attend_fused_maps(
@@ -545,7 +527,7 @@ def attend_fused_maps(
         base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, window: List[int], scale: float,
 ) -> torch.Tensor:
     """``attend_fused_tables`` reading its windows straight from the q and kv maps (docs/kernels.md)."""
-    return _fused(q, kv, None, table_h, table_w, base_h, base_w, mask_h, mask_w, window, scale)
+    return attend_fused_tables(q, kv, None, table_h, table_w, base_h, base_w, mask_h, mask_w, scale, window)
 
 
 def attend_fused(

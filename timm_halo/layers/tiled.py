@@ -55,10 +55,13 @@ def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 
-def _forward(
+@torch.library.custom_op('timm_halo::attend_tiled', mutates_args=())
+def attend_tiled(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
-        tile_logits: int,
+        tile_logits: int = TILE_LOGITS,
 ) -> torch.Tensor:
+    """Tiled windowed attention (CPU): arguments and result as ``attend_broadcast``; at most ``tile_logits`` logits
+    live at a time (the tile derived in here from the real shapes: compiled graphs carry no arithmetic for it)."""
     n, _, num_q = q.shape
     num_k = k.shape[-1]
     tile = _tile_windows(n, num_q * num_k, tile_logits)
@@ -75,11 +78,18 @@ def _forward(
     return out
 
 
-def _backward(
+@attend_tiled.register_fake
+def _attend_tiled_fake(q, k, v, rel_h, rel_w, scale, tile_logits=TILE_LOGITS):
+    return q.new_empty(q.shape[0], v.shape[1], q.shape[2])
+
+
+# The backward is an op of its own too, so that compiled graphs call the kernel rather than trace its tile loop; each
+# tile's logits are recomputed, not stored.
+@torch.library.custom_op('timm_halo::attend_tiled_backward', mutates_args=())
+def _attend_tiled_backward(
         grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
         rel_w: torch.Tensor, out: torch.Tensor, scale: float, tile_logits: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``_forward``; each tile's logits are recomputed, not stored."""
     n, _, num_q = q.shape
     _, bq, _, kh = rel_h.shape
     kw = rel_w.shape[-1]
@@ -109,30 +119,6 @@ def _backward(
 
     run_tiles(run, n, tile)
     return grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w
-
-
-@torch.library.custom_op('timm_halo::attend_tiled', mutates_args=())
-def attend_tiled(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
-        tile_logits: int = TILE_LOGITS,
-) -> torch.Tensor:
-    """Tiled windowed attention (CPU): arguments and result as ``attend_broadcast``; at most ``tile_logits`` logits
-    live at a time (the tile derived in here from the real shapes: compiled graphs carry no arithmetic for it)."""
-    return _forward(q, k, v, rel_h, rel_w, scale, tile_logits)
-
-
-@attend_tiled.register_fake
-def _attend_tiled_fake(q, k, v, rel_h, rel_w, scale, tile_logits=TILE_LOGITS):
-    return q.new_empty(q.shape[0], v.shape[1], q.shape[2])
-
-
-# The backward is an op of its own too, so that compiled graphs call the kernel rather than trace its tile loop.
-@torch.library.custom_op('timm_halo::attend_tiled_backward', mutates_args=())
-def _attend_tiled_backward(
-        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-        rel_w: torch.Tensor, out: torch.Tensor, scale: float, tile_logits: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, q, k, v, rel_h, rel_w, out, scale, tile_logits)
 
 
 @_attend_tiled_backward.register_fake

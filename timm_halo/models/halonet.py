@@ -10,34 +10,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (
-    BatchNormAct2d,
-    ClassifierHead,
-    ConvNormAct,
-    DropPath,
-    calculate_drop_path_rates,
-    create_act_layer,
-    get_device_dtype,
-    trunc_normal_,
-)
-from timm.models import (
-    build_model_with_cfg,
-    checkpoint_seq,
-    clean_state_dict,
-    generate_default_cfgs,
-    is_model,
-    model_entrypoint,
-    named_apply,
-    register_model,
-)
+from timm.layers import BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, create_act_layer, trunc_normal_
+from timm.layers.drop import calculate_drop_path_rates
+from timm.layers.helpers import get_device_dtype
+from timm.models import build_model_with_cfg, checkpoint_seq, clean_state_dict, named_apply
 from timm.models._features import feature_take_indices
+from timm.models._registry import generate_default_cfgs, is_model, model_entrypoint, register_model
 
 from timm_halo.layers import HaloAttention
 from timm_halo.layers.halo_attention import check_image_input, check_int
 
 from ._pretrained import PretrainedWeightsError, build_pretrained, warn_if_classifier_dropped
 
-__all__ = ['HaloNet', 'HaloNetArgs', 'halonet_args']
+__all__ = ['HaloNet', 'halonet_args']
 
 # The paper's family, the one table of its numbers: block size b, halo h, value ratio rv, bottleneck ratio rb,
 # stage-3 depth l3, final conv width df (0: none), input size s; the paper's params (millions) and ImageNet top-1.
@@ -58,10 +43,8 @@ FAMILY: Dict[str, Dict[str, Any]] = {
 PAPER_PARAMS_M = {name: f['params_m'] for name, f in FAMILY.items()}
 PAPER_TOP1 = {name: f['top1'] for name, f in FAMILY.items()}
 
-HaloNetArgs = Dict[str, Any]
 
-
-def halonet_args(variant: str) -> HaloNetArgs:
+def halonet_args(variant: str) -> Dict[str, Any]:
     """Constructor kwargs of `HaloNet` for one of the paper's models, e.g. ``halonet_args('halonet_h1')``."""
     if variant not in FAMILY:
         raise ValueError(f'Unknown HaloNet variant {variant!r}; known: {", ".join(FAMILY)}')
@@ -139,15 +122,13 @@ class HaloBottleneck(nn.Module):
 
     def __init__(
             self, in_chs: int, width: int, out_chs: int, stride: int = 1, block_size: int = 8, halo_size: int = 3,
-            heads: int = 8, value_ratio: float = 1.0, qkv_bias: bool = False,
-            act_layer: Union[str, Callable] = 'relu', drop_path: float = 0., attn_impl: Optional[str] = None,
-            device=None, dtype=None,
+            heads: int = 8, value_ratio: float = 1.0, qkv_bias: bool = False, act_layer: Union[str, Callable] = 'relu',
+            drop_path: float = 0., attn_impl: Optional[str] = None, device=None, dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        downsample = in_chs != out_chs or stride != 1
-        self.shortcut = ConvNormAct(in_chs, out_chs, 1, stride=stride, apply_act=False, **dd) if downsample else \
-            nn.Identity()
+        self.shortcut = nn.Identity() if in_chs == out_chs and stride == 1 else ConvNormAct(
+            in_chs, out_chs, 1, stride=stride, apply_act=False, **dd)
         self.conv1 = ConvNormAct(in_chs, width, 1, act_layer=act_layer, **dd)
         self.attn = HaloAttention(
             width, block_size=block_size, halo_size=halo_size, dim_head=width // heads, heads=heads,
@@ -450,11 +431,8 @@ def _register(name: str) -> Callable[..., HaloNet]:
     def entrypoint(pretrained: bool = False, **kwargs) -> HaloNet:
         return _create_halonet(name, pretrained=pretrained, **kwargs)
 
-    f = FAMILY[name]
     entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = (f"HaloNet-H{name[-1]}: b={f['b']}, h={f['h']}, rv={f['rv']:g}, rb={f['rb']:g}, "
-                          f"l3={f['l3']}" + (f", df={f['df']}" if f['df'] else '') + f", {f['s']}px; "
-                          f"{f['params_m']}M params.")
+    entrypoint.__doc__ = f'HaloNet-H{name[-1]} of the paper: ' + ', '.join(f'{k}={v}' for k, v in FAMILY[name].items())
     ours_already = is_model(name) and model_entrypoint(name).__module__ == __name__
     with warnings.catch_warnings():
         if name == 'halonet_h1' or ours_already:
