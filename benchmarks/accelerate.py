@@ -1,8 +1,4 @@
-"""timm's pretrained halo models, stock vs ``timm_halo.accelerate`` (and a no-attention bound): inference and train
-step, whole model; what each contender is: docs/benchmarks.md.
-
-    python -m benchmarks.accelerate [--models NAME ...] [--attn-impl IMPL ...] [--no-train] [--no-bound] [...]
-"""
+"""timm's pretrained halo models, stock vs ``timm_halo.accelerate`` and a no-attention bound (docs/benchmarks.md)."""
 import os
 from functools import partial
 from typing import List

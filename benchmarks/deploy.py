@@ -1,15 +1,10 @@
-"""Deployment speed: halonet_h1 inference at batch 1 and 8 in PyTorch eager, torch.compile and ONNX Runtime; the
-contenders, backends and ratios: docs/benchmarks.md.
-
-    python -m benchmarks.deploy [--batch-sizes 1 8] [--repeats N] [--compile] [--no-onnx] [--img-size 256]
-                                [--threads N] [--load N] [--json PATH] [--ort-profile N] [--quick]
-"""
+"""Deployment speed: halonet_h1 inference in PyTorch eager, torch.compile and ONNX Runtime (docs/benchmarks.md)."""
 import argparse
 import json
 import os
 import platform
 import tempfile
-from collections import defaultdict
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -17,17 +12,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 
+from benchmarks.model import MODELS, OURS, RESNET, TIMM
 from timm_halo.bench import busy_load, interleaved_medians, model_gmacs, table, write_json
 from timm_halo.export import export_onnx, onnx_parity
 
-OURS = 'ours halonet_h1'
-TIMM = 'timm halonet_h1'
-RESNET = 'resnet50'
-CONTENDERS: Dict[str, Callable[[], torch.nn.Module]] = {
-    OURS: partial(timm.create_model, 'halonet_h1'),
-    TIMM: timm.models.byoanet.halonet_h1,
-    RESNET: partial(timm.create_model, 'resnet50'),
-}
+CONTENDERS: Dict[str, Callable[[], torch.nn.Module]] = dict(MODELS)
 EAGER, COMPILE, ORT = 'eager', 'compile', 'ort'
 # Deployment goals, ratios in the same run: (measure, how to read the row, target).
 TARGETS = ('eager batch 1 vs timm >= 3x', 'eager batch 1 GMAC/s vs resnet50 >= 50%', 'ORT batch 1 vs timm >= 3x',
@@ -137,24 +126,20 @@ def profile_ort(path: Path, img_size: int, runs: int, top: int = 12) -> dict:
     feed = {'input': torch.randn(1, 3, img_size, img_size).numpy()}
     for _ in range(runs + 1):  # the first is a warm-up, dropped below
         session.run(None, feed)
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
+    events = json.loads(Path(session.end_profiling()).read_text())
     runs_seen = sorted((e for e in events if e.get('name') == 'model_run'), key=lambda e: e['ts'])
     warm_end = runs_seen[0]['ts'] + runs_seen[0]['dur']  # the warm-up run's nodes are left out
-    per_type: Dict[str, float] = defaultdict(float)
-    per_node: Dict[Tuple[str, str], float] = defaultdict(float)
+    per_type, per_node = Counter(), Counter()  # microseconds summed over the runs
     for e in events:
         if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time') and e['ts'] >= warm_end:
             op = e.get('args', {}).get('op_name', '?')
             per_type[op] += e['dur']
             per_node[(e['name'][:-len('_kernel_time')], op)] += e['dur']
-    scale, total = 1e-3 / runs, sum(per_type.values())  # microseconds summed over the runs -> ms per run
+    scale, total = 1e-3 / runs, sum(per_type.values())  # -> ms per run
     timed = sorted(e['dur'] / 1e3 for e in runs_seen[1:])
     return dict(runs=runs, model_run_ms=timed[len(timed) // 2], node_ms=total * scale,
-                op_types=[dict(op=op, ms=t * scale, pct=100.0 * t / total)
-                          for op, t in sorted(per_type.items(), key=lambda kv: -kv[1])],
-                nodes=[dict(node=n, op=op, ms=t * scale)
-                       for (n, op), t in sorted(per_node.items(), key=lambda kv: -kv[1])[:top]])
+                op_types=[dict(op=op, ms=t * scale, pct=100.0 * t / total) for op, t in per_type.most_common()],
+                nodes=[dict(node=n, op=op, ms=t * scale) for (n, op), t in per_node.most_common(top)])
 
 
 def format_profile(prof: dict) -> str:

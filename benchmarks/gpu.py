@@ -1,8 +1,4 @@
-"""The GPU check's sections: HaloAttention's CUDA path against timm, layer and whole model (docs/benchmarks.md).
-
-    python -m benchmarks.gpu [--section NAME[,NAME...]] [--device cuda|cpu] [--quick] [--out DIR] [--budget SECONDS]
-    python -m benchmarks.gpu --summary [--out DIR]
-"""
+"""The GPU check's sections: HaloAttention's CUDA path against timm, layer and whole model (docs/benchmarks.md)."""
 import argparse
 import contextlib
 import gc
@@ -24,21 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from benchmarks.layer import make_layer
+from benchmarks.layer import STAGES, make_layer
+from benchmarks.model import MODELS, OURS, RESNET, TIMM
 from benchmarks.plot import yes_no
 from timm_halo import bench  # (importing timm_halo registers halonet_* with timm)
 from timm_halo.bench import table
 from timm_halo.layers import sdpa as sdpa_module
 
 SECTIONS = ('layer', 'sdpa', 'models_eager', 'models_compiled')  # gpu_check.sh runs 'tests' itself, first
-# (channels, map size) of each stage, as HaloNet-H1 at 256 px; the batch comes from the command line
-STAGES = {'stage1': (64, 64), 'stage2': (128, 32), 'stage3': (256, 16), 'stage4': (512, 8)}
 # contender: benchmarks.layer's name of the same layer (block 8, halo 3, 8 heads of C/8)
 LAYER_IMPLS = {'timm HaloAttn': 'timm', 'ours sdpa': 'timm_halo sdpa', 'ours sdpa narrow-v': 'timm_halo sdpa',
                'ours broadcast': 'timm_halo broadcast'}
-MODELS = {'ours halonet_h1': partial(timm.create_model, 'halonet_h1'),
-          'timm halonet_h1': timm.models.byoanet.halonet_h1,  # timm's own; the registry name is ours
-          'resnet50': partial(timm.create_model, 'resnet50')}
 MIN_SAMPLE_S = 0.02  # a timing sample repeats a call to last this long: timing sub-millisecond calls is noisy
 BACKEND_NAMES = {int(b): n for n, b in SDPBackend.__members__.items()}
 
@@ -340,7 +332,7 @@ def model_ratios(rows: List[dict]) -> None:
     """Each row against timm's halonet_h1 (img/s) and resnet50 (GMAC/s) of the same mode and variant."""
     by = {(r['model'], r['mode'], r['variant']): r for r in rows}
     for r in rows:
-        timm_h1, r50 = (by.get((m, r['mode'], r['variant']), {}) for m in ('timm halonet_h1', 'resnet50'))
+        timm_h1, r50 = (by.get((m, r['mode'], r['variant']), {}) for m in (TIMM, RESNET))
         r['x_timm_halonet'] = _ratio(r['img_per_s'], timm_h1.get('img_per_s'))
         pct = _ratio(r['gmac_per_s'], r50.get('gmac_per_s'))
         r['gmac_per_s_pct_resnet50'] = None if pct is None else 100 * pct
@@ -367,7 +359,7 @@ def targets(layer: List[dict], models: List[dict]) -> List[dict]:
              ('layer peak memory stage 1, bf16 (/ timm)', s1.get('mem_vs_timm'), '<= 0.3x', s1.get('impl')),
              ('layer fwd+bwd stage 3, bf16 (x timm)', s3.get('fwd_bwd_x_timm'), '>= 2x', s3.get('impl'))]
     for r in models:
-        if r['model'] == 'ours halonet_h1' and r['mode'] == 'train':
+        if r['model'] == OURS and r['mode'] == 'train':
             v = r['variant']
             goals += [(f'halonet_h1 train step, {v} (x timm halonet_h1)', r.get('x_timm_halonet'), '>= 3x', v),
                       (f'halonet_h1 train GMAC/s, {v} (% of resnet50)', r.get('gmac_per_s_pct_resnet50'), '>= 50%', v)]
@@ -448,9 +440,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.device.type == 'cuda' and not torch.cuda.is_available():
         print('no CUDA device: run with --device cpu --quick for a dry run', file=sys.stderr)
         return 2
-    args.layer_batch, args.model_batch = (2, 1) if quick else (64, 128)
+    args.layer_batch, args.model_batch, args.repeats, args.warmup = (2, 1, 1, 0) if quick else (64, 128, 10, 3)
     args.img_size = 256  # timm's halonet_h1 needs every stage's map divisible by its block size 8
-    args.repeats, args.warmup = (1, 0) if quick else (10, 3)
     args.compile_backend = args.compile_backend or ('eager' if quick and args.device.type == 'cpu' else 'inductor')
     # the dry run: stage 1 (maps of several blocks) and stage 4 (one block), the two shapes of the code path
     sizes = {k: (c, max(8, s // 4)) for k, (c, s) in STAGES.items() if k in ('stage1', 'stage4')} if quick else STAGES

@@ -1,8 +1,4 @@
-"""HaloAttention vs timm's HaloAttn and lucidrains' halonet-pytorch (equal dims): fwd, fwd+bwd, peak memory; the
-shapes, peers and how memory is measured: docs/benchmarks.md.
-
-    python -m benchmarks.layer [--device cpu|cuda] [--repeats 7] [--compile] [--kernels] [--shapes NAME ...] [...]
-"""
+"""HaloAttention vs timm's HaloAttn and lucidrains' halonet-pytorch: fwd, fwd+bwd, peak memory (docs/benchmarks.md)."""
 import argparse
 import importlib.metadata
 import importlib.util
@@ -18,12 +14,9 @@ from benchmarks.plot import save_results, script_parser
 from timm_halo.bench import busy_load, device_name, interleaved_medians, peak_memory, peak_memory_in_child, table
 from timm_halo.layers import HaloAttention
 
-SHAPES: Dict[str, Tuple[int, int, int]] = {  # name: (batch, channels, size)
-    'stage1 B8 C64 64x64': (8, 64, 64),
-    'stage2 B8 C128 32x32': (8, 128, 32),
-    'stage3 B8 C256 16x16': (8, 256, 16),
-    'stage4 B8 C512 8x8': (8, 512, 8),
-}
+# (channels, map size) of each stage, as HaloNet-H1 at 256 px (benchmarks.gpu's too, at its own batch)
+STAGES = {'stage1': (64, 64), 'stage2': (128, 32), 'stage3': (256, 16), 'stage4': (512, 8)}
+SHAPES: Dict[str, Tuple[int, int, int]] = {f'{k} B8 C{c} {s}x{s}': (8, c, s) for k, (c, s) in STAGES.items()}
 BLOCK, HALO, HEADS = 8, 3, 8
 # 'timm_halo' is attn_impl='auto'; the others force one kernel of the implementation table.
 KERNELS = ('timm_halo fused', 'timm_halo tiled', 'timm_halo sdpa', 'timm_halo broadcast')

@@ -1,8 +1,4 @@
-"""Whole-model speed: ours halonet_h1 vs timm's halonet_h1 vs resnet50 (224, 256 px), inference and train step: img/s,
-GMACs, GMAC/s, ratios (docs/benchmarks.md).
-
-    python -m benchmarks.model [--device cpu|cuda] [--batch-size N] [--amp [bf16|fp16]] [--compile] [--kernels IMPL ...]
-"""
+"""Whole-model speed: ours halonet_h1 vs timm's halonet_h1 vs resnet50, img/s, GMAC/s, ratios (docs/benchmarks.md)."""
 from functools import partial
 from typing import List
 
@@ -12,7 +8,11 @@ import torch
 from benchmarks.plot import save_results, script_parser
 from timm_halo import HaloAttention, bench
 
-OURS = 'ours halonet_h1'
+OURS, TIMM, RESNET = 'ours halonet_h1', 'timm halonet_h1', 'resnet50'
+# the three models every whole-model comparison times (benchmarks.deploy and benchmarks.gpu too)
+MODELS = {OURS: partial(timm.create_model, 'halonet_h1'),
+          TIMM: timm.models.byoanet.halonet_h1,  # timm's own; the registry name is ours once timm_halo is imported
+          RESNET: partial(timm.create_model, 'resnet50')}
 
 
 def _ours_with_kernel(kernel: str) -> torch.nn.Module:
@@ -26,11 +26,10 @@ def _ours_with_kernel(kernel: str) -> torch.nn.Module:
 
 
 def contenders(kernels: List[str]) -> List[bench.ModelSpec]:
-    resnet50 = partial(timm.create_model, 'resnet50')
-    return [bench.ModelSpec(OURS, partial(timm.create_model, 'halonet_h1'), 256),
+    return [bench.ModelSpec(OURS, MODELS[OURS], 256),
             *[bench.ModelSpec(f'{OURS} {k}', partial(_ours_with_kernel, k), 256) for k in kernels],
-            bench.ModelSpec('timm halonet_h1', timm.models.byoanet.halonet_h1, 256),
-            bench.ModelSpec('resnet50', resnet50, 224), bench.ModelSpec('resnet50', resnet50, 256)]
+            bench.ModelSpec(TIMM, MODELS[TIMM], 256), bench.ModelSpec(RESNET, MODELS[RESNET], 224),
+            bench.ModelSpec(RESNET, MODELS[RESNET], 256)]
 
 
 def ratios(results: List[bench.ModelResult]) -> List[dict]:

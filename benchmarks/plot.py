@@ -1,7 +1,4 @@
-"""What the benchmark scripts share: their parser, ``--json`` / ``--plot`` outputs, and PNGs of any ``--json`` file.
-
-    python -m benchmarks.plot RESULTS.json [-o OUT.png] [--loaded LOADED.json]
-"""
+"""What the benchmark scripts share: their parser, ``--json`` / ``--plot`` outputs, and PNGs of any ``--json`` file."""
 import argparse
 import json
 import os
@@ -30,8 +27,7 @@ def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel:
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
         ax.bar_label(ax.bar(xs, values, width, label=name), fmt='%.3g', fontsize=7)
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
-    ax.set(ylabel=ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set(ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
 
 
@@ -82,12 +78,12 @@ def _plot_resolution(data: Dict[str, Any], fig) -> None:
         axes[1].plot(sizes, [r['time_deviation_pct'] for r in sel], 'o-', label=f'{mode} time')
         if i == 0:  # the MAC count is the same for every mode
             axes[1].plot(sizes, [r['gmacs_deviation_pct'] for r in sel], 'x--', color='grey', label='GMACs')
-    axes[0].set(xlabel='input size (px)', ylabel='ms per megapixel', ylim=(0, None))
-    axes[0].set_title('cost per pixel (flat = linear in pixel count)', fontsize=10)
+    axes[0].set(xlabel='input size (px)', ylabel='ms per megapixel', ylim=(0, None),
+                title='cost per pixel (flat = linear in pixel count)')
     axes[1].axhspan(-tol, tol, color='green', alpha=0.1, label=f'target ±{tol:g}%')
     axes[1].axhline(0, color='grey', lw=0.5)
-    axes[1].set(xlabel='input size (px)', ylabel='% deviation from linear')
-    axes[1].set_title(f'deviation from linear, normalised to {rows[0]["img_size"]}px', fontsize=10)
+    axes[1].set(xlabel='input size (px)', ylabel='% deviation from linear',
+                title=f'deviation from linear, normalised to {rows[0]["img_size"]}px')
     for ax in axes:
         ax.legend(fontsize=8)
 

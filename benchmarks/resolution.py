@@ -1,8 +1,4 @@
-"""Cost vs input resolution of ours halonet_h1: is it linear in the pixel count (within +-15%)? Time and GMACs per
-pixel against the first size's (docs/benchmarks.md).
-
-    python -m benchmarks.resolution [--sizes 256 384 512 768] [--train] [--batch-size N] [--json PATH] [--plot PATH]
-"""
+"""Cost vs input resolution: is ours halonet_h1 linear in the pixel count, within ±15%? (docs/benchmarks.md)."""
 from functools import partial
 from typing import List
 

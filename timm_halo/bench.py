@@ -1,5 +1,4 @@
-"""The benchmark harness of ``timm-halo bench`` and ``benchmarks/``: GMACs, interleaved median timings, peak memory,
-the shared options and tables (docs/benchmarks.md)."""
+"""The harness of ``timm-halo bench`` and ``benchmarks/``: GMACs, interleaved timings, memory, options, tables."""
 import argparse
 import contextlib
 import gc
@@ -145,22 +144,12 @@ class ModelResult:
     seconds: float  # median seconds per step (one batch)
     gmacs: float  # forward GMACs of one image
 
-    @property
-    def mode(self) -> str:
-        return 'train' if self.train else 'infer'
-
-    @property
-    def img_per_s(self) -> float:
-        return self.batch_size / self.seconds
-
-    @property
-    def step_gmacs(self) -> float:
-        """GMACs per image of the timed step (a train step counts as TRAIN_MACS_FACTOR forwards)."""
-        return self.gmacs * (TRAIN_MACS_FACTOR if self.train else 1.0)
-
-    @property
-    def gmac_per_s(self) -> float:
-        return self.step_gmacs * self.img_per_s
+    def __post_init__(self) -> None:
+        self.mode = 'train' if self.train else 'infer'
+        self.img_per_s = self.batch_size / self.seconds
+        # GMACs per image of the timed step: a train step counts as TRAIN_MACS_FACTOR forwards
+        self.step_gmacs = self.gmacs * (TRAIN_MACS_FACTOR if self.train else 1.0)
+        self.gmac_per_s = self.step_gmacs * self.img_per_s
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(asdict(self), mode=self.mode, img_per_s=self.img_per_s, gmac_per_s=self.gmac_per_s)
@@ -193,8 +182,8 @@ def measure_models(specs: Sequence[ModelSpec], device: torch.device, batch_size:
     autocast = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
     fns: Dict[str, Callable[[], None]] = {}
     gmacs: Dict[str, float] = {}
-    keys = [f'{spec.label} @{spec.img_size}' for spec in specs]
-    for key, spec in zip(keys, specs):
+    for spec in specs:
+        key = f'{spec.label} @{spec.img_size}'
         if key in fns:
             raise ValueError(f'duplicate contender {key!r}')
         gmacs[key] = model_gmacs(spec.factory, spec.img_size)
@@ -204,7 +193,7 @@ def measure_models(specs: Sequence[ModelSpec], device: torch.device, batch_size:
         target = torch.randint(0, 10, (batch_size,), device=device) if train else None
         fns[key] = partial(_step, torch.compile(model) if compiled else model, x, target, autocast)
     seconds = interleaved_medians(fns, repeats=repeats, warmup=max(warmup, 1) if compiled else warmup)
-    return [ModelResult(s.label, s.img_size, batch_size, train, seconds[k], gmacs[k]) for k, s in zip(keys, specs)]
+    return [ModelResult(s.label, s.img_size, batch_size, train, seconds[k], gmacs[k]) for k, s in zip(fns, specs)]
 
 
 def measure_modes(specs: Sequence[ModelSpec], args: argparse.Namespace, run: Tuple[torch.device, Any, int, int],
@@ -232,13 +221,11 @@ def add_run_args(parser: argparse.ArgumentParser, cpu_batch_size: int = 2) -> No
     add('--batch-size', type=int, default=argparse.SUPPRESS, help=f'default: 8 on cuda, {cpu_batch_size} on cpu')
     add('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
     add('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
-    add('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), default=None,
-        help='autocast: bf16 (default; cpu and cuda) or fp16 (cuda only)')
+    add('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), help='autocast: bf16 (default) or fp16 (cuda)')
     add('--channels-last', action='store_true')
     add('--compile', action='store_true', help='torch.compile every model (slow on cpu)')
     add('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    add('--load', type=int, default=0, metavar='N',
-        help='N busy-loop processes run during the timings (a shared machine); default 0')
+    add('--load', type=int, default=0, metavar='N', help='N busy-loop processes during the timings (a shared machine)')
     add('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
     parser.set_defaults(cpu_batch_size=cpu_batch_size)
 
@@ -268,9 +255,8 @@ def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 def device_name(device: torch.device) -> str:
     """'cuda (<GPU name>)' or 'cpu (<processor>, N threads)'."""
-    if device.type == 'cuda':
-        return f'cuda ({torch.cuda.get_device_name(device)})'
-    return f'{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+    return (f'cuda ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else
+            f'{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
 
 
 def run_header(device: torch.device, what: str, args: argparse.Namespace) -> str:
