@@ -33,10 +33,8 @@ _SOURCE = Path(__file__).with_name('fused_cpu.c')
 _FLAGS = ['-O3', '-fno-math-errno', '-fPIC', '-shared']
 # x86-64 instruction sets worth the kernel (PyTorch's name -> the build's flags): AVX-512 as PyTorch requires it
 # (F, BW, DQ, VL); measured 1.1-1.9x the tiled kernel there, and slower than it with 16-byte vectors.
-_WIDE_ISAS = {
-    'AVX512': ['-mavx512f', '-mavx512bw', '-mavx512dq', '-mavx512vl', '-mavx2', '-mfma'],
-    'AVX2': ['-mavx2', '-mfma'],
-}
+_WIDE_ISAS = {'AVX512': ['-mavx512f', '-mavx512bw', '-mavx512dq', '-mavx512vl', '-mavx2', '-mfma'],
+              'AVX2': ['-mavx2', '-mfma']}
 _X86_64 = ('x86_64', 'amd64', 'x64')
 AUTO_MIN_VECTOR_BYTES = 32
 
@@ -269,16 +267,6 @@ def _library(dtype: torch.dtype) -> _Kernel:
     return libs[dtype]
 
 
-def _check(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    if dtype not in DTYPES or any(t.dtype != dtype for t in tensors):
-        raise TypeError(f"HaloAttention: attn_impl='fused' runs fp32 or fp64 (one dtype), got "
-                        f"{sorted({str(t.dtype) for t in tensors})}; use attn_impl='tiled' or 'auto' (autocast)")
-    if any(t.device.type != 'cpu' for t in tensors):
-        raise RuntimeError("HaloAttention: attn_impl='fused' runs on cpu only")
-    return dtype
-
-
 _ERRORS = {1: (MemoryError, 'the fused CPU kernel could not allocate its scratch buffers'),
            2: (IndexError, 'a relative-table row outside the table (fused CPU kernel); please report'),
            3: (ValueError, 'fused CPU kernel operands that do not fit together; please report')}
@@ -355,7 +343,13 @@ def _raise_status(status: int) -> None:
 def _prepare(q, k, v, tables, *others: torch.Tensor):
     """The kernel, the checked geometry, contiguous operands and the tables by name; with maps (``v`` None), ``v``
     is the value channels of the key / value map ``k``."""
-    kernel = _library(_check(q, k, *([] if v is None else [v]), *tables[:2], *tables[4:], *others))
+    floats = [q, k, *([] if v is None else [v]), *tables[:2], *tables[4:], *others]
+    if q.dtype not in DTYPES or any(t.dtype != q.dtype for t in floats):
+        raise TypeError(f"HaloAttention: attn_impl='fused' runs fp32 or fp64 (one dtype), got "
+                        f"{sorted({str(t.dtype) for t in floats})}; use attn_impl='tiled' or 'auto' (autocast)")
+    if any(t.device.type != 'cpu' for t in floats):
+        raise RuntimeError("HaloAttention: attn_impl='fused' runs on cpu only")
+    kernel = _library(q.dtype)
     geometry = _geometry(q, k, v, tables)
     q, k, *tables = (t.contiguous() for t in (q, k, *tables))
     return kernel, geometry, q, k, k[:, q.shape[1]:] if v is None else v.contiguous(), dict(zip(_TABLE_NAMES, tables))
@@ -441,8 +435,8 @@ def _attend_fused_backward_fake(grad_out, q, k, v, qt_h, qt_w, base_h, base_w, m
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *tables, window, scale = inputs
-    ctx.maps, ctx.window, ctx.scale = v is None, window, scale
-    ctx.save_for_backward(q, k, k if v is None else v, *tables, *output)
+    ctx.window, ctx.scale = window, scale
+    ctx.save_for_backward(q, k, v, *tables, *output)
     ctx.mark_non_differentiable(output[1])  # the stats
 
 
@@ -462,8 +456,7 @@ def _recompute_maps(q, kv, qt_h, qt_w, base_h, base_w, mask_h, mask_w, window: L
 
 
 def _autograd(ctx, grad_out, _grad_stats):
-    q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats = ctx.saved_tensors
-    v = None if ctx.maps else v
+    q, k, v, qt_h, qt_w, base_h, base_w, mask_h, mask_w, out, stats = ctx.saved_tensors  # v None: maps
     if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation (double backward)
         def recompute(q, k, v, qt_h, qt_w):
             if v is None:

@@ -148,8 +148,7 @@ def differentiable_backward(grad_out: torch.Tensor, inputs, recompute: Callable[
 def _autograd(ctx, grad_out):
     q, k, v, rel_h, rel_w, out = ctx.saved_tensors
     if torch.is_grad_enabled():
-        grads = differentiable_backward(grad_out, (q, k, v, rel_h, rel_w),
-                                        lambda *a: attend_broadcast(*a, ctx.scale))
+        grads = differentiable_backward(grad_out, (q, k, v, rel_h, rel_w), lambda *a: attend_broadcast(*a, ctx.scale))
     else:
         grads = _attend_tiled_backward(grad_out, q, k, v, rel_h, rel_w, out, ctx.scale, ctx.tile_logits)
     return *grads, None, None
