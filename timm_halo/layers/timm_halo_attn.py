@@ -44,19 +44,17 @@ class TimmHaloAttn(KernelChoice, HaloAttn):
         return self.halo_size, self.halo_size, self.block_size, self.win_size
 
     def extra_repr(self) -> str:
-        return (
-            f'heads={self.num_heads}, dim_head_qk={self.dim_head_qk}, dim_head_v={self.dim_head_v}, '
-            f'block_size={self.block_size}, halo_size={self.halo_size}, block_stride={self.block_stride}, '
-            f'scale_pos_embed={self.scale_pos_embed}, attn_impl={self.attn_impl!r}')
+        return (f'heads={self.num_heads}, dim_head_qk={self.dim_head_qk}, dim_head_v={self.dim_head_v}, '
+                f'block_size={self.block_size}, halo_size={self.halo_size}, block_stride={self.block_stride}, '
+                f'scale_pos_embed={self.scale_pos_embed}, attn_impl={self.attn_impl!r}')
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self.q.in_channels, self.pos_embed.height_rel.dtype, 'TimmHaloAttn')
         H, W = x.shape[2], x.shape[3]
         if H % self.block_size != 0 or W % self.block_size != 0:
-            raise ValueError(
-                f'TimmHaloAttn (timm HaloAttn semantics) needs height and width divisible by block_size '
-                f'{self.block_size}, got {H} x {W}; for a timm halo model choose an input size whose feature maps '
-                f'at every halo stage are multiples of the block size')
+            raise ValueError(f'TimmHaloAttn (timm HaloAttn semantics) needs height and width divisible by block_size '
+                             f'{self.block_size}, got {H} x {W}; for a timm halo model choose an input size whose '
+                             f'feature maps at every halo stage are multiples of the block size')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -82,15 +80,11 @@ class TimmHaloAttn(KernelChoice, HaloAttn):
 
         # Keys and values: projected, then zero-padded by the halo (padded keys are attended with k = v = 0).
         kv = F.pad(self.kv(x), [h, h, h, h])
-        if gather_op:
-            k, v = self._gather_windows(kv)
-        else:
-            k, v = unfold_windows(kv, heads, d, b, win, b, win)
+        k, v = self._gather_windows(kv) if gather_op else unfold_windows(kv, heads, d, b, win, b, win)
 
         out = self._attend(impl, q, k, v, [rel_h, rel_w])
         out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(B, heads * dv, nh * bq, nw * bq)
-        return self.pool(out)
+        return self.pool(out.reshape(B, heads * dv, nh * bq, nw * bq))
 
     @torch.jit.unused
     def _gather_windows(self, kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
