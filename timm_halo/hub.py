@@ -20,7 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models import save_for_hf as timm_save_for_hf
 from timm.models._helpers import _torch_load
-from timm.models._hub import generate_readme, load_cfg_from_json, load_model_config_from_path
+from timm.models._hub import download_from_hf, generate_readme, load_cfg_from_json, load_model_config_from_path
 
 from timm_halo.bench import count_gmacs
 from timm_halo.models import HaloNet, _pretrained
@@ -332,9 +332,6 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
     if output.exists() and not (output.is_dir() and (overwrite or not any(output.iterdir()))):
         raise ValueError(f"Output '{output}' is a file, or a folder that is not empty: choose a new folder, or pass "
                          '--overwrite (overwrite=True) to write into it (files of the same names are replaced)')
-    problem = model_name is not None and export_args_problem(model_name, model_args, img_size)
-    if problem:
-        raise ValueError(problem)
     weights = read_checkpoint(checkpoint)
     train_args = read_train_args(checkpoint)
     model_name, model_args, img_size, took, notes = _apply_train_args(train_args, model_name, model_args, _hw(img_size))
@@ -392,16 +389,11 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
             source.count('/') != 1 or source.startswith(('.', '/'))):  # a bare 'org/name' is a Hub repo
         raise ValueError(f"'{source}' is neither an existing folder nor a Hub repo id like 'org/name'")
     where = f"config.json of {'local folder' if kind == 'local-dir' else 'Hugging Face Hub repo'} '{ident}'"
-    folder = Path(ident)
-    if kind == 'hf-hub':
-        path, error = _pretrained.hub_download(ident, ('config.json',))
-        if error is not None:
-            raise PretrainedWeightsError(f'Could not get {where}: {_pretrained.hub_problem(error)}') from error
-        folder = Path(path).parent  # the cache's snapshot folder
-    try:
+    try:  # a Hub repo's config.json lands in the cache's snapshot folder, where the weights go too
+        folder = Path(download_from_hf(ident, 'config.json')).parent if kind == 'hf-hub' else Path(ident)
         raw = load_cfg_from_json(folder / 'config.json')
-    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
-        raise PretrainedWeightsError(f'Could not read {where} (is it a save_for_hf / hub-export folder?): {e}') from e
+    except Exception as e:  # not there (offline, no such repo or file), unreadable, invalid JSON or UTF-8
+        raise PretrainedWeightsError(f'Could not get {where}: {_pretrained.hub_problem(e)}') from e
     check_hub_config(raw, where)
     cfg, arch, model_args = load_model_config_from_path(folder)  # timm's own reading of it
     info: Dict[str, Any] = dict(

@@ -163,16 +163,13 @@ def num_classes_conflict(config: Any, where: str) -> Optional[str]:
 def warn_if_classifier_dropped(state_dict: Dict[str, Any], model: nn.Module) -> None:
     """Warn where timm will discard a checkpoint's classifier that fits the model (the cfg's count differs)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    classifier, cfg_classes, built = cfg.get('classifier'), cfg.get('num_classes'), getattr(model, 'num_classes', None)
-    if not classifier or not _is_count(cfg_classes) or not _is_count(built) or built == cfg_classes:
-        return
-    for name in (classifier,) if isinstance(classifier, str) else tuple(classifier):
-        weight = state_dict.get(f'{name}.weight')
-        if isinstance(weight, torch.Tensor) and weight.ndim >= 1 and weight.shape[0] == built:
-            warnings.warn(
-                f"The weights' classifier ({name}) has {built} classes, as the model has, but the pretrained cfg "
-                f'says num_classes={cfg_classes}; timm goes by the cfg, so it discards this classifier and '
-                f'initialises a new random {built}-way one. To keep it, give the weights\' count: '
-                f'pretrained_cfg_overlay=dict(file=..., num_classes={built}), or fix num_classes in config.json.',
-                UserWarning, stacklevel=2)
-            return
+    name, cfg_classes, built = cfg.get('classifier'), cfg.get('num_classes'), getattr(model, 'num_classes', None)
+    weight = state_dict.get(f'{name}.weight') if isinstance(name, str) else None  # a HaloNet has one: head.fc
+    if (_is_count(cfg_classes) and _is_count(built) and built != cfg_classes and isinstance(weight, torch.Tensor)
+            and weight.ndim >= 1 and weight.shape[0] == built):
+        warnings.warn(
+            f"The weights' classifier ({name}) has {built} classes, as the model has, but the pretrained cfg "
+            f'says num_classes={cfg_classes}; timm goes by the cfg, so it discards this classifier and '
+            f'initialises a new random {built}-way one. To keep it, give the weights\' count: '
+            f'pretrained_cfg_overlay=dict(file=..., num_classes={built}), or fix num_classes in config.json.',
+            UserWarning, stacklevel=2)
