@@ -28,8 +28,7 @@ from timm_halo.models._pretrained import PretrainedWeightsError, _is_count, num_
 from timm_halo.models.halonet import FAMILY
 
 __all__ = ['PretrainedWeightsError', 'model_card', 'save_for_hf', 'push_to_hf_hub', 'fix_hub_config', 'export_for_hub',
-           'inspect_hub_model', 'check_hub_config', 'read_checkpoint', 'read_train_args', 'describe_model',
-           'is_hub_dataset_id']
+           'inspect_hub_model', 'read_checkpoint', 'describe_model']
 
 PAPER_URL = 'https://arxiv.org/abs/2103.12731'
 PAPER_TITLE = 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones'
