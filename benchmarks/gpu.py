@@ -428,7 +428,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     add('--quick', action='store_true', help='tiny sizes, one sample: checks the script runs')
     add('--out', default=None, help='output folder (default: $OUT, else benchmarks/out/gpu)')
     add('--budget', type=float, default=420.0, help='seconds for each section; what would not fit is skipped')
-    add('--compile-backend', default=None, help='torch.compile backend (default: inductor; eager on CPU --quick)')
     args = parser.parse_args(argv)
     args.out = args.out or os.environ.get('OUT') or os.path.join('benchmarks', 'out', 'gpu')
     if args.summary:
@@ -442,7 +441,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     args.layer_batch, args.model_batch, args.repeats, args.warmup = (2, 1, 1, 0) if quick else (64, 128, 10, 3)
     args.img_size = 256  # timm's halonet_h1 needs every stage's map divisible by its block size 8
-    args.compile_backend = args.compile_backend or ('eager' if quick and args.device.type == 'cpu' else 'inductor')
+    # dynamo's tracing without code generation: what a CPU dry run can afford
+    args.compile_backend = 'eager' if quick and args.device.type == 'cpu' else 'inductor'
     # the dry run: stage 1 (maps of several blocks) and stage 4 (one block), the two shapes of the code path
     sizes = {k: (c, max(8, s // 4)) for k, (c, s) in STAGES.items() if k in ('stage1', 'stage4')} if quick else STAGES
     args.stages = {f'{k} C{c} {s}x{s}': (c, s) for k, (c, s) in sizes.items()}

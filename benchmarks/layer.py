@@ -62,13 +62,6 @@ def measure_memory(impl: str, shape: str, device: torch.device) -> int:
     return peak_memory(partial(_call, layer, x, True), device)
 
 
-def impls_to_run(with_compiled: bool, kernels: bool) -> List[str]:
-    if not LUCIDRAINS:
-        print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
-    return ['timm', *(['lucidrains'] if LUCIDRAINS else []), 'timm_halo', *(KERNELS if kernels else ()),
-            *(['timm_halo compiled'] if with_compiled else [])]
-
-
 def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> List[dict]:
     rows = []
     for shape, (batch, channels, size) in SHAPES.items():
@@ -79,10 +72,9 @@ def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> 
             fwd_t, bwd_t = (interleaved_medians({i: partial(_call, m, x, backward) for i, m in layers.items()},
                                                 repeats) for backward in (False, True))
         del layers
-        if device.type == 'cuda':
-            mem = {i: measure_memory(i, shape, device) for i in impls}
-        else:  # peak RSS growth, each in a fresh process
-            mem = {i: peak_memory_in_child('benchmarks.layer', ['--impl', i, '--shape', shape]) for i in impls}
+        # each in a fresh process: on CPU the peak RSS growth, on CUDA the allocator's peak
+        mem = {i: peak_memory_in_child('benchmarks.layer', ['--impl', i, '--shape', shape, '--device', device.type])
+               for i in impls}
         rows += [dict(shape=shape, impl=i, load=load, fwd_ms=fwd_t[i] * 1e3, fwd_bwd_ms=bwd_t[i] * 1e3,
                       peak_mb=mem[i] / 2**20) for i in impls]
     return rows
@@ -131,7 +123,11 @@ def main() -> None:
     if args.measure_memory:
         print(json.dumps(dict(peak_bytes=measure_memory(args.impl, args.shape, device))))
         return
-    rows = run(device, args.repeats, impls_to_run(args.compile, args.kernels), args.load)
+    if not LUCIDRAINS:
+        print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
+    impls = ['timm', *(['lucidrains'] if LUCIDRAINS else []), 'timm_halo', *(KERNELS if args.kernels else ()),
+             *(['timm_halo compiled'] if args.compile else [])]
+    rows = run(device, args.repeats, impls, args.load)
     peer = f'halonet-pytorch {importlib.metadata.version("halonet-pytorch")}' if LUCIDRAINS else 'none'
     header = (f'HaloAttention vs timm HaloAttn and lucidrains ({peer}) | device {device_name(device)} | '
               f'torch {torch.__version__} | medians of interleaved runs | '

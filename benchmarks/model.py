@@ -6,7 +6,7 @@ import timm
 import torch
 
 from benchmarks.plot import save_results, script_parser
-from timm_halo import HaloAttention, bench
+from timm_halo import bench
 
 OURS, TIMM, RESNET = 'ours halonet_h1', 'timm halonet_h1', 'resnet50'
 # the three models every whole-model comparison times (benchmarks.deploy and benchmarks.gpu too)
@@ -17,12 +17,7 @@ MODELS = {OURS: partial(timm.create_model, 'halonet_h1'),
 
 def _ours_with_kernel(kernel: str) -> torch.nn.Module:
     """Ours with one attention kernel forced; the meta-device copy that counts GMACs keeps 'auto'."""
-    model = timm.create_model('halonet_h1')
-    if next(model.parameters()).device.type != 'meta':
-        for module in model.modules():
-            if isinstance(module, HaloAttention):
-                module.attn_impl = kernel
-    return model
+    return timm.create_model('halonet_h1', attn_impl='auto' if torch.get_default_device().type == 'meta' else kernel)
 
 
 def contenders(kernels: List[str]) -> List[bench.ModelSpec]:
