@@ -23,7 +23,7 @@ TARGETS = ('eager batch 1 vs timm >= 3x', 'eager batch 1 GMAC/s vs resnet50 >= 5
            'ours in ORT / ours eager (ms) <= 1.3x')
 
 
-def ort_session(path: Path, threads: int, profile_prefix: Optional[str] = None, spin: bool = False) -> Any:
+def ort_session(path: str, threads: int, profile_prefix: Optional[str] = None, spin: bool = False) -> Any:
     """A CPU-EP session with ORT's default graph optimizations and torch's thread count (a fair comparison)."""
     import onnxruntime as ort
 
@@ -35,24 +35,12 @@ def ort_session(path: Path, threads: int, profile_prefix: Optional[str] = None, 
     options.add_session_config_entry('session.intra_op.allow_spinning', '1' if spin else '0')
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-    return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
 def _run_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
     with torch.inference_mode():
         model(x)
-
-
-def export_contenders(models: Dict[str, torch.nn.Module], img_size: int, out_dir: Path) -> Dict[str, dict]:
-    """Each model exported with a dynamic batch, and its ORT-vs-eager max abs difference on a batch-1 input."""
-    info = {}
-    for label, model in models.items():
-        path = out_dir / f"{label.replace(' ', '_')}.onnx"
-        # example batch 2: no size-1 specialisation in the graph
-        export_onnx(model, path, torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)))
-        check = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
-        info[label] = dict(path=path, max_abs_diff=onnx_parity(path, model, [check]).max_abs_diff)
-    return info
 
 
 def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int, backends: Sequence[str],
@@ -63,7 +51,13 @@ def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int
         gmacs[label] = model_gmacs(factory, img_size)
         torch.manual_seed(0)
         models[label] = factory().eval()
-    exported = export_contenders(models, img_size, onnx_dir) if ORT in backends else {}
+    exported = {}  # each model exported with a dynamic batch, and its ORT-vs-eager max abs diff at batch 1
+    for label, model in models.items() if ORT in backends else ():
+        path = onnx_dir / f"{label.replace(' ', '_')}.onnx"
+        # example batch 2: no size-1 specialisation in the graph
+        export_onnx(model, path, torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)))
+        check = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+        exported[label] = dict(path=str(path), max_abs_diff=onnx_parity(path, model, [check]).max_abs_diff)
     sessions = {label: ort_session(e['path'], torch.get_num_threads(), spin=ort_spin) for label, e in exported.items()}
     # One compiled module per model for every batch size: a second batch size recompiles in the warm-up round.
     compiled = {label: torch.compile(m) for label, m in models.items()} if COMPILE in backends else {}
@@ -82,8 +76,7 @@ def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int
             seconds = interleaved_medians(fns, repeats=repeats, warmup=max(warmup, 1) if compiled else warmup)
         rows += [dict(backend=b, model=label, batch=batch, seconds=s, gmacs=gmacs[label], ms=s * 1e3,
                       img_per_s=batch / s, gmac_per_s=gmacs[label] * batch / s) for (b, label), s in seconds.items()]
-    return add_ratios(rows), {k: dict(path=str(v['path']), max_abs_diff=v['max_abs_diff']) for k, v in
-                              exported.items()}
+    return add_ratios(rows), exported
 
 
 def add_ratios(rows: List[dict]) -> List[dict]:
@@ -120,7 +113,7 @@ def target_rows(rows: List[dict]) -> List[dict]:
     return [dict(target=t, value=v) for t, v in zip(TARGETS, values)]
 
 
-def profile_ort(path: Path, img_size: int, runs: int, top: int = 12) -> dict:
+def profile_ort(path: str, img_size: int, runs: int, top: int = 12) -> dict:
     """ORT's own profile of ``runs`` batch-1 calls: summed node time per op type, and the slowest nodes."""
     session = ort_session(path, torch.get_num_threads(), os.path.join(tempfile.mkdtemp(prefix='ort_profile_'), 'ours'))
     feed = {'input': torch.randn(1, 3, img_size, img_size).numpy()}
@@ -180,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         onnx_dir.mkdir(parents=True, exist_ok=True)
         rows, exported = measure(args.batch_sizes, args.img_size, args.repeats, args.warmup, backends, onnx_dir,
                                  args.load, args.ort_spin)
-        prof = profile_ort(Path(exported[OURS]['path']), args.img_size, args.ort_profile) if (
+        prof = profile_ort(exported[OURS]['path'], args.img_size, args.ort_profile) if (
             args.ort_profile and OURS in exported) else None
     cpu = platform.processor() or platform.machine()
     quiet = f'{args.load} busy-loop process(es)' if args.load else 'quiet'

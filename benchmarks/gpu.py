@@ -240,25 +240,22 @@ def _layer_rows(stage: str, channels: int, size: int, precision: str, dtype, imp
     x = torch.randn(args.layer_batch, channels, size, size, device=args.device, requires_grad=True)
     calls = {mode: {i: partial(_layer_call, layers[i], x, dtype, mode == 'fwd_bwd', i != 'ours sdpa narrow-v')
                     for i in impls} for mode in ('fwd', 'fwd_bwd')}
-    res: Dict[str, dict] = {i: dict(peak=None) for i in impls}
-    notes: Dict[str, str] = {}
+    res: Dict[str, dict] = {i: dict(peak=None, errors=[]) for i in impls}  # the first error is the row's note
     for mode, fns in calls.items():
         times, errors = timed(fns, args)
         for i in impls:
             res[i][mode] = times[i] * 1e3 if i in times else None  # ms
-            if i in errors:
-                notes.setdefault(i, f'{mode}: {errors[i]}')
+            res[i]['errors'] += [f'{mode}: {errors[i]}'] if i in errors else []
     for i in impls if args.device.type == 'cuda' else ():  # the allocator's peak of one fwd+bwd above the start's
         layers[i].zero_grad(set_to_none=True)
         x.grad = None
         res[i]['peak'], error = attempt(partial(bench.peak_memory, calls['fwd_bwd'][i], args.device), args.device)
-        if error:
-            notes.setdefault(i, f'peak: {error}')
+        res[i]['errors'] += [f'peak: {error}'] if error else []
     base = res['timm HaloAttn']
     return [dict(stage=stage, precision=precision, impl=i, fwd_ms=r['fwd'], fwd_bwd_ms=r['fwd_bwd'],
                  peak_mib=None if r['peak'] is None else r['peak'] / 2**20,
                  fwd_x_timm=_ratio(base['fwd'], r['fwd']), fwd_bwd_x_timm=_ratio(base['fwd_bwd'], r['fwd_bwd']),
-                 mem_vs_timm=_ratio(r['peak'], base['peak']), note=notes.get(i, '')) for i, r in res.items()]
+                 mem_vs_timm=_ratio(r['peak'], base['peak']), note=(r['errors'] or [''])[0]) for i, r in res.items()]
 
 
 LAYER_COLUMNS = ['stage', 'precision', 'impl', ('fwd ms', 'fwd_ms', '{:.2f}'), ('fwd+bwd ms', 'fwd_bwd_ms', '{:.2f}'),
@@ -267,12 +264,6 @@ LAYER_COLUMNS = ['stage', 'precision', 'impl', ('fwd ms', 'fwd_ms', '{:.2f}'), (
 
 
 # ---- the models --------------------------------------------------------------------------------------------------
-
-def _set_speed(row: dict, seconds: float, batch: int, train: bool) -> None:
-    row['ms'], row['img_per_s'] = seconds * 1e3, batch / seconds
-    if row['gmacs'] is not None:
-        row['gmac_per_s'] = row['gmacs'] * (bench.TRAIN_MACS_FACTOR if train else 1.0) * row['img_per_s']
-
 
 def models_section(sec: Section, args, compiled: bool) -> None:
     """Per mode (train first), each model is built and called once (a compile), its row written at once; then
@@ -312,8 +303,8 @@ def models_section(sec: Section, args, compiled: bool) -> None:
             else:
                 fn, row['note'] = attempt(partial(first_call, name, train, row), device)
                 if fn and args.quick:  # the dry run times the first call only: a CPU step costs seconds
-                    _set_speed(row, row['first_call_s'], batch, train)
-                    row['note'] = 'first call (quick)'
+                    row.update(ms=row['first_call_s'] * 1e3, img_per_s=batch / row['first_call_s'],
+                               note='first call (quick)')
                 elif fn:
                     row['note'] = 'timing' if args.deadline - time.monotonic() > 5 else 'skipped: time limit'
                     fns.update({name: fn} if row['note'] == 'timing' else {})
@@ -322,15 +313,18 @@ def models_section(sec: Section, args, compiled: bool) -> None:
         for name in fns:
             rows[name]['note'] = errors.get(name, '')
             if name in times:
-                _set_speed(rows[name], times[name], batch, train)
+                rows[name].update(ms=times[name] * 1e3, img_per_s=batch / times[name])
         sec.write()
         del fns
         release(device)
 
 
 def model_ratios(rows: List[dict]) -> None:
-    """Each row against timm's halonet_h1 (img/s) and resnet50 (GMAC/s) of the same mode and variant."""
+    """Each row's GMAC/s, and against timm's halonet_h1 (img/s) and resnet50 (GMAC/s) of the same mode and variant."""
     by = {(r['model'], r['mode'], r['variant']): r for r in rows}
+    for r in rows:
+        factor = bench.TRAIN_MACS_FACTOR if r['mode'] == 'train' else 1.0
+        r['gmac_per_s'] = None if None in (r['gmacs'], r['img_per_s']) else r['gmacs'] * factor * r['img_per_s']
     for r in rows:
         timm_h1, r50 = (by.get((m, r['mode'], r['variant']), {}) for m in (TIMM, RESNET))
         r['x_timm_halonet'] = _ratio(r['img_per_s'], timm_h1.get('img_per_s'))

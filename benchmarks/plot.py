@@ -1,8 +1,8 @@
 """What the benchmark scripts share: their parser, ``--json`` / ``--plot`` outputs, and PNGs of any ``--json`` file."""
 import argparse
 import json
-import os
 import textwrap
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from timm_halo.bench import add_run_args, write_json
@@ -36,27 +36,17 @@ def _shapes(data: Dict[str, Any]) -> List[str]:
 
 
 def _plot_layer(data: Dict[str, Any], fig) -> None:
+    """fwd, fwd+bwd and peak memory per shape; with ``data['loaded']`` (``--loaded``), quiet vs under load."""
+    runs = {'quiet': data}
+    if 'loaded' in data:
+        runs[f"{data['loaded']['rows'][0].get('load', '?')} busy process(es)"] = data['loaded']
     # One row per shape: the shapes' times differ by 10x or more, so they get their own axes.
-    impls = list(dict.fromkeys(r['impl'] for r in data['rows']))
-    by_key = {(r['shape'], r['impl']): r for r in data['rows']}
     for row_axes, shape in zip(fig.subplots(len(_shapes(data)), 3, squeeze=False), _shapes(data)):
-        present = [i for i in impls if (shape, i) in by_key]
-        for ax, key, label in zip(row_axes, ('fwd_ms', 'fwd_bwd_ms', 'peak_mb'), ('fwd ms', 'fwd+bwd ms', 'peak MB')):
-            colors = [f'C{impls.index(i)}' for i in present]  # an impl keeps its colour across the shapes
-            ax.bar_label(ax.bar(present, [by_key[shape, i][key] for i in present], color=colors), fmt='%.3g',
-                         fontsize=7)
-            ax.set_title(f'{shape}: {label} (lower is better)', fontsize=9)
-            ax.tick_params(axis='x', labelsize=8)
-
-
-def _plot_layer_load(data: Dict[str, Any], fig) -> None:
-    """fwd+bwd time of every layer contender, quiet (``data``) and under load (``data['loaded']``)."""
-    runs = {'quiet': data, f"{data['loaded']['rows'][0].get('load', '?')} busy process(es)": data['loaded']}
-    for ax, shape in zip(fig.subplots(len(_shapes(data)), 1, squeeze=False)[:, 0], _shapes(data)):
         impls = [r['impl'] for r in data['rows'] if r['shape'] == shape]
-        series = {name: [next((r['fwd_bwd_ms'] for r in run['rows'] if (r['shape'], r['impl']) == (shape, i)), 0.0)
-                         for i in impls] for name, run in runs.items()}
-        _grouped_bars(ax, impls, series, 'fwd+bwd ms', f'{shape}: fwd+bwd ms, quiet vs loaded (lower is better)')
+        for ax, key, label in zip(row_axes, ('fwd_ms', 'fwd_bwd_ms', 'peak_mb'), ('fwd ms', 'fwd+bwd ms', 'peak MB')):
+            series = {name: [next((r[key] for r in run['rows'] if (r['shape'], r['impl']) == (shape, i)), 0.0)
+                             for i in impls] for name, run in runs.items()}
+            _grouped_bars(ax, impls, series, label, f'{shape}: {label} (lower is better)')
 
 
 def _plot_model(data: Dict[str, Any], fig) -> None:
@@ -104,8 +94,7 @@ def _plot_accelerate(data: Dict[str, Any], fig) -> None:
         ax.tick_params(axis='x', labelrotation=20)
 
 
-_PLOTTERS = {'layer': _plot_layer, 'layer_load': _plot_layer_load, 'model': _plot_model,
-             'resolution': _plot_resolution, 'accelerate': _plot_accelerate}
+_PLOTTERS = {'layer': _plot_layer, 'model': _plot_model, 'resolution': _plot_resolution, 'accelerate': _plot_accelerate}
 
 
 def plot(data: Dict[str, Any], path: str) -> None:
@@ -118,7 +107,7 @@ def plot(data: Dict[str, Any], path: str) -> None:
     kind = data.get('benchmark')
     if kind not in _PLOTTERS:
         raise ValueError(f'unknown benchmark kind {kind!r}; expected one of {sorted(_PLOTTERS)}')
-    fig = plt.figure(figsize=(15, 1 + 4 * (len(_shapes(data)) if kind.startswith('layer') else 1)),
+    fig = plt.figure(figsize=(15, 1 + 4 * (len(_shapes(data)) if kind == 'layer' else 1)),
                      layout='constrained')
     _PLOTTERS[kind](data, fig)
     fig.suptitle(textwrap.fill(data.get('header', kind), 200), fontsize=8)
@@ -140,12 +129,10 @@ def main() -> None:
     parser.add_argument('-o', '--output', help='PNG to write (default: the JSON path with .png)')
     parser.add_argument('--loaded', metavar='JSON', help='a layer run with --load N: plot quiet vs loaded')
     args = parser.parse_args()
-    with open(args.json_path) as f:
-        data = json.load(f)
+    data = json.loads(Path(args.json_path).read_text())
     if args.loaded:
-        with open(args.loaded) as f:
-            data = dict(data, benchmark='layer_load', loaded=json.load(f))
-    plot(data, args.output or os.path.splitext(args.json_path)[0] + '.png')
+        data['loaded'] = json.loads(Path(args.loaded).read_text())
+    plot(data, args.output or str(Path(args.json_path).with_suffix('.png')))
 
 
 if __name__ == '__main__':
