@@ -178,22 +178,23 @@ class KernelChoice:
     def _not_exporting(self) -> bool:
         return not _exporting()
 
-    def _call_plan(self, x: torch.Tensor) -> Tuple[str, bool, bool]:
-        """For this call: the kernel, whether windows are cut by the ``gather_windows`` op, and whether
-        size-dependent window plans (cropped windows) are allowed."""
+    def _call_plan(self, x: torch.Tensor) -> Tuple[str, bool, bool, bool]:
+        """For this call: the kernel, whether windows are cut by the ``gather_windows`` op, whether size-dependent
+        window plans (cropped windows) are allowed, and whether a traced or exported graph is being built (it gets
+        the plain ops that run fast in ONNX Runtime)."""
         crop = self._use_custom_kernels()
         if torch.jit.is_scripting():
-            return 'broadcast', False, crop
+            return 'broadcast', False, crop, False
         return self._choose(x, crop)
 
     @torch.jit.unused
-    def _choose(self, x: torch.Tensor, custom: bool) -> Tuple[str, bool, bool]:
+    def _choose(self, x: torch.Tensor, custom: bool) -> Tuple[str, bool, bool, bool]:
         # An export of one input size (height and width plain ints, not symbolic) also gets cropped windows: its
         # graph serves that size only (an ONNX model of 256 px runs stage 4's 8x8 maps on 64 keys, not 196).
         crop = custom or (not torch.jit.is_tracing() and all(isinstance(n, int) for n in x.shape[-2:]))
         plain_autograd = _plain_autograd_required()
         call = Call(x.device.type, x.dtype, not custom, plain_autograd, self._call_logits(x, crop))
-        return choose(self.attn_impl, call, type(self).__name__), custom and not plain_autograd, crop
+        return choose(self.attn_impl, call, type(self).__name__), custom and not plain_autograd, crop, not custom
 
     @torch.jit.unused
     def _call_logits(self, x: torch.Tensor, crop: bool) -> int:
@@ -204,11 +205,11 @@ class KernelChoice:
         return B * self.heads * nh * nw * bq * bq * keys
 
     def _attend(self, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rel: List[torch.Tensor]) -> torch.Tensor:
+                rel: List[torch.Tensor], graph: bool = False) -> torch.Tensor:
         """``rel``: the fields of ``RelTerms`` (TorchScript takes no NamedTuple of this kind: the scripted path is
         ``'broadcast'`` on the list)."""
         if impl == 'broadcast':
-            return attend_broadcast(q, k, v, rel[0], rel[1], self.scale)
+            return attend_broadcast(q, k, v, rel[0], rel[1], self.scale, graph)
         return self._attend_kernel(impl, q, k, v, rel)
 
     @torch.jit.unused

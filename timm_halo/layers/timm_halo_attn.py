@@ -58,7 +58,7 @@ class TimmHaloAttn(KernelChoice, HaloAttn):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        impl, gather_op, _ = self._call_plan(x)  # timm's windows are never cropped
+        impl, gather_op, _, _ = self._call_plan(x)  # timm's windows are never cropped
 
         B, _, H, W = x.shape
         heads, d, dv = self.num_heads, self.dim_head_qk, self.dim_head_v
