@@ -269,7 +269,8 @@ def models_section(sec: Section, args, compiled: bool) -> None:
     """Per mode (train first), each model is built and called once (a compile), its row written at once; then
     the ready ones are timed round-robin and their rows completed. A kill keeps every row written so far."""
     batch, img, device = args.model_batch, args.img_size, args.device
-    names = list(MODELS)[:1] if compiled and args.quick else list(MODELS)  # a dry run compiles ours only
+    dry = compiled and args.quick  # a dry run compiles ours only, and traces its train step alone
+    names = list(MODELS)[:1] if dry else list(MODELS)
     need = (5 if args.quick else 60) if compiled else 10  # seconds one model's first call may take
     gmacs = {}
     for name in names:
@@ -282,38 +283,36 @@ def models_section(sec: Section, args, compiled: bool) -> None:
     built: Dict[str, torch.nn.Module] = {}  # one copy per model for both modes: building costs seconds on CPU
 
     def first_call(name: str, train: bool, row: dict) -> Callable[[], None]:
+        """The step of ``name`` in its mode, called once (what compiles it); the call's seconds go to ``row``."""
         if name not in built:
             torch.manual_seed(0)
             built[name] = MODELS[name]().to(device).to(memory_format=torch.channels_last)
-        model = built[name].train(train)
-        model.zero_grad(set_to_none=True)
-        run = torch.compile(model, backend=args.compile_backend, dynamic=False) if compiled else model
+        built[name].train(train).zero_grad(set_to_none=True)
+        run = torch.compile(built[name], backend=args.compile_backend, dynamic=False) if compiled else built[name]
         fn = partial(bench._step, run, x, target if train else None, autocast)
         row['first_call_s'] = bench.interleaved_medians({name: fn}, repeats=1, warmup=0)[name]
         return fn
 
-    for train in (True,) if compiled and args.quick else (True, False):  # a dry run traces one graph per model
+    for train in (True,) if dry else (True, False):
         fns, rows = {}, {}
         for name in names:
             row = rows[name] = dict(model=name, mode='train' if train else 'infer', img_per_s=None, ms=None,
                                     variant='compiled' if compiled else 'eager', gmacs=gmacs[name], gmac_per_s=None,
                                     first_call_s=None, note='')
-            if args.deadline - time.monotonic() < need:
-                row['note'] = f'skipped: time limit ({args.deadline - time.monotonic():.0f} s left)'
-            else:
-                fn, row['note'] = attempt(partial(first_call, name, train, row), device)
-                if fn and args.quick:  # the dry run times the first call only: a CPU step costs seconds
-                    row.update(ms=row['first_call_s'] * 1e3, img_per_s=batch / row['first_call_s'],
-                               note='first call (quick)')
-                elif fn:
-                    row['note'] = 'timing' if args.deadline - time.monotonic() > 5 else 'skipped: time limit'
-                    fns.update({name: fn} if row['note'] == 'timing' else {})
+            left = args.deadline - time.monotonic()
+            fn, row['note'] = attempt(partial(first_call, name, train, row), device) if left >= need else (
+                None, f'skipped: time limit ({left:.0f} s left)')
+            if fn and args.quick:  # the dry run times the first call only: a CPU step costs seconds
+                row.update(ms=row['first_call_s'] * 1e3, img_per_s=batch / row['first_call_s'],
+                           note='first call (quick)')
+            elif fn:
+                row['note'] = 'timing' if args.deadline - time.monotonic() > 5 else 'skipped: time limit'
+                fns.update({name: fn} if row['note'] == 'timing' else {})
             sec.add(row)
         times, errors = timed(fns, args)
         for name in fns:
             rows[name]['note'] = errors.get(name, '')
-            if name in times:
-                rows[name].update(ms=times[name] * 1e3, img_per_s=batch / times[name])
+            rows[name].update(dict(ms=times[name] * 1e3, img_per_s=batch / times[name]) if name in times else {})
         sec.write()
         del fns
         release(device)

@@ -2,6 +2,7 @@
 
 Nothing here asserts on a measured time: the machines running the suite are shared and noisy.
 """
+import argparse
 import json
 import re
 import subprocess
@@ -83,6 +84,19 @@ def test_interleaved_medians_calls_every_contender_round_robin():
     medians = bench.interleaved_medians(fns, repeats=3, warmup=2, timer=clock)
     assert calls == list('abc') * 5  # 2 warm-up rounds + 3 timed rounds, one call per contender per round
     assert medians == {'a': 3, 'b': 2, 'c': 7}  # warm-up durations (9) never count
+
+
+def test_table_formats_cells_and_shows_missing_values_as_a_dash():
+    rows = [dict(name='a|b', ms=1.234, ok=True), dict(name='c', ms=None, ok=False)]
+    columns = ['name', ('ms', 'ms', '{:.1f}'), ('met', 'ok', lambda v: 'yes' if v else 'NO')]
+    assert bench.table(columns, rows).splitlines() == [
+        '| name | ms | met |', '|---|---|---|', '| a/b | 1.2 | yes |', '| c | - | NO |']
+
+
+def test_measure_modes_times_each_mode_with_the_run_options():
+    args = argparse.Namespace(load=0, warmup=0, compile=False, channels_last=False)
+    results = bench.measure_modes([ModelSpec('tiny', _tiny_h0, 64)], args, (CPU, None, 2, 1), (False, True))
+    assert [(r.label, r.mode, r.batch_size) for r in results] == [('tiny', 'infer', 2), ('tiny', 'train', 2)]
 
 
 def test_benchmarks_is_not_importable_outside_the_checkout(tmp_path):
