@@ -1,5 +1,6 @@
 """Windowed attention on whole tensors: plain ATen ops, so every autograd mode, device, exporter and transform
-handles it. One logits tensor per call (no tiling); the per-axis relative terms are added by broadcasting."""
+handles it. One logits tensor per call (no tiling); the per-axis relative terms are added by broadcasting, or in
+exported graphs through the matrix products."""
 import torch
 
 __all__ = ['attend_broadcast']
@@ -23,23 +24,29 @@ def attend_broadcast(
         rel_h: (N, bq, bq, kh) height logits (relative term plus border mask) per query and key row.
         rel_w: (N, bq, bq, kw) width logits per query and key column.
         scale: factor of the content logits ``q . k``.
-        one_hot: lay the relative terms out over the window with a matrix product (for ONNX Runtime, see below).
+        one_hot: the relative terms through matrix products (for ONNX Runtime; see the code).
 
     Returns:
         (N, dv, bq * bq)
     """
     n, bq, _, kh = rel_h.shape
     kw = rel_w.shape[-1]
-    logits = (q.transpose(1, 2) @ k) * scale
-    if one_hot:
-        # [rel_h, rel_w] @ E with E[i, (y, x)] = [i == y] and E[kh + j, (y, x)] = [j == x]: exact (one nonzero
-        # product per sum), and one matrix product plus a same-shape add run faster in ONNX Runtime than two
-        # broadcast adds, which it walks in spans as short as a window row. Not in eager: counted MACs stay the
-        # model's own.
-        expand = torch.cat([torch.eye(kh, dtype=q.dtype, device=q.device).repeat_interleave(kw, 1),
-                            torch.eye(kw, dtype=q.dtype, device=q.device).repeat(1, kh)])
-        logits = logits + torch.cat([rel_h, rel_w], -1).view(n, bq * bq, kh + kw) @ expand
-    else:
+    if not one_hot:
+        logits = (q.transpose(1, 2) @ k) * scale
         # The relative terms are separable per axis: add them by broadcasting instead of materialising them.
         logits = (logits.view(n, bq, bq, kh, kw) + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).view(n, bq * bq, -1)
+        return v @ logits.softmax(dim=-1).transpose(1, 2)
+    # For ONNX Runtime, which walks broadcast adds in spans as short as a window row: the terms go through the
+    # matrix product instead. With E[i, (y, x)] = [i == y] and E[kh + j, (y, x)] = [j == x], [rel_h, rel_w] @ E
+    # lays them out over the window exactly (one nonzero product per sum). With more queries than relative terms
+    # they ride on the logits' own product, q' = [scale q, rel_h, rel_w] against k' = [k, E] (one product, no
+    # add); else a product with E and an add. Not in eager mode: MAC counts stay the model's own.
+    expand = torch.cat([torch.eye(kh, dtype=q.dtype, device=q.device).repeat_interleave(kw, 1),
+                        torch.eye(kw, dtype=q.dtype, device=q.device).repeat(1, kh)])
+    rel = torch.cat([rel_h, rel_w], -1).view(n, bq * bq, kh + kw)
+    if bq * bq > kh + kw:
+        keys = torch.cat([k.transpose(1, 2), expand.t().expand(n, -1, -1)], -1)  # pixel-major: no transposes
+        logits = torch.cat([q.transpose(1, 2) * scale, rel], -1) @ keys.transpose(1, 2)
+    else:
+        logits = (q.transpose(1, 2) @ k) * scale + rel @ expand
     return v @ logits.softmax(dim=-1).transpose(1, 2)
