@@ -1,5 +1,5 @@
-"""HaloNet H0-H7: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones` (CVPR 2021,
-https://arxiv.org/abs/2103.12731). The design choices the paper leaves open are listed in README.md."""
+"""HaloNet H0-H7 of `Scaling Local Self-Attention for Parameter Efficient Visual Backbones` (arXiv:2103.12731)."""
+# The design choices the paper leaves open are listed in README.md.
 import math
 import numbers
 import re
@@ -23,6 +23,8 @@ from timm_halo.layers.halo_attention import check_image_input, check_int
 from ._pretrained import PretrainedWeightsError, build_pretrained, warn_if_classifier_dropped
 
 __all__ = ['HaloNet', 'halonet_args']
+
+PAPER_TITLE = 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones'
 
 # The paper's family, the one table of its numbers: block size b, halo h, value ratio rv, bottleneck ratio rb,
 # stage-3 depth l3, final conv width df (0: none), input size s; the paper's params (millions) and ImageNet top-1.
@@ -139,9 +141,6 @@ class HaloBottleneck(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.act = create_act_layer(act_layer, inplace=True)
 
-    def zero_init_last(self) -> None:
-        nn.init.zeros_(self.conv3.bn.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv3(self.post_attn(self.attn(self.conv1(x))))
         return self.act(self.drop_path(out) + self.shortcut(x))
@@ -165,8 +164,7 @@ class HaloStage(nn.Module):
 
 
 class HaloNet(nn.Module):
-    """HaloNet backbone with the timm model API (feature levels: 0 the stem before its max pool, i stage i); its
-    kwargs and the paper's symbols they stand for: docs/contract.md."""
+    """HaloNet backbone with the timm model API; its kwargs and feature levels: docs/contract.md."""
 
     def __init__(
             self, depths: Tuple[int, ...] = (3, 3, 10, 3), widths: Tuple[int, ...] = (64, 128, 256, 512),
@@ -246,8 +244,7 @@ class HaloNet(nn.Module):
         """timm's forward_intermediates; ``indices`` are feature levels (0 the stem, i stage i); ``norm`` unused."""
         if output_fmt != 'NCHW':
             raise ValueError(f"HaloNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
-        _check_out_indices(indices, len(self.stages), 'indices')
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        take_indices, max_index = _take_indices(indices, len(self.stages), 'indices')
         check_image_input(x, self.in_chans, self.stem[0].conv.weight.dtype, 'HaloNet')
         x = self.stem[0](x)  # conv + BN + ReLU
         intermediates = [x] if 0 in take_indices else []
@@ -264,8 +261,7 @@ class HaloNet(nn.Module):
             self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
         """Prune layers not required for the feature levels ``indices``; returns the absolute indices kept."""
-        _check_out_indices(indices, len(self.stages), 'indices')
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        take_indices, max_index = _take_indices(indices, len(self.stages), 'indices')
         prune_end = max_index < len(self.stages)
         self.stages = self.stages[:max_index]  # stage i is level i + 1
         if max_index == 0:
@@ -290,17 +286,15 @@ class HaloNet(nn.Module):
 
 
 def _init_weights(module: nn.Module, name: str = '', zero_init_last: bool = False) -> None:
-    if isinstance(module, nn.Conv2d) and not name.endswith(('attn.q', 'attn.kv')):
-        # HaloAttention initialises its own projections and position tables.
-        nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+    # HaloAttention initialises its own q / kv projections and position tables.
+    if isinstance(module, (nn.Conv2d, nn.Linear)) and not name.endswith(('attn.q', 'attn.kv')):
+        linear = isinstance(module, nn.Linear)
+        # kaiming's default gain (leaky_relu, a=0) is relu's
+        trunc_normal_(module.weight, std=.02) if linear else nn.init.kaiming_normal_(module.weight, mode='fan_out')
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif zero_init_last and hasattr(module, 'zero_init_last'):
-        module.zero_init_last()
+    elif zero_init_last and isinstance(module, HaloBottleneck):  # the residual branch starts as the identity
+        nn.init.zeros_(module.conv3.bn.weight)
 
 
 # timm's ByobNet `halonet_h1` (timm.models.byoanet) -> ours: the same tensors under other names, renamed in order.
@@ -310,10 +304,9 @@ _BYOBNET_RENAMES = (
     (r'\.self_attn\.pos_embed\.width_rel$', '.attn.rel_pos_w'), (r'\.self_attn\.', '.attn.'))
 
 
-def _from_timm_byobnet(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor]
-                       ) -> Dict[str, torch.Tensor]:
-    """Rename a timm ByobNet halo-attention state dict to ours; its relative tables lose their 2h leading rows
-    that no query uses (docs/hub.md)."""
+def _from_timm_byobnet(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A timm ByobNet halo-attention state dict renamed to ours (docs/hub.md)."""
+    # its relative tables lose their 2h leading rows, which no query uses
     out = {}
     for key, value in state_dict.items():
         for old, new in _BYOBNET_RENAMES:
@@ -325,8 +318,8 @@ def _from_timm_byobnet(state_dict: Dict[str, torch.Tensor], target: Dict[str, to
 
 
 def _check_matches(state_dict: Dict[str, torch.Tensor], model: nn.Module, target: Dict[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint that would load only partially: timm loads non-strictly whenever num_classes changes,
-    and would then say so only in a log line. The classifier and the first conv's channels are left to timm."""
+    """Refuse a checkpoint that would load only partially; the classifier and first conv's channels are timm's."""
+    # timm loads non-strictly whenever num_classes changes, and would then say so only in a log line
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     classifiers = _names(cfg.get('classifier') or 'head.fc')
     first_convs = {f'{c}.weight' for c in _names(cfg.get('first_conv') or 'stem.0.conv')}
@@ -355,10 +348,8 @@ def _names(value: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, strict: bool = True
-                         ) -> Dict[str, torch.Tensor]:
-    """Prepare a checkpoint (ours or timm's ByobNet `halonet_h1`; training containers, EMA, DDP / torch.compile
-    prefixes unwrapped) for `model`; with `strict`, a partial load raises PretrainedWeightsError."""
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, strict: bool = True) -> Dict[str, torch.Tensor]:
+    """A checkpoint (ours or timm's ByobNet, training containers unwrapped) for ``model``; docs/hub.md."""
     for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
@@ -372,8 +363,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, strict: b
     return cleaned
 
 
-def _check_out_indices(out_indices: Any, num_stages: int, name: str = 'out_indices') -> None:
-    """Name the problem where timm raises a bare IndexError / AssertionError. Levels: the stem (0), the stages."""
+def _take_indices(out_indices: Any, num_stages: int, name: str = 'out_indices') -> Tuple[List[int], int]:
+    """timm's ``feature_take_indices`` over the stem (level 0) and the stages, a bad index named in the error."""
+    # timm raises a bare IndexError / AssertionError
     levels = num_stages + 1
     layout = (f'this HaloNet has {levels} feature levels, the stem (0, reduction 2) and {num_stages} '
               f'stage{"s" if num_stages > 1 else ""} (1 to {num_stages})')
@@ -382,8 +374,8 @@ def _check_out_indices(out_indices: Any, num_stages: int, name: str = 'out_indic
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
     if out_indices is None:
-        return
-    if is_int(out_indices):  # timm: an int n means the last n levels
+        pass
+    elif is_int(out_indices):  # timm: an int n means the last n levels
         if not 1 <= out_indices <= levels:
             raise ValueError(f'{name}={out_indices} (the last n levels) must be 1 to {levels}: {layout}')
     elif isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) or not all(
@@ -393,32 +385,30 @@ def _check_out_indices(out_indices: Any, num_stages: int, name: str = 'out_indic
     elif not len(out_indices) or any(not -levels <= i < levels for i in out_indices):
         raise ValueError(f'{name} {tuple(out_indices)} out of range: {layout}, so valid indices are 0 to '
                          f'{levels - 1} (or -{levels} to -1)')
+    return feature_take_indices(levels, out_indices)
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
     model_args = {**halonet_args(variant), **kwargs}
     num_stages = len(_check_stages('depths', model_args['depths']))  # before out_indices are checked against it
     if model_args.get('features_only') and 'out_indices' in model_args:
-        _check_out_indices(model_args['out_indices'], num_stages)
+        _take_indices(model_args['out_indices'], num_stages)
     build = partial(
         build_model_with_cfg, HaloNet, variant, pretrained,
         pretrained_filter_fn=partial(checkpoint_filter_fn, strict=model_args.get('pretrained_strict', True)),
         # all levels by default: the stem (0) and every stage, as timm's ResNet / ByobNet (0, 1, 2, 3, 4)
         feature_cfg=dict(out_indices=tuple(range(num_stages + 1)), flatten_sequential=True), **model_args)
-    if not pretrained:
-        return build()
     # timm's loader errors are terse: check the weights first, naming the architecture, source and fix
-    return build_pretrained(build, variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    return build_pretrained(build, variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')
+                            ) if pretrained else build()
 
 
 def _cfg(img_size: int) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, img_size, img_size),
-        'pool_size': (-(-img_size // 32), -(-img_size // 32)),  # stride-2 stages round up
-        'min_input_size': (3, 32, 32), 'crop_pct': 0.95, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'stem.0.conv',
-        'classifier': 'head.fc', 'paper_ids': 'arXiv:2103.12731',
-        'paper_name': 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones'}
+    return dict(  # pool_size: stride-2 stages round up
+        url='', num_classes=1000, input_size=(3, img_size, img_size), pool_size=(-(-img_size // 32),) * 2,
+        min_input_size=(3, 32, 32), crop_pct=0.95, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD, first_conv='stem.0.conv', classifier='head.fc', paper_ids='arXiv:2103.12731',
+        paper_name=PAPER_TITLE)
 
 
 # Untrained cfgs only: add a cfg with its hf_hub_id here when weights are published.
@@ -426,8 +416,8 @@ default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg(f['s']) for name
 
 
 def _register(name: str) -> Callable[..., HaloNet]:
-    """Register the entrypoint ``name`` of FAMILY, quietly replacing timm's untrained ByobNet `halonet_h1` (see
-    README) or our own entry registered again (a reload); any other clash still warns."""
+    """Register the entrypoint ``name`` of FAMILY; quietly replaces timm's ByobNet `halonet_h1` and our own."""
+    # timm's is untrained (see README); ours is registered again on a reload; any other clash still warns
     def entrypoint(pretrained: bool = False, **kwargs) -> HaloNet:
         return _create_halonet(name, pretrained=pretrained, **kwargs)
 
