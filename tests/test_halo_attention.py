@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from timm_halo.layers import HaloAttention, fused_cpu
+from timm_halo.layers import HaloAttention, fused_cpu, kernels
 
 # Every kernel of the implementation table, as eager mode runs it (cropped windows on maps of one or two blocks
 # per axis, the window-gather op), plus the plain-window variants that TorchScript, tracing and export run. The
@@ -114,7 +114,7 @@ def test_gradients_match_reference_fp64(case, path):
 
 def test_tiled_kernel_gradcheck_with_several_tiles(monkeypatch):
     # Force many small tiles so the tile loop and its slicing are exercised in the backward pass too.
-    monkeypatch.setattr('timm_halo.layers.tiled.TILE_LOGITS', 1)
+    monkeypatch.setattr(kernels, 'TILE_LOGITS', 1)
     layer = HaloAttention(8, block_size=2, halo_size=1, heads=2, dim_head=2, stride=2, attn_impl='tiled').double()
     x = torch.randn(2, 8, 5, 6, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))

@@ -6,29 +6,11 @@ import torch
 __all__ = ['attend_broadcast']
 
 
-def attend_broadcast(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rel_h: torch.Tensor,
-        rel_w: torch.Tensor,
-        scale: float,
-        one_hot: bool = False,
-) -> torch.Tensor:
-    """Attention of each block's queries over its key window, channels-first per window.
-
-    Args:
-        q: (N, d, bq * bq) queries of each block (unscaled).
-        k: (N, d, kh * kw) keys of each block's key window.
-        v: (N, dv, kh * kw) values of each window.
-        rel_h: (N, bq, bq, kh) height logits (relative term plus border mask) per query and key row.
-        rel_w: (N, bq, bq, kw) width logits per query and key column.
-        scale: factor of the content logits ``q . k``.
-        one_hot: the relative terms through matrix products (for ONNX Runtime; see the code).
-
-    Returns:
-        (N, dv, bq * bq)
-    """
+def attend_broadcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                     scale: float, one_hot: bool = False) -> torch.Tensor:
+    """Attention of each block's queries q (N, d, bq^2) over its key window, k (N, d, kh * kw) and v (N, dv, kh * kw),
+    with the per-axis logits rel_h (N, bq, bq, kh) and rel_w (N, bq, bq, kw), giving (N, dv, bq^2); ``one_hot``: the
+    relative terms through matrix products, for ONNX Runtime (docs/kernels.md, The kernel interface)."""
     n, bq, _, kh = rel_h.shape
     kw = rel_w.shape[-1]
     if not one_hot:

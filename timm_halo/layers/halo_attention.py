@@ -1,24 +1,8 @@
-"""Blocked local self-attention with a halo (HaloNet).
+"""Blocked local self-attention with a halo (HaloNet, https://arxiv.org/abs/2103.12731, Vaswani et al., CVPR 2021).
 
-Paper: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones`
-    - https://arxiv.org/abs/2103.12731 (Vaswani et al., CVPR 2021)
-
-Queries are grouped in non-overlapping ``block_size`` x ``block_size`` blocks. Every query of a block
-attends to the ``(block_size + 2 * halo_size)`` square window centred on its block. Logits are
-
-    scale * q . k  +  q . rel_pos_h[dy]  +  q . rel_pos_w[dx]
-
-where ``(dy, dx)`` is the key's position minus the query's position, in input pixels. Window positions
-that fall outside the image (the border halo, and the padding added when H or W is not a multiple of
-the block size) are masked: they get exactly zero attention probability.
-
-With ``stride=2`` the queries of each block are subsampled (every other row and column), keys and values
-come from the full-resolution window, and the output has ``ceil(H / 2) x ceil(W / 2)`` pixels.
-
-The layer cuts its input into blocks and key windows, then hands them to one kernel of ``kernels.KERNELS`` (each in
-its own module, all computing the same maths); ``HaloAttention.attn_impl`` names the one to use, and ``'auto'``
-picks per call (``kernels.choose``). ``reference_forward`` is dense attention over every pixel with an explicit
-window mask: slow and obviously correct; the tests hold every kernel to it.
+The layer cuts its input into query blocks and key windows and hands them to one kernel of ``kernels.KERNELS``;
+``reference_forward`` is dense attention with an explicit window mask, which the tests hold every kernel to. The maths,
+masking and stride: docs/kernels.md (The layer's attention).
 """
 import math
 import numbers
@@ -32,16 +16,10 @@ from torch import nn
 
 from .fused_cpu import attend_fused_maps
 from .kernels import KernelChoice, resolve_impl_name
-from .windows import gather_windows, unfold_windows
+from .sdpa import autocast_dtype
+from .windows import blocks_to_map, map_to_blocks, pad_map
 
 __all__ = ['HaloAttention', 'check_image_input', 'check_int']
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device autocast does not know (e.g. meta): no autocast there
-        return False
 
 
 @torch.jit.unused
@@ -49,7 +27,7 @@ def _check_dtype(x: torch.Tensor, param_dtype: torch.dtype, owner: str) -> None:
     # PyTorch reports this deep inside a convolution ("expected scalar type Double but found Float"); name the
     # module and both dtypes instead. Under autocast a mismatch is the normal case (bf16 activations meet fp32
     # parameters), so only complain outside it.
-    if x.dtype != param_dtype and not _autocast_enabled(x.device.type):
+    if x.dtype != param_dtype and autocast_dtype(x.device.type) is None:
         raise TypeError(
             f'{owner} got a {x.dtype} input but its parameters are {param_dtype}: convert the input '
             f'(x.to({param_dtype})) or the module (.to({x.dtype})), or run under torch.autocast')
@@ -97,10 +75,8 @@ class HaloAttention(KernelChoice, nn.Module):
         stride: 1, or 2 for strided attention (queries subsampled inside each block).
         value_ratio: value channels per head relative to ``dim_head`` (the paper's rv).
         qkv_bias: add a bias to the q and kv projections.
-        attn_impl: the attention kernel: ``'auto'``, ``'fused'`` or ``'tiled'`` (CPU), ``'sdpa'`` or ``'broadcast'``
-            (see ``kernels.py``; ``'auto'`` runs ``'fused'`` on CPU (``'tiled'`` where no C compiler could build
-            it), ``'sdpa'`` on CUDA, ``'broadcast'`` where those cannot run). ``None`` reads the environment
-            variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
+        attn_impl: the kernel, ``'auto'``, ``'fused'``, ``'tiled'``, ``'sdpa'`` or ``'broadcast'`` (docs/kernels.md);
+            ``None`` reads the environment variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
     """
     def __init__(
             self,
@@ -146,14 +122,8 @@ class HaloAttention(KernelChoice, nn.Module):
         dim_out = dim if dim_out is None else dim_out
         stride, value_ratio = int(stride), float(value_ratio)  # numpy scalars: plain numbers for scripting
 
-        self.dim = dim
-        self.dim_out = dim_out
-        self.heads = heads
-        self.dim_head = dim_head
-        self.dim_head_v = dim_head_v
-        self.block_size = block_size
-        self.halo_size = halo_size
-        self.win_size = block_size + 2 * halo_size
+        self.dim, self.dim_out, self.heads, self.dim_head, self.dim_head_v = dim, dim_out, heads, dim_head, dim_head_v
+        self.block_size, self.halo_size, self.win_size = block_size, halo_size, block_size + 2 * halo_size
         self.stride = stride
         self.scale = dim_head ** -0.5
         self.attn_impl = resolve_impl_name(attn_impl)
@@ -195,12 +165,8 @@ class HaloAttention(KernelChoice, nn.Module):
     # ---- blocks and windows -------------------------------------------------------------------------------------
 
     def _window_plan(self, size: int, blocks: int, crop: bool) -> Tuple[int, int, int, int]:
-        """Key windows along one axis: (padding before, padding after, step, length).
-
-        The plain plan pads by the halo and cuts one ``b + 2h`` window per block, ``b`` apart. With ``crop``,
-        maps of one or two blocks (late stages: 8x8 or 16x16 at block 8) get shorter windows that skip the
-        halo rows lying outside the image, which would all be masked: at 8x8 that is 64 keys instead of 196.
-        """
+        """Key windows along one axis: (padding before, padding after, step, length); ``crop``: shorter windows on
+        maps of one or two blocks, without the halo rows outside the image (docs/kernels.md, Cropped key windows)."""
         b, h = self.block_size, self.halo_size
         if crop and blocks == 1:
             return 0, 0, b, size  # the whole axis is one window
@@ -231,69 +197,52 @@ class HaloAttention(KernelChoice, nn.Module):
         masked = torch.full((), float('-inf'), dtype=dtype, device=device).nan_to_num() / 4
         return rows, torch.where(visible, torch.zeros_like(masked), masked)
 
+    def _axis(self, size: int, crop: bool, dtype: torch.dtype, device: torch.device,
+              ) -> Tuple[int, Tuple[int, int, int, int], torch.Tensor, torch.Tensor]:
+        """One axis: its blocks (ceil division without negatives, see output_size), window plan, table rows, mask."""
+        blocks = (size + self.block_size - 1) // self.block_size
+        blocks = _concrete_if_small(blocks) if crop else blocks
+        plan = self._window_plan(size, blocks, crop)
+        if torch.jit.is_scripting():
+            rows, mask = self._axis_terms(size, blocks, plan, dtype, device)
+        else:
+            rows, mask = self._kept_axis_terms(size, blocks, plan, dtype, device)
+        return blocks, plan, rows, mask
+
     def _blocked(
             self, x: torch.Tensor, crop: bool, gather_op: bool, graph: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
-        """Project and cut into blocks, channels first per block: q (N, d, bq^2), k (N, d, kh * kw),
-        v (N, dv, kh * kw) with N = B * heads * nh * nw, and the relative terms: [rel_h (N, bq, bq, kh),
-        rel_w (N, bq, bq, kw)] (the kernel interface of ``attend_broadcast``).
-
-        ``crop``: cropped key windows on maps of one or two blocks per axis; ``gather_op``: cut the windows with
-        the ``gather_windows`` custom op (fast backward) instead of plain ops; ``graph``: the relative terms in the
-        ops that run fast in ONNX Runtime (``_skewed_terms``), for traced and exported graphs."""
+        """q (N, d, bq^2), k (N, d, kh * kw), v (N, dv, kh * kw) with N = B * heads * nh * nw, [rel_h, rel_w] (the
+        interface of ``attend_broadcast``) and the geometry for ``_unblock`` (docs/kernels.md, Blocks and windows)."""
         B, _, H, W = x.shape
-        b, s = self.block_size, self.stride
-        bq = b // s
-        nh, nw = (H + b - 1) // b, (W + b - 1) // b  # ceil division without negatives (see output_size)
-        if crop:
-            nh, nw = _concrete_if_small(nh), _concrete_if_small(nw)
-        hq, wq = self.output_size(H, W)
-        heads, d = self.heads, self.dim_head
-
+        s, bq = self.stride, self.block_size // self.stride
         # The projections are called as modules: hooks, wrappers (LoRA, pruning, quantisation) all apply.
         q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
         kv = self.kv(x)
+        nh, plan_h, rows_h, mask_h = self._axis(H, crop, q.dtype, x.device)
+        nw, plan_w, rows_w, mask_w = self._axis(W, crop, q.dtype, x.device)
         # Padded from q's own size (a slice's size expression differs from output_size's), so the padded axes are
-        # exactly nh * bq and nw * bq for symbolic shapes too.
-        q = _pad(q, [0, nw * bq - q.shape[-1], 0, nh * bq - q.shape[-2]], crop)
-        q = q.reshape(B, heads, d, nh, bq, nw, bq).permute(0, 1, 3, 5, 2, 4, 6)
-        n = B * heads * nh * nw
-        # One contiguous copy, shared by the attention and (as a view) the relative terms.
-        q = q.reshape(n, d, bq * bq)
-
-        plan_h, plan_w = self._window_plan(H, nh, crop), self._window_plan(W, nw, crop)
-        if torch.jit.is_scripting():
-            rows_h, mask_h = self._axis_terms(H, nh, plan_h, q.dtype, x.device)
-            rows_w, mask_w = self._axis_terms(W, nw, plan_w, q.dtype, x.device)
-        else:
-            rows_h, mask_h = self._kept_axis_terms(H, nh, plan_h, q.dtype, x.device)
-            rows_w, mask_w = self._kept_axis_terms(W, nw, plan_w, q.dtype, x.device)
+        # exactly nh * bq and nw * bq for symbolic shapes too; one contiguous copy, shared with the relative terms.
+        q = map_to_blocks(q.reshape(B * self.heads, self.dim_head, q.shape[2], q.shape[3]), bq, nh, nw, crop)
         # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
-        q_blocks = q.view(B, heads, nh, nw, d, bq, bq)
+        q_blocks = q.view(B, self.heads, nh, nw, self.dim_head, bq, bq)
         if graph:
-            rel_h, rel_w = self._skewed_terms(q_blocks, rows_h, rows_w, plan_h[2] == b, plan_w[2] == b)
+            rel_h, rel_w = self._skewed_terms(q_blocks, rows_h, rows_w, plan_h[2] == self.block_size,
+                                              plan_w[2] == self.block_size)
         else:
             rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
             rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q_blocks, self.rel_pos_w[rows_w])
         # The border mask is separable too, so it rides on the per-axis terms.
-        rel_h = rel_h + mask_h[:, None, None, None, :]
-        rel_w = rel_w + mask_w[:, None, None, :]
-        rel = [rel_h.reshape(n, bq, bq, plan_h[3]), rel_w.reshape(n, bq, bq, plan_w[3])]
-
-        kv = _pad(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
-        if gather_op:
-            k, v = self._gather_windows(kv, plan_h, plan_w)
-        else:
-            k, v = unfold_windows(kv, heads, d, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
-        return q, k, v, rel, [B, nh, nw, hq, wq]
+        rel_h = (rel_h + mask_h[:, None, None, None, :]).reshape(q.shape[0], bq, bq, plan_h[3])
+        rel_w = (rel_w + mask_w[:, None, None, :]).reshape(q.shape[0], bq, bq, plan_w[3])
+        k, v = self._windows(pad_map(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop), gather_op, plan_h, plan_w)
+        hq, wq = self.output_size(H, W)
+        return q, k, v, [rel_h, rel_w], [nh, nw, hq, wq]
 
     def _skewed_terms(self, q_blocks: torch.Tensor, rows_h: torch.Tensor, rows_w: torch.Tensor, same_h: bool,
                       same_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """The einsums' relative terms in matrix products and copies, which ONNX Runtime runs 2-3x faster than its
-        Einsum. Query row y's key k uses table row ``rows[blk, y, k] = rows[blk, 0, 0] + k - y * stride``: each
-        query is multiplied with every row its block reaches (a span of ``length + b - stride``), then ``_skew``
-        shifts query row y's products left by ``y * stride``. ``same_*``: windows ``b`` apart, so every block
-        reaches the same rows and one (d, span) table serves all of them."""
+        Einsum (docs/kernels.md, Exported graphs). ``same_*``: windows ``b`` apart, one (d, span) table for all."""
         B, heads, nh, nw, d, bq, _ = q_blocks.shape
         n, reach = B * heads * nh * nw, self.block_size - self.stride
         q_pixels = q_blocks.view(B, heads, nh, nw, d, bq * bq).transpose(-1, -2)
@@ -310,24 +259,11 @@ class HaloAttention(KernelChoice, nn.Module):
             terms.append(_skew(products, self.stride, reach).view(B, heads, nh, nw, bq, bq, -1)[..., :length])
         return terms[0], terms[1]
 
-    @torch.jit.unused
-    def _gather_windows(
-            self, kv: torch.Tensor, plan_h: Tuple[int, int, int, int], plan_w: Tuple[int, int, int, int],
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return gather_windows(kv, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
-
     def _unblock(self, out: torch.Tensor, geom: List[int]) -> torch.Tensor:
-        """(N, dv, bq^2) back to (B, heads * dv, hq, wq).
-
-        The crop is a negative ``F.pad``: it always returns a fresh tensor (a view of the kernel's output, which
-        its backward may have saved, would break an in-place op applied after the layer), and inductor lowers it
-        for symbolic sizes where a slice fails (torch.compile with changing input sizes)."""
-        B, nh, nw, hq, wq = geom
-        bq = self.block_size // self.stride
-        heads, dv = self.heads, self.dim_head_v
-        out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(B, heads * dv, nh * bq, nw * bq)
-        return F.pad(out, [0, wq - nw * bq, 0, hq - nh * bq])
+        """(N, dv, bq^2) back to a fresh (B, heads * dv, hq, wq) map."""
+        nh, nw, hq, wq = geom
+        out = blocks_to_map(out, self.block_size // self.stride, nh, nw, hq, wq)
+        return out.reshape(out.shape[0] // self.heads, self.heads * self.dim_head_v, hq, wq)
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
@@ -341,16 +277,12 @@ class HaloAttention(KernelChoice, nn.Module):
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The C kernel reads its blocks and windows straight from the q and kv maps and writes the output map: no
-        window copies, no permutes."""
-        H, W = x.shape[-2:]
-        b, s = self.block_size, self.stride
-        nh, nw = _concrete_if_small((H + b - 1) // b), _concrete_if_small((W + b - 1) // b)
+        """The C kernel reads its blocks and windows straight from the q and kv maps: no window copies, no permutes."""
+        s = self.stride
         q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
         kv = self.kv(x)
-        plan_h, plan_w = self._window_plan(H, nh, True), self._window_plan(W, nw, True)
-        rows_h, mask_h = self._kept_axis_terms(H, nh, plan_h, q.dtype, x.device)
-        rows_w, mask_w = self._kept_axis_terms(W, nw, plan_w, q.dtype, x.device)
+        _, plan_h, rows_h, mask_h = self._axis(x.shape[2], True, q.dtype, x.device)
+        _, plan_w, rows_w, mask_w = self._axis(x.shape[3], True, q.dtype, x.device)
         out = attend_fused_maps(q, kv, self.rel_pos_h, self.rel_pos_w, rows_h[:, :, 0], rows_w[:, :, 0], mask_h, mask_w,
                                 [self.heads, plan_h[2], plan_h[0], plan_w[2], plan_w[0]], self.scale)
         # The kernel saved its output for the backward: an in-place op after the layer must not change it.
@@ -373,9 +305,8 @@ class HaloAttention(KernelChoice, nn.Module):
         return cache[key]
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense attention over all pixels with an explicit window mask: slow, for tests only.
-
-        Keys outside a query's window contribute nothing, not even NaN/inf (as in the fast paths)."""
+        """Dense attention over all pixels with an explicit window mask (slow, for tests); keys outside a query's
+        window contribute nothing, not even NaN/inf (as in the fast paths)."""
         self._check_input(x)
         B, _, H, W = x.shape
         b, h, s = self.block_size, self.halo_size, self.stride
@@ -409,36 +340,14 @@ class HaloAttention(KernelChoice, nn.Module):
 
 
 def _skew(products: torch.Tensor, shift: int, start: int) -> torch.Tensor:
-    """Row i of (M, rows, width) shifted left by ``start + i * shift``: ``out[m, i, t] = products[m, i, t + start -
-    i * shift]`` wherever that lies in [0, width) (``start <= rows * shift``). Pad, flatten, slice, view: copies, no
-    gather."""
+    """``out[m, i, t] = products[m, i, t + start - i * shift]`` wherever that lies in [0, width) (``start <= rows *
+    shift``): pad, flatten, slice, view (copies, no gather)."""
     m, rows, width = products.shape
     flat = F.pad(products, [0, shift]).reshape(m, rows * (width + shift))
     return flat[:, start:start + rows * width].reshape(m, rows, width)
 
 
 def _concrete_if_small(blocks: int) -> int:
-    """1 or 2 as a plain int, other counts unchanged. A no-op in eager mode; under torch.compile with dynamic sizes
-    the cropped window plans of one- and two-block maps already guard on these values, and a constant (instead of
-    a symbolic ``(H + 7) // 8`` known to equal it) keeps every reshape of those blocks static."""
-    if blocks == 1:
-        return 1
-    if blocks == 2:
-        return 2
-    return blocks
-
-
-def _pad(x: torch.Tensor, pad: List[int], skip_empty: bool) -> torch.Tensor:
-    """Zero padding; in eager mode no copy at all when nothing is padded (exporters keep the plain op).
-
-    Under torch.compile the pad always stays: its output size (``nh * b``) is what lets the symbolic shape
-    engine split the padded axis into blocks. Skipping it leaves an ``H // ((H + 7) // 8)`` it cannot simplify,
-    and the nested expressions of a whole model take dynamo minutes to trace for a second input size."""
-    if skip_empty and not _compiling() and max(pad) == 0:
-        return x
-    return F.pad(x, pad)
-
-
-@torch.jit.unused
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    """1 or 2 as a plain int, other counts unchanged: a constant keeps torch.compile's reshapes of one- and two-block
+    maps static (their cropped window plans guard on these values anyway)."""
+    return 1 if blocks == 1 else 2 if blocks == 2 else blocks

@@ -1,13 +1,5 @@
-"""Which attention kernel runs a call: one registry, each kernel saying why it cannot run a given call.
-
-Every kernel computes the same windowed attention (``attend(q, k, v, rel, scale)``, see ``attend_broadcast``) and
-answers ``why_not(call)``: None when it can run the call, else the reason. An explicit ``attn_impl`` raises its
-kernel's reason. ``'auto'`` walks its device's list in ``AUTO_ORDER`` and takes the first kernel that can run the
-call and that ``auto_skip`` does not pass over (a kernel that could run but is slower there than the next one).
-
-Adding a kernel: its own module with an ``attend`` function, one ``Kernel`` entry in ``KERNELS``, and its name in
-``AUTO_ORDER`` if ``'auto'`` should use it (docs/kernels.md).
-"""
+"""Which attention kernel runs a call: one registry, each kernel saying why it cannot run a given call, and the
+layers' per-call choice (``KernelChoice``). How it works and how to add a kernel: docs/kernels.md."""
 import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -17,9 +9,9 @@ from . import fused_cpu
 from .broadcast import attend_broadcast
 from .sdpa import attend_sdpa
 from .tiled import TILE_LOGITS, attend_tiled
+from .windows import gather_windows, unfold_windows
 
-__all__ = ['ATTN_IMPLS', 'ATTN_IMPL_ENV', 'AUTO_ORDER', 'Call', 'Kernel', 'KernelChoice', 'RelTerms',
-           'choose', 'resolve_impl_name']
+__all__ = ['ATTN_IMPLS', 'ATTN_IMPL_ENV', 'AUTO_ORDER', 'Call', 'Kernel', 'KernelChoice', 'choose', 'resolve_impl_name']
 
 ATTN_IMPL_ENV = 'TIMM_HALO_ATTN_IMPL'
 
@@ -33,18 +25,12 @@ class Call(NamedTuple):
     logits: int  # logits of the whole call (windows x queries x keys)
 
 
-class RelTerms(NamedTuple):
-    """The per-axis relative terms with the border mask: (N, bq, bq, kh) and (N, bq, bq, kw)."""
-    rel_h: torch.Tensor
-    rel_w: torch.Tensor
-
-
 def _can(call: Call) -> Optional[str]:
     return None
 
 
 class Kernel(NamedTuple):
-    attend: Callable[..., torch.Tensor]  # (q, k, v, rel: RelTerms, scale)
+    attend: Callable[..., torch.Tensor]  # (q, k, v, rel_h, rel_w, scale), see attend_broadcast
     why_not: Callable[[Call], Optional[str]]  # why it cannot run a call (None: it can)
     auto_skip: Callable[[Call], Optional[str]] = _can  # why 'auto' passes it over although it could run
 
@@ -75,9 +61,8 @@ def _fused_auto_skip(call: Call) -> Optional[str]:
 def _tiled_auto_skip(call: Call) -> Optional[str]:
     # All logits fit in one tile (late stages, small batches): tiling buys nothing, one whole-tensor call is faster.
     # Not asked where the kernel cannot run: an exporter would guard the (symbolic) batch size on the comparison.
-    if call.traced or call.plain_autograd:
-        return None
-    return 'the call fits in one tile' if call.logits <= TILE_LOGITS else None
+    fits = not (call.traced or call.plain_autograd) and call.logits <= TILE_LOGITS
+    return 'the call fits in one tile' if fits else None
 
 
 def _sdpa_auto_skip(call: Call) -> Optional[str]:
@@ -88,17 +73,15 @@ def _sdpa_auto_skip(call: Call) -> Optional[str]:
     return None
 
 
-KERNELS: Dict[str, Kernel] = {
+KERNELS: Dict[str, Kernel] = {  # functions looked up per call, so that tests can wrap them
     # C kernel built on first use (fused_cpu.py); 'auto' on CPUs with AVX2 / AVX-512
-    'fused': Kernel(lambda q, k, v, rel, scale: fused_cpu.attend_fused(q, k, v, *rel, scale), _cpu_custom_op('fused'),
-                    _fused_auto_skip),
+    'fused': Kernel(lambda *args: fused_cpu.attend_fused(*args), _cpu_custom_op('fused'), _fused_auto_skip),
     # tiled flash-style CPU kernel in ATen ops (tiled.py); 'auto' on CPU without the C kernel
-    'tiled': Kernel(lambda q, k, v, rel, scale: attend_tiled(q, k, v, *rel, scale, TILE_LOGITS),
-                    _cpu_custom_op('tiled'), _tiled_auto_skip),
+    'tiled': Kernel(lambda *args: attend_tiled(*args, TILE_LOGITS), _cpu_custom_op('tiled'), _tiled_auto_skip),
     # fused scaled_dot_product_attention calls (sdpa.py); 'auto' on CUDA; first-order gradients
-    'sdpa': Kernel(lambda q, k, v, rel, scale: attend_sdpa(q, k, v, *rel, scale), _can, _sdpa_auto_skip),
+    'sdpa': Kernel(lambda *args: attend_sdpa(*args), _can, _sdpa_auto_skip),
     # whole tensors in plain ATen ops (broadcast.py): every device, autograd mode and exporter
-    'broadcast': Kernel(lambda q, k, v, rel, scale: attend_broadcast(q, k, v, *rel, scale), _can),
+    'broadcast': Kernel(lambda *args: attend_broadcast(*args), _can),
 }
 ATTN_IMPLS = KERNELS  # the public name
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {'cpu': ('fused', 'tiled', 'broadcast'), 'cuda': ('sdpa', 'broadcast')}
@@ -138,13 +121,6 @@ def _plain_autograd_required() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
-def _export_flag() -> bool:
-    """torch.export's own flag (torch 2.7+; it also covers the ONNX exporter, which runs torch.export). Older torch
-    has none; the compiling flag outside dynamo is set by its non-strict export alone."""
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
-    return is_exporting() if is_exporting is not None else torch.compiler.is_compiling()
-
-
 # Under dynamo, torch 2.7-2.11 fold torch.compiler.is_exporting() to True (torch.compile included); called through
 # assume_constant_result, the real flag is read once at trace time instead and kept as the graph's constant.
 _export_flag_at_trace_time = torch.compiler.assume_constant_result(
@@ -153,42 +129,39 @@ _export_flag_at_trace_time = torch.compiler.assume_constant_result(
 
 @torch.jit.unused
 def _exporting() -> bool:
-    """True while torch.export (strict or not) or the ONNX exporter trace the layer: they get the plain-op path with
-    size-independent windows, which one graph can serve at every input size; torch.compile keeps the fast kernels.
-    On torch 2.5/2.6 a strict torch.export (their default) captures the custom ops instead (correct outputs, a
-    size-specific graph); the ONNX exporter's non-strict export is told apart."""
+    """True while torch.export (strict or not) or the ONNX exporter trace the layer (docs/kernels.md, Where the
+    choice is made); torch.compile keeps the fast kernels."""
     if torch.compiler.is_dynamo_compiling():  # torch.compile, or a strict torch.export
         return _export_flag_at_trace_time()
-    return _export_flag()
+    # torch.export's own flag (torch 2.7+, also set under the ONNX exporter); older torch has none, and there the
+    # compiling flag outside dynamo is set by its non-strict export alone.
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    return is_exporting() if is_exporting is not None else torch.compiler.is_compiling()
 
 
 class KernelChoice:
-    """The kernel choice of a layer (``HaloAttention``, ``TimmHaloAttn``), once per call. The layer has
-    ``attn_impl``, ``scale``, ``heads``, ``block_size``, ``stride`` (query subsampling inside a block) and
-    ``_window_plan``."""
+    """The kernel choice of a layer (``HaloAttention``, ``TimmHaloAttn``), once per call. The layer has ``attn_impl``,
+    ``scale``, ``heads``, ``dim_head``, ``block_size``, ``stride`` (query subsampling) and ``_window_plan``."""
 
     def _use_custom_kernels(self) -> bool:
         """Eager mode and torch.compile: size-dependent window plans (cropped windows) and custom ops are allowed.
         TorchScript, tracing and export keep plain ops and windows, so one graph serves every input size."""
-        if torch.jit.is_scripting() or torch.jit.is_tracing():
-            return False
-        return self._not_exporting()
+        return not (torch.jit.is_scripting() or torch.jit.is_tracing()) and self._not_exporting()
 
     @torch.jit.unused
     def _not_exporting(self) -> bool:
         return not _exporting()
 
     def _call_plan(self, x: torch.Tensor) -> Tuple[str, bool, bool, bool]:
-        """For this call: the kernel, whether windows are cut by the ``gather_windows`` op, whether size-dependent
-        window plans (cropped windows) are allowed, and whether a traced or exported graph is being built (it gets
-        the plain ops that run fast in ONNX Runtime)."""
-        crop = self._use_custom_kernels()
+        """For this call: the kernel, whether windows are cut by the ``gather_windows`` op, whether cropped windows
+        are allowed, and whether a traced or exported graph is built (it gets the ops ONNX Runtime runs fast)."""
         if torch.jit.is_scripting():
-            return 'broadcast', False, crop, False
-        return self._choose(x, crop)
+            return 'broadcast', False, False, False
+        return self._choose(x)
 
     @torch.jit.unused
-    def _choose(self, x: torch.Tensor, custom: bool) -> Tuple[str, bool, bool, bool]:
+    def _choose(self, x: torch.Tensor) -> Tuple[str, bool, bool, bool]:
+        custom = self._use_custom_kernels()
         # An export of one input size (height and width plain ints, not symbolic) also gets cropped windows: its
         # graph serves that size only (an ONNX model of 256 px runs stage 4's 8x8 maps on 64 keys, not 196).
         crop = custom or (not torch.jit.is_tracing() and all(isinstance(n, int) for n in x.shape[-2:]))
@@ -204,15 +177,25 @@ class KernelChoice:
         keys = self._window_plan(H, nh, crop)[3] * self._window_plan(W, nw, crop)[3]
         return B * self.heads * nh * nw * bq * bq * keys
 
+    def _windows(self, padded: torch.Tensor, gather_op: bool, plan_h: Tuple[int, int, int, int],
+                 plan_w: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every window of the padded kv map (``windows.py``), by the custom op or plain ops."""
+        if gather_op:
+            return self._gather_windows(padded, plan_h, plan_w)
+        return unfold_windows(padded, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
+
+    @torch.jit.unused
+    def _gather_windows(self, padded: torch.Tensor, plan_h: Tuple[int, int, int, int],
+                        plan_w: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return gather_windows(padded, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
+
     def _attend(self, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rel: List[torch.Tensor], graph: bool = False) -> torch.Tensor:
-        """``rel``: the fields of ``RelTerms`` (TorchScript takes no NamedTuple of this kind: the scripted path is
-        ``'broadcast'`` on the list)."""
+        """``rel``: [rel_h, rel_w] (the scripted path is ``'broadcast'``)."""
         if impl == 'broadcast':
             return attend_broadcast(q, k, v, rel[0], rel[1], self.scale, graph)
         return self._attend_kernel(impl, q, k, v, rel)
 
     @torch.jit.unused
     def _attend_kernel(self, impl: str, q, k, v, rel: List[torch.Tensor]) -> torch.Tensor:
-        return KERNELS[impl].attend(q, k, v, RelTerms(*rel), self.scale)
-
+        return KERNELS[impl].attend(q, k, v, rel[0], rel[1], self.scale)

@@ -27,9 +27,8 @@ def _into(out: torch.Tensor, op: Callable[..., torch.Tensor], x: torch.Tensor, *
     return op(x, *args, out=out) if out.dtype == x.dtype else out.copy_(op(x, *args))
 
 
-def _tile_attention(
-        q: torch.Tensor, k: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float, buf: torch.Tensor,
-) -> torch.Tensor:
+def _tile_attention(q: torch.Tensor, k: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
+                    buf: torch.Tensor) -> torch.Tensor:
     """Attention probabilities (m, bq^2, kh * kw) of one tile, computed in place in ``buf`` (fp32 or wider)."""
     m, bq, _, kh = rel_h.shape
     # Relative terms first, written by one broadcast add; the GEMM then accumulates onto them: two passes over
@@ -56,14 +55,11 @@ def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.library.custom_op('timm_halo::attend_tiled', mutates_args=())
-def attend_tiled(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
-        tile_logits: int = TILE_LOGITS,
-) -> torch.Tensor:
+def attend_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                 scale: float, tile_logits: int = TILE_LOGITS) -> torch.Tensor:
     """Tiled windowed attention (CPU): arguments and result as ``attend_broadcast``; at most ``tile_logits`` logits
     live at a time (the tile derived in here from the real shapes: compiled graphs carry no arithmetic for it)."""
-    n, _, num_q = q.shape
-    num_k = k.shape[-1]
+    (n, _, num_q), num_k = q.shape, k.shape[-1]
     tile = _tile_windows(n, num_q * num_k, tile_logits)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     out = q.new_empty(n, v.shape[1], num_q)
@@ -86,13 +82,10 @@ def _attend_tiled_fake(q, k, v, rel_h, rel_w, scale, tile_logits=TILE_LOGITS):
 # The backward is an op of its own too, so that compiled graphs call the kernel rather than trace its tile loop; each
 # tile's logits are recomputed, not stored.
 @torch.library.custom_op('timm_halo::attend_tiled_backward', mutates_args=())
-def _attend_tiled_backward(
-        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-        rel_w: torch.Tensor, out: torch.Tensor, scale: float, tile_logits: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, _, num_q = q.shape
-    _, bq, _, kh = rel_h.shape
-    kw = rel_w.shape[-1]
+def _attend_tiled_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           rel_h: torch.Tensor, rel_w: torch.Tensor, out: torch.Tensor, scale: float, tile_logits: int,
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    (n, _, num_q), (_, bq, _, kh), kw = q.shape, rel_h.shape, rel_w.shape[-1]
     tile = _tile_windows(n, num_q * kh * kw, tile_logits)
     grad_out = grad_out.contiguous()
     acc_dtype = torch.promote_types(out.dtype, torch.float32)

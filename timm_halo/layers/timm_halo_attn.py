@@ -9,7 +9,6 @@ from timm.layers.halo_attn import HaloAttn
 
 from .halo_attention import check_image_input
 from .kernels import KernelChoice, resolve_impl_name
-from .windows import gather_windows, unfold_windows
 
 __all__ = ['TimmHaloAttn']
 
@@ -79,14 +78,9 @@ class TimmHaloAttn(KernelChoice, HaloAttn):
         rel_w = torch.einsum('ndyx,xkd->nyxk', q_blocks, table_w[rows])
 
         # Keys and values: projected, then zero-padded by the halo (padded keys are attended with k = v = 0).
-        kv = F.pad(self.kv(x), [h, h, h, h])
-        k, v = self._gather_windows(kv) if gather_op else unfold_windows(kv, heads, d, b, win, b, win)
+        plan = self._window_plan(H, nh, False)
+        k, v = self._windows(F.pad(self.kv(x), [h, h, h, h]), gather_op, plan, plan)
 
         out = self._attend(impl, q, k, v, [rel_h, rel_w])
         out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
         return self.pool(out.reshape(B, heads * dv, nh * bq, nw * bq))
-
-    @torch.jit.unused
-    def _gather_windows(self, kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        b, win = self.block_size, self.win_size
-        return gather_windows(kv, self.num_heads, self.dim_head_qk, b, win, b, win)

@@ -1,10 +1,5 @@
-"""Key/value windows of the blocked layout: a plain (differentiable, exportable) gather and a custom op.
-
-Windows overlap (step < length), so autograd's generic ``unfold`` backward is slow on CPU. ``gather_windows`` is
-the same gather as a ``torch.library`` custom op whose backward adds each window's gradient back in a few strided
-passes; that backward is itself differentiable (its derivative is the gather again), so higher-order gradients
-work through it.
-"""
+"""Blocks and key/value windows of the blocked layout: plain (differentiable, exportable) ops and a custom op
+whose backward adds each window's gradient back in a few strided passes (docs/kernels.md, Windows)."""
 from typing import List, Tuple
 
 import torch
@@ -13,15 +8,28 @@ import torch.nn.functional as F
 __all__ = ['blocks_to_map', 'gather_windows', 'map_to_blocks', 'unfold_windows']
 
 
-def map_to_blocks(x: torch.Tensor, bq: int, nh: int, nw: int) -> torch.Tensor:
+def pad_map(x: torch.Tensor, pad: List[int], skip_empty: bool) -> torch.Tensor:
+    """Zero padding; with ``skip_empty``, no copy at all in eager mode when nothing is padded (docs/kernels.md)."""
+    if skip_empty and not _compiling() and max(pad) == 0:
+        return x
+    return F.pad(x, pad)
+
+
+@torch.jit.unused
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def map_to_blocks(x: torch.Tensor, bq: int, nh: int, nw: int, skip_empty: bool = False) -> torch.Tensor:
     """(G, C, H, W), zero-padded to nh x nw blocks of bq x bq, as (G * nh * nw, C, bq * bq), blocks row-major."""
     G, C, H, W = x.shape
-    x = F.pad(x, [0, nw * bq - W, 0, nh * bq - H])
+    x = pad_map(x, [0, nw * bq - W, 0, nh * bq - H], skip_empty)
     return x.reshape(G, C, nh, bq, nw, bq).permute(0, 2, 4, 1, 3, 5).reshape(G * nh * nw, C, bq * bq)
 
 
 def blocks_to_map(blocks: torch.Tensor, bq: int, nh: int, nw: int, height: int, width: int) -> torch.Tensor:
-    """The inverse of ``map_to_blocks``: (G * nh * nw, C, bq * bq) to (G, C, height, width), a fresh tensor."""
+    """The inverse of ``map_to_blocks``: (G * nh * nw, C, bq * bq) to (G, C, height, width), always a fresh tensor
+    (the crop is a negative ``F.pad``, which inductor also lowers for symbolic sizes)."""
     n, C = blocks.shape[:2]
     out = blocks.reshape(n // (nh * nw), nh, nw, C, bq, bq).permute(0, 3, 1, 4, 2, 5)
     return F.pad(out.reshape(n // (nh * nw), C, nh * bq, nw * bq), [0, width - nw * bq, 0, height - nh * bq])
@@ -42,12 +50,8 @@ def _window_views(
 def unfold_windows(
         padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Keys (B * heads * nh * nw, d, len_h * len_w) and values (..., dv, len_h * len_w) of every window, in
-    plain ATen ops (autograd of every order, forward-mode AD, export).
-
-    One gather of whole pixels (all of a head's channels at once) from the map made pixel-major, returned as
-    channels-first views: an exporter then writes one Gather and no transposes of the windows (``unfold`` writes a
-    Gather and a Transpose per axis of the 3x larger windows), and matrix products take the views as they are."""
+    """Keys (B * heads * nh * nw, d, len_h * len_w) and values (..., dv, len_h * len_w) of every window in plain
+    ATen ops: one gather of whole pixels, returned as channels-first views (docs/kernels.md, Windows)."""
     B, C, Hp, Wp = padded.shape
     nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
     rows = (torch.arange(nh, device=padded.device) * step_h)[:, None] + torch.arange(len_h, device=padded.device)
