@@ -78,36 +78,21 @@ class HaloAttention(KernelChoice, nn.Module):
         attn_impl: the kernel, ``'auto'``, ``'fused'``, ``'tiled'``, ``'sdpa'`` or ``'broadcast'`` (docs/kernels.md);
             ``None`` reads the environment variable ``TIMM_HALO_ATTN_IMPL``, else ``'auto'``.
     """
-    def __init__(
-            self,
-            dim: int,
-            block_size: int = 8,
-            halo_size: int = 3,
-            dim_head: int = 64,
-            heads: int = 8,
-            dim_out: Optional[int] = None,
-            stride: int = 1,
-            value_ratio: float = 1.0,
-            qkv_bias: bool = False,
-            attn_impl: Optional[str] = None,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, dim: int, block_size: int = 8, halo_size: int = 3, dim_head: int = 64, heads: int = 8,
+                 dim_out: Optional[int] = None, stride: int = 1, value_ratio: float = 1.0, qkv_bias: bool = False,
+                 attn_impl: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        for name, value, lowest in (
-                ('dim', dim, 1), ('block_size', block_size, 1), ('halo_size', halo_size, 0),
-                ('dim_head', dim_head, 1), ('heads', heads, 1)):
+        dim_out = dim if dim_out is None else dim_out
+        for name, value, lowest in (('dim', dim, 1), ('block_size', block_size, 1), ('halo_size', halo_size, 0),
+                                    ('dim_head', dim_head, 1), ('heads', heads, 1), ('dim_out', dim_out, 1)):
             check_int('HaloAttention', name, value, lowest)
-        if dim_out is not None:
-            check_int('HaloAttention', 'dim_out', dim_out, 1)
         check_int('HaloAttention', 'stride', stride, 1, '1 or 2')
         if stride not in (1, 2):
             raise ValueError(f'HaloAttention: stride must be 1 or 2, got {stride!r}')
         if block_size % stride:
-            raise ValueError(
-                f'HaloAttention: block_size ({block_size}) must be divisible by stride ({stride}) '
-                'so that every block keeps the same number of queries')
+            raise ValueError(f'HaloAttention: block_size ({block_size}) must be divisible by stride ({stride}) '
+                             'so that every block keeps the same number of queries')
         if isinstance(value_ratio, bool) or not isinstance(value_ratio, numbers.Real):
             raise TypeError(f'HaloAttention: value_ratio must be a finite number > 0, got {value_ratio!r} of type '
                             f'{type(value_ratio).__name__}')
@@ -119,7 +104,6 @@ class HaloAttention(KernelChoice, nn.Module):
                 f'HaloAttention: value_ratio {value_ratio!r} leaves no value channels (dim_head {dim_head})')
         if not isinstance(qkv_bias, bool):  # 'no' would be truthy: biases the caller did not ask for
             raise TypeError(f'HaloAttention: qkv_bias must be True or False, got {qkv_bias!r}')
-        dim_out = dim if dim_out is None else dim_out
         stride, value_ratio = int(stride), float(value_ratio)  # numpy scalars: plain numbers for scripting
 
         self.dim, self.dim_out, self.heads, self.dim_head, self.dim_head_v = dim, dim_out, heads, dim_head, dim_head_v
@@ -146,10 +130,9 @@ class HaloAttention(KernelChoice, nn.Module):
         trunc_normal_(self.rel_pos_w, std=self.scale)
 
     def extra_repr(self) -> str:
-        return (
-            f'dim={self.dim}, dim_out={self.dim_out}, heads={self.heads}, dim_head={self.dim_head}, '
-            f'dim_head_v={self.dim_head_v}, block_size={self.block_size}, halo_size={self.halo_size}, '
-            f'stride={self.stride}, attn_impl={self.attn_impl!r}')
+        return (f'dim={self.dim}, dim_out={self.dim_out}, heads={self.heads}, dim_head={self.dim_head}, '
+    f'dim_head_v={self.dim_head_v}, block_size={self.block_size}, halo_size={self.halo_size}, '
+                f'stride={self.stride}, attn_impl={self.attn_impl!r}')
 
     def _check_input(self, x: torch.Tensor) -> None:
         # rel_pos_h, not q.weight: q may be wrapped or replaced (PEFT, quantisation) and have no weight
@@ -176,19 +159,17 @@ class HaloAttention(KernelChoice, nn.Module):
             return 0, 2 * b - size, b - h, b + h
         return h, blocks * b + h - size, b, b + 2 * h
 
-    def _axis_terms(
-            self, size: int, blocks: int, plan: Tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _axis_terms(self, size: int, blocks: int, plan: Tuple[int, int, int, int], dtype: torch.dtype,
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """Relative-table rows (blocks, bq, length) of each (block, query, key slot) and the additive border
         mask (blocks, length): 0 where the key lies inside the image and inside the block's halo window."""
         b, h, s = self.block_size, self.halo_size, self.stride
         pad_before, _, step, length = plan
-        block_start = torch.arange(blocks, device=device) * b
+        block_start = (torch.arange(blocks, device=device) * b)[:, None]
         key_pos = (torch.arange(blocks, device=device) * step - pad_before)[:, None] + torch.arange(
-            length, device=device)[None, :]
-        visible = (key_pos >= 0) & (key_pos < size) & (key_pos >= block_start[:, None] - h) & (
-            key_pos < block_start[:, None] + b + h)
-        query_pos = block_start[:, None] + torch.arange(0, b, s, device=device)[None, :]
+            length, device=device)
+        visible = (key_pos >= 0) & (key_pos < size) & (key_pos >= block_start - h) & (key_pos < block_start + b + h)
+        query_pos = block_start + torch.arange(0, b, s, device=device)
         # Invisible keys may have offsets beyond the table: clamp them to a valid row, the mask removes them.
         rows = (key_pos[:, None, :] - query_pos[:, :, None] + b + h - 1).clamp(0, 2 * (b + h - 1))
         # A row mask and a column mask can both hit one logit: a quarter of the dtype's lowest finite value
@@ -209,9 +190,8 @@ class HaloAttention(KernelChoice, nn.Module):
             rows, mask = self._kept_axis_terms(size, blocks, plan, dtype, device)
         return blocks, plan, rows, mask
 
-    def _blocked(
-            self, x: torch.Tensor, crop: bool, gather_op: bool, graph: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
+    def _blocked(self, x: torch.Tensor, crop: bool, gather_op: bool, graph: bool = False,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
         """q (N, d, bq^2), k (N, d, kh * kw), v (N, dv, kh * kw) with N = B * heads * nh * nw, [rel_h, rel_w] (the
         interface of ``attend_broadcast``) and the geometry for ``_unblock`` (docs/kernels.md, Blocks and windows)."""
         B, _, H, W = x.shape
@@ -318,17 +298,17 @@ class HaloAttention(KernelChoice, nn.Module):
         kv = rearrange(self.kv(x), 'b (n c) h w -> b n c (h w)', n=heads)
         k, v = kv[:, :, :d], kv[:, :, d:]
 
-        qy, qx = torch.meshgrid(torch.arange(hq) * s, torch.arange(wq) * s, indexing='ij')
-        ky, kx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing='ij')
+        dev = x.device
+        qy, qx = torch.meshgrid(torch.arange(hq, device=dev) * s, torch.arange(wq, device=dev) * s, indexing='ij')
+        ky, kx = torch.meshgrid(torch.arange(H, device=dev), torch.arange(W, device=dev), indexing='ij')
         qy, qx, ky, kx = qy.reshape(-1, 1), qx.reshape(-1, 1), ky.reshape(1, -1), kx.reshape(1, -1)
         # A key is visible to a query iff it lies in the halo window of the query's block.
         top, left = (qy // b) * b - h, (qx // b) * b - h
         visible = (ky >= top) & (ky < top + b + 2 * h) & (kx >= left) & (kx < left + b + 2 * h)
-        visible = visible.to(x.device)
         # Table row of each (query, key) offset; pairs outside the window are masked, clamp keeps them in range.
         center = b + h - 1
-        pos_h = self.rel_pos_h[(ky - qy + center).clamp(0, 2 * center).to(x.device)]
-        pos_w = self.rel_pos_w[(kx - qx + center).clamp(0, 2 * center).to(x.device)]
+        pos_h = self.rel_pos_h[(ky - qy + center).clamp(0, 2 * center)]
+        pos_w = self.rel_pos_w[(kx - qx + center).clamp(0, 2 * center)]
 
         content = torch.einsum('bndq,bndk->bnqk', q, k) * self.scale
         rel = torch.einsum('bndq,qkd->bnqk', q, pos_h) + torch.einsum('bndq,qkd->bnqk', q, pos_w)

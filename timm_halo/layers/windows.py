@@ -35,21 +35,8 @@ def blocks_to_map(blocks: torch.Tensor, bq: int, nh: int, nw: int, height: int, 
     return F.pad(out.reshape(n // (nh * nw), C, nh * bq, nw * bq), [0, width - nw * bq, 0, height - nh * bq])
 
 
-def _window_views(
-        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Every key window of (B, heads * (d + dv), Hp, Wp) as strided views, channels first per window: keys
-    (B, heads, nh, nw, d, len_h, len_w) and values (..., dv, len_h, len_w)."""
-    B, C, _, _ = padded.shape
-    windows = padded.unfold(2, len_h, step_h).unfold(3, len_w, step_w)  # B, C, nh, nw, len_h, len_w (a view)
-    nh, nw = windows.shape[2], windows.shape[3]
-    windows = windows.reshape(B, heads, C // heads, nh, nw, len_h, len_w).permute(0, 1, 3, 4, 2, 5, 6)
-    return windows[:, :, :, :, :dim_head], windows[:, :, :, :, dim_head:]
-
-
-def unfold_windows(
-        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def unfold_windows(padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int,
+                   len_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keys (B * heads * nh * nw, d, len_h * len_w) and values (..., dv, len_h * len_w) of every window in plain
     ATen ops: one gather of whole pixels, returned as channels-first views (docs/kernels.md, Windows)."""
     B, C, Hp, Wp = padded.shape
@@ -63,20 +50,17 @@ def unfold_windows(
 
 
 @torch.library.custom_op('timm_halo::gather_windows', mutates_args=())
-def gather_windows(
-        padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int, len_w: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``unfold_windows`` as one op whose backward adds each window's gradient back in a few strided passes:
-    windows ``g = ceil(length / step)`` apart do not overlap, so each of the g_h * g_w groups is one in-place add
-    into a strided view of the padded gradient."""
-    # Copied into fresh tensors (a reshape may return a view, and a custom op's outputs must not alias its input).
-    out = []
-    for view in _window_views(padded, heads, dim_head, step_h, len_h, step_w, len_w):
-        n = view.shape[0] * view.shape[1] * view.shape[2] * view.shape[3]
-        windows = padded.new_empty(n, view.shape[4], len_h * len_w)
-        windows.view(view.shape).copy_(view)
-        out.append(windows)
-    return out[0], out[1]
+def gather_windows(padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int,
+                   len_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``unfold_windows`` as one op whose backward (``scatter_windows``) adds each window's gradient back in a few
+    strided passes (docs/kernels.md, Windows)."""
+    B, C, _, _ = padded.shape
+    windows = padded.unfold(2, len_h, step_h).unfold(3, len_w, step_w)  # B, C, nh, nw, len_h, len_w (a view)
+    windows = windows.reshape(B, heads, C // heads, *windows.shape[2:]).permute(0, 1, 3, 4, 2, 5, 6)
+    # One strided copy each, channels first per window: fresh tensors (a custom op's outputs must not alias its input).
+    k, v = [t.clone(memory_format=torch.contiguous_format).view(-1, t.shape[4], len_h * len_w)
+            for t in (windows[:, :, :, :, :dim_head], windows[:, :, :, :, dim_head:])]
+    return k, v
 
 
 @gather_windows.register_fake
@@ -88,26 +72,21 @@ def _gather_windows_fake(padded, heads, dim_head, step_h, len_h, step_w, len_w):
 
 
 @torch.library.custom_op('timm_halo::scatter_windows', mutates_args=())
-def scatter_windows(
-        grad_k: torch.Tensor, grad_v: torch.Tensor, shape: List[int], heads: int, dim_head: int, step_h: int,
-        len_h: int, step_w: int, len_w: int,
-) -> torch.Tensor:
+def scatter_windows(grad_k: torch.Tensor, grad_v: torch.Tensor, shape: List[int], heads: int, dim_head: int,
+                    step_h: int, len_h: int, step_w: int, len_w: int) -> torch.Tensor:
     """The adjoint of ``gather_windows``: windows (as it returns them) summed back into a (B, C, Hp, Wp) map."""
     B, C, Hp, Wp = shape
     c = C // heads
     nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
     grad = grad_k.new_zeros(shape)
     groups_h, groups_w = min(-(-len_h // step_h), nh), min(-(-len_w // step_w), nw)
+    strides = (C * Hp * Wp, c * Hp * Wp, groups_h * step_h * Wp, groups_w * step_w, Hp * Wp, Wp, 1)
     for first, part in ((0, grad_k), (dim_head, grad_v)):
         part = part.reshape(B, heads, nh, nw, part.shape[1], len_h, len_w)
         for gy in range(groups_h):
             for gx in range(groups_w):
                 group = part[:, :, gy::groups_h, gx::groups_w]
-                target = grad.as_strided(
-                    group.shape,
-                    (C * Hp * Wp, c * Hp * Wp, groups_h * step_h * Wp, groups_w * step_w, Hp * Wp, Wp, 1),
-                    first * Hp * Wp + gy * step_h * Wp + gx * step_w)
-                target.add_(group)
+                grad.as_strided(group.shape, strides, first * Hp * Wp + gy * step_h * Wp + gx * step_w).add_(group)
     return grad
 
 
