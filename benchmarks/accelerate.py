@@ -1,7 +1,7 @@
 """timm's pretrained halo models, stock vs ``timm_halo.accelerate`` and a no-attention bound (docs/benchmarks.md)."""
 import os
 from functools import partial
-from typing import List
+from typing import List, Tuple
 
 import timm
 import torch
@@ -42,10 +42,8 @@ def _accelerated(name: str, impl: str) -> torch.nn.Module:
 
 
 def contenders(names: List[str], impls: List[str], bound: bool) -> List[bench.ModelSpec]:
-    makers = {STOCK: timm.create_model}
-    makers.update({FAST if impl == 'auto' else f'{FAST} {impl}': partial(_accelerated, impl=impl) for impl in impls})
-    if bound:
-        makers[BOUND] = _bound
+    makers = {STOCK: timm.create_model, **{FAST if i == 'auto' else f'{FAST} {i}': partial(_accelerated, impl=i)
+                                           for i in impls}, **({BOUND: _bound} if bound else {})}
     return [bench.ModelSpec(f'{name} {kind}', partial(make, name), timm.get_pretrained_cfg(name).input_size[-1])
             for name in names for kind, make in makers.items()]
 
@@ -64,19 +62,15 @@ def ratios(results: List[bench.ModelResult], names: List[str]) -> List[dict]:
     return rows
 
 
-def format_ratios(rows: List[dict]) -> str:
+def format_tables(rows: List[dict]) -> Tuple[str, str]:  # (ms and speedup of each contender, the goals)
     kinds = [k for k in rows[0]['ms'] if k != STOCK]
     cells = [dict(r, **{k: f"{r['ms'][k]:.1f} ({r['speedup'][k]:.2f}x)" for k in kinds}) for r in rows]
     columns = ['model', ('input', 'img_size', '{}'), 'mode', (f'{STOCK} ms', 'ms', lambda ms: f'{ms[STOCK]:.1f}')]
-    return bench.table(columns + [(f'{k} ms (speedup)', k, '{}') for k in kinds], cells)
-
-
-def format_goals(rows: List[dict]) -> str:
-    kinds = [k for k in rows[0]['ms'] if k != STOCK]
-    cells = [dict(r, target=f">= {GOALS[r['mode']]:g}x", met='yes' if r['speedup'][FAST] >= GOALS[r['mode']] else 'no',
+    goals = [dict(r, target=f">= {GOALS[r['mode']]:g}x", met='yes' if r['speedup'][FAST] >= GOALS[r['mode']] else 'no',
                   **{k: f"{r['speedup'][k]:.2f}x" for k in kinds})
              for r in rows if r['model'] in GOAL_MODELS and r['mode'] in GOALS]
-    return bench.table(['model', 'mode', 'target', *kinds, ('met (accelerated)', 'met', '{}')], cells)
+    return (bench.table(columns + [(f'{k} ms (speedup)', k, '{}') for k in kinds], cells),
+            bench.table(['model', 'mode', 'target', *kinds, ('met (accelerated)', 'met', '{}')], goals))
 
 
 def main() -> None:
@@ -90,20 +84,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.compile or args.channels_last or args.amp:
         parser.error('--compile, --channels-last and --amp are not part of this comparison')
-    run = bench.resolve_run(args, parser)
+    bench.resolve_run(args, parser)
     load_before = os.getloadavg()
-    results = bench.measure_modes(contenders(args.models, args.attn_impl, bound=not args.no_bound), args, run,
-                                  (False,) if args.no_train else (False, True))
+    results = bench.measure_modes(contenders(args.models, args.attn_impl, not args.no_bound), args,
+                                  (False, True)[:2 - args.no_train])
     before, after = ('/'.join(f'{v:.1f}' for v in load) for load in (load_before, os.getloadavg()))
-    what = f'timm halo models, stock vs accelerated, batch {run[2]}, {run[3]} repeats'
-    header = (bench.run_header(run[0], what, args)
+    header = (bench.run_header('timm halo models, stock vs accelerated', args)
               + f' | load average (1/5/15 min) before {before}, after {after} on {os.cpu_count()} cores')
     ratio_rows = ratios(results, args.models)
-    print(f'{header}\n{bench.format_table(results)}\n\n{format_ratios(ratio_rows)}')
+    ratio_table, goals_table = format_tables(ratio_rows)
+    print(f'{header}\n{bench.format_table(results)}\n\n{ratio_table}')
     if any(n in args.models for n in GOAL_MODELS):
-        print(f'\nGoals (CPU, 256 px):\n{format_goals(ratio_rows)}')
-    save_results(dict(benchmark='accelerate', header=header, args=vars(args), rows=[r.as_dict() for r in results],
-                      ratios=ratio_rows, goals=GOALS, goal_models=GOAL_MODELS), args)
+        print(f'\nGoals (CPU, 256 px):\n{goals_table}')
+    save_results(args, 'accelerate', header, rows=[r.as_dict() for r in results], ratios=ratio_rows, goals=GOALS,
+                 goal_models=GOAL_MODELS)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from benchmarks.layer import STAGES, make_layer
+from benchmarks.layer import STAGES, call, make_layer
 from benchmarks.model import MODELS, OURS, RESNET, TIMM
 from benchmarks.plot import yes_no
 from timm_halo import bench  # (importing timm_halo registers halonet_* with timm)
@@ -59,19 +59,13 @@ def attempt(fn: Callable[[], Any], device: torch.device) -> Tuple[Any, str]:
         return None, short_error(e)
 
 
-def _repeat(fn: Callable[[], None], number: int) -> None:
-    for _ in range(number):
-        fn()
-
-
 def medians(fns: Dict[str, Callable[[], None]], args) -> Dict[str, float]:
     """Median seconds per call, samples taken round-robin (``timm_halo.bench``); the dry run: one call a sample."""
     number = dict.fromkeys(fns, 1)
     if not args.quick:
         once = bench.interleaved_medians(fns, repeats=1, warmup=args.warmup)
         number = {n: max(1, min(50, math.ceil(MIN_SAMPLE_S / max(s, 1e-6)))) for n, s in once.items()}
-    times = bench.interleaved_medians({n: partial(_repeat, f, number[n]) for n, f in fns.items()}, args.repeats, 0)
-    return {n: s / number[n] for n, s in times.items()}
+    return bench.interleaved_medians(fns, args.repeats, 0, number=number)
 
 
 def timed(fns: Dict[str, Callable[[], None]], args) -> Tuple[Dict[str, float], Dict[str, str]]:
@@ -91,8 +85,8 @@ def guarded(args, need_s: float, base_rows: List[dict], measure: Callable[[], Li
     return [dict(r, note=error) for r in base_rows] if error else rows
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or b is None or b == 0 else a / b
+def _ratio(a: Optional[float], b: Optional[float], scale: float = 1.0) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else scale * a / b
 
 
 # ---- output ------------------------------------------------------------------------------------------------------
@@ -174,10 +168,8 @@ def environment(args) -> dict:
 def _eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Dict[str, bool]:
     cuda = torch.backends.cuda
     params = cuda.SDPAParams(q, k, v, None, 0.0, False, False)  # attn_mask, dropout, is_causal, enable_gqa
-    out = dict(flash=cuda.can_use_flash_attention(params), efficient=cuda.can_use_efficient_attention(params))
-    if hasattr(cuda, 'can_use_cudnn_attention'):
-        out['cudnn'] = cuda.can_use_cudnn_attention(params)
-    return out
+    return {b: getattr(cuda, f'can_use_{b}_attention')(params) for b in ('flash', 'efficient', 'cudnn')
+            if hasattr(cuda, f'can_use_{b}_attention')}  # cuDNN's since torch 2.5
 
 
 def sdpa_section(sec: Section, args) -> None:
@@ -216,15 +208,6 @@ SDPA_COLUMNS = ['stage', 'precision', ('calls x windows', 'calls_x_windows', '{}
 
 # ---- the layer ---------------------------------------------------------------------------------------------------
 
-def _layer_call(layer: torch.nn.Module, x: torch.Tensor, amp, backward: bool, pad: bool) -> None:
-    sdpa_module.CUDA_PAD_VALUES_FOR_FLASH = pad  # at every call: the contenders alternate
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None), \
-            torch.set_grad_enabled(backward):
-        out = layer(x)
-    if backward:
-        out.float().sum().backward()
-
-
 def layer_section(sec: Section, args) -> None:
     for stage, (channels, size) in args.stages.items():
         for precision, dtype in (('fp32', None), ('bf16', torch.bfloat16)):
@@ -238,7 +221,7 @@ def _layer_rows(stage: str, channels: int, size: int, precision: str, dtype, imp
     torch.manual_seed(0)
     layers = {i: make_layer(LAYER_IMPLS[i], channels, args.device) for i in impls}
     x = torch.randn(args.layer_batch, channels, size, size, device=args.device, requires_grad=True)
-    calls = {mode: {i: partial(_layer_call, layers[i], x, dtype, mode == 'fwd_bwd', i != 'ours sdpa narrow-v')
+    calls = {mode: {i: partial(call, layers[i], x, mode == 'fwd_bwd', dtype, i != 'ours sdpa narrow-v')
                     for i in impls} for mode in ('fwd', 'fwd_bwd')}
     res: Dict[str, dict] = {i: dict(peak=None, errors=[]) for i in impls}  # the first error is the row's note
     for mode, fns in calls.items():
@@ -265,6 +248,8 @@ LAYER_COLUMNS = ['stage', 'precision', 'impl', ('fwd ms', 'fwd_ms', '{:.2f}'), (
 
 # ---- the models --------------------------------------------------------------------------------------------------
 
+KEYS = ('img_per_s', 'ms', 'gmac_per_s', 'first_call_s')  # a model row's figures, None until measured
+
 def models_section(sec: Section, args, compiled: bool) -> None:
     """Per mode (train first), each model is built and called once (a compile), its row written at once; then
     the ready ones are timed round-robin and their rows completed. A kill keeps every row written so far."""
@@ -272,11 +257,8 @@ def models_section(sec: Section, args, compiled: bool) -> None:
     dry = compiled and args.quick  # a dry run compiles ours only, and traces its train step alone
     names = list(MODELS)[:1] if dry else list(MODELS)
     need = (5 if args.quick else 60) if compiled else 10  # seconds one model's first call may take
-    gmacs = {}
-    for name in names:
-        gmacs[name], error = attempt(partial(bench.model_gmacs, MODELS[name], img), device)
-        if error:
-            print(f'{name}: GMACs not counted: {error}', flush=True)
+    gmacs = {name: attempt(partial(bench.model_gmacs, MODELS[name], img), device) for name in names}  # (GMACs, error)
+    print(*(f'{name}: GMACs not counted: {e}\n' for name, (_, e) in gmacs.items() if e), end='', flush=True)
     x = torch.randn(batch, 3, img, img, device=device).to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device=device)
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16)
@@ -296,22 +278,19 @@ def models_section(sec: Section, args, compiled: bool) -> None:
     for train in (True,) if dry else (True, False):
         fns, rows = {}, {}
         for name in names:
-            row = rows[name] = dict(model=name, mode='train' if train else 'infer', img_per_s=None, ms=None,
-                                    variant='compiled' if compiled else 'eager', gmacs=gmacs[name], gmac_per_s=None,
-                                    first_call_s=None, note='')
+            row = rows[name] = dict(model=name, mode='train' if train else 'infer', variant='compiled' if compiled else
+                                    'eager', gmacs=gmacs[name][0], note='', **dict.fromkeys(KEYS))
             left = args.deadline - time.monotonic()
             fn, row['note'] = attempt(partial(first_call, name, train, row), device) if left >= need else (
                 None, f'skipped: time limit ({left:.0f} s left)')
-            if fn and args.quick:  # the dry run times the first call only: a CPU step costs seconds
-                row.update(ms=row['first_call_s'] * 1e3, img_per_s=batch / row['first_call_s'],
-                           note='first call (quick)')
-            elif fn:
-                row['note'] = 'timing' if args.deadline - time.monotonic() > 5 else 'skipped: time limit'
+            if fn:
+                row['note'] = 'timing' if args.quick or args.deadline - time.monotonic() > 5 else 'skipped: time limit'
                 fns.update({name: fn} if row['note'] == 'timing' else {})
             sec.add(row)
-        times, errors = timed(fns, args)
+        # the dry run times the first call only: a CPU step costs seconds
+        times, errors = ({n: rows[n]['first_call_s'] for n in fns}, {}) if args.quick else timed(fns, args)
         for name in fns:
-            rows[name]['note'] = errors.get(name, '')
+            rows[name]['note'] = errors.get(name, 'first call (quick)' if args.quick else '')
             rows[name].update(dict(ms=times[name] * 1e3, img_per_s=batch / times[name]) if name in times else {})
         sec.write()
         del fns
@@ -327,14 +306,12 @@ def model_ratios(rows: List[dict]) -> None:
     for r in rows:
         timm_h1, r50 = (by.get((m, r['mode'], r['variant']), {}) for m in (TIMM, RESNET))
         r['x_timm_halonet'] = _ratio(r['img_per_s'], timm_h1.get('img_per_s'))
-        pct = _ratio(r['gmac_per_s'], r50.get('gmac_per_s'))
-        r['gmac_per_s_pct_resnet50'] = None if pct is None else 100 * pct
+        r['gmac_per_s_pct_resnet50'] = _ratio(r['gmac_per_s'], r50.get('gmac_per_s'), 100)
 
 
 MODEL_COLUMNS = ['model', 'mode', 'variant', ('img/s', 'img_per_s', '{:.0f}'), ('ms/step', 'ms', '{:.1f}'),
-                 ('GMACs/img', 'gmacs', '{:.2f}'), ('GMAC/s', 'gmac_per_s', '{:.0f}'),
-                 ('x timm halonet_h1', 'x_timm_halonet', '{:.2f}x'),
-                 ('GMAC/s % of resnet50', 'gmac_per_s_pct_resnet50', '{:.0f}%'),
+                 ('GMACs/img', 'gmacs', '{:.2f}'), ('GMAC/s', 'gmac_per_s', '{:.0f}'), ('x timm halonet_h1',
+                 'x_timm_halonet', '{:.2f}x'), ('GMAC/s % of resnet50', 'gmac_per_s_pct_resnet50', '{:.0f}%'),
                  ('first call s', 'first_call_s', '{:.1f}'), 'note']
 
 
@@ -377,8 +354,7 @@ def summary(out_dir: str) -> int:
         dict(section=n, status=d.get('status'), s=d.get('wall_s', d.get('seconds')), rows=len(d.get('rows') or []),
              error=d.get('error') or '') for n, d in found.items()])
     layer = [r for r in found.get('layer', {}).get('rows', []) if r.get('fwd_bwd_x_timm') is not None]
-    models = [r for n in ('models_eager', 'models_compiled') for r in found.get(n, {}).get('rows', [])
-              if 'model' in r]
+    models = [r for n in ('models_eager', 'models_compiled') for r in found.get(n, {}).get('rows', []) if 'model' in r]
     goals = targets(layer, models)
     columns = ['measure', 'value', 'target', ('met', 'met', yes_no), ('best variant', 'where', '{}')]
     parts = ['# GPU check\n', '\n'.join(f'- {k}: {v}' for k, v in meta.items()) + '\n', status + '\n',
@@ -439,9 +415,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # the dry run: stage 1 (maps of several blocks) and stage 4 (one block), the two shapes of the code path
     sizes = {k: (c, max(8, s // 4)) for k, (c, s) in STAGES.items() if k in ('stage1', 'stage4')} if quick else STAGES
     args.stages = {f'{k} C{c} {s}x{s}': (c, s) for k, (c, s) in sizes.items()}
-    args.meta = dict(environment(args), layer_batch=args.layer_batch, model_batch=args.model_batch,
-                     img_size=args.img_size, repeats=args.repeats, compile_backend=args.compile_backend,
-                     budget_s=args.budget)
+    keys = ('layer_batch', 'model_batch', 'img_size', 'repeats', 'compile_backend')
+    args.meta = dict(environment(args), **{k: getattr(args, k) for k in keys}, budget_s=args.budget)
     ok = [run_section(name, args) for name in names]
     if len(names) > 1:
         summary(args.out)

@@ -5,7 +5,7 @@ import importlib.util
 import itertools
 import json
 from functools import partial
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from timm.layers.halo_attn import HaloAttn
@@ -13,6 +13,7 @@ from timm.layers.halo_attn import HaloAttn
 from benchmarks.plot import save_results, script_parser
 from timm_halo.bench import busy_load, device_name, interleaved_medians, peak_memory, peak_memory_in_child, table
 from timm_halo.layers import HaloAttention
+from timm_halo.layers import sdpa as sdpa_module
 
 # (channels, map size) of each stage, as HaloNet-H1 at 256 px (benchmarks.gpu's too, at its own batch)
 STAGES = {'stage1': (64, 64), 'stage2': (128, 32), 'stage3': (256, 16), 'stage4': (512, 8)}
@@ -43,11 +44,15 @@ def make_layer(impl: str, channels: int, device: torch.device) -> torch.nn.Modul
     raise ValueError(impl)
 
 
-def _call(layer: torch.nn.Module, x: torch.Tensor, backward: bool) -> None:
-    with torch.set_grad_enabled(backward):
+def call(layer: torch.nn.Module, x: torch.Tensor, backward: bool, amp: Optional[torch.dtype] = None,
+         pad: Optional[bool] = None) -> None:
+    """One fwd (or fwd+bwd); ``amp``: under autocast; ``pad``: sets sdpa's CUDA_PAD_VALUES_FOR_FLASH first."""
+    if pad is not None:  # at every call: benchmarks.gpu's contenders alternate
+        sdpa_module.CUDA_PAD_VALUES_FOR_FLASH = pad
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None), torch.set_grad_enabled(backward):
         out = layer(x)
     if backward:
-        out.sum().backward()
+        out.float().sum().backward()
 
 
 def measure_memory(impl: str, shape: str, device: torch.device) -> int:
@@ -56,10 +61,10 @@ def measure_memory(impl: str, shape: str, device: torch.device) -> int:
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
     # One untimed call first: library start-up (oneDNN primitives, MKL buffers, the compiler's own memory) is
     # not the layer's, and every later training step runs warm.
-    _call(layer, x, True)
+    call(layer, x, True)
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    return peak_memory(partial(_call, layer, x, True), device)
+    return peak_memory(partial(call, layer, x, True), device)
 
 
 def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> List[dict]:
@@ -69,11 +74,11 @@ def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> 
         layers = {impl: make_layer(impl, channels, device) for impl in impls}
         x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
         with busy_load(load):
-            fwd_t, bwd_t = (interleaved_medians({i: partial(_call, m, x, backward) for i, m in layers.items()},
+            fwd_t, bwd_t = (interleaved_medians({i: partial(call, m, x, backward) for i, m in layers.items()},
                                                 repeats) for backward in (False, True))
         del layers
         # each in a fresh process: on CPU the peak RSS growth, on CUDA the allocator's peak
-        mem = {i: peak_memory_in_child('benchmarks.layer', ['--impl', i, '--shape', shape, '--device', device.type])
+        mem = {i: peak_memory_in_child('benchmarks.layer', [i, shape, '--device', device.type])
                for i in impls}
         rows += [dict(shape=shape, impl=i, load=load, fwd_ms=fwd_t[i] * 1e3, fwd_bwd_ms=bwd_t[i] * 1e3,
                       peak_mb=mem[i] / 2**20) for i in impls]
@@ -103,31 +108,24 @@ COLUMNS = ['shape', 'impl', ('fwd ms', 'fwd_ms', '{:.1f}'), ('fwd+bwd ms', 'fwd_
 def main() -> None:
     parser = script_parser(__doc__)
     add = parser.add_argument
-    add('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    add('--repeats', type=int, default=7)
     add('--compile', action='store_true', help='add torch.compile(HaloAttention) (slow to compile)')
     add('--kernels', action='store_true', help='add each kernel of the table as a contender')
     add('--shapes', nargs='+', choices=list(SHAPES), default=None, help='default: all four stages')
-    add('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    add('--load', type=int, default=0, metavar='N', help='N busy-loop processes during the timings')
-    add('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
-    add('--measure-memory', action='store_true', help=argparse.SUPPRESS)  # the child of a CPU memory measurement
-    add('--impl', help=argparse.SUPPRESS)
-    add('--shape', help=argparse.SUPPRESS)
+    add('--measure-memory', nargs=2, metavar=('IMPL', 'SHAPE'), help=argparse.SUPPRESS)  # in the child process
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in set(SHAPES) - set(args.shapes or SHAPES):
         del SHAPES[name]
-    device = torch.device(args.device)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.measure_memory:
-        print(json.dumps(dict(peak_bytes=measure_memory(args.impl, args.shape, device))))
+        print(json.dumps(dict(peak_bytes=measure_memory(*args.measure_memory, device))))
         return
     if not LUCIDRAINS:
         print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
     impls = ['timm', *(['lucidrains'] if LUCIDRAINS else []), 'timm_halo', *(KERNELS if args.kernels else ()),
              *(['timm_halo compiled'] if args.compile else [])]
-    rows = run(device, args.repeats, impls, args.load)
+    rows = run(device, args.repeats or (20 if device.type == 'cuda' else 5), impls, args.load)
     peer = f'halonet-pytorch {importlib.metadata.version("halonet-pytorch")}' if LUCIDRAINS else 'none'
     header = (f'HaloAttention vs timm HaloAttn and lucidrains ({peer}) | device {device_name(device)} | '
               f'torch {torch.__version__} | medians of interleaved runs | '
@@ -137,7 +135,7 @@ def main() -> None:
     print(f'{header}\n{table(COLUMNS, [dict(r, **_vs(r, timm_rows[r["shape"]])) for r in rows])}')
     print('\nOurs vs each peer (speedup: peer time / ours; memory ratio: ours / peer)')
     print(table(['shape', 'ours', 'peer', *RATIO_COLUMNS], ratios(rows)))
-    save_results(dict(benchmark='layer', header=header, args=vars(args), rows=rows, ratios=ratios(rows)), args)
+    save_results(args, 'layer', header, rows=rows, ratios=ratios(rows))
 
 
 if __name__ == '__main__':

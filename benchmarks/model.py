@@ -41,16 +41,15 @@ def main() -> None:
     parser.add_argument('--kernels', nargs='+', default=[], metavar='IMPL',
                         help="also run ours with these attn_impl kernels forced (e.g. --kernels tiled)")
     args = parser.parse_args()
-    run = bench.resolve_run(args, parser)
-    results = bench.measure_modes(contenders(args.kernels), args, run, (False,) if args.no_train else (False, True))
-    header = bench.run_header(run[0], f'Models, batch {run[2]}, {run[3]} repeats', args)
+    bench.resolve_run(args, parser)
+    results = bench.measure_modes(contenders(args.kernels), args, (False, True)[:2 - args.no_train])
+    header = bench.run_header('Models', args)
     ratio_rows = ratios(results)
     print(f'{header}\n{bench.format_table(results)}\n')
     print(f'{OURS} @256 vs each peer (speed: ours img/s / peer img/s; efficiency: ours GMAC/s as % of the peer\'s)')
     print(bench.table(['mode', 'peer', ('speed', 'speed', '{:.2f}x'),
                        ('GMAC/s % of peer', 'gmac_per_s_pct', '{:.0f}%')], ratio_rows))
-    save_results(dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results],
-                      ratios=ratio_rows), args)
+    save_results(args, 'model', header, rows=[r.as_dict() for r in results], ratios=ratio_rows)
 
 
 if __name__ == '__main__':

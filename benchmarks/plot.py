@@ -9,10 +9,9 @@ from timm_halo.bench import add_run_args, write_json
 
 
 def script_parser(doc: str, cpu_batch_size: Optional[int] = None) -> argparse.ArgumentParser:
-    """A script's parser with ``--plot``, and ``timm_halo.bench.add_run_args``' options given a CPU batch size."""
+    """A script's parser with ``--plot`` and ``timm_halo.bench.add_run_args``' options."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    if cpu_batch_size:
-        add_run_args(parser, cpu_batch_size)
+    add_run_args(parser, cpu_batch_size)
     parser.add_argument('--plot', metavar='PATH', help='also draw the results as a PNG (needs matplotlib)')
     return parser
 
@@ -31,17 +30,15 @@ def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel:
     ax.legend(fontsize=8)
 
 
-def _shapes(data: Dict[str, Any]) -> List[str]:
-    return list(dict.fromkeys(r['shape'] for r in data['rows']))
-
-
 def _plot_layer(data: Dict[str, Any], fig) -> None:
     """fwd, fwd+bwd and peak memory per shape; with ``data['loaded']`` (``--loaded``), quiet vs under load."""
     runs = {'quiet': data}
     if 'loaded' in data:
         runs[f"{data['loaded']['rows'][0].get('load', '?')} busy process(es)"] = data['loaded']
     # One row per shape: the shapes' times differ by 10x or more, so they get their own axes.
-    for row_axes, shape in zip(fig.subplots(len(_shapes(data)), 3, squeeze=False), _shapes(data)):
+    shapes = list(dict.fromkeys(r['shape'] for r in data['rows']))
+    fig.set_size_inches(15, 1 + 4 * len(shapes))
+    for row_axes, shape in zip(fig.subplots(len(shapes), 3, squeeze=False), shapes):
         impls = [r['impl'] for r in data['rows'] if r['shape'] == shape]
         for ax, key, label in zip(row_axes, ('fwd_ms', 'fwd_bwd_ms', 'peak_mb'), ('fwd ms', 'fwd+bwd ms', 'peak MB')):
             series = {name: [next((r[key] for r in run['rows'] if (r['shape'], r['impl']) == (shape, i)), 0.0)
@@ -107,8 +104,7 @@ def plot(data: Dict[str, Any], path: str) -> None:
     kind = data.get('benchmark')
     if kind not in _PLOTTERS:
         raise ValueError(f'unknown benchmark kind {kind!r}; expected one of {sorted(_PLOTTERS)}')
-    fig = plt.figure(figsize=(15, 1 + 4 * (len(_shapes(data)) if kind == 'layer' else 1)),
-                     layout='constrained')
+    fig = plt.figure(figsize=(15, 5), layout='constrained')  # a layer plot grows by a row per shape
     _PLOTTERS[kind](data, fig)
     fig.suptitle(textwrap.fill(data.get('header', kind), 200), fontsize=8)
     fig.savefig(path, dpi=110)
@@ -116,8 +112,9 @@ def plot(data: Dict[str, Any], path: str) -> None:
     print(f'wrote {path}')
 
 
-def save_results(data: Dict[str, Any], args: argparse.Namespace) -> None:
-    """A benchmark script's ``--json`` and ``--plot`` outputs."""
+def save_results(args: argparse.Namespace, benchmark: str, header: str, **data: Any) -> None:
+    """A benchmark script's ``--json`` and ``--plot`` outputs: ``data``, with the header and the options."""
+    data = dict(benchmark=benchmark, header=header, args=vars(args), **data)
     write_json(data, args.json)
     if args.plot:
         plot(data, args.plot)

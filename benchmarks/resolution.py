@@ -40,17 +40,16 @@ def main() -> None:
                         help='input sizes; deviations are relative to the first (default: 256 384 512 768)')
     parser.add_argument('--train', action='store_true', help='also time a train step (fwd+bwd)')
     args = parser.parse_args()
-    run = bench.resolve_run(args, parser)
+    bench.resolve_run(args, parser)
     if not timm.is_model(args.model):
         parser.error(f'unknown model {args.model!r}')
     specs = [bench.ModelSpec(args.model, partial(timm.create_model, args.model), size) for size in args.sizes]
     rows = [row for train in ((False, True) if args.train else (False,))
-            for row in rows_for(bench.measure_modes(specs, args, run, (train,)))]
-    header = bench.run_header(run[0], f'{args.model} cost vs resolution, batch {run[2]}, {run[3]} repeats, '
-                              f'deviation from linear in pixels normalised to {args.sizes[0]} px', args)
+            for row in rows_for(bench.measure_modes(specs, args, (train,)))]
+    header = bench.run_header(f'{args.model} cost vs resolution, deviation from linear in pixels normalised to '
+                              f'{args.sizes[0]} px', args)
     print(f'{header}\n{bench.table(COLUMNS, rows)}')
-    save_results(dict(benchmark='resolution', header=header, args=vars(args), tolerance_pct=TOLERANCE_PCT, rows=rows),
-                 args)
+    save_results(args, 'resolution', header, tolerance_pct=TOLERANCE_PCT, rows=rows)
 
 
 if __name__ == '__main__':

@@ -29,10 +29,9 @@ def main() -> None:
         rows[label] = (statistics.median(hook_us) / 1e3, statistics.median(wall_s) * 1e3)
     if rows['hook on'][0] == 0:
         raise SystemExit('_timm_halo_autoload was not imported at start-up: is timm-halo installed here?')
-    print(f'Start-up with timm never imported | {sys.executable} | medians of {args.runs} runs')
-    print('| case | _timm_halo_autoload import (ms) | `python -c pass` wall (ms) |\n|---|---|---|')
-    for label, (hook_ms, wall_ms) in rows.items():
-        print(f'| {label} | {hook_ms:.3f} | {wall_ms:.1f} |')
+    lines = [f'| {label} | {hook_ms:.3f} | {wall_ms:.1f} |' for label, (hook_ms, wall_ms) in rows.items()]
+    print(f'Start-up with timm never imported | {sys.executable} | medians of {args.runs} runs',
+          '| case | _timm_halo_autoload import (ms) | `python -c pass` wall (ms) |\n|---|---|---|', *lines, sep='\n')
 
 if __name__ == '__main__':
     main()

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import timm
 import torch
@@ -36,8 +36,7 @@ def count_gmacs(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> flo
 def model_gmacs(factory: Callable[[], torch.nn.Module], img_size: int) -> float:
     """Forward GMACs of one image, counted on a meta-device copy (no weights allocated, nothing computed)."""
     with torch.device('meta'):
-        model = factory()
-    return count_gmacs(model.eval(), img_size)
+        return count_gmacs(factory().eval(), img_size)
 
 
 def summarize(name: str, img_size: Optional[int] = None) -> Dict[str, Any]:
@@ -58,15 +57,17 @@ def sync_timer() -> float:
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2,
-                        timer: Callable[[], float] = sync_timer) -> Dict[str, float]:
-    """Median seconds per call of each fn, calling them round-robin so drift hits every contender alike."""
+                        timer: Callable[[], float] = sync_timer, number: Optional[Dict[str, int]] = None
+                        ) -> Dict[str, float]:
+    """Median seconds per call of each fn (``number[name]`` calls a sample), round-robin: drift hits all alike."""
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():
-            start = timer()
-            fn()
+            start, calls = timer(), (number or {}).get(name, 1)
+            for _ in range(calls):
+                fn()
             if round_ >= warmup:
-                times[name].append(timer() - start)
+                times[name].append((timer() - start) / calls)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -147,9 +148,8 @@ class ModelResult:
     def __post_init__(self) -> None:
         self.mode = 'train' if self.train else 'infer'
         self.img_per_s = self.batch_size / self.seconds
-        # GMACs per image of the timed step: a train step counts as TRAIN_MACS_FACTOR forwards
-        self.step_gmacs = self.gmacs * (TRAIN_MACS_FACTOR if self.train else 1.0)
-        self.gmac_per_s = self.step_gmacs * self.img_per_s
+        # a train step counts as TRAIN_MACS_FACTOR forwards
+        self.gmac_per_s = self.gmacs * (TRAIN_MACS_FACTOR if self.train else 1.0) * self.img_per_s
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(asdict(self), mode=self.mode, img_per_s=self.img_per_s, gmac_per_s=self.gmac_per_s)
@@ -196,13 +196,13 @@ def measure_models(specs: Sequence[ModelSpec], device: torch.device, batch_size:
     return [ModelResult(s.label, s.img_size, batch_size, train, seconds[k], gmacs[k]) for k, s in zip(fns, specs)]
 
 
-def measure_modes(specs: Sequence[ModelSpec], args: argparse.Namespace, run: Tuple[torch.device, Any, int, int],
-                  modes: Sequence[bool] = (False,)) -> List[ModelResult]:
-    """``measure_models`` in each mode (train: True) with ``resolve_run``'s ``run`` and ``add_run_args``' options."""
-    device, amp_dtype, batch_size, repeats = run
+def measure_modes(specs: Sequence[ModelSpec], args: argparse.Namespace, modes: Sequence[bool] = (False,)
+                  ) -> List[ModelResult]:
+    """``measure_models`` in each mode (train: True) with the options of ``add_run_args`` and ``resolve_run``."""
     with busy_load(args.load):
-        return [r for train in modes for r in measure_models(
-            specs, device, batch_size, train, repeats, args.warmup, amp_dtype, args.compile, args.channels_last)]
+        return [r for train in modes for r in measure_models(specs, args.device, args.batch_size, train, args.repeats,
+                                                             args.warmup, args.amp_dtype, args.compile,
+                                                             args.channels_last)]
 
 
 def format_table(results: Sequence[ModelResult]) -> str:
@@ -214,34 +214,34 @@ def format_table(results: Sequence[ModelResult]) -> str:
 
 # -- what every run shares: options, device and AMP, header, JSON ----------------------------------------------
 
-def add_run_args(parser: argparse.ArgumentParser, cpu_batch_size: int = 2) -> None:
-    """Device, batch size, repeats, warm-up, AMP, channels-last, compile, threads, busy load, JSON output."""
+def add_run_args(parser: argparse.ArgumentParser, cpu_batch_size: Optional[int] = 2) -> None:
+    """Device, repeats, threads, busy load, JSON output; given a CPU batch size, also the options of whole models."""
     add = parser.add_argument
     add('--device', default=None, help='default: cuda if available, else cpu')
-    add('--batch-size', type=int, default=argparse.SUPPRESS, help=f'default: 8 on cuda, {cpu_batch_size} on cpu')
     add('--repeats', type=int, default=None, help='timed rounds (default: 20 on cuda, 5 on cpu)')
-    add('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
-    add('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), help='autocast: bf16 (default) or fp16 (cuda)')
-    add('--channels-last', action='store_true')
-    add('--compile', action='store_true', help='torch.compile every model (slow on cpu)')
     add('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     add('--load', type=int, default=0, metavar='N', help='N busy-loop processes during the timings (a shared machine)')
     add('--json', metavar='PATH', help='also write the results as JSON (for benchmarks.plot)')
-    parser.set_defaults(cpu_batch_size=cpu_batch_size)
+    if cpu_batch_size:
+        add('--batch-size', type=int, default=argparse.SUPPRESS, help=f'default: 8 on cuda, {cpu_batch_size} on cpu')
+        add('--warmup', type=int, default=1, help='untimed rounds first (default: 1)')
+        add('--amp', nargs='?', const='bf16', choices=sorted(AMP_DTYPES), help='autocast: bf16 (default), fp16 (cuda)')
+        add('--channels-last', action='store_true')
+        add('--compile', action='store_true', help='torch.compile every model (slow on cpu)')
+        parser.set_defaults(cpu_batch_size=cpu_batch_size)
 
 
-def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser
-                ) -> Tuple[torch.device, Optional[torch.dtype], int, int]:
-    """(device, autocast dtype, batch size, repeats) from ``add_run_args``' options; sets the threads."""
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
+def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fills ``add_run_args``' defaults in ``args`` (device a torch.device, ``amp_dtype``); sets the threads."""
+    args.device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    on_cuda, args.amp_dtype = args.device.type == 'cuda', AMP_DTYPES.get(args.amp)
+    if on_cuda and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
-    if args.amp == 'fp16' and device.type != 'cuda':
+    if args.amp == 'fp16' and not on_cuda:
         parser.error('--amp fp16 is only supported on CUDA here; use bf16 on CPU')
-    on_cuda = device.type == 'cuda'
-    batch_size = getattr(args, 'batch_size', None) or (8 if on_cuda else args.cpu_batch_size)
-    repeats = args.repeats or (20 if on_cuda else 5)
-    if batch_size < 1 or repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+    args.batch_size = getattr(args, 'batch_size', None) or (8 if on_cuda else args.cpu_batch_size)
+    args.repeats = args.repeats or (20 if on_cuda else 5)
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error('--batch-size, --repeats and --threads must be >= 1, --warmup >= 0')
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,7 +250,6 @@ def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser
         print(f'note: load average {load:.1f} on {cores} cores before starting: expect noisy figures'
               + ('' if torch.get_num_threads() == 1 else '; --threads 1 is steadier on a shared machine'),
               file=sys.stderr)
-    return device, AMP_DTYPES.get(args.amp), batch_size, repeats
 
 
 def device_name(device: torch.device) -> str:
@@ -259,13 +258,12 @@ def device_name(device: torch.device) -> str:
             f'{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)')
 
 
-def run_header(device: torch.device, what: str, args: argparse.Namespace) -> str:
-    flags = [f'amp {args.amp}' if args.amp else 'fp32', 'compiled' if args.compile else 'eager']
-    flags += (['channels-last'] if args.channels_last else []) + [
-        f'{args.load} busy-loop process(es)' if args.load else 'quiet']
-    return (f'{what} | device {device_name(device)} | torch {torch.__version__} | timm {timm.__version__} | '
-            f'{", ".join(flags)} | medians of interleaved runs | train GMAC/s counts fwd+bwd as '
-            f'{TRAIN_MACS_FACTOR:g}x the forward')
+def run_header(what: str, args: argparse.Namespace) -> str:
+    flags = [f'amp {args.amp}' if args.amp else 'fp32', 'compiled' if args.compile else 'eager', 'channels-last'
+             if args.channels_last else '', f'{args.load} busy-loop process(es)' if args.load else 'quiet']
+    return (f'{what}, batch {args.batch_size}, {args.repeats} repeats | device {device_name(args.device)} | torch '
+            f'{torch.__version__} | timm {timm.__version__} | {", ".join(filter(None, flags))} | medians of '
+            f'interleaved runs | train GMAC/s counts fwd+bwd as {TRAIN_MACS_FACTOR:g}x the forward')
 
 
 def write_json(data: Dict[str, Any], path: Optional[str]) -> None:

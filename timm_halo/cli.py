@@ -26,8 +26,7 @@ class ModelKwargs(ParseKwargs):
     """timm train.py's ``--model-kwargs`` (``key=value`` pairs, values as Python literals), refusing a bare value."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        bad = [v for v in values if '=' not in v]
-        if bad:
+        if bad := [v for v in values if '=' not in v]:
             parser.error(f'{option_string} takes key=value pairs such as depths="(1, 1, 1, 1)", got {bad[0]!r}')
         super().__call__(parser, namespace, values, option_string)
 
@@ -83,16 +82,10 @@ def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _check_args(parser, args, halonets_only=False)
-    device, amp_dtype, batch_size, repeats = bench.resolve_run(args, parser)
-    results = []
-    with bench.busy_load(args.load):
-        for train in (False, True) if args.train else (False,):
-            results += bench.measure_models([bench.timm_spec(args.model, args.img_size)], device, batch_size,
-                                            train=train, repeats=repeats, warmup=args.warmup, amp_dtype=amp_dtype,
-                                            compiled=args.compile, channels_last=args.channels_last)
-    header = bench.run_header(device, f'timm-halo bench {args.model}', args)
-    print(header)
-    print(bench.format_table(results))
+    bench.resolve_run(args, parser)
+    results = bench.measure_modes([bench.timm_spec(args.model, args.img_size)], args, (False, True)[:1 + args.train])
+    header = bench.run_header(f'timm-halo bench {args.model}', args)
+    print(f'{header}\n{bench.format_table(results)}')
     bench.write_json(dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results]),
                      args.json)
     return 0
@@ -120,8 +113,7 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except OSError as e:
         return fail('export', f'cannot write --output {output}: {e}')
     report = ex.onnx_parity(output, model, ex.parity_inputs(model, example, True, args.dynamic_size), args.atol)
-    print(f'wrote {output} ({output.stat().st_size / 1e6:.1f} MB)')
-    print(f'ONNX Runtime vs PyTorch: {report}')
+    print(f'wrote {output} ({output.stat().st_size / 1e6:.1f} MB)\nONNX Runtime vs PyTorch: {report}')
     return 0 if report.ok else fail('export', f'{output} does not match PyTorch within --atol {args.atol:g}')
 
 
@@ -131,10 +123,8 @@ def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if problem or (args.num_classes or 0) < 0:
         parser.error(problem or f'--num-classes must be >= 0 (0 drops the classifier), got {args.num_classes}')
     labels = args.labels and [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
-    summary = hub.export_for_hub(
-        args.checkpoint, args.output, args.model, num_classes=args.num_classes, model_args=args.model_args,
-        label_names=labels, dataset=args.dataset, repo_id=args.repo_id, overwrite=args.overwrite,
-        img_size=args.img_size)
+    summary = hub.export_for_hub(args.checkpoint, args.output, args.model, label_names=labels, **{
+        k: getattr(args, k) for k in ('num_classes', 'model_args', 'dataset', 'repo_id', 'overwrite', 'img_size')})
     if summary['from_checkpoint']:
         print("from the checkpoint's training args: " + '; '.join(summary['from_checkpoint']))
     for note in summary['notes']:
@@ -153,9 +143,8 @@ def cmd_hub_export(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     info = hub.inspect_hub_model(args.source, load=not args.no_load)
-    for kind in ('warning', 'note'):
-        for message in info[f'{kind}s']:
-            print(f'timm-halo hub-inspect: {kind}: {" ".join(message.split())}', file=sys.stderr)
+    for kind, message in [(k, m) for k in ('warning', 'note') for m in info[f'{k}s']]:
+        print(f'timm-halo hub-inspect: {kind}: {" ".join(message.split())}', file=sys.stderr)
     cfg, classes = info['pretrained_cfg'], info['num_classes']
     built = info.get('num_classes_built', classes)
     rows = dict(source=info['source'], architecture=info['architecture'])
@@ -165,13 +154,11 @@ def cmd_hub_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         rows.update(params=f"{info['params'] / 1e6:.2f}M ({info['params']:,}), {loaded}; all weights finite: "
                            f"{'yes' if info['weights_finite'] else 'NO'}",
                     GMACs=f"{info['gmacs']:.2f} at {cfg.get('input_size')}", settings=json.dumps(info['settings']))
-    rows.update(
-        num_classes=f'{classes}' + (f" ({info['label_names']} label names)" if info['label_names'] else '')
-        + (f'; the model was built with {built}' if built != classes else ''),
-        input=f"{cfg.get('input_size')}, {cfg.get('interpolation')}, crop_pct {cfg.get('crop_pct')}, "
-              f"mean {cfg.get('mean')}, std {cfg.get('std')}",
-        model_args=json.dumps(info['model_args']),
-        files=', '.join(f'{n} ({s / 1e6:.2f} MB)' for n, s in info['files'].items()))
+    rows.update(num_classes=f'{classes}' + (f" ({info['label_names']} label names)" if info['label_names'] else '')
+                + (f'; the model was built with {built}' if built != classes else ''),
+                input=f"{cfg.get('input_size')}, {cfg.get('interpolation')}, crop_pct {cfg.get('crop_pct')}, "
+                      f"mean {cfg.get('mean')}, std {cfg.get('std')}", model_args=json.dumps(info['model_args']),
+                files=', '.join(f'{n} ({s / 1e6:.2f} MB)' for n, s in info['files'].items()))
     print('\n'.join(f'{name:<14}{value}' for name, value in rows.items()))
     print('pretrained_cfg ' + json.dumps({k: v for k, v in cfg.items() if k != 'label_names'}, indent=2, default=str))
     return 0
