@@ -4,7 +4,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 from zipfile import BadZipFile, is_zipfile
 
 import torch
@@ -17,8 +17,8 @@ from timm.models._builder import _resolve_pretrained_source
 from timm.models._helpers import _torch_load
 from timm.models._hub import _PREFERRED_FILES, download_from_hf, load_cfg_from_json
 
-__all__ = ['PretrainedWeightsError', 'build_pretrained', 'checkpoint_problem', 'hub_download', 'hub_problem',
-           'num_classes_conflict', 'warn_if_classifier_dropped']
+__all__ = ['PretrainedWeightsError', 'build_pretrained', 'checkpoint_problem', 'hub_problem', 'num_classes_conflict',
+           'warn_if_classifier_dropped']
 
 LOCAL_HINT = (
     "To load weights you have locally: timm.create_model('{arch}', pretrained=True, pretrained_cfg_overlay=dict("
@@ -49,10 +49,8 @@ def checkpoint_problem(path: str) -> Optional[str]:
         return ("it is a folder; use timm.create_model('local-dir:<folder>', pretrained=True) for a folder"
                 if os.path.isdir(path) else 'no such file')
     try:
-        if path.endswith('.safetensors'):
-            with safe_open(path, 'pt'):  # reads the header only
-                return None
-        _torch_load(path, mmap=is_zipfile(path))  # timm's weights-only reader; a zip's tensors are only mapped
+        # safetensors: the header only; else timm's weights-only reader (a zip's tensors are only mapped)
+        safe_open(path, 'pt') if path.endswith('.safetensors') else _torch_load(path, mmap=is_zipfile(path))
         return None
     except SafetensorError as e:
         return f'it is not a valid safetensors file (truncated or corrupt?): {e}'
@@ -62,8 +60,7 @@ def checkpoint_problem(path: str) -> Optional[str]:
         # timm's reader calls every unpickling error a refusal (its message lists the globals where torch can, for a
         # zip file): it is one where torch named a global, else the file is damaged
         error = e.__cause__ if isinstance(e.__cause__, pickle.UnpicklingError) else e
-        refused = list(dict.fromkeys(_REFUSAL.findall(str(error))))
-        if refused:
+        if refused := list(dict.fromkeys(_REFUSAL.findall(str(error)))):
             return (f'{" ".join(str(e).split())} torch.load(weights_only=True) refused {", ".join(refused)}: it is a '
                     'pickle that references Python objects other than tensors (unpickling can run arbitrary code). '
                     + CONVERT_HINT)
@@ -83,19 +80,6 @@ def hub_problem(exc: Exception) -> str:
     return f'{type(exc).__name__}: {exc}'  # its own words: a gated, missing or private repo, no such file
 
 
-def hub_download(repo_id: str, filenames: Tuple[str, ...]) -> Tuple[Optional[str], Optional[Exception]]:
-    """(path, None) of the first of ``filenames`` that ``repo_id`` has, now in the HF cache, else (None, error)."""
-    error: Optional[Exception] = None
-    for name in filenames:
-        try:
-            return download_from_hf(repo_id, name), None
-        except EntryNotFoundError as e:  # not there (or not cached offline): try the next name
-            error = e
-        except Exception as e:
-            return None, e
-    return None, error
-
-
 def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cfg: Any = None,
                      pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Check the weights timm is about to load for ``variant``, then run ``build()``; PretrainedWeightsError."""
@@ -105,9 +89,9 @@ def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cf
     hint = '\n' + LOCAL_HINT.format(arch=arch)
     if not kind:
         name = f"{arch}.{cfg['tag']}" if cfg.get('tag') else arch
-        raise PretrainedWeightsError(
-            f"No pretrained weights are available for {arch}: its pretrained cfg '{name}' names no weight file, "
-            f'and timm.list_models(pretrained=True) lists the models that have some.{hint}')
+        raise PretrainedWeightsError(f"No pretrained weights are available for {arch}: its pretrained cfg '{name}' "
+                                     f'names no weight file, and timm.list_models(pretrained=True) lists the models '
+                                     f'that have some.{hint}')
     if kind == 'hf-hub':
         loc = (loc[0], loc[1:]) if isinstance(loc, tuple) else (loc, _HUB_FILES)
     where = (f"Hugging Face Hub repo '{loc[0]}' (looked for {', then '.join(loc[1])})" if kind == 'hf-hub' else
@@ -115,20 +99,21 @@ def build_pretrained(build: Callable[[], nn.Module], variant: str, pretrained_cf
               'state_dict': 'the state_dict given in pretrained_cfg'}.get(kind, '').format(loc))
     failed = f'Could not load pretrained weights for {arch} from {where}'
     path, config = (loc if kind == 'file' else None), None
-    if kind == 'hf-hub':
-        path, error = hub_download(*loc)
-        if error is not None:
-            raise PretrainedWeightsError(f'{failed}: {hub_problem(error)}{hint}') from error
-        config = Path(path).parent / 'config.json'  # in the snapshot folder
-    elif kind == 'local-dir':  # the file timm picks (where there is none, timm's error says so)
+    for name in loc[1] if kind == 'hf-hub' else ():  # the first file the repo has, into the HF cache
+        try:
+            path = download_from_hf(loc[0], name)
+            config = Path(path).parent / 'config.json'  # in the snapshot folder
+            break
+        except Exception as e:  # EntryNotFoundError (not there, or not cached offline): try the next name
+            if not isinstance(e, EntryNotFoundError) or name == loc[1][-1]:
+                raise PretrainedWeightsError(f'{failed}: {hub_problem(e)}{hint}') from e
+    if kind == 'local-dir':  # the file timm picks (where there is none, timm's error says so)
         path = next((p for p in (Path(loc) / f for f in _PREFERRED_FILES) if p.is_file()), None)
         config = Path(loc) / 'config.json'
-    problem = checkpoint_problem(path) if path else None
-    if problem:
+    if problem := checkpoint_problem(path) if path else None:
         raise PretrainedWeightsError(f'{failed}: {problem}' + (hint if problem == 'no such file' else ''))
     if cfg.get('source') in ('hf-hub', 'local-dir') and config.is_file():  # an 'hf-hub:' / 'local-dir:' model
-        conflict = num_classes_conflict(load_cfg_from_json(config), f"config.json of {where.split(' (')[0]}")
-        if conflict:
+        if conflict := num_classes_conflict(load_cfg_from_json(config), f"config.json of {where.split(' (')[0]}"):
             warnings.warn(conflict, UserWarning, stacklevel=5)  # user -> timm.create_model -> entrypoint -> here
     try:
         return build()
@@ -167,9 +152,8 @@ def warn_if_classifier_dropped(state_dict: Dict[str, Any], model: nn.Module) -> 
     weight = state_dict.get(f'{name}.weight') if isinstance(name, str) else None  # a HaloNet has one: head.fc
     if (_is_count(cfg_classes) and _is_count(built) and built != cfg_classes and isinstance(weight, torch.Tensor)
             and weight.ndim >= 1 and weight.shape[0] == built):
-        warnings.warn(
-            f"The weights' classifier ({name}) has {built} classes, as the model has, but the pretrained cfg "
-            f'says num_classes={cfg_classes}; timm goes by the cfg, so it discards this classifier and '
-            f'initialises a new random {built}-way one. To keep it, give the weights\' count: '
-            f'pretrained_cfg_overlay=dict(file=..., num_classes={built}), or fix num_classes in config.json.',
-            UserWarning, stacklevel=2)
+        warnings.warn(f"The weights' classifier ({name}) has {built} classes, as the model has, but the pretrained "
+                      f'cfg says num_classes={cfg_classes}; timm goes by the cfg, so it discards this classifier and '
+                      f"initialises a new random {built}-way one. To keep it, give the weights' count: "
+                      f'pretrained_cfg_overlay=dict(file=..., num_classes={built}), or fix num_classes in config.json.',
+                      UserWarning, stacklevel=2)

@@ -122,20 +122,16 @@ def _check_model_args(args: Dict[str, Any]) -> None:
 class HaloBottleneck(nn.Module):
     """Bottleneck block with halo attention as its spatial op."""
 
-    def __init__(
-            self, in_chs: int, width: int, out_chs: int, stride: int = 1, block_size: int = 8, halo_size: int = 3,
-            heads: int = 8, value_ratio: float = 1.0, qkv_bias: bool = False, act_layer: Union[str, Callable] = 'relu',
-            drop_path: float = 0., attn_impl: Optional[str] = None, device=None, dtype=None,
-    ):
+    def __init__(self, in_chs: int, width: int, out_chs: int, stride: int = 1, heads: int = 8, value_ratio: float = 1.0,
+                 act_layer: Union[str, Callable] = 'relu', drop_path: float = 0., device=None, dtype=None,
+                 **attn_kwargs: Any):  # HaloAttention's block_size, halo_size, qkv_bias, attn_impl
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.shortcut = nn.Identity() if in_chs == out_chs and stride == 1 else ConvNormAct(
             in_chs, out_chs, 1, stride=stride, apply_act=False, **dd)
         self.conv1 = ConvNormAct(in_chs, width, 1, act_layer=act_layer, **dd)
-        self.attn = HaloAttention(
-            width, block_size=block_size, halo_size=halo_size, dim_head=width // heads, heads=heads,
-            dim_out=int(round(width * value_ratio)), stride=stride, value_ratio=value_ratio, qkv_bias=qkv_bias,
-            attn_impl=attn_impl, **dd)
+        self.attn = HaloAttention(width, dim_head=width // heads, heads=heads, dim_out=int(round(width * value_ratio)),
+                                  stride=stride, value_ratio=value_ratio, **attn_kwargs, **dd)
         self.post_attn = BatchNormAct2d(self.attn.dim_out, act_layer=act_layer, **dd)
         self.conv3 = ConvNormAct(self.attn.dim_out, out_chs, 1, apply_act=False, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -179,13 +175,11 @@ class HaloNet(nn.Module):
         if drop_block_rate:
             raise ValueError(f'HaloNet has no DropBlock layers: drop_block_rate must be 0, got {drop_block_rate}')
         _check_model_args(locals())
-        dd = {'device': device, 'dtype': dtype}
+        dd, self.grad_checkpointing = {'device': device, 'dtype': dtype}, False
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
-        self.grad_checkpointing = False
 
-        self.stem = nn.Sequential(
-            ConvNormAct(in_chans, stem_chs, 7, stride=2, act_layer=act_layer, **dd),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        self.stem = nn.Sequential(ConvNormAct(in_chans, stem_chs, 7, stride=2, act_layer=act_layer, **dd),
+                                  nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         # level 0: the stem conv's output before the max pool (ResNet's act1, ByobNet's stem.conv1)
         self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='stem.0')]
         in_chs, dpr, stages = stem_chs, calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True), []
@@ -332,13 +326,12 @@ def _check_matches(state_dict: Dict[str, torch.Tensor], model: nn.Module, target
         shown = ', '.join(keys[:8]) + (f', ... ({len(keys) - 8} more)' if len(keys) > 8 else '')
         return f'\n  {len(keys)} {title}: {shown}' if keys else ''
 
-    problems = (listing('missing keys', body(k for k in target if k not in state_dict))
-                + listing('unexpected keys', body(k for k in state_dict if k not in target))
-                + listing('shape mismatches', [
-                    f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
-                    for k in body(state_dict) if k in target and k not in first_convs
-                    and tuple(state_dict[k].shape) != tuple(target[k].shape)]))
-    if problems:
+    if problems := (listing('missing keys', body(k for k in target if k not in state_dict))
+                    + listing('unexpected keys', body(k for k in state_dict if k not in target))
+                    + listing('shape mismatches', [
+                        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
+                        for k in body(state_dict) if k in target and k not in first_convs
+                        and tuple(state_dict[k].shape) != tuple(target[k].shape)])):
         raise PretrainedWeightsError(
             f"the checkpoint does not match {cfg.get('architecture') or type(model).__name__} as built (another "
             f'architecture, or other model kwargs such as depths?); refusing a partial load.{problems}')
@@ -350,10 +343,8 @@ def _names(value: Union[str, Sequence[str]]) -> Tuple[str, ...]:
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, strict: bool = True) -> Dict[str, torch.Tensor]:
     """A checkpoint (ours or timm's ByobNet, training containers unwrapped) for ``model``; docs/hub.md."""
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    state_dict = next((state_dict[k] for k in ('state_dict_ema', 'model_ema', 'state_dict', 'model')
+                       if isinstance(state_dict.get(k), dict)), state_dict)  # a training container's weights
     cleaned, target = clean_state_dict(state_dict), model.state_dict()  # DDP / torch.compile prefixes
     if any(k.startswith('stem.conv1.') or '.self_attn.' in k for k in cleaned):  # timm's ByobNet layout
         cleaned = _from_timm_byobnet(cleaned, target)
@@ -423,9 +414,8 @@ def _register(name: str) -> Callable[..., HaloNet]:
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__doc__ = f'HaloNet-H{name[-1]} of the paper: ' + ', '.join(f'{k}={v}' for k, v in FAMILY[name].items())
-    ours_already = is_model(name) and model_entrypoint(name).__module__ == __name__
     with warnings.catch_warnings():
-        if name == 'halonet_h1' or ours_already:
+        if name == 'halonet_h1' or is_model(name) and model_entrypoint(name).__module__ == __name__:
             warnings.filterwarnings('ignore', message=rf'Overwriting {name} in registry')
         return register_model(entrypoint)
 
