@@ -4,6 +4,7 @@ import copy
 import inspect
 import json
 import os
+import stat
 import warnings
 from difflib import get_close_matches
 from pathlib import Path
@@ -15,23 +16,19 @@ import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-from timm.models import get_pretrained_cfg, split_model_name_tag
-from timm.models import save_for_hf as timm_save_for_hf
+from huggingface_hub.utils._validators import REPO_ID_REGEX
 from timm.models._helpers import _torch_load
 from timm.models._hub import download_from_hf, generate_readme, load_cfg_from_json, load_model_config_from_path
 
 from timm_halo.bench import count_gmacs
 from timm_halo.models import HaloNet, _pretrained
 from timm_halo.models._pretrained import PretrainedWeightsError, _is_count, num_classes_conflict
-from timm_halo.models.halonet import FAMILY
+from timm_halo.models.halonet import FAMILY, PAPER_TITLE
 
 __all__ = ['PretrainedWeightsError', 'model_card', 'save_for_hf', 'push_to_hf_hub', 'fix_hub_config', 'export_for_hub',
            'inspect_hub_model', 'read_checkpoint', 'describe_model']
 
 PAPER_URL = 'https://arxiv.org/abs/2103.12731'
-PAPER_TITLE = 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones'
 PAPER_BIBTEX = """@inproceedings{vaswani2021halonet,
   title={Scaling Local Self-Attention for Parameter Efficient Visual Backbones},
   author={Vaswani, Ashish and Ramachandran, Prajit and Srinivas, Aravind and Parmar, Niki and
@@ -45,50 +42,33 @@ _BUILD_ARGS = ('pretrained_strict', 'features_only', 'out_indices', 'feature_cls
 # entry of a card must be a Hub dataset repo id, 'owner/name'
 _CANONICAL_DATASETS = ('imagenet-1k', 'imagenet-12k', 'imagenet-21k', 'imagenet-22k')
 Size = Union[int, Tuple[int, int]]  # a square side, or (height, width)
+# The keyword arguments a HaloNet build takes: its constructor's and timm's builder options
+MODEL_ARG_NAMES = sorted({p.name for p in inspect.signature(HaloNet.__init__).parameters.values()
+                          if p.name != 'self' and p.kind != p.VAR_KEYWORD} | set(_BUILD_ARGS))
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """A checkpoint's tensors through timm's ``load_state_dict``; PretrainedWeightsError where it cannot be read."""
-    problem = _pretrained.checkpoint_problem(str(path))
-    if problem:
+    if problem := _pretrained.checkpoint_problem(str(path)):
         raise PretrainedWeightsError(f"Could not read checkpoint '{path}': {problem}")
     return timm.models.load_state_dict(str(path), weights_only=True)
 
 
-def read_train_args(path: Union[str, Path]) -> Dict[str, Any]:
-    """The ``args`` timm's train.py stores in a checkpoint that ``read_checkpoint`` read, as a dict (else empty)."""
-    checkpoint = {} if str(path).endswith('.safetensors') else _torch_load(str(path), mmap=is_zipfile(path))
-    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None  # timm's reader allows the Namespace
-    return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
-
-
 def is_hub_dataset_id(name: Any) -> bool:
     """Whether ``name`` is a Hub dataset id (``owner/name``, or an owner-less ImageNet id as timm's cards use)."""
-    if isinstance(name, str) and name.lower() in _CANONICAL_DATASETS:
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return name.count('/') == 1
+    return isinstance(name, str) and (name.lower() in _CANONICAL_DATASETS or name.count('/') == 1 and bool(
+        REPO_ID_REGEX.fullmatch(name)) and '--' not in name and '..' not in name)  # as validate_repo_id
 
 
 def is_halonet(name: Any) -> bool:
     """Whether ``name`` (``arch`` or ``arch.tag``, with a known tag) is one of this plugin's architectures."""
-    arch, tag = split_model_name_tag(name) if isinstance(name, str) else (None, '')
+    arch, tag = timm.models.split_model_name_tag(name) if isinstance(name, str) else (None, '')
     return arch in FAMILY and (not tag or name in timm.models.get_arch_pretrained_cfgs(arch))
-
-
-def model_arg_names() -> List[str]:
-    """The keyword arguments a HaloNet build takes (constructor arguments and timm's builder options)."""
-    params = inspect.signature(HaloNet.__init__).parameters.values()
-    return sorted({p.name for p in params if p.name != 'self' and p.kind != p.VAR_KEYWORD} | set(_BUILD_ARGS))
 
 
 def unknown_model_args(model_args: Dict[str, Any]) -> List[str]:
     """Keys of ``model_args`` that no HaloNet build takes, each with a close known name when there is one."""
-    known = model_arg_names()
-    close = {key: get_close_matches(str(key), known, n=1) for key in model_args if key not in known}
+    close = {key: get_close_matches(str(key), MODEL_ARG_NAMES, n=1) for key in model_args if key not in MODEL_ARG_NAMES}
     return [f'{key} (did you mean {match[0]}?)' if match else str(key) for key, match in sorted(close.items())]
 
 
@@ -101,24 +81,21 @@ def export_args_problem(model_name: str, model_args: Optional[Dict[str, Any]], i
     """Why ``export_for_hub`` (`hub-export`) cannot take these arguments, else None."""
     if not is_halonet(model_name):
         return f'unknown model {model_name!r}; choose from {", ".join(FAMILY)}'
-    lowest = (get_pretrained_cfg(model_name).min_input_size or (3, 32, 32))[-1]
+    lowest = (timm.models.get_pretrained_cfg(model_name).min_input_size or (3, 32, 32))[-1]
     hw = _hw(img_size)
     if hw is not None and not (len(hw) == 2 and all(_is_count(side) and side >= lowest for side in hw)):
         return (f"--img-size / img_size must be an integer >= {lowest} (the model's min_input_size), or (height, "
                 f'width) of such, got {img_size!r}')
     unknown = unknown_model_args(model_args or {})
-    if unknown:
-        return f"{model_name} takes no --model-args / model_args {', '.join(unknown)}; it takes " + ', '.join(
-            model_arg_names())
-    return None
+    return (f"{model_name} takes no --model-args / model_args {', '.join(unknown)}; it takes "
+            f"{', '.join(MODEL_ARG_NAMES)}") if unknown else None
 
 
 def check_hub_config(config: Any, where: str) -> None:
     """PretrainedWeightsError for a config.json that timm would misread, or that describes no HaloNet of ours."""
     def refuse(problem: str, remake: bool = True) -> None:
-        raise PretrainedWeightsError(f'{where}: {problem}' + (
-            '; fix it, or write the folder again with timm.models.save_for_hf / `timm-halo hub-export`' if remake
-            else ''))
+        remake_hint = '; fix it, or write the folder again with timm.models.save_for_hf / `timm-halo hub-export`'
+        raise PretrainedWeightsError(f'{where}: {problem}' + (remake_hint if remake else ''))
 
     if not isinstance(config, dict):
         refuse('it must hold a JSON object (architecture, num_classes, model_args, pretrained_cfg), got '
@@ -140,10 +117,9 @@ def check_hub_config(config: Any, where: str) -> None:
                         ('model_args.num_classes', config.get('model_args', {}).get('num_classes'))):
         if value is not None and not _is_count(value):
             refuse(f'{name} must be an integer >= 0, got {json.dumps(value)[:80]}')
-    unknown = unknown_model_args(config.get('model_args', {}))
-    if unknown:
+    if unknown := unknown_model_args(config.get('model_args', {})):
         refuse(f'model_args has keys that {arch} does not take: {", ".join(unknown)}. Correct or remove them; '
-               f'{arch} takes {", ".join(model_arg_names())}', remake=False)
+               f'{arch} takes {", ".join(MODEL_ARG_NAMES)}', remake=False)
 
 
 def describe_model(model: nn.Module) -> Dict[str, Any]:
@@ -154,11 +130,11 @@ def describe_model(model: nn.Module) -> Dict[str, Any]:
     attn, last = model.stages[0].blocks[0].attn, model.stages[0].blocks[-1]
     input_size = (model.in_chans, *tuple(cfg.get('input_size') or (3, 256, 256))[1:])
     return dict(
-        architecture=cfg.get('architecture') or type(model).__name__, num_classes=model.num_classes,
+        architecture=cfg.get('architecture') or type(model).__name__, num_classes=model.num_classes, heads=attn.heads,
         params=sum(p.numel() for p in model.parameters()), in_chans=model.in_chans, input_size=input_size,
-        block_size=attn.block_size, halo_size=attn.halo_size, heads=attn.heads,
-        value_ratio=attn.dim_head_v / attn.dim_head, out_ratio=last.conv3.conv.out_channels / attn.dim,
-        depths=[len(s.blocks) for s in model.stages], widths=[s.blocks[0].attn.dim for s in model.stages],
+        block_size=attn.block_size, halo_size=attn.halo_size, value_ratio=attn.dim_head_v / attn.dim_head,
+        out_ratio=last.conv3.conv.out_channels / attn.dim, depths=[len(s.blocks) for s in model.stages],
+        widths=[s.blocks[0].attn.dim for s in model.stages],
         final_conv=model.num_features if not isinstance(model.final_conv, nn.Identity) else 0,
         # counted on a meta-device copy: shapes only, no compute, no second set of weights in memory
         gmacs=count_gmacs(copy.deepcopy(model).to('meta').eval(), input_size[-1], input_size[0]))
@@ -170,9 +146,8 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optiona
     """A model card for ``timm.models.push_to_hf_hub(..., model_card=model_card(model, repo_id))`` (docs/hub.md)."""
     facts = describe_model(model)
     arch, (c, h, w) = facts['architecture'], facts['input_size']
-    settings = (f"block size b={facts['block_size']}, halo h={facts['halo_size']}, value ratio "
-                f"rv={facts['value_ratio']:g}, bottleneck ratio rb={facts['out_ratio']:g}, "
-                f"depths {'-'.join(map(str, facts['depths']))}, {facts['heads']} heads"
+    settings = ('block size b={block_size}, halo h={halo_size}, value ratio rv={value_ratio:g}, bottleneck ratio '
+                'rb={out_ratio:g}, depths {d}, {heads} heads'.format(d='-'.join(map(str, facts['depths'])), **facts)
                 + (f", final 1x1 conv df={facts['final_conv']}" if facts['final_conv'] else ''))
     datasets = [dataset] if isinstance(dataset, str) else list(dataset or ())
     if description is None:
@@ -195,20 +170,16 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, dataset: Optiona
     where = repo_id or local_dir or '.'  # the usage loads the repo, else the folder holding the card
     name = f'hf-hub:{repo_id}' if repo_id else f'local-dir:{where}'
     folder_note = '' if repo_id else '  # the folder holding this card and its weights'
-    usage = ('```python\n# pip install timm-halo\nimport timm\nimport timm_halo  # registers the HaloNet models with '
-             "timm\nfrom PIL import Image\n\n"
-             f"model = timm.create_model('{name}', pretrained=True).eval(){folder_note}\n"
-             'config = timm.data.resolve_data_config({}, model=model)\n'
-             'transform = timm.data.create_transform(**config)\n'
-             "logits = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0))\n```\n"
-             f"Fine-tune with a new head: `timm.create_model('{name}', pretrained=True, num_classes=10)`; "
-             f"as a feature pyramid: `timm.create_model('{name}', pretrained=True, features_only=True)`.\n\n"
-             'With transformers (its timm wrapper; the same logits and class names):\n'
-             '```python\n# pip install timm-halo transformers\nimport timm_halo  # registers the HaloNet models with '
-             'timm\nfrom PIL import Image\nfrom transformers import AutoModel, pipeline\n\n'
-             f"classify = pipeline('image-classification', model='{where}')\n"
-             "print(classify(Image.open('image.jpg')))\n"
-             f"backbone = AutoModel.from_pretrained('{where}')  # pooled features: .pooler_output\n```")
+    registers = 'import timm_halo  # registers the HaloNet models with timm\nfrom PIL import Image\n'
+    usage = (f"```python\n# pip install timm-halo\nimport timm\n{registers}\nmodel = timm.create_model('{name}', "
+             f"pretrained=True).eval(){folder_note}\nconfig = timm.data.resolve_data_config({{}}, model=model)\n"
+             "transform = timm.data.create_transform(**config)\nlogits = model(transform(Image.open('image.jpg')"
+             f".convert('RGB')).unsqueeze(0))\n```\nFine-tune with a new head: `timm.create_model('{name}', "
+             f"pretrained=True, num_classes=10)`; as a feature pyramid: `timm.create_model('{name}', pretrained=True, "
+             'features_only=True)`.\n\nWith transformers (its timm wrapper; the same logits and class names):\n'
+             f'```python\n# pip install timm-halo transformers\n{registers}from transformers import AutoModel, '
+             f"pipeline\n\nclassify = pipeline('image-classification', model='{where}')\nprint(classify(Image.open("
+             f"'image.jpg')))\nbackbone = AutoModel.from_pretrained('{where}')  # pooled features: .pooler_output\n```")
     return dict(description=description, details=card_details, usage=usage, citation=PAPER_BIBTEX,
                 tags=['image-classification', 'timm', 'timm-halo', 'halonet', 'transformers'], license=license)
 
@@ -217,8 +188,7 @@ _default_card = model_card  # push_to_hf_hub's argument of that name hides it
 
 
 def fix_hub_config(folder: Union[str, Path]) -> bool:
-    """Remove ``model_args.num_classes`` (which transformers passes twice) from a save_for_hf folder's config.json;
-    returns whether it changed (docs/hub.md)."""
+    """Drop ``model_args.num_classes`` from a save_for_hf folder's config.json; whether it changed (docs/hub.md)."""
     path = Path(folder) / 'config.json'
     try:
         config = load_cfg_from_json(path)
@@ -227,8 +197,7 @@ def fix_hub_config(folder: Union[str, Path]) -> bool:
     model_args = config.get('model_args') if isinstance(config, dict) else None
     if not isinstance(model_args, dict) or 'num_classes' not in model_args:
         return False
-    conflict = num_classes_conflict(config, f"'{path}'")
-    if conflict:
+    if conflict := num_classes_conflict(config, f"'{path}'"):
         raise PretrainedWeightsError(conflict)
     config.setdefault('num_classes', model_args.pop('num_classes'))  # timm's count of the weights stays in the file
     path.write_text(json.dumps(config, indent=2), encoding='utf-8')  # as timm writes it
@@ -244,13 +213,11 @@ def save_for_hf(model: nn.Module, save_directory: Union[str, Path], model_config
                          f'reads them by position), got {type(names).__name__} {str(names)[:80]}')
     if names is not None and classes is not None and len(names) != classes:
         raise ValueError(f'{len(names)} label_names for a model with {classes} classes; give one name per class')
-    timm_save_for_hf(model, str(save_directory), model_config, *args, **kwargs)
+    timm.models.save_for_hf(model, str(save_directory), model_config, *args, **kwargs)
     fix_hub_config(save_directory)
-    weights = Path(save_directory) / 'model.safetensors'
-    if weights.is_file():  # safetensors writes 0600: give it the mode open() gives a new file, as the others have
-        umask = os.umask(0o022)  # reading the umask means setting it; put back at once
-        os.umask(umask)
-        weights.chmod(0o666 & ~umask)
+    weights, config = Path(save_directory) / 'model.safetensors', Path(save_directory) / 'config.json'
+    if weights.is_file():  # safetensors writes 0600: give it the mode open() gave config.json
+        weights.chmod(stat.S_IMODE(config.stat().st_mode))
 
 
 def push_to_hf_hub(model: nn.Module, repo_id: str, commit_message: str = 'Add model', token: Optional[str] = None,
@@ -267,25 +234,17 @@ def push_to_hf_hub(model: nn.Module, repo_id: str, commit_message: str = 'Add mo
         save_for_hf(model, folder, model_config=model_config, model_args=model_args,
                     safe_serialization=safe_serialization, data_config=data_config)
         if not has_readme:
-            card = model_card if model_card is not None else (
-                _default_card(model, repo_id) if isinstance(model, HaloNet) else {})
-            readme = generate_readme(card, repo_id.split('/')[-1], task_name=task_name)
+            card = _default_card(model, repo_id) if model_card is None and isinstance(model, HaloNet) else model_card
+            readme = generate_readme(card or {}, repo_id.split('/')[-1], task_name=task_name)
             (Path(folder) / 'README.md').write_text(readme, encoding='utf-8')
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
                                  commit_message=commit_message)
 
 
-def _size_text(size: Any) -> str:
-    if isinstance(size, tuple) and len(size) == 2:
-        return str(size[0]) if size[0] == size[1] else f'{size[0]} x {size[1]}'
-    return str(size)
-
-
 def _apply_train_args(args: Dict[str, Any], model_name: Optional[str], model_args: Dict[str, Any],
                       img_size: Optional[Tuple[int, int]]) -> Tuple[str, Dict[str, Any], Any, List, List]:
     """The settings with what was not given taken from train.py's ``args``, what was taken, and notes (docs/hub.md)."""
-    took: List[str] = []
-    notes: List[str] = []
+    took, notes = [], []  # what was taken from the args, and where they disagree with what was given
 
     def merge(label: str, given: Any, trained: Any, field: str, show: Callable[[Any], str] = str) -> Any:
         if trained is None:
@@ -308,7 +267,7 @@ def _apply_train_args(args: Dict[str, Any], model_name: Optional[str], model_arg
                          'give the size it was trained at (--img-size / img_size)')
     trained_size, field = ((tuple(size[1:]), f'args.input_size {list(size)}') if valid
                            else (_hw(args.get('img_size')), 'args.img_size'))
-    img_size = merge('input size ', img_size, trained_size, field, _size_text)
+    img_size = merge('input size ', img_size, trained_size, field, lambda s: ' x '.join(map(str, dict.fromkeys(s))))
     kwargs = args.get('model_kwargs') or {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"The checkpoint's training args hold model_kwargs={kwargs!r}, not a dict of keyword "
@@ -332,10 +291,12 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
         raise ValueError(f"Output '{output}' is a file, or a folder that is not empty: choose a new folder, or pass "
                          '--overwrite (overwrite=True) to write into it (files of the same names are replaced)')
     weights = read_checkpoint(checkpoint)
-    train_args = read_train_args(checkpoint)
+    # the args timm's train.py stores with the weights (timm's reader allows its Namespace)
+    raw = {} if str(checkpoint).endswith('.safetensors') else _torch_load(str(checkpoint), mmap=is_zipfile(checkpoint))
+    args = raw.get('args') if isinstance(raw, dict) else None
+    train_args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
     model_name, model_args, img_size, took, notes = _apply_train_args(train_args, model_name, model_args, _hw(img_size))
-    problem = export_args_problem(model_name, model_args, img_size)
-    if problem:
+    if problem := export_args_problem(model_name, model_args, img_size):
         raise ValueError(problem + (f"; taken from the checkpoint's training args: {'; '.join(took)}" if took else ''))
     # the classes and input channels are the weights': the classifier's outputs, the stem's (ours / timm's ByobNet)
     head, stem = weights.get('head.fc.weight'), weights.get('stem.0.conv.weight', weights.get('stem.conv1.conv.weight'))
@@ -353,7 +314,7 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
             "would publish a randomly initialised classifier. Use the checkpoint's count, or 0 to drop the head.")
     if stem is not None:
         model_args.setdefault('in_chans', stem.shape[1])
-    h, w = img_size or get_pretrained_cfg(model_name).input_size[1:]
+    h, w = img_size or timm.models.get_pretrained_cfg(model_name).input_size[1:]
     overlay = dict(file=str(checkpoint), num_classes=ckpt_classes, input_size=(model_args.get('in_chans', 3), h, w),
                    pool_size=(-(-h // 32), -(-w // 32)))  # the final map at that size (stride-2 stages round up)
     model = timm.create_model(
@@ -375,9 +336,8 @@ def export_for_hub(checkpoint: Union[str, Path], output: Union[str, Path], model
         raise RuntimeError(f"The exported folder '{output}' reloads with different outputs (max |diff| {diff:g})")
     return dict(output=str(output), files=sorted(p.name for p in output.iterdir()),
                 architecture=model.pretrained_cfg['architecture'], params=sum(p.numel() for p in model.parameters()),
-                num_classes=model.num_classes, in_chans=model.in_chans,
-                input_size=tuple(model.pretrained_cfg['input_size']), reload_max_abs_diff=diff,
-                from_checkpoint=took, notes=notes)
+                num_classes=model.num_classes, in_chans=model.in_chans, reload_max_abs_diff=diff,
+                input_size=tuple(model.pretrained_cfg['input_size']), from_checkpoint=took, notes=notes)
 
 
 def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
@@ -396,10 +356,9 @@ def inspect_hub_model(source: str, load: bool = True) -> Dict[str, Any]:
     check_hub_config(raw, where)
     cfg, arch, model_args = load_model_config_from_path(folder)  # timm's own reading of it
     info: Dict[str, Any] = dict(
-        source=f'{kind}:{ident}', architecture=arch, num_classes=cfg.get('num_classes'),
-        label_names=len(cfg.get('label_names') or ()), model_args=model_args,
+        source=f'{kind}:{ident}', architecture=arch, num_classes=cfg.get('num_classes'), model_args=model_args,
+        label_names=len(cfg.get('label_names') or ()), warnings=list(filter(None, [num_classes_conflict(raw, where)])),
         pretrained_cfg={k: v for k, v in cfg.items() if k not in ('file', 'source', 'hf_hub_id')},
-        warnings=[conflict for conflict in [num_classes_conflict(raw, where)] if conflict],
         notes=[] if 'num_classes' not in raw.get('model_args', {}) else [
             "transformers (AutoModel, pipeline) cannot load it: its model_args hold num_classes, which "
             "transformers' timm wrapper passes a second time; timm_halo.hub.fix_hub_config(folder) removes it "
