@@ -40,10 +40,9 @@ class ParityReport:
                 f'outputs up to {self.max_abs_output:.3g}) over inputs {shapes}')
 
 
-def example_input(model: nn.Module, img_size: Optional[int] = None, batch_size: int = 2, seed: int = 0
-                  ) -> torch.Tensor:
-    """A seeded standard-normal NCHW input for ``model`` at its default size unless ``img_size`` is given (for a
-    ``HaloAttention``, a map that is not a multiple of its block size, so that padding and masking are checked)."""
+def example_input(model: nn.Module, img_size: Optional[int] = None, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
+    """A seeded standard-normal NCHW input for ``model``, at its default size unless ``img_size`` is given."""
+    # a HaloAttention's: a map that is not a multiple of its block size, so that padding and masking are checked
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if isinstance(model, HaloAttention):
         channels, size = model.dim, 2 * model.block_size + 3
@@ -56,8 +55,8 @@ def example_input(model: nn.Module, img_size: Optional[int] = None, batch_size: 
 
 
 def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -> nn.Module:
-    """Give an untrained HaloNet small random gains (``gain`` x U[0.5, 1.5]) where timm zero-initialises the last
-    BatchNorm of every residual branch, so that a parity check sees every attention layer; returns the model."""
+    """``model`` with small random residual-branch gains (``gain`` x U[0.5, 1.5]) where timm puts zeros."""
+    # an untrained HaloNet's zero-initialised last BatchNorms would hide every attention layer from a parity check
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -67,6 +66,11 @@ def wake_residual_branches(model: nn.Module, gain: float = 0.2, seed: int = 0) -
 
 
 def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool) -> Optional[Tuple[dict]]:
+    """torch.export's ``dynamic_shapes`` for these axes; RuntimeError where this torch cannot export."""
+    if torch.__version__ < EXPORT_MIN_TORCH:
+        raise RuntimeError(f'exporting HaloNet models needs torch >= {EXPORT_MIN_TORCH}, this is {torch.__version__}: '
+                           'its torch.export cannot handle the dynamic shapes of the block counts (ceil(H / '
+                           'block_size)). torch.compile and TorchScript work on this torch; upgrade torch to export.')
     dims = {0: Dim('batch', min=1)} if dynamic_batch else {}
     if dynamic_size:
         dims[2], dims[3] = Dim('height', min=1), Dim('width', min=1)
@@ -75,18 +79,14 @@ def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool) -> Optional[Tuple[d
 
 def _flat_outputs(out: Any) -> List[torch.Tensor]:
     """Model outputs as a flat list (timm's features_only models return a list of maps)."""
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat_outputs(o)]
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(out, (list, tuple, torch.Tensor)):
         raise TypeError(f'cannot compare an output of type {type(out).__name__}')
-    return [out]
+    return [t for o in out for t in _flat_outputs(o)] if isinstance(out, (list, tuple)) else [out]
 
 
 def _max_abs_diff(expected: Sequence[torch.Tensor], got: Sequence[Any]) -> float:
     """Worst max abs difference; inf on a shape mismatch or where only one side is NaN (both NaN counts as 0)."""
-    if len(expected) != len(got):
-        return float('inf')
-    worst = 0.0
+    worst = 0.0 if len(expected) == len(got) else float('inf')
     for e, g in zip(expected, got):
         e, g = e.detach().float().cpu(), torch.as_tensor(g).detach().float().cpu()
         if e.shape != g.shape:
@@ -109,14 +109,6 @@ def _parity(run: Callable[[torch.Tensor], Sequence[Any]], model: nn.Module, inpu
     return ParityReport(path, worst, atol, [tuple(x.shape) for x in inputs], scale)
 
 
-def _check_torch_version() -> None:
-    if torch.__version__ < EXPORT_MIN_TORCH:
-        raise RuntimeError(
-            f'exporting HaloNet models needs torch >= {EXPORT_MIN_TORCH}, this is {torch.__version__}: its '
-            'torch.export cannot handle the dynamic shapes of the block counts (ceil(H / block_size)). '
-            'torch.compile and TorchScript work on this torch; upgrade torch to export.')
-
-
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, dynamic_size: bool = False
                    ) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (put in eval mode) for inputs like ``example``; dynamic batch."""
@@ -124,7 +116,6 @@ def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool 
         raise ValueError('torch.export with a dynamic height/width is not supported for HaloAttention models (the '
                          'block count ceil(H / block_size) is not provable for a symbolic H): export one program per '
                          'input size, or use export_onnx(..., dynamic_size=True).')
-    _check_torch_version()
     return torch.export.export(model.eval(), (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch, False))
 
 
@@ -137,22 +128,19 @@ def program_parity(program: torch.export.ExportedProgram, model: nn.Module, inpu
 
 def export_onnx(model: nn.Module, path: Union[str, Path], example: torch.Tensor, dynamic_batch: bool = True,
                 dynamic_size: bool = False, opset_version: Optional[int] = None) -> Path:
-    """Export ``model`` (put in eval mode) to one self-contained ONNX file (``dynamo=True``); input ``input``,
-    outputs ``output`` (or ``output_0``, ``output_1``, ... e.g. for ``features_only``)."""
-    _check_torch_version()
+    """``model`` (put in eval mode) as one self-contained ONNX file (``dynamo=True``); names: docs/deployment.md."""
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes - {torch.float32}:
-        raise ValueError(
-            f'export and its parity check work in fp32, but the model has {sorted(map(str, dtypes))} parameters: '
-            'export model.float() (and convert the ONNX file to fp16 afterwards if needed)')
-    path = Path(path)
+        raise ValueError(f'export and its parity check work in fp32, but the model has {sorted(map(str, dtypes))} '
+                         'parameters: export model.float() (and convert the ONNX file to fp16 afterwards if needed)')
+    dynamic_shapes, path = _dynamic_shapes(dynamic_batch, dynamic_size), Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         n = len(_flat_outputs(model.eval()(example)))
         torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=['input'],
                           output_names=['output'] if n == 1 else [f'output_{i}' for i in range(n)],
-                          dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size), opset_version=opset_version,
-                          external_data=False, verbose=False)  # fine below ONNX's 2 GB limit (H7: ~270 MB)
+                          dynamic_shapes=dynamic_shapes, opset_version=opset_version, external_data=False,
+                          verbose=False)  # external_data=False: fine below ONNX's 2 GB limit (H7: ~270 MB)
     if dynamic_size:
         # Symbolic sizes in the intermediate shapes can name two different sizes alike, and ONNX Runtime then warns
         # ('Shape mismatch attempting to re-use buffer'); it infers the shapes itself.
@@ -182,11 +170,9 @@ def onnx_parity(path: Union[str, Path], model: nn.Module, inputs: Sequence[torch
 def parity_inputs(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, dynamic_size: bool
                   ) -> List[torch.Tensor]:
     """The export example plus, per dynamic axis, an input that differs from it there (new values too)."""
-    batch, channels, height, width = example.shape
-    generator = torch.Generator().manual_seed(1)
-    inputs = [example]
-    if dynamic_batch:
-        inputs.append(torch.randn(batch + 1, channels, height, width, generator=generator))
+    (batch, channels, height, width), generator = example.shape, torch.Generator().manual_seed(1)
+    inputs = [example] + ([torch.randn(batch + 1, channels, height, width, generator=generator)] if dynamic_batch
+                          else [])
     if dynamic_size:  # smaller and not a multiple of anything: other block counts, padding and border masks
         inputs.append(torch.randn(1, channels, height * 2 // 3 + 1, width // 2 + 3, generator=generator))
     return inputs
@@ -195,8 +181,7 @@ def parity_inputs(model: nn.Module, example: torch.Tensor, dynamic_batch: bool, 
 def export_onnx_checked(model: nn.Module, path: Union[str, Path], example: Optional[torch.Tensor] = None,
                         dynamic_batch: bool = True, dynamic_size: bool = False, atol: float = ONNX_ATOL,
                         opset_version: Optional[int] = None) -> ParityReport:
-    """Export to ONNX and check it in ONNX Runtime against eager PyTorch (``parity_inputs``); raises
-    ``ExportParityError`` if the max abs difference exceeds ``atol``."""
+    """Export to ONNX and check it in ONNX Runtime against eager PyTorch; ``ExportParityError`` beyond ``atol``."""
     example = example_input(model) if example is None else example
     export_onnx(model, path, example, dynamic_batch, dynamic_size, opset_version)
     report = onnx_parity(path, model, parity_inputs(model, example, dynamic_batch, dynamic_size), atol)
