@@ -1,7 +1,4 @@
-"""timm-halo: HaloNet local self-attention backbones as a timm plugin.
-
-Importing this package registers ``halonet_h0`` ... ``halonet_h7`` with timm's model factory.
-"""
+"""timm-halo: HaloNet backbones as a timm plugin; importing it registers ``halonet_h0`` ... ``halonet_h7``."""
 from .accelerate import accelerate
 from .layers import HaloAttention
 from .models import HaloNet

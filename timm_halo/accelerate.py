@@ -23,29 +23,23 @@ _logger = logging.getLogger(__name__)
 
 def _model_name(model: nn.Module) -> str:
     """timm's name of the model (``halonet26t.a1h_in1k``) and its class, or the class alone."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    cfg = getattr(model, 'pretrained_cfg', None)
     arch = cfg.get('architecture') if isinstance(cfg, dict) else None
-    if not arch:
-        return type(model).__name__
-    return f"{arch}{'.' + cfg['tag'] if cfg.get('tag') else ''} ({type(model).__name__})"
+    name = type(model).__name__
+    return f"{arch}{'.' + cfg['tag'] if cfg.get('tag') else ''} ({name})" if arch else name
 
 
 def accelerate(model: nn.Module, attn_impl: Optional[str] = None) -> nn.Module:
-    """Swap every ``timm.layers.halo_attn.HaloAttn`` (not a subclass) of ``model`` for ``TimmHaloAttn`` in place
-    and return ``model`` (docs/accelerate.md); a given ``attn_impl`` also applies to layers swapped before."""
+    """``model`` with each timm ``HaloAttn`` (not a subclass) swapped in place for ``TimmHaloAttn`` (docs)."""
+    # docs/accelerate.md; a given attn_impl also applies to layers swapped before
     if not isinstance(model, nn.Module):
         raise TypeError(f'accelerate expects a torch.nn.Module, got {type(model).__name__}')
-    impl = resolve_impl_name(attn_impl)
-    swapped = already = 0
+    impl, swapped, already = resolve_impl_name(attn_impl), 0, 0
     for module in model.modules():
-        if type(module) is HaloAttn:
-            module.__class__ = TimmHaloAttn  # same fields, parameters and hooks: only forward changes
-            module.attn_impl = impl
-            swapped += 1
+        if type(module) is HaloAttn:  # the same fields, parameters and hooks: only forward changes
+            module.__class__, module.attn_impl, swapped = TimmHaloAttn, impl, swapped + 1
         elif isinstance(module, TimmHaloAttn):
-            if attn_impl is not None:
-                module.attn_impl = impl
-            already += 1
+            module.attn_impl, already = impl if attn_impl is not None else module.attn_impl, already + 1
     setattr(model, COUNT_ATTR, swapped + already)
     _logger.info('timm_halo.accelerate: %d HaloAttn layer(s) of %s now run on timm-halo kernels%s', swapped,
                  _model_name(model), f' ({already} already did)' if already else '')
@@ -73,9 +67,9 @@ def _reporting(create_model: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _honour_env() -> None:
-    """With ``TIMM_HALO_ACCELERATE=1``, make timm's attention factory build ``TimmHaloAttn`` where it builds
-    ``HaloAttn``, and ``timm.create_model`` report it (scripts bind it after ``import timm`` loaded this plugin)."""
-    # patched on the module: ``timm.layers.create_attn`` is also the name of its function
+    """With ``TIMM_HALO_ACCELERATE=1``, timm's attention factory builds ``TimmHaloAttn`` for ``HaloAttn``."""
+    # and timm.create_model reports it (scripts bind it after `import timm` loaded this plugin); patched on the
+    # module: ``timm.layers.create_attn`` is also the name of its function
     value = os.environ.get(ACCELERATE_ENV, '').strip().lower()
     if value in ('1', 'true', 'yes', 'on'):
         importlib.import_module('timm.layers.create_attn').HaloAttn = TimmHaloAttn
