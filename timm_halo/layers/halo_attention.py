@@ -17,7 +17,7 @@ from torch import nn
 from .fused_cpu import attend_fused_maps
 from .kernels import KernelChoice, resolve_impl_name
 from .sdpa import autocast_dtype
-from .windows import blocks_to_map, map_to_blocks, pad_map
+from .windows import blocks_to_map, gather_windows, map_to_blocks, pad_map, unfold_windows
 
 __all__ = ['HaloAttention', 'check_image_input', 'check_int']
 
@@ -215,7 +215,8 @@ class HaloAttention(KernelChoice, nn.Module):
         # The border mask is separable too, so it rides on the per-axis terms.
         rel_h = (rel_h + mask_h[:, None, None, None, :]).reshape(q.shape[0], bq, bq, plan_h[3])
         rel_w = (rel_w + mask_w[:, None, None, :]).reshape(q.shape[0], bq, bq, plan_w[3])
-        k, v = self._windows(pad_map(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop), gather_op, plan_h, plan_w)
+        padded = pad_map(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
+        k, v = cut_windows(padded, self.heads, self.dim_head, plan_h, plan_w, gather_op)
         hq, wq = self.output_size(H, W)
         return q, k, v, [rel_h, rel_w], [nh, nw, hq, wq]
 
@@ -317,6 +318,20 @@ class HaloAttention(KernelChoice, nn.Module):
         weighted = torch.where(visible[:, :, None], attn[..., None] * v.transpose(-1, -2)[:, :, None], 0.)
         out = weighted.sum(3).transpose(-1, -2)
         return self.proj(rearrange(out, 'b n d (h w) -> b (n d) h w', h=hq))
+
+
+def cut_windows(padded: torch.Tensor, heads: int, dim_head: int, plan_h: Tuple[int, int, int, int],
+                plan_w: Tuple[int, int, int, int], gather_op: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of every window of the padded kv map (``windows.py``), by the custom op or in plain ops."""
+    if gather_op:
+        return _gather_windows(padded, heads, dim_head, plan_h, plan_w)
+    return unfold_windows(padded, heads, dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
+
+
+@torch.jit.unused
+def _gather_windows(padded: torch.Tensor, heads: int, dim_head: int, plan_h: Tuple[int, int, int, int],
+                    plan_w: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return gather_windows(padded, heads, dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
 
 
 def _skew(products: torch.Tensor, shift: int, start: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ from . import fused_cpu
 from .broadcast import attend_broadcast
 from .sdpa import attend_sdpa
 from .tiled import TILE_LOGITS, attend_tiled
-from .windows import gather_windows, unfold_windows
 
 __all__ = ['ATTN_IMPLS', 'ATTN_IMPL_ENV', 'AUTO_ORDER', 'Call', 'Kernel', 'KernelChoice', 'choose', 'resolve_impl_name']
 
@@ -141,7 +140,7 @@ def _exporting() -> bool:
 
 class KernelChoice:
     """The kernel choice of a layer (``HaloAttention``, ``TimmHaloAttn``), once per call. The layer has ``attn_impl``,
-    ``scale``, ``heads``, ``dim_head``, ``block_size``, ``stride`` (query subsampling) and ``_window_plan``."""
+    ``scale``, ``heads``, ``block_size``, ``stride`` (query subsampling inside a block) and ``_window_plan``."""
 
     def _use_custom_kernels(self) -> bool:
         """Eager mode and torch.compile: size-dependent window plans (cropped windows) and custom ops are allowed.
@@ -176,18 +175,6 @@ class KernelChoice:
         nh, nw = (H + b - 1) // b, (W + b - 1) // b
         keys = self._window_plan(H, nh, crop)[3] * self._window_plan(W, nw, crop)[3]
         return B * self.heads * nh * nw * bq * bq * keys
-
-    def _windows(self, padded: torch.Tensor, gather_op: bool, plan_h: Tuple[int, int, int, int],
-                 plan_w: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every window of the padded kv map (``windows.py``), by the custom op or plain ops."""
-        if gather_op:
-            return self._gather_windows(padded, plan_h, plan_w)
-        return unfold_windows(padded, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
-
-    @torch.jit.unused
-    def _gather_windows(self, padded: torch.Tensor, plan_h: Tuple[int, int, int, int],
-                        plan_w: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        return gather_windows(padded, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
 
     def _attend(self, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rel: List[torch.Tensor], graph: bool = False) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from timm.layers.halo_attn import HaloAttn
 
-from .halo_attention import check_image_input
+from .halo_attention import check_image_input, cut_windows
 from .kernels import KernelChoice, resolve_impl_name
 
 __all__ = ['TimmHaloAttn']
@@ -79,7 +79,7 @@ class TimmHaloAttn(KernelChoice, HaloAttn):
 
         # Keys and values: projected, then zero-padded by the halo (padded keys are attended with k = v = 0).
         plan = self._window_plan(H, nh, False)
-        k, v = self._windows(F.pad(self.kv(x), [h, h, h, h]), gather_op, plan, plan)
+        k, v = cut_windows(F.pad(self.kv(x), [h, h, h, h]), heads, d, plan, plan, gather_op)
 
         out = self._attend(impl, q, k, v, [rel_h, rel_w])
         out = out.reshape(B, heads, nh, nw, dv, bq, bq).permute(0, 1, 4, 2, 5, 3, 6)
