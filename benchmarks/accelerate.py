@@ -52,14 +52,10 @@ def ratios(results: List[bench.ModelResult], names: List[str]) -> List[dict]:
     """Per model and mode: ms per step of each contender and its speedup (stock's time / its time)."""
     by_label = {(r.label, r.mode): r for r in results}
     kinds = list(dict.fromkeys(r.label.split(' ', 1)[1] for r in results))
-    rows = []
-    for mode in dict.fromkeys(r.mode for r in results):
-        for name in names:
-            stock, runs = by_label[f'{name} {STOCK}', mode], {k: by_label[f'{name} {k}', mode] for k in kinds}
-            rows.append(dict(model=name, img_size=stock.img_size, mode=mode,
-                             ms={k: r.seconds * 1e3 for k, r in runs.items()},
-                             speedup={k: stock.seconds / r.seconds for k, r in runs.items()}))
-    return rows
+    runs = {(name, mode): {k: by_label[f'{name} {k}', mode] for k in kinds}  # each contender's result
+            for mode in dict.fromkeys(r.mode for r in results) for name in names}
+    return [dict(model=name, img_size=c[STOCK].img_size, mode=mode, ms={k: r.seconds * 1e3 for k, r in c.items()},
+                 speedup={k: c[STOCK].seconds / r.seconds for k, r in c.items()}) for (name, mode), c in runs.items()]
 
 
 def format_tables(rows: List[dict]) -> Tuple[str, str]:  # (ms and speedup of each contender, the goals)

@@ -12,7 +12,7 @@ import time
 import traceback
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from unittest import mock
 
 import timm
@@ -61,10 +61,8 @@ def attempt(fn: Callable[[], Any], device: torch.device) -> Tuple[Any, str]:
 
 def medians(fns: Dict[str, Callable[[], None]], args) -> Dict[str, float]:
     """Median seconds per call, samples taken round-robin (``timm_halo.bench``); the dry run: one call a sample."""
-    number = dict.fromkeys(fns, 1)
-    if not args.quick:
-        once = bench.interleaved_medians(fns, repeats=1, warmup=args.warmup)
-        number = {n: max(1, min(50, math.ceil(MIN_SAMPLE_S / max(s, 1e-6)))) for n, s in once.items()}
+    once = {} if args.quick else bench.interleaved_medians(fns, repeats=1, warmup=args.warmup)
+    number = {n: max(1, min(50, math.ceil(MIN_SAMPLE_S / max(s, 1e-6)))) for n, s in once.items()}
     return bench.interleaved_medians(fns, args.repeats, 0, number=number)
 
 
@@ -91,10 +89,10 @@ def _ratio(a: Optional[float], b: Optional[float], scale: float = 1.0) -> Option
 
 # ---- output ------------------------------------------------------------------------------------------------------
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: Union[str, Path], text: str) -> None:
     """A kill mid-write leaves the previous version, never half a file."""
-    Path(path + '.tmp').write_text(text)
-    os.replace(path + '.tmp', path)
+    Path(f'{path}.tmp').write_text(text)
+    os.replace(f'{path}.tmp', path)
 
 
 def fail_on_purpose(name: str) -> None:
@@ -251,8 +249,7 @@ LAYER_COLUMNS = ['stage', 'precision', 'impl', ('fwd ms', 'fwd_ms', '{:.2f}'), (
 KEYS = ('img_per_s', 'ms', 'gmac_per_s', 'first_call_s')  # a model row's figures, None until measured
 
 def models_section(sec: Section, args, compiled: bool) -> None:
-    """Per mode (train first), each model is built and called once (a compile), its row written at once; then
-    the ready ones are timed round-robin and their rows completed. A kill keeps every row written so far."""
+    """Per mode, each model's first call (a compile) written at once, then the ready ones timed (docs/benchmarks.md)."""
     batch, img, device = args.model_batch, args.img_size, args.device
     dry = compiled and args.quick  # a dry run compiles ours only, and traces its train step alone
     names = list(MODELS)[:1] if dry else list(MODELS)
@@ -328,11 +325,9 @@ def targets(layer: List[dict], models: List[dict]) -> List[dict]:
     goals = [('layer fwd+bwd stage 1, bf16 (x timm)', s1.get('fwd_bwd_x_timm'), '>= 4x', s1.get('impl')),
              ('layer peak memory stage 1, bf16 (/ timm)', s1.get('mem_vs_timm'), '<= 0.3x', s1.get('impl')),
              ('layer fwd+bwd stage 3, bf16 (x timm)', s3.get('fwd_bwd_x_timm'), '>= 2x', s3.get('impl'))]
-    for r in models:
-        if r['model'] == OURS and r['mode'] == 'train':
-            v = r['variant']
-            goals += [(f'halonet_h1 train step, {v} (x timm halonet_h1)', r.get('x_timm_halonet'), '>= 3x', v),
-                      (f'halonet_h1 train GMAC/s, {v} (% of resnet50)', r.get('gmac_per_s_pct_resnet50'), '>= 50%', v)]
+    for r, v in [(r, r['variant']) for r in models if r['model'] == OURS and r['mode'] == 'train']:
+        goals += [(f'halonet_h1 train step, {v} (x timm halonet_h1)', r.get('x_timm_halonet'), '>= 3x', v),
+                  (f'halonet_h1 train GMAC/s, {v} (% of resnet50)', r.get('gmac_per_s_pct_resnet50'), '>= 50%', v)]
     out = []
     for measure, value, target, where in goals:
         op, bound = target.split()
@@ -353,15 +348,13 @@ def summary(out_dir: str) -> int:
     status = table(['section', 'status', ('s', 's', '{:.0f}'), 'rows', 'error'], [
         dict(section=n, status=d.get('status'), s=d.get('wall_s', d.get('seconds')), rows=len(d.get('rows') or []),
              error=d.get('error') or '') for n, d in found.items()])
-    layer = [r for r in found.get('layer', {}).get('rows', []) if r.get('fwd_bwd_x_timm') is not None]
     models = [r for n in ('models_eager', 'models_compiled') for r in found.get(n, {}).get('rows', []) if 'model' in r]
-    goals = targets(layer, models)
+    goals = targets(found.get('layer', {}).get('rows', []), models)
     columns = ['measure', 'value', 'target', ('met', 'met', yes_no), ('best variant', 'where', '{}')]
     parts = ['# GPU check\n', '\n'.join(f'- {k}: {v}' for k, v in meta.items()) + '\n', status + '\n',
              *[(out / f'{name}.md').read_text() for name in found], '## Performance goals\n\n' + table(columns, goals)]
-    write_atomic(str(out / 'gpu.md'), '\n'.join(parts) + '\n')
-    write_atomic(str(out / 'gpu.json'), json.dumps(dict(meta=meta, sections=found, targets=goals), indent=1,
-                                                   default=str))
+    write_atomic(out / 'gpu.md', '\n'.join(parts) + '\n')
+    write_atomic(out / 'gpu.json', json.dumps(dict(meta=meta, sections=found, targets=goals), indent=1, default=str))
     return 0
 
 

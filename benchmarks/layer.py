@@ -78,8 +78,7 @@ def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> 
                                                 repeats) for backward in (False, True))
         del layers
         # each in a fresh process: on CPU the peak RSS growth, on CUDA the allocator's peak
-        mem = {i: peak_memory_in_child('benchmarks.layer', [i, shape, '--device', device.type])
-               for i in impls}
+        mem = {i: peak_memory_in_child('benchmarks.layer', [i, shape, '--device', device.type]) for i in impls}
         rows += [dict(shape=shape, impl=i, load=load, fwd_ms=fwd_t[i] * 1e3, fwd_bwd_ms=bwd_t[i] * 1e3,
                       peak_mb=mem[i] / 2**20) for i in impls]
     return rows

@@ -20,12 +20,13 @@ def yes_no(met: bool) -> str:
     return 'yes' if met else 'NO'
 
 
-def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel: str, title: str) -> None:
+def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel: str, title: str,
+                  rotation: float = 0) -> None:
     width = 0.8 / max(len(series), 1)
     for i, (name, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
         ax.bar_label(ax.bar(xs, values, width, label=name), fmt='%.3g', fontsize=7)
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8, rotation=rotation)
     ax.set(ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
 
@@ -51,8 +52,7 @@ def _plot_model(data: Dict[str, Any], fig) -> None:
     labels, modes = (list(dict.fromkeys(k[i] for k in by_key)) for i in (0, 1))
     for ax, key, label in zip(fig.subplots(1, 2), ('img_per_s', 'gmac_per_s'), ('img/s', 'GMAC/s')):
         series = {m: [by_key[lb, m][key] if (lb, m) in by_key else 0.0 for lb in labels] for m in modes}
-        _grouped_bars(ax, labels, series, label, label + ' (higher is better)')
-        ax.tick_params(axis='x', labelrotation=20)
+        _grouped_bars(ax, labels, series, label, label + ' (higher is better)', rotation=20)
 
 
 def _plot_resolution(data: Dict[str, Any], fig) -> None:
@@ -87,8 +87,7 @@ def _plot_accelerate(data: Dict[str, Any], fig) -> None:
                        label=f'goal {goals[mode]:g}x ({", ".join(data.get("goal_models", []))})')
         series = {k: [r['speedup'][k] for r in sel] for k in sel[0]['speedup'] if k != 'stock'}
         _grouped_bars(ax, [r['model'] for r in sel], series, 'speedup over stock (x)',
-                      f'{mode}: stock time / contender time (higher is better)')
-        ax.tick_params(axis='x', labelrotation=20)
+                      f'{mode}: stock time / contender time (higher is better)', rotation=20)
 
 
 _PLOTTERS = {'layer': _plot_layer, 'model': _plot_model, 'resolution': _plot_resolution, 'accelerate': _plot_accelerate}
@@ -96,19 +95,15 @@ _PLOTTERS = {'layer': _plot_layer, 'model': _plot_model, 'resolution': _plot_res
 
 def plot(data: Dict[str, Any], path: str) -> None:
     """Write a PNG of one benchmark's results (the dict a script writes with ``--json``)."""
-    import matplotlib
-
-    matplotlib.use('Agg')  # files only; works without a display
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend, no display, nothing to close
 
     kind = data.get('benchmark')
     if kind not in _PLOTTERS:
         raise ValueError(f'unknown benchmark kind {kind!r}; expected one of {sorted(_PLOTTERS)}')
-    fig = plt.figure(figsize=(15, 5), layout='constrained')  # a layer plot grows by a row per shape
+    fig = Figure(figsize=(15, 5), layout='constrained')  # a layer plot grows by a row per shape
     _PLOTTERS[kind](data, fig)
     fig.suptitle(textwrap.fill(data.get('header', kind), 200), fontsize=8)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     print(f'wrote {path}')
 
 

@@ -180,8 +180,7 @@ def measure_models(specs: Sequence[ModelSpec], device: torch.device, batch_size:
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     autocast = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
-    fns: Dict[str, Callable[[], None]] = {}
-    gmacs: Dict[str, float] = {}
+    fns, gmacs = {}, {}  # by contender: its step, its GMACs
     for spec in specs:
         key = f'{spec.label} @{spec.img_size}'
         if key in fns:
@@ -247,9 +246,8 @@ def resolve_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         torch.set_num_threads(args.threads)
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores / 2:  # several threads that wait on each other can slow down by 10x when a neighbour is busy
-        print(f'note: load average {load:.1f} on {cores} cores before starting: expect noisy figures'
-              + ('' if torch.get_num_threads() == 1 else '; --threads 1 is steadier on a shared machine'),
-              file=sys.stderr)
+        print(f'note: load average {load:.1f} on {cores} cores before starting: expect noisy figures' + (
+            '' if torch.get_num_threads() == 1 else '; --threads 1 is steadier on a shared machine'), file=sys.stderr)
 
 
 def device_name(device: torch.device) -> str:

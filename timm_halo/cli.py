@@ -187,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.global_options.add('batch_size')
 
     p = command('export', cmd_export, 'export a model to ONNX and check it against PyTorch in ONNX Runtime; exits 1 '
-                'beyond --atol (docs/deployment.md)', 'model', 'img_size', 'batch_size', model='halonet_h0',
-                batch_size=2)
+                'past --atol (docs/deployment.md)', 'model', 'img_size', 'batch_size', model='halonet_h0', batch_size=2)
     p.add_argument('--format', default='onnx', choices=['onnx'], help='export format (default: onnx)')
     p.add_argument('--output', default=None, help='file to write (default: <model>.onnx)')
     p.add_argument('--dynamic-size', action='store_true',
@@ -212,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--repo-id', default=None, help='Hub repo it is meant for, for the model card')
     p.add_argument('--overwrite', action='store_true', help='allow a non-empty output folder')
 
-    p = command('hub-inspect', cmd_hub_inspect, 'show architecture, params and config of a Hub-ready folder or '
-                'Hub repo')
+    p = command('hub-inspect', cmd_hub_inspect, 'show architecture, params and config of a Hub-ready folder or repo')
     p.add_argument('source', help="folder, 'org/name' Hub repo, or a 'local-dir:' / 'hf-hub:' name")
     p.add_argument('--no-load', action='store_true', help='only read config.json; do not build the model')
     parser.commands = sub.choices
