@@ -67,8 +67,7 @@ def gather_windows(padded: torch.Tensor, heads: int, dim_head: int, step_h: int,
 def _gather_windows_fake(padded, heads, dim_head, step_h, len_h, step_w, len_w):
     B, C, Hp, Wp = padded.shape
     n = B * heads * ((Hp - len_h) // step_h + 1) * ((Wp - len_w) // step_w + 1)
-    return (padded.new_empty(n, dim_head, len_h * len_w),
-            padded.new_empty(n, C // heads - dim_head, len_h * len_w))
+    return padded.new_empty(n, dim_head, len_h * len_w), padded.new_empty(n, C // heads - dim_head, len_h * len_w)
 
 
 @torch.library.custom_op('timm_halo::scatter_windows', mutates_args=())
