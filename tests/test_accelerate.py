@@ -17,7 +17,7 @@ from timm.layers.halo_attn import HaloAttn
 
 import timm_halo
 import timm_halo.layers.fused_cpu as fused_module
-import timm_halo.layers.tiled as tiled_module
+import timm_halo.layers.kernels as kernels_module
 from timm_halo.accelerate import ACCELERATE_ENV
 from timm_halo.layers import ATTN_IMPL_ENV
 from timm_halo.layers.timm_halo_attn import TimmHaloAttn
@@ -94,14 +94,15 @@ def test_layer_keeps_timm_constructor_state_dict_and_isinstance():
 
 
 def _count_tiled_calls(monkeypatch) -> list:
+    """Calls of the tiled kernel, as the kernel registry makes them."""
     calls = []
-    real = tiled_module.attend_tiled
+    real = kernels_module.attend_tiled
 
     def spy(*args):
         calls.append(args[0].shape)
         return real(*args)
 
-    monkeypatch.setattr(tiled_module, 'attend_tiled', spy)
+    monkeypatch.setattr(kernels_module, 'attend_tiled', spy)
     return calls
 
 
@@ -136,6 +137,9 @@ def test_forward_ad_and_torch_func_run_the_plain_path(monkeypatch):
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e)
     assert calls == []
+    ours.attn_impl = 'tiled'  # the spy sees the kernel when it does run
+    torch.testing.assert_close(ours(x), stock(x))
+    assert len(calls) == 1
     ours.attn_impl = 'tiled'
     with pytest.raises(RuntimeError, match='forward-mode AD'):
         torch.func.jvp(ours, (x,), (tangent,))
