@@ -29,9 +29,8 @@ class _FreeAttention(HaloAttn):
 
 def _bound(name: str) -> torch.nn.Module:
     model = timm.create_model(name)
-    for m in model.modules():
-        if type(m) is HaloAttn:
-            m.__class__ = _FreeAttention
+    for m in [m for m in model.modules() if type(m) is HaloAttn]:
+        m.__class__ = _FreeAttention
     return model
 
 
@@ -71,8 +70,7 @@ def format_tables(rows: List[dict]) -> Tuple[str, str]:  # (ms and speedup of ea
 
 def main() -> None:
     parser = script_parser(__doc__, cpu_batch_size=2)
-    parser.add_argument('--models', nargs='+', default=MODELS, choices=MODELS, metavar='NAME',
-                        help='default: all seven')
+    parser.add_argument('--models', nargs='+', default=MODELS, choices=MODELS, metavar='NAME', help='default: all 7')
     parser.add_argument('--no-train', action='store_true', help='inference only: skip the train step')
     parser.add_argument('--attn-impl', nargs='+', default=['auto'], choices=['auto', *ATTN_IMPLS],
                         help="accelerated contenders, one per kernel choice (default: auto; e.g. auto tiled)")

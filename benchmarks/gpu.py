@@ -25,7 +25,6 @@ from benchmarks.model import MODELS, OURS, RESNET, TIMM
 from benchmarks.plot import yes_no
 from timm_halo import bench  # (importing timm_halo registers halonet_* with timm)
 from timm_halo.bench import table
-from timm_halo.layers import sdpa as sdpa_module
 
 SECTIONS = ('layer', 'sdpa', 'models_eager', 'models_compiled')  # gpu_check.sh runs 'tests' itself, first
 # contender: benchmarks.layer's name of the same layer (block 8, halo 3, 8 heads of C/8)
@@ -89,8 +88,7 @@ def _ratio(a: Optional[float], b: Optional[float], scale: float = 1.0) -> Option
 
 # ---- output ------------------------------------------------------------------------------------------------------
 
-def write_atomic(path: Union[str, Path], text: str) -> None:
-    """A kill mid-write leaves the previous version, never half a file."""
+def write_atomic(path: Union[str, Path], text: str) -> None:  # a kill mid-write leaves the previous version whole
     Path(f'{path}.tmp').write_text(text)
     os.replace(f'{path}.tmp', path)
 
@@ -181,10 +179,8 @@ def sdpa_section(sec: Section, args) -> None:
 def _sdpa_rows(stage: str, channels: int, size: int, precision: str, dtype, pad: bool, args) -> List[dict]:
     layer = make_layer('timm_halo sdpa', channels, args.device)
     x = torch.randn(args.layer_batch, channels, size, size, device=args.device)
-    sdpa_module.CUDA_PAD_VALUES_FOR_FLASH = pad
-    with torch.no_grad(), mock.patch.object(F, 'scaled_dot_product_attention', wraps=F.scaled_dot_product_attention) \
-            as spy, torch.autocast(args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        layer(x)
+    with mock.patch.object(F, 'scaled_dot_product_attention', wraps=F.scaled_dot_product_attention) as spy:
+        call(layer, x, False, dtype, pad)
     calls = [c.args[:3] for c in spy.call_args_list]
     q, k, v = calls[0]
     windows, dtype = sum(c[0].shape[0] for c in calls), str(q.dtype).replace('torch.', '')
@@ -199,9 +195,8 @@ def _sdpa_rows(stage: str, channels: int, size: int, precision: str, dtype, pad:
     return [row]
 
 
-SDPA_COLUMNS = ['stage', 'precision', ('calls x windows', 'calls_x_windows', '{}'),
-                ("q' / k' / v' (per call)", 'per_call', '{}'), ('default backend', 'default_backend', '{}'), 'flash',
-                'efficient', 'cudnn', 'note']
+SDPA_COLUMNS = ['stage', 'precision', ('calls x windows', 'calls_x_windows', '{}'), ("q' / k' / v' (per call)",
+                'per_call', '{}'), ('default backend', 'default_backend', '{}'), 'flash', 'efficient', 'cudnn', 'note']
 
 
 # ---- the layer ---------------------------------------------------------------------------------------------------
@@ -247,6 +242,7 @@ LAYER_COLUMNS = ['stage', 'precision', 'impl', ('fwd ms', 'fwd_ms', '{:.2f}'), (
 # ---- the models --------------------------------------------------------------------------------------------------
 
 KEYS = ('img_per_s', 'ms', 'gmac_per_s', 'first_call_s')  # a model row's figures, None until measured
+
 
 def models_section(sec: Section, args, compiled: bool) -> None:
     """Per mode, each model's first call (a compile) written at once, then the ready ones timed (docs/benchmarks.md)."""
@@ -399,8 +395,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f'unknown section(s) {sorted(unknown)}; known: {", ".join(SECTIONS)}')
     args.device, quick = torch.device(args.device), args.quick
     if args.device.type == 'cuda' and not torch.cuda.is_available():
-        print('no CUDA device: run with --device cpu --quick for a dry run', file=sys.stderr)
-        return 2
+        parser.exit(2, 'no CUDA device: run with --device cpu --quick for a dry run\n')
     args.layer_batch, args.model_batch, args.repeats, args.warmup = (2, 1, 1, 0) if quick else (64, 128, 10, 3)
     args.img_size = 256  # timm's halonet_h1 needs every stage's map divisible by its block size 8
     # dynamo's tracing without code generation: what a CPU dry run can afford

@@ -1,9 +1,9 @@
 """HaloAttention vs timm's HaloAttn and lucidrains' halonet-pytorch: fwd, fwd+bwd, peak memory (docs/benchmarks.md)."""
-import argparse
 import importlib.metadata
 import importlib.util
 import itertools
-import json
+import multiprocessing
+import os
 from functools import partial
 from typing import Dict, List, Optional, Tuple
 
@@ -11,7 +11,7 @@ import torch
 from timm.layers.halo_attn import HaloAttn
 
 from benchmarks.plot import save_results, script_parser
-from timm_halo.bench import busy_load, device_name, interleaved_medians, peak_memory, peak_memory_in_child, table
+from timm_halo.bench import busy_load, device_name, interleaved_medians, peak_memory, table
 from timm_halo.layers import HaloAttention
 from timm_halo.layers import sdpa as sdpa_module
 
@@ -77,8 +77,12 @@ def run(device: torch.device, repeats: int, impls: List[str], load: int = 0) -> 
             fwd_t, bwd_t = (interleaved_medians({i: partial(call, m, x, backward) for i, m in layers.items()},
                                                 repeats) for backward in (False, True))
         del layers
-        # each in a fresh process: on CPU the peak RSS growth, on CUDA the allocator's peak
-        mem = {i: peak_memory_in_child('benchmarks.layer', [i, shape, '--device', device.type]) for i in impls}
+        # each in a fresh process (a pool of one, one task a process): on CPU the peak RSS growth, on CUDA the
+        # allocator's peak. A fixed mmap threshold: glibc raises it after large frees and keeps later tensors on its
+        # heap (RSS reads low); the child reads it at its start.
+        os.environ.setdefault('MALLOC_MMAP_THRESHOLD_', '65536')
+        with multiprocessing.get_context('spawn').Pool(1, maxtasksperchild=1) as pool:
+            mem = {i: pool.apply(measure_memory, (i, shape, device)) for i in impls}
         rows += [dict(shape=shape, impl=i, load=load, fwd_ms=fwd_t[i] * 1e3, fwd_bwd_ms=bwd_t[i] * 1e3,
                       peak_mb=mem[i] / 2**20) for i in impls]
     return rows
@@ -110,16 +114,12 @@ def main() -> None:
     add('--compile', action='store_true', help='add torch.compile(HaloAttention) (slow to compile)')
     add('--kernels', action='store_true', help='add each kernel of the table as a contender')
     add('--shapes', nargs='+', choices=list(SHAPES), default=None, help='default: all four stages')
-    add('--measure-memory', nargs=2, metavar=('IMPL', 'SHAPE'), help=argparse.SUPPRESS)  # in the child process
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in set(SHAPES) - set(args.shapes or SHAPES):
         del SHAPES[name]
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if args.measure_memory:
-        print(json.dumps(dict(peak_bytes=measure_memory(*args.measure_memory, device))))
-        return
     if not LUCIDRAINS:
         print('note: halonet-pytorch is not installed (pip install halonet-pytorch); skipping the lucidrains peer')
     impls = ['timm', *(['lucidrains'] if LUCIDRAINS else []), 'timm_halo', *(KERNELS if args.kernels else ()),

@@ -33,9 +33,8 @@ def _grouped_bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel:
 
 def _plot_layer(data: Dict[str, Any], fig) -> None:
     """fwd, fwd+bwd and peak memory per shape; with ``data['loaded']`` (``--loaded``), quiet vs under load."""
-    runs = {'quiet': data}
-    if 'loaded' in data:
-        runs[f"{data['loaded']['rows'][0].get('load', '?')} busy process(es)"] = data['loaded']
+    loaded = data.get('loaded')
+    runs = {'quiet': data, **({f"{loaded['rows'][0].get('load', '?')} busy process(es)": loaded} if loaded else {})}
     # One row per shape: the shapes' times differ by 10x or more, so they get their own axes.
     shapes = list(dict.fromkeys(r['shape'] for r in data['rows']))
     fig.set_size_inches(15, 1 + 4 * len(shapes))

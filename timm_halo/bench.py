@@ -93,15 +93,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return max(status_kib('VmHWM') - base, 0) * 1024
 
 
-def peak_memory_in_child(module: str, args: List[str]) -> int:
-    """Run ``python -m module --measure-memory ARGS`` in a fresh process; it prints {"peak_bytes": N} last."""
-    # a fixed mmap threshold: glibc raises it after large frees and keeps later tensors on its heap (RSS reads low)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
-    out = subprocess.run([sys.executable, '-m', module, '--measure-memory', *args],
-                         check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])['peak_bytes']
-
-
 @contextlib.contextmanager
 def busy_load(processes: int) -> Iterator[None]:
     """``processes`` busy-loop processes while the block runs (what a second job does to a shared machine)."""
