@@ -90,7 +90,7 @@ def main() -> None:
     print(f'{header}\n{bench.format_table(results)}\n\n{ratio_table}')
     if any(n in args.models for n in GOAL_MODELS):
         print(f'\nGoals (CPU, 256 px):\n{goals_table}')
-    save_results(args, 'accelerate', header, rows=[r.as_dict() for r in results], ratios=ratio_rows, goals=GOALS,
+    save_results(args, 'accelerate', header, rows=[vars(r) for r in results], ratios=ratio_rows, goals=GOALS,
                  goal_models=GOAL_MODELS)
 
 

@@ -76,9 +76,8 @@ def timed(fns: Dict[str, Callable[[], None]], args) -> Tuple[Dict[str, float], D
 
 def guarded(args, need_s: float, base_rows: List[dict], measure: Callable[[], List[dict]]) -> List[dict]:
     """``measure()``'s rows; else ``base_rows`` with why not: too little time left, or the error it raised."""
-    if args.deadline - time.monotonic() < need_s:
-        return [dict(r, note='skipped: time limit') for r in base_rows]
-    rows, error = attempt(measure, args.device)
+    rows, error = attempt(measure, args.device) if args.deadline - time.monotonic() >= need_s else (
+        None, 'skipped: time limit')
     return [dict(r, note=error) for r in base_rows] if error else rows
 
 
@@ -339,8 +338,8 @@ def summary(out_dir: str) -> int:
     for name in ('tests',) + SECTIONS:
         with contextlib.suppress(OSError, ValueError):
             found[name] = json.loads((out / f'{name}.json').read_text())
-    meta = dict(next((d['meta'] for d in found.values() if d.get('meta')), {}))
-    meta.pop('budget_s', None)  # each section's own
+    # the budget is each section's own
+    meta = {k: v for k, v in next((d['meta'] for d in found.values() if d.get('meta')), {}).items() if k != 'budget_s'}
     status = table(['section', 'status', ('s', 's', '{:.0f}'), 'rows', 'error'], [
         dict(section=n, status=d.get('status'), s=d.get('wall_s', d.get('seconds')), rows=len(d.get('rows') or []),
              error=d.get('error') or '') for n, d in found.items()])

@@ -29,9 +29,8 @@ LUCIDRAINS = importlib.util.find_spec('halonet_pytorch') is not None
 def make_layer(impl: str, channels: int, device: torch.device) -> torch.nn.Module:
     """The layer ``impl`` with ``channels`` in and out, 8 heads of C/8, on ``device``."""
     if impl in OURS:
-        kernel = impl.split()[1] if impl in KERNELS else 'auto'
         layer = HaloAttention(channels, block_size=BLOCK, halo_size=HALO, heads=HEADS, dim_head=channels // HEADS,
-                              attn_impl=kernel).to(device)
+                              attn_impl=impl.split()[1] if impl in KERNELS else 'auto').to(device)
         # dynamic=False: each shape gets its own layer, so no shape ever needs a dynamic graph.
         return torch.compile(layer, dynamic=False) if impl == 'timm_halo compiled' else layer
     if impl == 'timm':

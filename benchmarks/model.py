@@ -49,7 +49,7 @@ def main() -> None:
     print(f'{OURS} @256 vs each peer (speed: ours img/s / peer img/s; efficiency: ours GMAC/s as % of the peer\'s)')
     print(bench.table(['mode', 'peer', ('speed', 'speed', '{:.2f}x'),
                        ('GMAC/s % of peer', 'gmac_per_s_pct', '{:.0f}%')], ratio_rows))
-    save_results(args, 'model', header, rows=[r.as_dict() for r in results], ratios=ratio_rows)
+    save_results(args, 'model', header, rows=[vars(r) for r in results], ratios=ratio_rows)
 
 
 if __name__ == '__main__':

@@ -126,7 +126,7 @@ def test_measure_models_infer_and_train_step():
     # the derived figures, on numbers worked out by hand: 2 images in 0.5 s, 3 GMACs per forward
     step = ModelResult('x', 64, 2, True, 0.5, 3.0)
     assert (step.img_per_s, step.gmac_per_s) == (4.0, 36.0)  # fwd+bwd = three forwards: 9 GMACs an image
-    assert step.as_dict()['mode'] == 'train' and ModelResult('x', 64, 2, False, 0.5, 3.0).gmac_per_s == 12.0
+    assert vars(step)['mode'] == 'train' and ModelResult('x', 64, 2, False, 0.5, 3.0).gmac_per_s == 12.0
     with pytest.raises(ValueError, match='duplicate'):
         measure_models([specs[0], specs[0]], CPU, batch_size=1, repeats=1, warmup=0)
 
@@ -179,7 +179,7 @@ def test_plot_writes_png(tmp_path, kind):
         rows = [dict(shape=s, impl=i, fwd_ms=1.0, fwd_bwd_ms=2.0, peak_mb=3.0)
                 for s in ('stage1', 'stage3') for i in ('timm', 'timm_halo')]
     elif kind == 'model':
-        rows = [dict(_result(lb, 256, 1.0, 3.0, train).as_dict()) for lb in ('a', 'b') for train in (False, True)]
+        rows = [dict(vars(_result(lb, 256, 1.0, 3.0, train))) for lb in ('a', 'b') for train in (False, True)]
     else:
         resolution = pytest.importorskip('benchmarks.resolution')
         rows = resolution.rows_for([_result('m', 256, 1.0, 2.0), _result('m', 512, 4.4, 8.0)])

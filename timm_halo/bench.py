@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -136,14 +136,11 @@ class ModelResult:
     seconds: float  # median seconds per step (one batch)
     gmacs: float  # forward GMACs of one image
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # vars(result): the fields and these, as the JSON rows hold them
         self.mode = 'train' if self.train else 'infer'
         self.img_per_s = self.batch_size / self.seconds
         # a train step counts as TRAIN_MACS_FACTOR forwards
         self.gmac_per_s = self.gmacs * (TRAIN_MACS_FACTOR if self.train else 1.0) * self.img_per_s
-
-    def as_dict(self) -> Dict[str, Any]:
-        return dict(asdict(self), mode=self.mode, img_per_s=self.img_per_s, gmac_per_s=self.gmac_per_s)
 
 
 def timm_spec(name: str, img_size: Optional[int] = None) -> ModelSpec:
@@ -153,14 +150,11 @@ def timm_spec(name: str, img_size: Optional[int] = None) -> ModelSpec:
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, target: Optional[torch.Tensor], autocast: Callable[[], Any]):
-    if target is None:
-        with torch.no_grad(), autocast():
-            model(x)
-        return
-    model.zero_grad(set_to_none=True)  # fwd + loss + bwd; no optimizer step: the network's cost alone
-    with autocast():
+    with torch.set_grad_enabled(target is not None), autocast():
         out = model(x)
-    F.cross_entropy(out.float(), target).backward()
+    if target is not None:  # a train step: fwd + loss + bwd; no optimizer step: the network's cost alone
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(out.float(), target).backward()
 
 
 def measure_models(specs: Sequence[ModelSpec], device: torch.device, batch_size: int, train: bool = False,
@@ -199,7 +193,7 @@ def format_table(results: Sequence[ModelResult]) -> str:
     """Markdown table: one row per contender and mode."""
     return table([('model', 'label', '{}'), ('input', 'img_size', '{}'), ('batch', 'batch_size', '{}'), 'mode',
                   ('ms/step', 'seconds', lambda s: f'{s * 1e3:.1f}'), ('img/s', 'img_per_s', '{:.2f}'),
-                  ('GMACs/img', 'gmacs', '{:.2f}'), ('GMAC/s', 'gmac_per_s', '{:.1f}')], [r.as_dict() for r in results])
+                  ('GMACs/img', 'gmacs', '{:.2f}'), ('GMAC/s', 'gmac_per_s', '{:.1f}')], [vars(r) for r in results])
 
 
 # -- what every run shares: options, device and AMP, header, JSON ----------------------------------------------

@@ -86,7 +86,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     results = bench.measure_modes([bench.timm_spec(args.model, args.img_size)], args, (False, True)[:1 + args.train])
     header = bench.run_header(f'timm-halo bench {args.model}', args)
     print(f'{header}\n{bench.format_table(results)}')
-    bench.write_json(dict(benchmark='model', header=header, args=vars(args), rows=[r.as_dict() for r in results]),
+    bench.write_json(dict(benchmark='model', header=header, args=vars(args), rows=[vars(r) for r in results]),
                      args.json)
     return 0
 
