@@ -35,9 +35,8 @@ def _bound(name: str) -> torch.nn.Module:
 
 
 def _accelerated(name: str, impl: str) -> torch.nn.Module:
-    model = timm.create_model(name)
     # The GMACs are counted on the meta device, where only the plain kernels run (same MACs).
-    return accelerate(model, attn_impl='auto' if next(model.parameters()).device.type == 'meta' else impl)
+    return accelerate(timm.create_model(name), attn_impl='auto' if torch.get_default_device().type == 'meta' else impl)
 
 
 def contenders(names: List[str], impls: List[str], bound: bool) -> List[bench.ModelSpec]:
@@ -85,8 +84,7 @@ def main() -> None:
     before, after = ('/'.join(f'{v:.1f}' for v in load) for load in (load_before, os.getloadavg()))
     header = (bench.run_header('timm halo models, stock vs accelerated', args)
               + f' | load average (1/5/15 min) before {before}, after {after} on {os.cpu_count()} cores')
-    ratio_rows = ratios(results, args.models)
-    ratio_table, goals_table = format_tables(ratio_rows)
+    ratio_table, goals_table = format_tables(ratio_rows := ratios(results, args.models))
     print(f'{header}\n{bench.format_table(results)}\n\n{ratio_table}')
     if any(n in args.models for n in GOAL_MODELS):
         print(f'\nGoals (CPU, 256 px):\n{goals_table}')

@@ -95,18 +95,16 @@ def write_atomic(path: Union[str, Path], text: str) -> None:  # a kill mid-write
 def fail_on_purpose(name: str) -> None:
     """GPU_CHECK_FAIL=<section>[:error|crash|hang],...: fail this section, as asked (at its first row)."""
     items = (item.strip().partition(':') for item in os.environ.get('GPU_CHECK_FAIL', '').split(','))
-    mode = {n: m or 'error' for n, _, m in items}.get(name)
-    if mode is None:
-        return
-    print(f'GPU_CHECK_FAIL: {name} {mode}', flush=True)
-    if mode == 'crash':  # as a fatal CUDA error would: the process dies, no exception handler runs
-        import resource  # Unix only, as the GPU machine
+    if mode := {n: m or 'error' for n, _, m in items}.get(name):
+        print(f'GPU_CHECK_FAIL: {name} {mode}', flush=True)
+        if mode == 'crash':  # as a fatal CUDA error would: the process dies, no exception handler runs
+            import resource  # Unix only, as the GPU machine
 
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the checkout
-        os.kill(os.getpid(), signal.SIGSEGV)
-    while mode == 'hang':  # until the time limit of gpu_check.sh kills it
-        time.sleep(60)
-    raise RuntimeError(f'forced failure of section {name} (GPU_CHECK_FAIL)')
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the checkout
+            os.kill(os.getpid(), signal.SIGSEGV)
+        while mode == 'hang':  # until the time limit of gpu_check.sh kills it
+            time.sleep(60)
+        raise RuntimeError(f'forced failure of section {name} (GPU_CHECK_FAIL)')
 
 
 class Section:

@@ -44,11 +44,10 @@ def main() -> None:
     bench.resolve_run(args, parser)
     results = bench.measure_modes(contenders(args.kernels), args, (False, True)[:2 - args.no_train])
     header = bench.run_header('Models', args)
-    ratio_rows = ratios(results)
     print(f'{header}\n{bench.format_table(results)}\n')
     print(f'{OURS} @256 vs each peer (speed: ours img/s / peer img/s; efficiency: ours GMAC/s as % of the peer\'s)')
     print(bench.table(['mode', 'peer', ('speed', 'speed', '{:.2f}x'),
-                       ('GMAC/s % of peer', 'gmac_per_s_pct', '{:.0f}%')], ratio_rows))
+                       ('GMAC/s % of peer', 'gmac_per_s_pct', '{:.0f}%')], ratio_rows := ratios(results)))
     save_results(args, 'model', header, rows=[vars(r) for r in results], ratios=ratio_rows)
 
 

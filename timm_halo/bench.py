@@ -137,8 +137,7 @@ class ModelResult:
     gmacs: float  # forward GMACs of one image
 
     def __post_init__(self) -> None:  # vars(result): the fields and these, as the JSON rows hold them
-        self.mode = 'train' if self.train else 'infer'
-        self.img_per_s = self.batch_size / self.seconds
+        self.mode, self.img_per_s = 'train' if self.train else 'infer', self.batch_size / self.seconds
         # a train step counts as TRAIN_MACS_FACTOR forwards
         self.gmac_per_s = self.gmacs * (TRAIN_MACS_FACTOR if self.train else 1.0) * self.img_per_s
 

@@ -219,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = (parser := build_parser()).parse_args(argv)
     command = args.command or 'info'
     cmd_parser = parser.commands[command]
     for name in GLOBAL_OPTIONS:
