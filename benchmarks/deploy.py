@@ -59,11 +59,9 @@ def _time_ort(paths: Dict[str, str], batch_sizes: Sequence[int], img_size: int, 
 def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int, backends: Sequence[str],
             onnx_dir: Path, load: int = 0, ort_spin: bool = False,
             ort_in_process: bool = False) -> Tuple[List[dict], Dict[str, dict]]:
-    """Rows (backend, model, batch, seconds, GMACs) of every contender; one interleaved timing per batch size.
-
-    ONNX Runtime is timed in a child process of its own (as deployed), after the PyTorch timings, unless
-    ``ort_in_process``: interleaved with them, ATen's OpenMP threads still spinning after an eager call take
-    cores from the ORT call timed next (ours ran 103 ms alone and 131 ms interleaved at batch 1)."""
+    """Rows (backend, model, batch, seconds, GMACs) of every contender; one interleaved timing per batch size."""
+    # ORT runs in a child process of its own (as deployed) unless ort_in_process: interleaved, ATen's OpenMP threads
+    # still spinning after an eager call take the cores from the ORT call timed next (ours: 103 ms alone, 131 ms).
     models, gmacs = {}, {}
     for label, factory in CONTENDERS.items():
         gmacs[label] = model_gmacs(factory, img_size)
@@ -107,8 +105,7 @@ def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int
 
 
 def add_ratios(rows: List[dict]) -> List[dict]:
-    """Speed against timm's halonet_h1 and resnet50 in the same backend and batch, GMAC/s as % of resnet50's, and
-    ms against the same model in eager."""
+    """Speed vs timm's halonet_h1 and resnet50 (same backend and batch), GMAC/s % of resnet50's, ms vs eager."""
     by_key = {(r['backend'], r['model'], r['batch']): r for r in rows}
     for r in rows:
         timm_h1, r50 = (by_key.get((r['backend'], peer, r['batch'])) for peer in (TIMM, RESNET))

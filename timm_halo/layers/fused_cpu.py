@@ -83,16 +83,16 @@ def _windows_layout(t: torch.Tensor, nh: int, nw: int, rows: int, cols: int) -> 
 
 
 def _map_layout(t: torch.Tensor, step_y: int, step_x: int, pad_y: int, pad_x: int) -> Layout:
-    """(G, C, H, W) with contiguous rows: block (by, bx)'s window starts at (by * step_y - pad_y, bx * step_x -
-    pad_x); positions outside the map read as 0."""
+    """(G, C, H, W) with contiguous rows; positions outside the map read as 0."""
+    # block (by, bx)'s window starts at (by * step_y - pad_y, bx * step_x - pad_x)
     row = t.stride(2)
     return Layout(t.stride(0), t.stride(1), step_y * row, step_x, row, step_y, step_x, pad_y, pad_x, t.shape[2],
                   t.shape[3])
 
 
 def target() -> Tuple[str, List[str]]:
-    """The instruction set the kernel is built for here and its flags: PyTorch's own detection (which
-    ``ATEN_CPU_CAPABILITY`` can lower) on x86-64, else ``'baseline'`` (the compiler's default target)."""
+    """The instruction set the kernel is built for here, and its flags."""
+    # PyTorch's own detection (which ATEN_CPU_CAPABILITY can lower) on x86-64, else the compiler's default target
     capability = torch.backends.cpu.get_cpu_capability().upper()
     if platform.machine().lower() in _X86_64 and capability in _WIDE_ISAS:
         return capability.lower(), _WIDE_ISAS[capability]
@@ -143,8 +143,7 @@ def _matches(library: Path, digest: Path) -> bool:
 
 
 def _torch_openmp() -> List[str]:
-    """Compiler and linker arguments that build the kernel against PyTorch's own OpenMP runtime (the libgomp in
-    torch/lib, already loaded), so that the kernel's ranges run on ATen's threads; [] where there is none."""
+    """Arguments that link the kernel against torch/lib's libgomp (ATen's threads run its ranges); [] if none."""
     found = sorted((Path(torch.__file__).parent / 'lib').glob('libgomp*.so*')) if platform.system() == 'Linux' else []
     if not found:
         return []
@@ -249,8 +248,7 @@ def available() -> bool:
 
 @torch.compiler.assume_constant_result
 def preferred() -> bool:
-    """True when 'auto' should run this kernel on CPU: this CPU has 32-byte vectors or wider (decided before any
-    compile) and the kernel is available."""
+    """True when 'auto' should run this kernel: 32-byte vectors or wider (known before any compile), and built."""
     return target()[0] != 'baseline' and available() and _load()[torch.float32].vector_bytes >= AUTO_MIN_VECTOR_BYTES
 
 
@@ -278,9 +276,9 @@ def _tables_mode(rel_h: torch.Tensor) -> bool:
 
 
 def _geometry(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], tables) -> Tuple[int, ...]:
-    """(n, d, dv, Q, kh, kw, nh, nw, bq) of a call, checked: the C kernel reads raw memory at offsets from these
-    shapes, so a mismatch must be an error, not a bad read. Windows: q (N, d, Q), k (N, d, K), v (N, dv, K); maps
-    (``v`` None): q (G, d, Hq, Wq) in blocks of bq x bq, k the key / value map (G, d + dv, H, W)."""
+    """(n, d, dv, Q, kh, kw, nh, nw, bq) of a call, checked: the C kernel reads raw memory at these offsets."""
+    # Windows: q (N, d, Q), k (N, d, K), v (N, dv, K); maps (v None): q (G, d, Hq, Wq) in blocks of bq x bq, k the
+    # key / value map (G, d + dv, H, W).
     rel_h, rel_w, base_h, base_w, mask_h, mask_w = tables
     (nh, bq), (nw, bq_w), kh, kw = base_h.shape, base_w.shape, mask_h.shape[-1], mask_w.shape[-1]
     if v is None:
@@ -310,9 +308,9 @@ def _chunk(n: int) -> int:
 
 
 def _run(kernel: _Kernel, backward: bool, scale: float, geometry, window: List[int], **tensors: torch.Tensor) -> None:
-    """The C kernel over all windows, in ranges of ``_chunk`` windows (a few per thread) on PyTorch's OpenMP team or
-    the tile pool. ``tensors``: the operands by name (HaloArgs' fields); they, and so the memory the kernel reads,
-    live until every range has ended (``run_tiles`` waits for them, also on an error or a KeyboardInterrupt)."""
+    """The C kernel over all windows, in ranges of ``_chunk`` windows on PyTorch's OpenMP team or the tile pool."""
+    # tensors: the operands by name (HaloArgs' fields); they, and so the memory the kernel reads, live until every
+    # range has ended (run_tiles waits for them, also on an error or a KeyboardInterrupt)
     n, d, dv, num_q, kh, kw, nh, nw, bq = geometry
     q, k, v, out = (tensors[name] for name in ('q', 'k', 'v', 'out'))
     if window:  # maps: query blocks of bq x bq; block (by, bx)'s key window at (by * step_h - pad_h, ...)
@@ -341,8 +339,7 @@ def _raise_status(status: int) -> None:
 
 
 def _prepare(q, k, v, tables, *others: torch.Tensor):
-    """The kernel, the checked geometry, contiguous operands and the tables by name; with maps (``v`` None), ``v``
-    is the value channels of the key / value map ``k``."""
+    """The kernel, the checked geometry, contiguous operands (maps: v from k's channels) and the tables by name."""
     floats = [q, k, *([] if v is None else [v]), *tables[:2], *tables[4:], *others]
     if q.dtype not in DTYPES or any(t.dtype != q.dtype for t in floats):
         raise TypeError(f"HaloAttention: attn_impl='fused' runs fp32 or fp64 (one dtype), got "
@@ -363,8 +360,8 @@ _FLEXIBLE = {'tags': (torch.Tag.flexible_layout,)} if 'tags' in inspect.signatur
 
 
 def _per_head(heads: int, *maps: torch.Tensor) -> List[torch.Tensor]:
-    """(B, heads * C, H, W) maps as (B * heads, C, H, W): in here, not in the caller's graph, where inductor would
-    have to order the strides of a reshaped convolution output of symbolic size."""
+    """(B, heads * C, H, W) maps as (B * heads, C, H, W)."""
+    # In here, not in the caller's graph, where inductor would have to order a reshaped conv output's symbolic strides
     return [m.contiguous().view(m.shape[0] * heads, m.shape[1] // heads, *m.shape[2:]) for m in maps]
 
 
@@ -478,8 +475,7 @@ def expand_tables(
         q: torch.Tensor, qt_h: torch.Tensor, qt_w: torch.Tensor, base_h: torch.Tensor, base_w: torch.Tensor,
         mask_h: torch.Tensor, mask_w: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The per-axis terms (rel_h, rel_w of ``attend_broadcast``) that ``attend_fused_tables`` builds from its
-    sources, in plain ops (the kernel's double backward, tests)."""
+    """``attend_fused_tables``' per-axis terms (rel_h, rel_w) in plain ops (double backward, tests)."""
     if _tables_mode(qt_h):
         qt_h, qt_w = torch.matmul(qt_h, q), torch.matmul(qt_w, q)  # (N, rows, bq * bq)
     n, _, num_q = q.shape
@@ -502,8 +498,7 @@ def attend_fused_tables(
         base_h: torch.Tensor, base_w: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor, scale: float,
         window: Sequence[int] = (),
 ) -> torch.Tensor:
-    """Fused windowed attention (CPU) building each query's relative terms from the tables; ``v`` None and
-    ``window``: ``attend_fused_maps`` (docs/kernels.md)."""
+    """Fused windowed attention (CPU), each query's relative terms built from the tables (docs/kernels.md)."""
     floats = [q, k, v, qt_h, qt_w, mask_h, mask_w]
     if q.dtype not in DTYPES or any(t is not None and t.dtype != q.dtype for t in floats):
         # the kernel computes in fp32 or fp64: bf16 / fp16 (autocast) are widened to fp32, the result cast back
@@ -526,8 +521,8 @@ def attend_fused_maps(
 def attend_fused(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Fused windowed attention (CPU) with the kernel interface of ``attend_broadcast``: the per-axis terms are
-    given whole (one table row per key row and query: base 0, no mask)."""
+    """Fused windowed attention (CPU) with ``attend_broadcast``'s interface: per-axis terms given whole."""
+    # one table row per key row and query: base 0, no mask
     n, bq, _, kh = rel_h.shape
     kw = rel_w.shape[-1]
     zeros = torch.zeros(1, bq, dtype=torch.int32, device=q.device)

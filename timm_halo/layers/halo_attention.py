@@ -1,9 +1,7 @@
-"""Blocked local self-attention with a halo (HaloNet, https://arxiv.org/abs/2103.12731, Vaswani et al., CVPR 2021).
-
-The layer cuts its input into query blocks and key windows and hands them to one kernel of ``kernels.KERNELS``;
-``reference_forward`` is dense attention with an explicit window mask, which the tests hold every kernel to. The maths,
-masking and stride: docs/kernels.md (The layer's attention).
-"""
+"""Blocked local self-attention with a halo (HaloNet, https://arxiv.org/abs/2103.12731); docs/kernels.md."""
+# The layer cuts its input into query blocks and key windows and hands them to one kernel of kernels.KERNELS;
+# reference_forward is dense attention with an explicit window mask, which the tests hold every kernel to. The maths,
+# masking and stride: docs/kernels.md (The layer's attention).
 import math
 import numbers
 from typing import List, Optional, Tuple
@@ -35,8 +33,8 @@ def _check_dtype(x: torch.Tensor, param_dtype: torch.dtype, owner: str) -> None:
 
 @register_notrace_function  # a leaf for torch.fx: the checks need real shapes, not proxies
 def check_image_input(x: torch.Tensor, channels: int, param_dtype: torch.dtype, owner: str) -> None:
-    """Raise a clear error unless ``x`` is a 4-D NCHW floating point tensor with ``channels`` channels whose
-    dtype matches the parameters' (``param_dtype``; any dtype under autocast)."""
+    """Raise a clear error unless ``x`` is 4-D NCHW floating point with ``channels`` channels, the parameters' dtype."""
+    # (any dtype under autocast)
     if x.dim() != 4:
         raise ValueError(f'{owner} expects a 4-D NCHW tensor, got {x.dim()}-D of shape {list(x.shape)}')
     if x.shape[1] != channels:
@@ -148,8 +146,9 @@ class HaloAttention(KernelChoice, nn.Module):
     # ---- blocks and windows -------------------------------------------------------------------------------------
 
     def _window_plan(self, size: int, blocks: int, crop: bool) -> Tuple[int, int, int, int]:
-        """Key windows along one axis: (padding before, padding after, step, length); ``crop``: shorter windows on
-        maps of one or two blocks, without the halo rows outside the image (docs/kernels.md, Cropped key windows)."""
+        """Key windows along one axis: (padding before, padding after, step, length)."""
+        # crop: shorter windows on maps of one or two blocks, without the halo rows outside the image (docs/kernels.md,
+        # Cropped key windows)
         b, h = self.block_size, self.halo_size
         if crop and blocks == 1:
             return 0, 0, b, size  # the whole axis is one window
@@ -161,8 +160,8 @@ class HaloAttention(KernelChoice, nn.Module):
 
     def _axis_terms(self, size: int, blocks: int, plan: Tuple[int, int, int, int], dtype: torch.dtype,
                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Relative-table rows (blocks, bq, length) of each (block, query, key slot) and the additive border
-        mask (blocks, length): 0 where the key lies inside the image and inside the block's halo window."""
+        """Table rows (blocks, bq, length) per (block, query, key) and the border mask (blocks, length)."""
+        # the mask is 0 where the key lies inside the image and inside the block's halo window
         b, h, s = self.block_size, self.halo_size, self.stride
         pad_before, _, step, length = plan
         block_start = (torch.arange(blocks, device=device) * b)[:, None]
@@ -192,8 +191,9 @@ class HaloAttention(KernelChoice, nn.Module):
 
     def _blocked(self, x: torch.Tensor, crop: bool, gather_op: bool, graph: bool = False,
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
-        """q (N, d, bq^2), k (N, d, kh * kw), v (N, dv, kh * kw) with N = B * heads * nh * nw, [rel_h, rel_w] (the
-        interface of ``attend_broadcast``) and the geometry for ``_unblock`` (docs/kernels.md, Blocks and windows)."""
+        """q, k, v, [rel_h, rel_w] as ``attend_broadcast`` takes them, and the geometry for ``_unblock``."""
+        # q (N, d, bq^2), k (N, d, kh * kw), v (N, dv, kh * kw), N = B * heads * nh * nw (docs/kernels.md, Blocks and
+        # windows)
         B, _, H, W = x.shape
         s, bq = self.stride, self.block_size // self.stride
         # The projections are called as modules: hooks, wrappers (LoRA, pruning, quantisation) all apply.
@@ -222,8 +222,8 @@ class HaloAttention(KernelChoice, nn.Module):
 
     def _skewed_terms(self, q_blocks: torch.Tensor, rows_h: torch.Tensor, rows_w: torch.Tensor, same_h: bool,
                       same_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The einsums' relative terms in matrix products and copies, which ONNX Runtime runs 2-3x faster than its
-        Einsum (docs/kernels.md, Exported graphs). ``same_*``: windows ``b`` apart, one (d, span) table for all."""
+        """The einsums' relative terms in matrix products and copies (docs/kernels.md, Exported graphs)."""
+        # ONNX Runtime runs them 2-3x faster than its Einsum. same_*: windows b apart, one (d, span) table for all.
         B, heads, nh, nw, d, bq, _ = q_blocks.shape
         n, reach = B * heads * nh * nw, self.block_size - self.stride
         q_pixels = q_blocks.view(B, heads, nh, nw, d, bq * bq).transpose(-1, -2)
@@ -272,8 +272,8 @@ class HaloAttention(KernelChoice, nn.Module):
     @torch.jit.unused
     def _kept_axis_terms(self, size: int, blocks: int, plan: Tuple[int, int, int, int], dtype: torch.dtype,
                          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``_axis_terms``, kept per input size in eager mode: a dozen small ops (kernel launches on CUDA) per axis and
-        call cost more than a batch-1 stage-4 layer's attention. Traced, compiled and exported graphs build them."""
+        """``_axis_terms``, kept per input size in eager mode; traced, compiled and exported graphs build them."""
+        # A dozen small ops (kernel launches on CUDA) per axis and call cost more than a batch-1 stage-4 attention.
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._axis_terms(size, blocks, plan, dtype, device)
         cache = self.__dict__.setdefault('_axis_terms_cache', {})
@@ -286,8 +286,8 @@ class HaloAttention(KernelChoice, nn.Module):
         return cache[key]
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense attention over all pixels with an explicit window mask (slow, for tests); keys outside a query's
-        window contribute nothing, not even NaN/inf (as in the fast paths)."""
+        """Dense attention over all pixels with an explicit window mask (slow, for tests)."""
+        # Keys outside a query's window contribute nothing, not even NaN/inf (as in the fast paths).
         self._check_input(x)
         B, _, H, W = x.shape
         b, h, s = self.block_size, self.halo_size, self.stride
@@ -335,14 +335,15 @@ def _gather_windows(padded: torch.Tensor, heads: int, dim_head: int, plan_h: Tup
 
 
 def _skew(products: torch.Tensor, shift: int, start: int) -> torch.Tensor:
-    """``out[m, i, t] = products[m, i, t + start - i * shift]`` wherever that lies in [0, width) (``start <= rows *
-    shift``): pad, flatten, slice, view (copies, no gather)."""
+    """``out[m, i, t] = products[m, i, t + start - i * shift]`` where that lies in [0, width); start <= rows * shift."""
+    # pad, flatten, slice, view: copies, no gather
     m, rows, width = products.shape
     flat = F.pad(products, [0, shift]).reshape(m, rows * (width + shift))
     return flat[:, start:start + rows * width].reshape(m, rows, width)
 
 
 def _concrete_if_small(blocks: int) -> int:
-    """1 or 2 as a plain int, other counts unchanged: a constant keeps torch.compile's reshapes of one- and two-block
-    maps static (their cropped window plans guard on these values anyway)."""
+    """1 or 2 as a plain int, other counts unchanged."""
+    # A constant keeps torch.compile's reshapes of one- and two-block maps static (their cropped window plans guard
+    # on these values anyway).
     return 1 if blocks == 1 else 2 if blocks == 2 else blocks

@@ -16,8 +16,8 @@ TILE_LOGITS = 1 << 20
 
 
 def _tile_windows(n: int, per_window: int, tile_logits: int) -> int:
-    """Windows per tile: up to ``tile_logits`` logits, but at least 8 tiles where that still leaves a quarter of
-    it, so the tile buffers stay small next to the layer's own activations."""
+    """Windows per tile: up to ``tile_logits`` logits, but at least 8 tiles where that still leaves a quarter of it."""
+    # so the tile buffers stay small next to the layer's own activations
     budget = min(tile_logits, max(tile_logits // 4, n * per_window // 8))
     return max(1, budget // max(per_window, 1))
 
@@ -45,8 +45,8 @@ _scratch = threading.local()
 
 
 def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable per-thread buffer of at least ``numel`` elements: the allocator (and the page faults of fresh
-    memory) see one allocation per thread, not one per tile."""
+    """A reusable per-thread buffer of at least ``numel`` elements."""
+    # the allocator (and the page faults of fresh memory) see one allocation per thread, not one per tile
     buf = getattr(_scratch, slot, None)
     if buf is None or buf.dtype != dtype or buf.numel() < numel:
         buf = torch.empty(numel, dtype=dtype)
