@@ -3,7 +3,15 @@ handles it. One logits tensor per call (no tiling); the per-axis relative terms 
 exported graphs through the matrix products."""
 import torch
 
-__all__ = ['attend_broadcast']
+__all__ = ['attend_broadcast', 'key_one_hots']
+
+
+def key_one_hots(kh: int, kw: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(kh * kw, kh + kw): key j = r * kw + c of a window as [onehot(r), onehot(c)]."""
+    # Comparisons, not F.one_hot: no bounds check (a device sync on CUDA), one elementwise op for torch.compile.
+    keys = torch.arange(kh * kw, device=device)
+    return torch.cat([((keys // kw)[:, None] == torch.arange(kh, device=device)).to(dtype),
+                      ((keys % kw)[:, None] == torch.arange(kw, device=device)).to(dtype)], dim=-1)
 
 
 def attend_broadcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
@@ -23,12 +31,11 @@ def attend_broadcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: t
     # lays them out over the window exactly (one nonzero product per sum). With more queries than relative terms
     # they ride on the logits' own product, q' = [scale q, rel_h, rel_w] against k' = [k, E] (one product, no
     # add); else a product with E and an add. Not in eager mode: MAC counts stay the model's own.
-    expand = torch.cat([torch.eye(kh, dtype=q.dtype, device=q.device).repeat_interleave(kw, 1),
-                        torch.eye(kw, dtype=q.dtype, device=q.device).repeat(1, kh)])
+    one_hots = key_one_hots(kh, kw, q.dtype, q.device)
     rel = torch.cat([rel_h, rel_w], -1).view(n, bq * bq, kh + kw)
     if bq * bq > kh + kw:
-        keys = torch.cat([k.transpose(1, 2), expand.t().expand(n, -1, -1)], -1)  # pixel-major: no transposes
+        keys = torch.cat([k.transpose(1, 2), one_hots.expand(n, -1, -1)], -1)  # pixel-major: no transposes
         logits = torch.cat([q.transpose(1, 2) * scale, rel], -1) @ keys.transpose(1, 2)
     else:
-        logits = (q.transpose(1, 2) @ k) * scale + rel @ expand
+        logits = (q.transpose(1, 2) @ k) * scale + rel @ one_hots.t()
     return v @ logits.softmax(dim=-1).transpose(1, 2)

@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .broadcast import key_one_hots
+
 __all__ = ['CUDA_MAX_WINDOWS_PER_CALL', 'CUDA_PAD_VALUES_FOR_FLASH', 'attend_sdpa']
 
 CUDA_MAX_WINDOWS_PER_CALL = 65535
@@ -69,14 +71,7 @@ def augment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tens
         _logits_to(rel_w.reshape(n, num_q, kw), dtype),
         q.new_zeros(n, num_q, qk_width - d - kh - kw, dtype=dtype),
     ], dim=-1)
-    # Key j = r * kw + c of a window sits in key row r and key column c. Comparisons, not F.one_hot: no bounds
-    # check (a device sync on CUDA), one elementwise op for torch.compile.
-    keys = torch.arange(num_k, device=q.device)
-    one_hots = torch.cat([
-        ((keys // kw)[:, None] == torch.arange(kh, device=q.device)[None, :]).to(dtype),
-        ((keys % kw)[:, None] == torch.arange(kw, device=q.device)[None, :]).to(dtype),
-        q.new_zeros(num_k, qk_width - d - kh - kw, dtype=dtype),
-    ], dim=-1)
+    one_hots = F.pad(key_one_hots(kh, kw, dtype, q.device), [0, qk_width - d - kh - kw])
     k_aug = torch.cat([k.transpose(1, 2).to(dtype), one_hots.expand(n, num_k, qk_width - d)], dim=-1)
     v_aug = torch.cat([v.transpose(1, 2).to(dtype), v.new_zeros(n, num_k, v_width - dv, dtype=dtype)], dim=-1)
     return q_aug, k_aug, v_aug
