@@ -14,11 +14,13 @@ import timm
 import torch
 
 from benchmarks.model import MODELS, OURS, RESNET, TIMM
-from timm_halo.bench import busy_load, interleaved_medians, model_gmacs, table, write_json
+from timm_halo.bench import TUNED_MALLOC, busy_load, interleaved_medians, model_gmacs, table, write_json
 from timm_halo.export import export_onnx, onnx_parity
 
 CONTENDERS: Dict[str, Callable[[], torch.nn.Module]] = dict(MODELS)
 EAGER, COMPILE, ORT = 'eager', 'compile', 'ort'
+# PyTorch timed under glibc's malloc defaults and with bench.TUNED_MALLOC (freed memory kept for reuse)
+MALLOCS = ('default', 'tuned')
 # Deployment goals, ratios in the same run: (measure, how to read the row, target).
 TARGETS = ('eager batch 1 vs timm >= 3x', 'eager batch 1 GMAC/s vs resnet50 >= 50%', 'ORT batch 1 vs timm >= 3x',
            'ours in ORT / ours eager (ms) <= 1.3x')
@@ -44,60 +46,82 @@ def _run_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
         model(x)
 
 
+def _time_torch(contenders: Dict[str, Callable[[], torch.nn.Module]], batch_sizes: Sequence[int], img_size: int,
+                repeats: int, warmup: int, threads: int, compile_: bool) -> Dict[Tuple[str, str, int], float]:
+    """PyTorch's contenders (eager, and compiled if asked), interleaved, per batch size (in a fresh process)."""
+    torch.set_num_threads(threads)
+    models = {}
+    for label, factory in contenders.items():
+        torch.manual_seed(0)
+        models[label] = factory().eval()
+    # One compiled module per model for every batch size: a second batch size recompiles in the warm-up round.
+    compiled = {label: torch.compile(m) for label, m in models.items()} if compile_ else {}
+    seconds = {}
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(2))
+        fns = {(EAGER, label): partial(_run_eager, m, x) for label, m in models.items()}
+        fns.update({(COMPILE, label): partial(_run_eager, m, x) for label, m in compiled.items()})
+        # torch.compile needs its (slow) first call out of the timed rounds.
+        for (backend, label), t in interleaved_medians(fns, repeats, max(warmup, 1) if compiled else warmup).items():
+            seconds[backend, label, batch] = t
+    return seconds
+
+
 def _time_ort(paths: Dict[str, str], batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int,
-              threads: int, spin: bool) -> Dict[Tuple[str, int], float]:
-    """ONNX Runtime's contenders, interleaved, per batch size (run in a process of its own: see ``measure``)."""
+              threads: int, spin: bool) -> Dict[Tuple[str, str, int], float]:
+    """ONNX Runtime's contenders, interleaved, per batch size (in a fresh process)."""
     sessions = {label: ort_session(path, threads, spin=spin) for label, path in paths.items()}
     seconds = {}
     for batch in batch_sizes:
         x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(2)).numpy()
         fns = {label: partial(session.run, None, {'input': x}) for label, session in sessions.items()}
-        seconds.update({(label, batch): t for label, t in interleaved_medians(fns, repeats, warmup).items()})
+        seconds.update({(ORT, label, batch): t for label, t in interleaved_medians(fns, repeats, warmup).items()})
     return seconds
+
+
+def _in_fresh_process(fn: Callable[..., Any], *args: Any, env: Dict[str, Optional[str]]) -> Any:
+    """``fn(*args)`` in a spawned interpreter whose environment has ``env`` set (None: removed) at its start."""
+    saved = dict(os.environ)
+    for key, value in env.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    try:
+        with multiprocessing.get_context('spawn').Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int, backends: Sequence[str],
             onnx_dir: Path, load: int = 0, ort_spin: bool = False,
-            ort_in_process: bool = False) -> Tuple[List[dict], Dict[str, dict]]:
-    """Rows (backend, model, batch, seconds, GMACs) of every contender; one interleaved timing per batch size."""
-    # ORT runs in a child process of its own (as deployed) unless ort_in_process: interleaved, ATen's OpenMP threads
-    # still spinning after an eager call take the cores from the ORT call timed next (ours: 103 ms alone, 131 ms).
-    models, gmacs = {}, {}
-    for label, factory in CONTENDERS.items():
-        gmacs[label] = model_gmacs(factory, img_size)
-        torch.manual_seed(0)
-        models[label] = factory().eval()
+            mallocs: Sequence[str] = MALLOCS) -> Tuple[List[dict], Dict[str, dict]]:
+    """Rows (backend, malloc, model, batch, seconds, GMACs) of every contender, each backend timed in a fresh process.
+
+    A fresh process per timing: glibc's heap after earlier work (an ONNX export) changed timm's eager batch-1 time
+    from 261 to 140 ms, and interleaved with eager calls, ATen's spinning OpenMP threads slow ORT (ours: 103 ms
+    alone, 131 ms interleaved). ORT allocates from its own arena: it runs once, with glibc's defaults."""
+    gmacs = {label: model_gmacs(factory, img_size) for label, factory in CONTENDERS.items()}
     exported = {}  # each model exported with a dynamic batch, and its ORT-vs-eager max abs diff at batch 1
-    for label, model in models.items() if ORT in backends else ():
-        path = onnx_dir / f"{label.replace(' ', '_')}.onnx"
+    for label, factory in CONTENDERS.items() if ORT in backends else ():
+        torch.manual_seed(0)
+        model, path = factory().eval(), onnx_dir / f"{label.replace(' ', '_')}.onnx"
         # example batch 2: no size-1 specialisation in the graph
         export_onnx(model, path, torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)))
         check = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
         exported[label] = dict(path=str(path), max_abs_diff=onnx_parity(path, model, [check]).max_abs_diff)
-    threads = torch.get_num_threads()
-    sessions = {label: ort_session(e['path'], threads, spin=ort_spin) for label, e in exported.items()} if (
-        ort_in_process) else {}
-    # One compiled module per model for every batch size: a second batch size recompiles in the warm-up round.
-    compiled = {label: torch.compile(m) for label, m in models.items()} if COMPILE in backends else {}
-    rows = []
-    for batch in batch_sizes:
-        x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(2))
-        fns: Dict[Tuple[str, str], Callable[[], Any]] = {}
-        for label in CONTENDERS:
-            fns[EAGER, label] = partial(_run_eager, models[label], x)
-            if label in compiled:
-                fns[COMPILE, label] = partial(_run_eager, compiled[label], x)
-            if label in sessions:
-                fns[ORT, label] = partial(sessions[label].run, None, {'input': x.numpy()})
-        with busy_load(load):
-            # torch.compile needs its (slow) first call out of the timed rounds.
-            seconds = interleaved_medians(fns, repeats=repeats, warmup=max(warmup, 1) if compiled else warmup)
-            if exported and not ort_in_process and batch == batch_sizes[-1]:
-                with multiprocessing.get_context('spawn').Pool(1) as pool:  # a fresh interpreter: no torch threads
-                    timed = pool.apply(_time_ort, ({k: e['path'] for k, e in exported.items()}, batch_sizes,
-                                                   img_size, repeats, warmup, threads, ort_spin))
-                rows += [dict(backend=ORT, model=label, batch=b, seconds=t) for (label, b), t in timed.items()]
-        rows += [dict(backend=b, model=label, batch=batch, seconds=s) for (b, label), s in seconds.items()]
+    threads, timed = torch.get_num_threads(), []
+    with busy_load(load):
+        for malloc in mallocs:
+            env = TUNED_MALLOC if malloc == 'tuned' else dict.fromkeys(TUNED_MALLOC)
+            seconds = _in_fresh_process(_time_torch, dict(CONTENDERS), batch_sizes, img_size, repeats, warmup,
+                                        threads, COMPILE in backends, env=env)
+            timed += [(key, malloc, s) for key, s in seconds.items()]
+        if exported:
+            seconds = _in_fresh_process(_time_ort, {k: e['path'] for k, e in exported.items()}, batch_sizes,
+                                        img_size, repeats, warmup, threads, ort_spin, env=dict.fromkeys(TUNED_MALLOC))
+            timed += [(key, 'default', s) for key, s in seconds.items()]
+    rows = [dict(backend=backend, malloc=malloc, model=label, batch=batch, seconds=s)
+            for (backend, label, batch), malloc, s in sorted(timed, key=lambda t: t[0][2])]
     for r in rows:
         s, batch, label = r['seconds'], r['batch'], r['model']
         r.update(gmacs=gmacs[label], ms=s * 1e3, img_per_s=batch / s, gmac_per_s=gmacs[label] * batch / s)
@@ -105,11 +129,12 @@ def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int
 
 
 def add_ratios(rows: List[dict]) -> List[dict]:
-    """Speed vs timm's halonet_h1 and resnet50 (same backend and batch), GMAC/s % of resnet50's, ms vs eager."""
-    by_key = {(r['backend'], r['model'], r['batch']): r for r in rows}
+    """Speed vs timm's halonet_h1 and resnet50 (same backend, malloc and batch), GMAC/s % of resnet50's, ms vs
+    eager (same malloc)."""
+    by_key = {(r['backend'], r['malloc'], r['model'], r['batch']): r for r in rows}
     for r in rows:
-        timm_h1, r50 = (by_key.get((r['backend'], peer, r['batch'])) for peer in (TIMM, RESNET))
-        eager = by_key.get((EAGER, r['model'], r['batch']))
+        timm_h1, r50 = (by_key.get((r['backend'], r['malloc'], peer, r['batch'])) for peer in (TIMM, RESNET))
+        eager = by_key.get((EAGER, r['malloc'], r['model'], r['batch']))
         r['vs_timm'] = timm_h1['seconds'] / r['seconds'] if timm_h1 else None
         r['vs_resnet50'] = r50['seconds'] / r['seconds'] if r50 else None
         r['gmac_per_s_pct_resnet50'] = 100.0 * r['gmac_per_s'] / r50['gmac_per_s'] if r50 else None
@@ -117,7 +142,7 @@ def add_ratios(rows: List[dict]) -> List[dict]:
     return rows
 
 
-COLUMNS = ['backend', 'model', ('ms', 'ms', '{:.1f}'), ('img/s', 'img_per_s', '{:.2f}'),
+COLUMNS = ['backend', 'malloc', 'model', ('ms', 'ms', '{:.1f}'), ('img/s', 'img_per_s', '{:.2f}'),
            ('GMAC/s', 'gmac_per_s', '{:.1f}'), ('vs timm halonet_h1', 'vs_timm', '{:.2f}x'),
            ('vs resnet50', 'vs_resnet50', '{:.2f}x'), ('GMAC/s % of resnet50', 'gmac_per_s_pct_resnet50', '{:.0f}%'),
            ('ms / eager', 'ms_vs_eager', '{:.2f}x')]
@@ -130,11 +155,15 @@ def format_tables(rows: List[dict]) -> str:
 
 
 def target_rows(rows: List[dict]) -> List[dict]:
-    """The four deployment goals, read off this run (batch 1)."""
-    ours = {r['backend']: r for r in rows if r['model'] == OURS and r['batch'] == 1}
-    eager, ort = ours.get(EAGER, {}), ours.get(ORT, {})
-    values = [eager.get('vs_timm'), eager.get('gmac_per_s_pct_resnet50'), ort.get('vs_timm'), ort.get('ms_vs_eager')]
-    return [dict(target=t, value=v) for t, v in zip(TARGETS, values)]
+    """The four deployment goals, read off this run (batch 1), once per malloc setting of the eager timings."""
+    ours = {(r['backend'], r['malloc']): r for r in rows if r['model'] == OURS and r['batch'] == 1}
+    ort, targets = ours.get((ORT, 'default'), {}), []
+    for (backend, malloc), eager in ours.items():
+        if backend == EAGER:
+            values = [eager['vs_timm'], eager['gmac_per_s_pct_resnet50'], ort.get('vs_timm'),
+                      ort['seconds'] / eager['seconds'] if ort else None]
+            targets += [dict(target=t, malloc=malloc, value=v) for t, v in zip(TARGETS, values)]
+    return targets
 
 
 def profile_ort(path: str, img_size: int, runs: int, top: int = 12) -> dict:
@@ -182,8 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     add('--onnx-dir', metavar='DIR', help='keep the exported .onnx files here (default: a temporary folder)')
     add('--ort-spin', action='store_true',
         help="keep ORT's spinning worker threads (its default; they slow the contender timed next)")
-    add('--ort-in-process', action='store_true',
-        help='time ONNX Runtime interleaved with PyTorch in this process (default: in a process of its own)')
+    add('--malloc', choices=[*MALLOCS, 'both'], default='both',
+        help="PyTorch's timings under glibc's malloc defaults, with freed memory kept for reuse, or both (default)")
     add('--ort-profile', type=int, default=0, metavar='N', help="ORT's profiler on ours at batch 1, N runs")
     add('--quick', action='store_true', help='batch 1, one round, no warm-up (for the tests)')
     args = parser.parse_args(argv)
@@ -198,7 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         onnx_dir = Path(args.onnx_dir or tmp)
         onnx_dir.mkdir(parents=True, exist_ok=True)
         rows, exported = measure(args.batch_sizes, args.img_size, args.repeats, args.warmup, backends, onnx_dir,
-                                 args.load, args.ort_spin, args.ort_in_process)
+                                 args.load, args.ort_spin,
+                                 MALLOCS if args.malloc == 'both' else [args.malloc])
         prof = profile_ort(exported[OURS]['path'], args.img_size, args.ort_profile) if (
             args.ort_profile and OURS in exported) else None
     cpu = platform.processor() or platform.machine()
@@ -206,14 +236,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     header = (f'Deployment, halonet_h1 @{args.img_size}, {args.repeats} repeats | cpu ({cpu}, '
               f'{torch.get_num_threads()} threads; ORT intra-op threads the same, '
               f'spinning {"on" if args.ort_spin else "off"}) | torch {torch.__version__} '
-              f'| timm {timm.__version__} | fp32, inference_mode | {quiet} | medians of interleaved runs')
+              f'| timm {timm.__version__} | fp32, inference_mode | {quiet} | each backend and malloc setting in a '
+              f'fresh process (tuned: {", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())}) | medians of '
+              f'interleaved runs')
     print(f'{header}\n{format_tables(rows)}')
     if exported:
         print('\nONNX Runtime vs eager, max |diff| at batch 1: ' + ', '.join(
             f"{k} {v['max_abs_diff']:.2g}" for k, v in exported.items()))
     targets = target_rows(rows)
     print('\ndeployment goals (batch 1, this run)\n' + '\n'.join(
-        f"  {t['target']}: {'-' if t['value'] is None else format(t['value'], '.2f')}" for t in targets))
+        f"  {t['target']}, {t['malloc']} malloc: {'-' if t['value'] is None else format(t['value'], '.2f')}"
+        for t in targets))
     if prof:
         print(format_profile(prof))
     write_json(dict(benchmark='deploy', header=header, args=vars(args), rows=rows, onnx=exported, targets=targets,

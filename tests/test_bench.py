@@ -4,6 +4,7 @@ Nothing here asserts on a measured time: the machines running the suite are shar
 """
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -197,27 +198,48 @@ def test_deploy_benchmark_quick_table_ratios_and_ort_profile(tmp_path, monkeypat
                                                deploy.RESNET: partial(timm.create_model, 'resnet10t', num_classes=10)})
     out = tmp_path / 'deploy.json'
     deploy.main(['--quick', '--img-size', '64', '--ort-profile', '1', '--json', str(out)])
-    assert '| backend | model | ms | img/s | GMAC/s |' in capsys.readouterr().out
+    assert '| backend | malloc | model | ms | img/s | GMAC/s |' in capsys.readouterr().out
     data = json.loads(out.read_text())
-    rows = {(r['backend'], r['model']): r for r in data['rows']}
-    assert set(rows) == {(b, m) for b in ('eager', 'ort') for m in deploy.CONTENDERS}
+    rows = {(r['backend'], r['malloc'], r['model']): r for r in data['rows']}
+    timed = (('eager', 'default'), ('eager', 'tuned'), ('ort', 'default'))
+    assert set(rows) == {(b, malloc, m) for b, malloc in timed for m in deploy.CONTENDERS}
     assert all(r['batch'] == 1 and r['ms'] > 0 and r['gmac_per_s'] > 0 for r in rows.values())
-    assert rows[('eager', deploy.RESNET)]['vs_resnet50'] == pytest.approx(1.0)
-    ours_ort = rows[('ort', deploy.OURS)]
-    assert ours_ort['ms_vs_eager'] == pytest.approx(ours_ort['ms'] / rows[('eager', deploy.OURS)]['ms'])
+    assert rows[('eager', 'tuned', deploy.RESNET)]['vs_resnet50'] == pytest.approx(1.0)
+    ours_ort = rows[('ort', 'default', deploy.OURS)]
+    assert ours_ort['ms_vs_eager'] == pytest.approx(ours_ort['ms'] / rows[('eager', 'default', deploy.OURS)]['ms'])
     assert all(v['max_abs_diff'] < 1e-4 for v in data['onnx'].values())  # the timed graphs compute the model
-    assert [t['value'] is not None for t in data['targets']] == [True] * 4
+    assert [(t['malloc'], t['value'] is not None) for t in data['targets']] == [('default', True)] * 4 + [
+        ('tuned', True)] * 4
+    tuned_goal = data['targets'][7]['value']  # ours in ORT against ours eager under the tuned malloc
+    assert tuned_goal == pytest.approx(ours_ort['seconds'] / rows[('eager', 'tuned', deploy.OURS)]['seconds'])
     assert data['ort_profile']['op_types'] and data['ort_profile']['node_ms'] > 0
 
 
 def test_deploy_ratios_on_numbers_worked_out_by_hand():
     deploy = pytest.importorskip('benchmarks.deploy', reason='benchmarks/ is only in a source checkout')
-    rows = [dict(backend=b, model=m, batch=1, seconds=s, gmacs=g, gmac_per_s=g / s)
-            for b, m, s, g in (('eager', deploy.OURS, 0.1, 3.0), ('eager', deploy.TIMM, 0.3, 3.0),
-                               ('eager', deploy.RESNET, 0.05, 5.0), ('ort', deploy.OURS, 0.2, 3.0))]
-    by = {(r['backend'], r['model']): r for r in deploy.add_ratios(rows)}
-    ours = by[('eager', deploy.OURS)]
+    rows = [dict(backend=b, malloc=malloc, model=m, batch=1, seconds=s, gmacs=g, gmac_per_s=g / s)
+            for b, malloc, m, s, g in (
+                ('eager', 'default', deploy.OURS, 0.1, 3.0), ('eager', 'default', deploy.TIMM, 0.3, 3.0),
+                ('eager', 'default', deploy.RESNET, 0.05, 5.0), ('ort', 'default', deploy.OURS, 0.2, 3.0),
+                ('eager', 'tuned', deploy.OURS, 0.08, 3.0), ('eager', 'tuned', deploy.TIMM, 0.16, 3.0))]
+    by = {(r['backend'], r['malloc'], r['model']): r for r in deploy.add_ratios(rows)}
+    ours = by[('eager', 'default', deploy.OURS)]
     assert ours['vs_timm'] == pytest.approx(3.0) and ours['vs_resnet50'] == pytest.approx(0.5)
     assert ours['gmac_per_s_pct_resnet50'] == pytest.approx(30.0)  # 30 GMAC/s against 100
-    assert by[('ort', deploy.OURS)]['ms_vs_eager'] == pytest.approx(2.0)
-    assert by[('ort', deploy.OURS)]['vs_timm'] is None  # no timm row in ORT: no ratio rather than a wrong one
+    assert by[('ort', 'default', deploy.OURS)]['ms_vs_eager'] == pytest.approx(2.0)
+    assert by[('ort', 'default', deploy.OURS)]['vs_timm'] is None  # no timm row in ORT: no wrong ratio
+    tuned = by[('eager', 'tuned', deploy.OURS)]  # peers from the same malloc setting only
+    assert tuned['vs_timm'] == pytest.approx(2.0) and tuned['vs_resnet50'] is None
+    goals = {(t['target'], t['malloc']): t['value'] for t in deploy.target_rows(rows)}
+    assert goals[deploy.TARGETS[0], 'tuned'] == pytest.approx(2.0)
+    assert goals[deploy.TARGETS[3], 'tuned'] == pytest.approx(2.5)  # ORT 0.2 s against eager 0.08 s
+    assert goals[deploy.TARGETS[1], 'tuned'] is None and goals[deploy.TARGETS[3], 'default'] == pytest.approx(2.0)
+
+
+def test_deploy_fresh_process_sees_the_malloc_setting(monkeypatch):
+    deploy = pytest.importorskip('benchmarks.deploy', reason='benchmarks/ is only in a source checkout')
+    key, value = next(iter(bench.TUNED_MALLOC.items()))
+    monkeypatch.setenv(key, '12345')  # the parent's own setting: removed for the default run, restored after
+    assert deploy._in_fresh_process(os.getenv, key, env=bench.TUNED_MALLOC) == value
+    assert deploy._in_fresh_process(os.getenv, key, env=dict.fromkeys(bench.TUNED_MALLOC)) is None
+    assert os.environ[key] == '12345'

@@ -325,6 +325,26 @@ def test_torchscript_model():
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_stem_runs_channels_last_on_cpu_and_hands_back_the_inputs_layout():
+    """The stem's conv and max pool run NHWC on CPU (a faster max pool); maps leave it in the input's layout."""
+    model = _small('halonet_h0', num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    model.stem[1].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        stem = model.stem[1](model.stem[0](x))  # the plain NCHW stem, module by module
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            cl = inp.is_contiguous(memory_format=torch.channels_last)
+            pooled, feature = model._stem_forward(inp, keep_feature=True)
+            assert seen[-1].is_contiguous(memory_format=torch.channels_last)  # the pool ran NHWC
+            assert pooled.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            assert feature.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            torch.testing.assert_close(pooled, stem, rtol=1e-5, atol=1e-5)
+            level0 = model.forward_intermediates(inp, indices=[0], intermediates_only=True)[0]
+            assert level0.stride() == feature.stride()
+            torch.testing.assert_close(level0, model.stem[0](x), rtol=1e-5, atol=1e-5)
+
+
 def test_channels_last_and_bf16_autocast():
     model = _small('halonet_h0', num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
