@@ -1,14 +1,17 @@
 """Deployment speed: halonet_h1 inference in PyTorch eager, torch.compile and ONNX Runtime (docs/benchmarks.md)."""
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import platform
+import statistics
 import tempfile
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -46,60 +49,68 @@ def _run_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
         model(x)
 
 
-def _time_torch(contenders: Dict[str, Callable[[], torch.nn.Module]], batch_sizes: Sequence[int], img_size: int,
-                repeats: int, warmup: int, threads: int, compile_: bool) -> Dict[Tuple[str, str, int], float]:
-    """PyTorch's contenders (eager, and compiled if asked), interleaved, per batch size (in a fresh process)."""
+_CALLS: Dict[Tuple[str, str, int], Callable[[], Any]] = {}  # a worker process's timed calls, set up once
+SETTLE_S = 0.5  # between workers: the last one's OpenMP threads stop spinning and give the cores back
+
+
+def _input(batch: int, img_size: int) -> torch.Tensor:
+    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(2))
+
+
+def _setup_torch(contenders: Dict[str, Callable[[], torch.nn.Module]], batch_sizes: Sequence[int], img_size: int,
+                 threads: int, compile_: bool, warmup: int) -> None:
+    """This worker's PyTorch calls per (backend, model, batch): eager, and compiled if asked."""
     torch.set_num_threads(threads)
-    models = {}
     for label, factory in contenders.items():
         torch.manual_seed(0)
-        models[label] = factory().eval()
-    # One compiled module per model for every batch size: a second batch size recompiles in the warm-up round.
-    compiled = {label: torch.compile(m) for label, m in models.items()} if compile_ else {}
-    seconds = {}
-    for batch in batch_sizes:
-        x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(2))
-        fns = {(EAGER, label): partial(_run_eager, m, x) for label, m in models.items()}
-        fns.update({(COMPILE, label): partial(_run_eager, m, x) for label, m in compiled.items()})
-        # torch.compile needs its (slow) first call out of the timed rounds.
-        for (backend, label), t in interleaved_medians(fns, repeats, max(warmup, 1) if compiled else warmup).items():
-            seconds[backend, label, batch] = t
-    return seconds
+        model = factory().eval()
+        # One compiled module per model for every batch size: a second batch size recompiles in the warm-up.
+        runs = {EAGER: model, **({COMPILE: torch.compile(model)} if compile_ else {})}
+        for batch in batch_sizes:
+            x = _input(batch, img_size)
+            _CALLS.update({(backend, label, batch): partial(_run_eager, m, x) for backend, m in runs.items()})
+    _time_round(max(warmup, 1) if compile_ else warmup)  # torch.compile's (slow) first call is not timed
 
 
-def _time_ort(paths: Dict[str, str], batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int,
-              threads: int, spin: bool) -> Dict[Tuple[str, str, int], float]:
-    """ONNX Runtime's contenders, interleaved, per batch size (in a fresh process)."""
-    sessions = {label: ort_session(path, threads, spin=spin) for label, path in paths.items()}
-    seconds = {}
-    for batch in batch_sizes:
-        x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(2)).numpy()
-        fns = {label: partial(session.run, None, {'input': x}) for label, session in sessions.items()}
-        seconds.update({(ORT, label, batch): t for label, t in interleaved_medians(fns, repeats, warmup).items()})
-    return seconds
+def _setup_ort(paths: Dict[str, str], batch_sizes: Sequence[int], img_size: int, threads: int, spin: bool,
+               warmup: int) -> None:
+    """This worker's ONNX Runtime calls per (backend, model, batch)."""
+    for label, path in paths.items():
+        session = ort_session(path, threads, spin=spin)
+        for batch in batch_sizes:
+            _CALLS[ORT, label, batch] = partial(session.run, None, {'input': _input(batch, img_size).numpy()})
+    _time_round(warmup)
 
 
-def _in_fresh_process(fn: Callable[..., Any], *args: Any, env: Dict[str, Optional[str]]) -> Any:
-    """``fn(*args)`` in a spawned interpreter whose environment has ``env`` set (None: removed) at its start."""
+def _time_round(rounds: int = 1) -> Dict[Tuple[str, str, int], float]:
+    """Seconds of each of this worker's calls, round-robin (the median of ``rounds``)."""
+    return interleaved_medians(_CALLS, repeats=max(rounds, 1), warmup=0)
+
+
+@contextlib.contextmanager
+def _worker(env: Dict[str, Optional[str]]) -> Iterator[Any]:
+    """A spawned worker process (a pool of one) whose environment has ``env`` set (None: removed) at its start."""
     saved = dict(os.environ)
     for key, value in env.items():
         os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     try:
-        with multiprocessing.get_context('spawn').Pool(1) as pool:
-            return pool.apply(fn, args)
+        pool = multiprocessing.get_context('spawn').Pool(1)
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    with pool:
+        yield pool
 
 
 def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int, backends: Sequence[str],
             onnx_dir: Path, load: int = 0, ort_spin: bool = False,
             mallocs: Sequence[str] = MALLOCS) -> Tuple[List[dict], Dict[str, dict]]:
-    """Rows (backend, malloc, model, batch, seconds, GMACs) of every contender, each backend timed in a fresh process.
-
-    A fresh process per timing: glibc's heap after earlier work (an ONNX export) changed timm's eager batch-1 time
-    from 261 to 140 ms, and interleaved with eager calls, ATen's spinning OpenMP threads slow ORT (ours: 103 ms
-    alone, 131 ms interleaved). ORT allocates from its own arena: it runs once, with glibc's defaults."""
+    """Rows (backend, malloc, model, batch, seconds, GMACs) of every contender: medians of ``repeats`` rounds."""
+    # Each backend and malloc setting runs in a worker process of its own, set up once; a round asks each worker in
+    # turn for one call of each of its contenders, so drift hits all alike. In one process, glibc's heap after earlier
+    # work (an ONNX export) changed timm's eager batch-1 time from 261 to 140 ms, and ATen's OpenMP threads spinning
+    # after an eager call slowed ORT (ours: 103 ms alone, 131 ms interleaved). ORT allocates from its own arena: one
+    # worker, under glibc's defaults.
     gmacs = {label: model_gmacs(factory, img_size) for label, factory in CONTENDERS.items()}
     exported = {}  # each model exported with a dynamic batch, and its ORT-vs-eager max abs diff at batch 1
     for label, factory in CONTENDERS.items() if ORT in backends else ():
@@ -109,19 +120,25 @@ def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int
         export_onnx(model, path, torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)))
         check = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
         exported[label] = dict(path=str(path), max_abs_diff=onnx_parity(path, model, [check]).max_abs_diff)
-    threads, timed = torch.get_num_threads(), []
-    with busy_load(load):
+    threads, samples = torch.get_num_threads(), defaultdict(list)
+    with contextlib.ExitStack() as stack, busy_load(load):
+        workers = {}
         for malloc in mallocs:
-            env = TUNED_MALLOC if malloc == 'tuned' else dict.fromkeys(TUNED_MALLOC)
-            seconds = _in_fresh_process(_time_torch, dict(CONTENDERS), batch_sizes, img_size, repeats, warmup,
-                                        threads, COMPILE in backends, env=env)
-            timed += [(key, malloc, s) for key, s in seconds.items()]
+            workers[malloc] = stack.enter_context(_worker(TUNED_MALLOC if malloc == 'tuned' else
+                                                          dict.fromkeys(TUNED_MALLOC)))
+            workers[malloc].apply(_setup_torch, (dict(CONTENDERS), batch_sizes, img_size, threads,
+                                                 COMPILE in backends, warmup))
         if exported:
-            seconds = _in_fresh_process(_time_ort, {k: e['path'] for k, e in exported.items()}, batch_sizes,
-                                        img_size, repeats, warmup, threads, ort_spin, env=dict.fromkeys(TUNED_MALLOC))
-            timed += [(key, 'default', s) for key, s in seconds.items()]
-    rows = [dict(backend=backend, malloc=malloc, model=label, batch=batch, seconds=s)
-            for (backend, label, batch), malloc, s in sorted(timed, key=lambda t: t[0][2])]
+            workers[ORT] = stack.enter_context(_worker(dict.fromkeys(TUNED_MALLOC)))
+            workers[ORT].apply(_setup_ort, ({k: e['path'] for k, e in exported.items()}, batch_sizes, img_size,
+                                            threads, ort_spin, warmup))
+        for _ in range(repeats):
+            for name, pool in workers.items():
+                time.sleep(SETTLE_S)
+                for key, t in pool.apply(_time_round).items():
+                    samples[key, 'default' if name == ORT else name].append(t)
+    rows = [dict(backend=backend, malloc=malloc, model=label, batch=batch, seconds=statistics.median(ts))
+            for ((backend, label, batch), malloc), ts in sorted(samples.items(), key=lambda kv: kv[0][0][2])]
     for r in rows:
         s, batch, label = r['seconds'], r['batch'], r['model']
         r.update(gmacs=gmacs[label], ms=s * 1e3, img_per_s=batch / s, gmac_per_s=gmacs[label] * batch / s)
@@ -237,8 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               f'{torch.get_num_threads()} threads; ORT intra-op threads the same, '
               f'spinning {"on" if args.ort_spin else "off"}) | torch {torch.__version__} '
               f'| timm {timm.__version__} | fp32, inference_mode | {quiet} | each backend and malloc setting in a '
-              f'fresh process (tuned: {", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())}) | medians of '
-              f'interleaved runs')
+              f'worker process (tuned: {", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())}) | medians of '
+              f'rounds interleaved across the workers')
     print(f'{header}\n{format_tables(rows)}')
     if exported:
         print('\nONNX Runtime vs eager, max |diff| at batch 1: ' + ', '.join(

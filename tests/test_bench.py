@@ -236,10 +236,10 @@ def test_deploy_ratios_on_numbers_worked_out_by_hand():
     assert goals[deploy.TARGETS[1], 'tuned'] is None and goals[deploy.TARGETS[3], 'default'] == pytest.approx(2.0)
 
 
-def test_deploy_fresh_process_sees_the_malloc_setting(monkeypatch):
+def test_deploy_worker_process_sees_the_malloc_setting(monkeypatch):
     deploy = pytest.importorskip('benchmarks.deploy', reason='benchmarks/ is only in a source checkout')
     key, value = next(iter(bench.TUNED_MALLOC.items()))
     monkeypatch.setenv(key, '12345')  # the parent's own setting: removed for the default run, restored after
-    assert deploy._in_fresh_process(os.getenv, key, env=bench.TUNED_MALLOC) == value
-    assert deploy._in_fresh_process(os.getenv, key, env=dict.fromkeys(bench.TUNED_MALLOC)) is None
-    assert os.environ[key] == '12345'
+    with deploy._worker(bench.TUNED_MALLOC) as tuned, deploy._worker(dict.fromkeys(bench.TUNED_MALLOC)) as plain:
+        assert os.environ[key] == '12345'
+        assert tuned.apply(os.getenv, (key,)) == value and plain.apply(os.getenv, (key,)) is None
