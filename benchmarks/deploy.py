@@ -69,7 +69,7 @@ def _setup_torch(contenders: Dict[str, Callable[[], torch.nn.Module]], batch_siz
         for batch in batch_sizes:
             x = _input(batch, img_size)
             _CALLS.update({(backend, label, batch): partial(_run_eager, m, x) for backend, m in runs.items()})
-    _time_round(max(warmup, 1) if compile_ else warmup)  # torch.compile's (slow) first call is not timed
+    _warm_up(max(warmup, 1) if compile_ else warmup)  # torch.compile's (slow) first call is not timed
 
 
 def _setup_ort(paths: Dict[str, str], batch_sizes: Sequence[int], img_size: int, threads: int, spin: bool,
@@ -79,12 +79,18 @@ def _setup_ort(paths: Dict[str, str], batch_sizes: Sequence[int], img_size: int,
         session = ort_session(path, threads, spin=spin)
         for batch in batch_sizes:
             _CALLS[ORT, label, batch] = partial(session.run, None, {'input': _input(batch, img_size).numpy()})
-    _time_round(warmup)
+    _warm_up(warmup)
 
 
-def _time_round(rounds: int = 1) -> Dict[Tuple[str, str, int], float]:
-    """Seconds of each of this worker's calls, round-robin (the median of ``rounds``)."""
-    return interleaved_medians(_CALLS, repeats=max(rounds, 1), warmup=0)
+def _warm_up(rounds: int) -> None:
+    for _ in range(rounds):
+        for fn in _CALLS.values():
+            fn()
+
+
+def _time_round() -> Dict[Tuple[str, str, int], float]:
+    """Seconds of one call of each of this worker's calls, round-robin."""
+    return interleaved_medians(_CALLS, repeats=1, warmup=0)
 
 
 @contextlib.contextmanager
