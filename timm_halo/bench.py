@@ -95,7 +95,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 # glibc's malloc hands allocations above its mmap threshold fresh pages (page faults on every call) and gives a
 # freed heap top back to the OS; these settings keep freed memory for reuse, as jemalloc / tcmalloc do. They change
-# timm's halonet_h1 the most: measured 1.5-2x faster at batch 1, its train step 1.5x (ours within noise).
+# timm's halonet_h1 the most: 1.7x faster at batch 1, 2.6x at batch 8 (inference), 1.5x its train step; ours
+# within 7% (benchmarks/RESULTS.md).
 TUNED_MALLOC = {'MALLOC_MMAP_THRESHOLD_': str(2**32), 'MALLOC_TRIM_THRESHOLD_': str(2**32)}
 
 
