@@ -132,8 +132,8 @@ def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int
         for malloc in mallocs:
             workers[malloc] = stack.enter_context(_worker(TUNED_MALLOC if malloc == 'tuned' else
                                                           dict.fromkeys(TUNED_MALLOC)))
-            workers[malloc].apply(_setup_torch, (dict(CONTENDERS), batch_sizes, img_size, threads,
-                                                 COMPILE in backends, warmup))
+            workers[malloc].apply(_setup_torch, (CONTENDERS, batch_sizes, img_size, threads, COMPILE in backends,
+                                                 warmup))
         if exported:
             workers[ORT] = stack.enter_context(_worker(dict.fromkeys(TUNED_MALLOC)))
             workers[ORT].apply(_setup_ort, ({k: e['path'] for k, e in exported.items()}, batch_sizes, img_size,
