@@ -15,13 +15,14 @@
  * of (i, j) in block (by, bx) is
  *   scale * q[:, i] . k[:, j] + P_h[base_h[by, y] + jh, i] + mask_h[by, jh] + P_w[base_w[bx, x] + jw, i]
  *   + mask_w[bx, jw].
- * Each window's keys and values are first copied into rows of nv whole vectors (K keys, then pad columns, whose
- * logit is very negative, hence probability exactly 0), and all work is on GCC/Clang vector types (64 bytes: one
- * AVX-512 register, or two AVX2 / four SSE / NEON), so no loop has a scalar tail and nothing depends on the
- * auto-vectoriser. Per window, forward: logits (Q, K) = relative terms + (scale q)^T k, softmax, out = P v; backward:
- * the same logits, P recomputed from the forward's per-query max and 1 / sum of exp (stats: flash-attention style),
- * dP = dO^T v, dS = P (dP - rowsum(dO O)), dq = scale dS k^T, dk = scale q dS, dv = dO P. Every product is one
- * register-blocked kernel (gemm), with keys / values also copied key-major where keys are the contracted axis.
+ * All work is on GCC/Clang vector types (64 bytes: one AVX-512 register, or two AVX2 / four SSE / NEON), so no loop
+ * has a scalar tail and nothing depends on the auto-vectoriser. Forward, per window: logits (K, Q) = relative terms
+ * + k^T (scale q) with the queries across vector lanes, softmax down the keys, out = v P^T (halo_fwd).
+ * Backward: the keys' and values' rows padded to nv whole vectors (pad columns get a very negative logit, hence
+ * probability exactly 0), the same logits (Q, K), P recomputed from the forward's per-query max and 1 / sum of exp
+ * (stats: flash-attention style), dP = dO^T v, dS = P (dP - rowsum(dO O)), dq = scale dS k^T, dk = scale q dS,
+ * dv = dO P. Every product there is one register-blocked kernel (gemm), with keys also copied key-major where keys
+ * are the contracted axis.
  * Functions return 0, 1 when out of memory, 2 when a table row lies outside its table, 3 for operands that do
  * not fit together (2 and 3: a caller's bug).
  */
@@ -59,6 +60,10 @@ typedef int32_t I;
 #define VL ((int)(VBYTES / sizeof(T)))
 #define QB 16 /* queries per block: a block's logits and their gradient stay in L1 / L2 while a window is used */
 typedef T vec __attribute__((vector_size(VBYTES)));
+#if defined(__AVX512F__) && VBYTES == 64
+#include <immintrin.h>
+#define HALO_AVX512 /* 64-byte vectors on AVX-512: max and scalef instructions */
+#endif
 enum { PRODUCTS = 0, TABLES = 1 };  /* HaloArgs.mode: what rel_h / rel_w point to (see the top comment) */
 
 /* Where element (channel c, row y, column x) of window w's q / k / v / out lies: index
@@ -98,6 +103,16 @@ typedef I ivec __attribute__((vector_size(VBYTES)));
 
 static inline vec splat(T x) { return x - (vec){0}; }  /* x - 0 == x for every x, -0 included: no add */
 static inline vec vselect(ivec mask, vec a, vec b) { return (vec)((mask & (ivec)a) | (~mask & (ivec)b)); }
+/* max(a, b) per lane, b where either is NaN (the x86 instruction's rule) */
+static inline vec vmax(vec a, vec b) {
+#if defined(HALO_AVX512) && defined(HALO_DOUBLE)
+    return (vec)_mm512_max_pd((__m512d)a, (__m512d)b);
+#elif defined(HALO_AVX512)
+    return (vec)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    return vselect(a > b, a, b);
+#endif
+}
 static inline T hsum(vec x) {  /* halving steps: log2(VL) adds of shuffled halves, not VL dependent adds */
     T a[VL];
     memcpy(a, &x, sizeof a);
@@ -122,10 +137,18 @@ static inline vec exp_nonpos(vec x) {
                                         1.0 / 6.0, 0.5, 1.0, 1.0};
     for (int t = 0; t < 13; ++t) p = p * r + inv_fact[t];
     const ivec two_n = (__builtin_convertvector(n, ivec) + 1023) << 52;
+    return vselect(under, splat(0), p * (vec)two_n);
 #else
-    const vec lo = splat(-87.0f), magic = splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
+#ifdef HALO_AVX512
+    /* p * 2^n below is one instruction (scalef) that rounds to 0 or a subnormal below the normal range, as exp does:
+     * no underflow select. The clamp keeps the range reduction finite; exp(-120) is 0 in float. */
+    const vec xc = vmax(splat(-120.0f), x);  /* vmax keeps a NaN x */
+#else
+    const vec lo = splat(-87.0f);
     const ivec under = x < lo;
     const vec xc = vselect(under, lo, x);
+#endif
+    const vec magic = splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
     const vec n = (xc * 1.44269504088896341f + magic) - magic;
     vec r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
@@ -136,9 +159,13 @@ static inline vec exp_nonpos(vec x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
+#ifdef HALO_AVX512
+    return (vec)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
     const ivec two_n = (__builtin_convertvector(n, ivec) + 127) << 23;
-#endif
     return vselect(under, splat(0), p * (vec)two_n);
+#endif
+#endif
 }
 
 typedef struct {
@@ -149,16 +176,16 @@ typedef struct {
     T *hv, *gh;                           /* one query's rel_h terms and their gradient (kh) */
     T *qs;                                /* the window's queries times scale (d, Q) */
     vec *k, *v;                           /* channel-major padded copies: k (d, nv), v (dv, nv) */
-    vec *keys_t;                          /* key-major padded copy (nv * VL, dvec or dvvec): v (fwd), k (bwd) */
+    vec *keys_t;                          /* key-major padded copy of k (nv * VL, dvec) */
     vec *p, *ds;                          /* a block's logits / probabilities and their gradient (QB, nv) */
-    vec *per_query;                       /* (Q, dvvec) fwd: unnormalised output; (Q, dvec) bwd: dq */
-    vec *rw, *colsum;                     /* a rel_w row; column sums (bwd) */
+    vec *per_query;                       /* dq (Q, dvec) */
+    vec *rw, *colsum;                     /* a rel_w row; column sums */
     ivec *in_row;                         /* lanes of rw's vectors that hold one of the kw columns */
-    vec *gk, *gv;                         /* padded dk (d, nv), dv (dv, nv) (bwd) */
-    /* TABLES: q padded (d, qv); the window's products (rows, qv) and their gradients (bwd); bwd: q key-major
-     * (Q, dvec), dq padded (d, qv), this call's table gradients (rows, dvec) */
+    vec *gk, *gv;                         /* padded dk (d, nv), dv (dv, nv) */
+    /* TABLES: q padded (d, qv); the window's products (rows, qv) and their gradients; q key-major (Q, dvec), dq
+     * padded (d, qv), this call's table gradients (rows, dvec) */
     vec *qp, *ph, *pw, *gph, *gpw, *qt, *dqp, *gtab_h, *gtab_w;
-    T *qraw, *oraw, *graw, *gqraw;        /* the window's q and out (d / dv, Q); bwd: its dO and dq */
+    T *qraw, *oraw, *graw, *gqraw;        /* the window's q, out, dO and dq (d or dv, Q) */
     void *mem;
 } Scratch;
 
@@ -169,7 +196,7 @@ static vec *take(vec **cursor, size_t vectors) {
     return block;
 }
 
-static int scratch_init(Scratch *s, const HaloArgs *a, int backward) {
+static int scratch_init(Scratch *s, const HaloArgs *a) {  /* for the backward */
     const int d = a->d, dv = a->dv, Q = a->Q, kh = a->kh, kw = a->kw;
     s->d = d; s->dv = dv; s->Q = Q; s->kh = kh; s->kw = kw;
     s->rows_h = a->rows_h; s->rows_w = a->rows_w; s->nh = a->nh; s->nw = a->nw; s->bq = a->bq;
@@ -181,20 +208,20 @@ static int scratch_init(Scratch *s, const HaloArgs *a, int backward) {
     s->qv = (Q + VL - 1) / VL;
     s->pstride = s->mode == TABLES ? s->qv * VL : Q;
     const size_t nv = (size_t)s->nv, keys = nv * VL, rwv = (size_t)s->rwv;
-    const size_t width = (size_t)(backward ? s->dvec : s->dvvec);  /* of keys_t and per_query */
+    const size_t width = (size_t)s->dvec;  /* of keys_t and per_query */
     const size_t qv = (size_t)s->qv, rows = (size_t)(s->rows_h + s->rows_w), tables = s->mode == TABLES;
     const size_t block = (size_t)QB * nv + 1;  /* + 1: room for rel_logits' last whole-vector store */
     const size_t sizes[] = {  /* in the order taken below */
         (size_t)d * nv, (size_t)dv * nv, keys * width,                        /* k, v, keys_t */
-        block, backward * block, (size_t)Q * width,                           /* p, ds, per_query */
-        backward * (size_t)d * nv, backward * (size_t)dv * nv,                /* gk, gv */
+        block, block, (size_t)Q * width,                                      /* p, ds, per_query */
+        (size_t)d * nv, (size_t)dv * nv,                                      /* gk, gv */
         rwv, rwv, rwv, (size_t)(2 * kh + VL - 1) / VL,                        /* rw, colsum, in_row, hv + gh */
         ((size_t)d * Q + VL - 1) / VL,                                        /* qs */
-        tables * d * qv, tables * rows * qv, tables * backward * rows * qv,   /* qp, ph + pw, gph + gpw */
-        tables * backward * Q * s->dvec, tables * backward * d * qv,          /* qt, dqp */
-        tables * backward * rows * s->dvec,                                   /* gtab_h + gtab_w */
+        tables * d * qv, tables * rows * qv, tables * rows * qv,              /* qp, ph + pw, gph + gpw */
+        tables * Q * s->dvec, tables * d * qv,                                /* qt, dqp */
+        tables * rows * s->dvec,                                              /* gtab_h + gtab_w */
         ((size_t)d * Q + VL - 1) / VL, ((size_t)dv * Q + VL - 1) / VL,       /* qraw, oraw */
-        backward * (((size_t)dv * Q + VL - 1) / VL), backward * (((size_t)d * Q + VL - 1) / VL), /* graw, gqraw */
+        ((size_t)dv * Q + VL - 1) / VL, ((size_t)d * Q + VL - 1) / VL,       /* graw, gqraw */
     };
     size_t vectors = 0;
     for (size_t t = 0; t < sizeof sizes / sizeof sizes[0]; ++t) vectors += sizes[t];
@@ -238,10 +265,10 @@ static void scratch_free(Scratch *s) { free(s->mem); }
 
 /* Window w's (channels, rows, cols) through layout l: load into dst[c * ldc + y * cols + x] (0 outside the image),
  * or store from there (inside the image only). */
-static void window_copy(const Scratch *s, const Layout *l, int64_t w, int channels, int rows, int cols, T *map,
+static void window_copy(int nh, int nw, const Layout *l, int64_t w, int channels, int rows, int cols, T *map,
                         T *dst, int64_t ldc, int store) {
-    const int64_t g = w / ((int64_t)s->nh * s->nw);
-    const int by = (int)(w / s->nw % s->nh), bx = (int)(w % s->nw);
+    const int64_t g = w / ((int64_t)nh * nw);
+    const int by = (int)(w / nw % nh), bx = (int)(w % nw);
     const int y0 = by * l->step_y - l->pad_y, x0 = bx * l->step_x - l->pad_x;
     const int x_lo = x0 < 0 ? -x0 : 0, x_hi = l->width - x0 < cols ? l->width - x0 : cols;
     const int64_t origin = g * l->group + by * l->block_y + bx * l->block_x - l->pad_y * l->row - l->pad_x;
@@ -263,9 +290,9 @@ static void window_copy(const Scratch *s, const Layout *l, int64_t w, int channe
         }
 }
 
-static void window_load(const Scratch *s, const Layout *l, int64_t w, int channels, int rows, int cols,
+static void window_load(int nh, int nw, const Layout *l, int64_t w, int channels, int rows, int cols,
                         const T *map, T *dst, int64_t ldc) {
-    window_copy(s, l, w, channels, rows, cols, (T *)map, dst, ldc, 0);
+    window_copy(nh, nw, l, w, channels, rows, cols, (T *)map, dst, ldc, 0);
 }
 
 /* Rows of nv vectors back to rows of kh * kw keys. */
@@ -421,10 +448,10 @@ static int block_logits(Scratch *s, int64_t w, int i0, int n, const int32_t *bas
 static void window_inputs(Scratch *s, const HaloArgs *a, int64_t w, const T **ph, const T **pw) {
     const int d = s->d, Q = s->Q, qv = s->qv, nvl = s->nv * VL;
     const T *rel_h = a->rel_h, *rel_w = a->rel_w, *qw = s->qraw;
-    window_load(s, &a->lay.q, w, d, s->bq, s->bq, a->q, s->qraw, Q);
+    window_load(s->nh, s->nw, &a->lay.q, w, d, s->bq, s->bq, a->q, s->qraw, Q);
     for (int64_t x = 0; x < (int64_t)d * Q; ++x) s->qs[x] = qw[x] * a->scale;
-    window_load(s, &a->lay.k, w, d, s->kh, s->kw, a->k, (T *)s->k, nvl);
-    window_load(s, &a->lay.v, w, s->dv, s->kh, s->kw, a->v, (T *)s->v, nvl);
+    window_load(s->nh, s->nw, &a->lay.k, w, d, s->kh, s->kw, a->k, (T *)s->k, nvl);
+    window_load(s->nh, s->nw, &a->lay.v, w, s->dv, s->kh, s->kw, a->v, (T *)s->v, nvl);
     if (s->mode == TABLES) {  /* (rows, Q) = table (rows, d) . q (d, Q) */
         for (int c = 0; c < d; ++c) memcpy(s->qp + (size_t)c * qv, qw + (size_t)c * Q, sizeof(T) * (size_t)Q);
         gemm(s->rows_h, qv, d, rel_h, d, 1, s->qp, qv, s->ph, qv, 0);
@@ -445,61 +472,165 @@ static void table_products_backward(Scratch *s, int rows, const T *table, const 
     gemm(rows, s->dvec, s->Q, (const T *)grad, (int64_t)qv * VL, 1, s->qt, s->dvec, dtable, s->dvec, 1);
 }
 
-/* Softmax of one row of logits in place, left unnormalised: exp(logit - max); returns max and 1 / sum of exp. */
-static void softmax_row(vec *row, int nv, T *max_out, T *inv_sum_out) {
-    vec mv = row[0];
-    ivec nan = row[0] != row[0];
-    for (int j = 1; j < nv; ++j) {
-        mv = vselect(row[j] > mv, row[j], mv);
-        nan |= row[j] != row[j];
+/* The forward (halo_fwd) keeps the queries across vector lanes: logits are (keys, query vectors), so the softmax runs
+ * down the keys on whole vectors (no horizontal max or sum), and q . k and P v fill every lane whatever d and dv
+ * are (small heads waste half a vector or more in the backward's key-major rows). Its logits are bit for bit those
+ * the backward recomputes: the same terms added and multiplied in the same order. */
+#define KB 8  /* keys per q . k tile: KB accumulators and one loaded query vector per channel */
+#if REGISTERS == 32
+#define CB 16 /* channels per P v tile */
+#else
+#define CB 8
+#endif
+
+typedef struct {
+    int qv, ld;      /* vectors per row of Q queries; ld = qv * VL */
+    vec *q, *qs;     /* the window's queries (d, qv) and times scale */
+    vec *ph, *pw;    /* TABLES: the products with the tables (rows, qv) */
+    T *k, *v;        /* (d, K), (dv, K) */
+    vec *rh, *rw;    /* relative terms with masks per key row (kh, qv) and key column (kw, qv) */
+    vec *logits;     /* one query vector's logits, then exp (K) */
+    vec *out;        /* (dv, qv): unnormalised, then normalised */
+    vec *stat;       /* max and 1 / sum of exp (2, qv) */
+    void *mem;
+} Lanes;
+
+static int lanes_init(Lanes *s, const HaloArgs *a) {
+    const size_t K = (size_t)a->kh * a->kw, qv = (size_t)(a->Q + VL - 1) / VL, tables = a->mode == TABLES;
+    const size_t sizes[] = {(size_t)a->d * qv, (size_t)a->d * qv, tables * (size_t)(a->rows_h + a->rows_w) * qv,
+                            ((size_t)a->d * K + VL - 1) / VL, ((size_t)a->dv * K + VL - 1) / VL,
+                            (size_t)(a->kh + a->kw) * qv, K, (size_t)a->dv * qv, 2 * qv};
+    size_t vectors = 0;
+    for (size_t t = 0; t < sizeof sizes / sizeof sizes[0]; ++t) vectors += sizes[t];
+    s->mem = aligned_alloc(VBYTES, vectors * VBYTES);
+    if (!s->mem) return 0;
+    memset(s->mem, 0, vectors * VBYTES);  /* pad lanes (queries past Q) stay 0 */
+    vec *p = (vec *)s->mem;
+    const size_t *z = sizes;
+    s->qv = (int)qv;
+    s->ld = (int)qv * VL;
+    s->q = take(&p, *z++);
+    s->qs = take(&p, *z++);
+    s->ph = take(&p, *z++);
+    s->pw = s->ph + (size_t)a->rows_h * qv;
+    s->k = (T *)take(&p, *z++);
+    s->v = (T *)take(&p, *z++);
+    s->rh = take(&p, *z++);
+    s->rw = s->rh + (size_t)a->kh * qv;
+    s->logits = take(&p, *z++);
+    s->out = take(&p, *z++);
+    s->stat = take(&p, *z++);
+    return 1;
+}
+
+/* dst[r * ld + i] = src[(base[t] + r) * stride + i] + mask[r] for r < n and queries i = (y, x) < Q, where t is y
+ * (rows) or x (columns): one axis' relative terms of every query; 0, or 2 for a table row out of range. */
+static int lanes_rel(const HaloArgs *a, int rows_axis, int n, int rows, const int32_t *base, const T *src,
+                     int64_t stride, const T *mask, T *dst, int ld) {
+    const int bq = a->bq;
+    for (int t = 0; t < bq; ++t)
+        if (base[t] < 0 || base[t] + n > rows) return 2;
+    for (int r = 0; r < n; ++r)
+        for (int t = 0; t < bq; ++t) {  /* query row t (rows_axis): bq queries in a row; else column t */
+            const int64_t step = rows_axis ? 1 : bq, first = rows_axis ? (int64_t)t * bq : t;
+            const T *from = src + (base[t] + r) * stride + first;
+            T *to = dst + (size_t)r * ld + first;
+            for (int64_t e = 0; e < bq; ++e) to[e * step] = from[e * step] + mask[r];
+        }
+    return 0;
+}
+
+/* logits[j] += sum_c qs[c] * k[c, j] for keys j0 .. j0 + kb - 1, one query vector (qs: stride qv) */
+static inline __attribute__((always_inline)) void lanes_qk(const int kb, int d, const vec *qs, int qv, const T *k,
+                                                           int64_t K, vec *logits, vec *max) {
+    vec acc[KB];
+    for (int r = 0; r < kb; ++r) acc[r] = logits[r];
+    for (int c = 0; c < d; ++c) {
+        const vec qc = qs[(size_t)c * qv];
+        for (int r = 0; r < kb; ++r) acc[r] += qc * splat(k[c * K + r]);
     }
-    T m = mv[0];
-    int any_nan = 0;
-    for (int l = 0; l < VL; ++l) {
-        m = mv[l] > m ? mv[l] : m;
-        any_nan |= nan[l] != 0;
+    vec m = acc[0];
+    for (int r = 0; r < kb; ++r) {
+        logits[r] = acc[r];
+        m = vmax(m, acc[r]);
     }
-    if (any_nan) m = NAN;  /* a NaN logit makes the whole row NaN, as in ATen's softmax */
-    vec sv = {0};
-    for (int j = 0; j < nv; ++j) {
-        row[j] = exp_nonpos(row[j] - m);
-        sv += row[j];
-    }
-    *max_out = m;
-    *inv_sum_out = (T)1 / hsum(sv);
+    *max = vmax(*max, m);
+}
+
+/* out[c] = sum_j p[j] * v[c, j] for channels c < cb, one query vector (out: stride qv) */
+static inline __attribute__((always_inline)) void lanes_pv(const int cb, int64_t K, const vec *p, const T *v,
+                                                           vec *out, int qv) {
+    vec acc[CB];
+    for (int c = 0; c < cb; ++c) acc[c] = splat(0);
+    for (int64_t j = 0; j < K; ++j)
+        for (int c = 0; c < cb; ++c) acc[c] += p[j] * splat(v[c * K + j]);
+    for (int c = 0; c < cb; ++c) out[(size_t)c * qv] = acc[c];
 }
 
 int halo_fwd(const HaloArgs *a, int64_t start, int64_t stop) {
-    const T *mask_h = a->mask_h, *mask_w = a->mask_w;
-    const int32_t *base_h = a->base_h, *base_w = a->base_w;
-    T *stats = a->stats;
-    Scratch s;
-    if (!scratch_init(&s, a, 0)) return 1;
-    const int dv = s.dv, Q = s.Q, nv = s.nv, width = s.dvvec, keys = s.nv * VL;
-    for (int64_t w = start; w < stop; ++w) {
-        const T *ph, *pw;
-        T *ow = s.oraw, *lw = stats + w * Q * 2;
-        window_inputs(&s, a, w, &ph, &pw);
-        key_major(&s, dv, s.v, s.keys_t, width);
-        for (int i0 = 0; i0 < Q; i0 += QB) {
-            const int n = Q - i0 < QB ? Q - i0 : QB;
-            if (block_logits(&s, w, i0, n, base_h, base_w, mask_h, mask_w, ph, pw)) {
-                scratch_free(&s);
-                return 2;
-            }
-            /* the backward recomputes exactly these probabilities: exp(logit - max) * inv_sum */
-            for (int t = 0; t < n; ++t)
-                softmax_row(s.p + (size_t)t * nv, nv, lw + 2 * (i0 + t), lw + 2 * (i0 + t) + 1);
-            gemm(n, width, keys, (const T *)s.p, keys, 1, s.keys_t, width, s.per_query + (size_t)i0 * width, width,
-                 0);  /* exp . v */
+    Lanes s;
+    if (!lanes_init(&s, a)) return 1;
+    const int d = a->d, dv = a->dv, Q = a->Q, kh = a->kh, kw = a->kw, bq = a->bq, nh = a->nh, nw = a->nw;
+    const int qv = s.qv, ld = s.ld;
+    const int64_t K = (int64_t)kh * kw;
+    int status = 0;
+    for (int64_t w = start; w < stop && !status; ++w) {
+        const int by = (int)(w / nw % nh), bx = (int)(w % nw);
+        window_load(nh, nw, &a->lay.q, w, d, bq, bq, a->q, (T *)s.q, ld);
+        for (int x = 0; x < d * qv; ++x) s.qs[x] = s.q[x] * a->scale;
+        window_load(nh, nw, &a->lay.k, w, d, kh, kw, a->k, s.k, K);
+        window_load(nh, nw, &a->lay.v, w, dv, kh, kw, a->v, s.v, K);
+        const T *ph = a->rel_h + w * a->rows_h * Q, *pw = a->rel_w + w * a->rows_w * Q;
+        int64_t stride = Q;
+        if (a->mode == TABLES) {  /* (rows, qv) = table (rows, d) . q (d, qv) */
+            gemm(a->rows_h, qv, d, a->rel_h, d, 1, s.q, qv, s.ph, qv, 0);
+            gemm(a->rows_w, qv, d, a->rel_w, d, 1, s.q, qv, s.pw, qv, 0);
+            ph = (const T *)s.ph;
+            pw = (const T *)s.pw;
+            stride = ld;
         }
-        const T *o = (const T *)s.per_query;
-        for (int i = 0; i < Q; ++i)
-            for (int c = 0; c < dv; ++c) ow[(size_t)c * Q + i] = o[(size_t)i * width * VL + c] * lw[2 * i + 1];
-        window_copy(&s, &a->lay.out, w, dv, s.bq, s.bq, a->out, ow, Q, 1);
+        status = lanes_rel(a, 1, kh, a->rows_h, a->base_h + (size_t)by * bq, ph, stride, a->mask_h + (size_t)by * kh,
+                           (T *)s.rh, ld);
+        if (!status)
+            status = lanes_rel(a, 0, kw, a->rows_w, a->base_w + (size_t)bx * bq, pw, stride,
+                               a->mask_w + (size_t)bx * kw, (T *)s.rw, ld);
+        if (status) break;
+        for (int u = 0; u < qv; ++u) {
+            vec *l = s.logits;
+            for (int jh = 0; jh < kh; ++jh)
+                for (int jw = 0; jw < kw; ++jw) l[jh * kw + jw] = s.rw[jw * qv + u] + s.rh[jh * qv + u];
+            int64_t j = 0;
+            vec m = splat(-INFINITY);  /* a NaN logit may be skipped by the max; it makes its query's sum NaN */
+            for (; j + KB <= K; j += KB) lanes_qk(KB, d, s.qs + u, qv, s.k + j, K, l + j, &m);
+            for (; j < K; ++j) lanes_qk(1, d, s.qs + u, qv, s.k + j, K, l + j, &m);
+            vec sum = {0};
+            for (j = 0; j < K; ++j) {
+                l[j] = exp_nonpos(l[j] - m);
+                sum += l[j];
+            }
+            for (int c = 0, cb; c < dv; c += cb) {  /* the widest tile that fits: independent accumulators */
+                cb = dv - c >= CB ? CB : dv - c >= 8 ? 8 : dv - c >= 4 ? 4 : 1;
+                vec *o = s.out + (size_t)c * qv + u;
+                if (cb == CB) lanes_pv(CB, K, l, s.v + c * K, o, qv);
+                else if (cb == 8) lanes_pv(8, K, l, s.v + c * K, o, qv);
+                else if (cb == 4) lanes_pv(4, K, l, s.v + c * K, o, qv);
+                else lanes_pv(1, K, l, s.v + c * K, o, qv);
+            }
+            const vec inv = splat(1) / sum;
+            for (int c = 0; c < dv; ++c) s.out[(size_t)c * qv + u] *= inv;
+            s.stat[u] = m;
+            s.stat[qv + u] = inv;
+        }
+        T *lw = a->stats + w * Q * 2;
+        const T *stat = (const T *)s.stat;
+        for (int i = 0; i < Q; ++i) {
+            lw[2 * i] = stat[i];
+            lw[2 * i + 1] = stat[ld + i];
+        }
+        window_copy(nh, nw, &a->lay.out, w, dv, bq, bq, a->out, (T *)s.out, ld, 1);
     }
-    scratch_free(&s);
-    return 0;
+    free(s.mem);
+    return status;
 }
 
 /* grad_rel_h / grad_rel_w: PRODUCTS: (n, rows, Q) like rel_h / rel_w; TABLES: (calls, rows, d), one accumulator
@@ -517,7 +648,7 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
         grad_rel_w += call * a->rows_w * a->d;
     }
     Scratch s;
-    if (!scratch_init(&s, a, 1)) return 1;
+    if (!scratch_init(&s, a)) return 1;
     const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw, keys = s.nv * VL, width = s.dvec;
     const int64_t K = (int64_t)kh * kw;
     const int nv = s.nv, rwv = s.rwv, stride = s.pstride;
@@ -527,8 +658,8 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
         T *gq = s.gqraw;
         T *gph = grad_rel_h + w * s.rows_h * Q, *gpw = grad_rel_w + w * s.rows_w * Q;
         window_inputs(&s, a, w, &ph, &pw);
-        window_load(&s, &a->lay.out, w, dv, s.bq, s.bq, a->out, s.oraw, Q);
-        window_load(&s, &a->lay.out, w, dv, s.bq, s.bq, a->grad_out, s.graw, Q);
+        window_load(s.nh, s.nw, &a->lay.out, w, dv, s.bq, s.bq, a->out, s.oraw, Q);
+        window_load(s.nh, s.nw, &a->lay.out, w, dv, s.bq, s.bq, a->grad_out, s.graw, Q);
         if (s.mode == TABLES) {
             gph = (T *)s.gph;
             gpw = (T *)s.gpw;
@@ -590,7 +721,7 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
         } else {
             transpose(Q, d, (const T *)s.per_query, (int64_t)width * VL, gq, Q);
         }
-        window_copy(&s, &a->lay.q, w, d, s.bq, s.bq, a->grad_q, gq, Q, 1);
+        window_copy(s.nh, s.nw, &a->lay.q, w, d, s.bq, s.bq, a->grad_q, gq, Q, 1);
         unpad_rows(&s, d, s.gk, grad_k + w * d * K);
         unpad_rows(&s, dv, s.gv, grad_v + w * dv * K);
     }
