@@ -121,9 +121,10 @@ static inline T hsum(vec x) {  /* halving steps: log2(VL) adds of shuffled halve
     return a[0];
 }
 
-/* exp for x <= 0 (a logit minus its row's max), on whole vectors: exactly 0 below the smallest normal number's log
- * (masked keys get zero probability, as in ATen's softmax), NaN stays NaN. Range reduction by ln 2 (split in a
- * high and low part), then a polynomial on |r| <= ln(2) / 2: degree 6 (about 1 ulp) in fp32, 13 (Taylor) in fp64. */
+/* exp for x <= 0 (a logit minus its row's max), on whole vectors: exactly 0 far below the smallest normal number's
+ * log (below it, where float on AVX-512 gives subnormals as ATen's exp does), so masked keys get zero probability as
+ * in ATen's softmax; NaN stays NaN. Range reduction by ln 2 (split in a high and low part), then a polynomial on
+ * |r| <= ln(2) / 2: degree 6 (about 1 ulp) in fp32, 13 (Taylor) in fp64. */
 static inline vec exp_nonpos(vec x) {
 #ifdef HALO_DOUBLE
     const vec lo = splat(-708.0), magic = splat(6755399441055744.0);  /* 1.5 * 2^52: adding it rounds */
