@@ -106,6 +106,39 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(one, three)  # windows are independent: same arithmetic whichever thread runs them
 
 
+def _maps_gradients(layer: HaloAttention, x: torch.Tensor, threads: int):
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x = x.clone().requires_grad_()
+        return torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_threads_do_not_change_the_maps_backward():
+    """The backward adds each key window's gradients into the key / value map, where neighbouring windows overlap:
+    every range of windows covers whole images and heads, so no two threads add to one element and the map's
+    gradient is the same, bit for bit, whatever the threads (the tables' gradients are summed per range)."""
+    layer = HaloAttention(16, block_size=4, halo_size=2, heads=2, dim_head=8, attn_impl='fused')
+    x = torch.randn(5, 16, 13, 11)
+    one, three = _maps_gradients(layer, x, 1), _maps_gradients(layer, x, 3)
+    assert torch.equal(one[0], three[0])
+    for a, b in zip(one[1:], three[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # sums in another order
+
+
+def test_backward_ranges_that_split_an_image_are_refused(monkeypatch):
+    """A range of windows that ends inside an image's group would add to the map beside another thread's range:
+    the kernel refuses such a call (an error, not a race)."""
+    layer = HaloAttention(16, block_size=4, halo_size=1, heads=2, dim_head=8, attn_impl='fused')
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)  # 2 x 2 windows per image and head
+    out = layer(x).sum()
+    monkeypatch.setattr(fused_cpu, '_chunk', lambda n, group=1: 3)
+    with pytest.raises(ValueError, match='do not fit together'):
+        out.backward()
+
+
 def test_bf16_is_computed_in_fp32_and_returned_in_bf16():
     args = [t.detach().bfloat16().requires_grad_() for t in _inputs(3, 8, 8, 4, 6, 6, dtype=torch.float32)]
     out = attend_fused(*args, 0.35)

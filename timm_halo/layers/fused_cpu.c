@@ -16,17 +16,14 @@
  *   scale * q[:, i] . k[:, j] + P_h[base_h[by, y] + jh, i] + mask_h[by, jh] + P_w[base_w[bx, x] + jw, i]
  *   + mask_w[bx, jw].
  * All work is on GCC/Clang vector types (64 bytes: one AVX-512 register, or two AVX2 / four SSE / NEON), so no loop
- * has a scalar tail and nothing depends on the auto-vectoriser. Forward, per window: logits (K, Q) = relative terms
- * + k^T (scale q) with the queries across vector lanes, softmax down the keys, out = v P^T (halo_fwd).
- * Backward: the keys' and values' rows padded to nv whole vectors (pad columns get a very negative logit, hence
- * probability exactly 0), the same logits (Q, K), P recomputed from the forward's per-query max and 1 / sum of exp
- * (stats: flash-attention style), dP = dO^T v, dS = P (dP - rowsum(dO O)), dq = scale dS k^T, dk = scale q dS,
- * dv = dO P. Every product there is one register-blocked kernel (gemm), with keys also copied key-major where keys
- * are the contracted axis.
+ * has a scalar tail and nothing depends on the auto-vectoriser. Per window, with the queries across vector lanes
+ * (logits (K, Q)): forward, logits = relative terms + k^T (scale q), softmax down the keys, out = v P^T (halo_fwd);
+ * backward (halo_bwd), the same logits, P recomputed from the forward's per-query max and 1 / sum of exp (stats:
+ * flash-attention style), dP = v^T dO, dS = P (dP - colsum(dO O)), dq = scale k dS, then dk = (scale q) dS^T and
+ * dv = dO P^T as register-blocked products over the queries (gemm), added into grad_k / grad_v.
  * Functions return 0, 1 when out of memory, 2 when a table row lies outside its table, 3 for operands that do
  * not fit together (2 and 3: a caller's bug).
  */
-#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,11 +32,9 @@
 #ifdef HALO_DOUBLE
 typedef double T;
 typedef int64_t I;
-#define PAD_LOGIT (-DBL_MAX / 4)
 #else
 typedef float T;
 typedef int32_t I;
-#define PAD_LOGIT (-FLT_MAX / 4)
 #endif
 
 /* One vec is one SIMD register of the target (a register file of 32 or 16 of them) */
@@ -58,7 +53,6 @@ typedef int32_t I;
 #define REGISTERS 16
 #endif
 #define VL ((int)(VBYTES / sizeof(T)))
-#define QB 16 /* queries per block: a block's logits and their gradient stay in L1 / L2 while a window is used */
 typedef T vec __attribute__((vector_size(VBYTES)));
 #if defined(__AVX512F__) && VBYTES == 64
 #include <immintrin.h>
@@ -76,8 +70,10 @@ typedef struct {
     int32_t step_y, step_x, pad_y, pad_x, height, width;
 } Layout;
 
-/* The layouts (mirrored by fused_cpu.py's Layouts): grad_q is laid out as q, grad_out as out; grad_k / grad_v are
- * always windows one after another. */
+/* The layouts (mirrored by fused_cpu.py's Layouts): grad_q is laid out as q, grad_out as out, grad_k as k and grad_v
+ * as v. The backward adds to grad_k / grad_v (the caller zeroes them); where windows overlap (key windows cut out of
+ * maps), every range of windows must cover whole groups (calls_stride a multiple of nh * nw), so that concurrent
+ * ranges never add to the same element. */
 typedef struct {
     Layout q, k, v, out;
 } Layouts;
@@ -87,8 +83,9 @@ typedef struct {
     int32_t d, dv, Q, kh, kw;       /* channels of q / k and of v, queries and key rows / columns per window */
     int32_t rows_h, rows_w;         /* rows of the two relative sources (tables, or per-window products) */
     int32_t nh, nw, bq, mode;       /* blocks per axis, queries per block side, PRODUCTS or TABLES */
-    int64_t calls_stride;           /* TABLES backward: windows per call; call start / calls_stride picks the
-                                     * call's own (rows, d) slice of grad_rel_h / grad_rel_w */
+    int64_t calls_stride;           /* backward: windows per call (calls start at its multiples); TABLES: call
+                                     * start / calls_stride picks the call's own (rows, d) slice of grad_rel_h /
+                                     * grad_rel_w */
     T scale;
     const T *q, *k, *v, *rel_h, *rel_w;
     const int32_t *base_h, *base_w;
@@ -113,14 +110,6 @@ static inline vec vmax(vec a, vec b) {
     return vselect(a > b, a, b);
 #endif
 }
-static inline T hsum(vec x) {  /* halving steps: log2(VL) adds of shuffled halves, not VL dependent adds */
-    T a[VL];
-    memcpy(a, &x, sizeof a);
-    for (int w = VL / 2; w >= 1; w /= 2)
-        for (int l = 0; l < w; ++l) a[l] += a[l + w];
-    return a[0];
-}
-
 /* exp for x <= 0 (a logit minus its row's max), on whole vectors: exactly 0 far below the smallest normal number's
  * log (below it, where float on AVX-512 gives subnormals as ATen's exp does), so masked keys get zero probability as
  * in ATen's softmax; NaN stays NaN. Range reduction by ln 2 (split in a high and low part), then a polynomial on
@@ -169,27 +158,6 @@ static inline vec exp_nonpos(vec x) {
 #endif
 }
 
-typedef struct {
-    int d, dv, Q, kh, kw, nv, rwv; /* nv: vectors per row of kh * kw keys, padded; rwv: per row of kw */
-    int dvec, dvvec, qv;           /* vectors per key of d and dv channels, per row of Q queries (all padded) */
-    int rows_h, rows_w, nh, nw, bq, mode; /* table rows per axis, blocks per axis, queries per block side */
-    int pstride;                          /* row stride of the window's products: Q (PRODUCTS), qv * VL (TABLES) */
-    T *hv, *gh;                           /* one query's rel_h terms and their gradient (kh) */
-    T *qs;                                /* the window's queries times scale (d, Q) */
-    vec *k, *v;                           /* channel-major padded copies: k (d, nv), v (dv, nv) */
-    vec *keys_t;                          /* key-major padded copy of k (nv * VL, dvec) */
-    vec *p, *ds;                          /* a block's logits / probabilities and their gradient (QB, nv) */
-    vec *per_query;                       /* dq (Q, dvec) */
-    vec *rw, *colsum;                     /* a rel_w row; column sums */
-    ivec *in_row;                         /* lanes of rw's vectors that hold one of the kw columns */
-    vec *gk, *gv;                         /* padded dk (d, nv), dv (dv, nv) */
-    /* TABLES: q padded (d, qv); the window's products (rows, qv) and their gradients; q key-major (Q, dvec), dq
-     * padded (d, qv), this call's table gradients (rows, dvec) */
-    vec *qp, *ph, *pw, *gph, *gpw, *qt, *dqp, *gtab_h, *gtab_w;
-    T *qraw, *oraw, *graw, *gqraw;        /* the window's q, out, dO and dq (d or dv, Q) */
-    void *mem;
-} Scratch;
-
 /* Carves consecutive blocks of vectors out of one allocation. */
 static vec *take(vec **cursor, size_t vectors) {
     vec *block = *cursor;
@@ -197,77 +165,11 @@ static vec *take(vec **cursor, size_t vectors) {
     return block;
 }
 
-static int scratch_init(Scratch *s, const HaloArgs *a) {  /* for the backward */
-    const int d = a->d, dv = a->dv, Q = a->Q, kh = a->kh, kw = a->kw;
-    s->d = d; s->dv = dv; s->Q = Q; s->kh = kh; s->kw = kw;
-    s->rows_h = a->rows_h; s->rows_w = a->rows_w; s->nh = a->nh; s->nw = a->nw; s->bq = a->bq;
-    s->mode = a->mode;
-    s->nv = (kh * kw + VL - 1) / VL;
-    s->rwv = (kw + VL - 1) / VL;
-    s->dvec = (d + VL - 1) / VL;
-    s->dvvec = (dv + VL - 1) / VL;
-    s->qv = (Q + VL - 1) / VL;
-    s->pstride = s->mode == TABLES ? s->qv * VL : Q;
-    const size_t nv = (size_t)s->nv, keys = nv * VL, rwv = (size_t)s->rwv;
-    const size_t width = (size_t)s->dvec;  /* of keys_t and per_query */
-    const size_t qv = (size_t)s->qv, rows = (size_t)(s->rows_h + s->rows_w), tables = s->mode == TABLES;
-    const size_t block = (size_t)QB * nv + 1;  /* + 1: room for rel_logits' last whole-vector store */
-    const size_t sizes[] = {  /* in the order taken below */
-        (size_t)d * nv, (size_t)dv * nv, keys * width,                        /* k, v, keys_t */
-        block, block, (size_t)Q * width,                                      /* p, ds, per_query */
-        (size_t)d * nv, (size_t)dv * nv,                                      /* gk, gv */
-        rwv, rwv, rwv, (size_t)(2 * kh + VL - 1) / VL,                        /* rw, colsum, in_row, hv + gh */
-        ((size_t)d * Q + VL - 1) / VL,                                        /* qs */
-        tables * d * qv, tables * rows * qv, tables * rows * qv,              /* qp, ph + pw, gph + gpw */
-        tables * Q * s->dvec, tables * d * qv,                                /* qt, dqp */
-        tables * rows * s->dvec,                                              /* gtab_h + gtab_w */
-        ((size_t)d * Q + VL - 1) / VL, ((size_t)dv * Q + VL - 1) / VL,       /* qraw, oraw */
-        ((size_t)dv * Q + VL - 1) / VL, ((size_t)d * Q + VL - 1) / VL,       /* graw, gqraw */
-    };
-    size_t vectors = 0;
-    for (size_t t = 0; t < sizeof sizes / sizeof sizes[0]; ++t) vectors += sizes[t];
-    s->mem = aligned_alloc(VBYTES, vectors * VBYTES);
-    if (!s->mem) return 0;
-    memset(s->mem, 0, vectors * VBYTES);  /* pad columns and pad channels of the copies stay 0 */
-    vec *p = (vec *)s->mem;
-    const size_t *z = sizes;
-    s->k = take(&p, *z++);
-    s->v = take(&p, *z++);
-    s->keys_t = take(&p, *z++);
-    s->p = take(&p, *z++);
-    s->ds = take(&p, *z++);
-    s->per_query = take(&p, *z++);
-    s->gk = take(&p, *z++);
-    s->gv = take(&p, *z++);
-    s->rw = take(&p, *z++);
-    s->colsum = take(&p, *z++);
-    s->in_row = (ivec *)take(&p, *z++);
-    s->hv = (T *)take(&p, *z++);
-    s->gh = s->hv + kh;
-    s->qs = (T *)take(&p, *z++);
-    s->qp = take(&p, *z++);
-    s->ph = take(&p, *z++);
-    s->pw = s->ph + (size_t)s->rows_h * qv;
-    s->gph = take(&p, *z++);
-    s->gpw = s->gph + (size_t)s->rows_h * qv;
-    s->qt = take(&p, *z++);
-    s->dqp = take(&p, *z++);
-    s->gtab_h = take(&p, *z++);
-    s->gtab_w = s->gtab_h + (size_t)s->rows_h * s->dvec;
-    s->qraw = (T *)take(&p, *z++);
-    s->oraw = (T *)take(&p, *z++);
-    s->graw = (T *)take(&p, *z++);
-    s->gqraw = (T *)take(&p, *z++);
-    for (int jw = 0; jw < kw; ++jw) ((I *)s->in_row)[jw] = -1;
-    return 1;
-}
-
-static void scratch_free(Scratch *s) { free(s->mem); }
-
 /* Window w's (channels, rows, cols) through layout l: load into dst[c * ldc + y * cols + x] (0 outside the image),
- * or store from there (inside the image only). */
+ * or store or add from there (inside the image only). */
+enum { LOAD = 0, STORE = 1, ADD = 2 };
 static void window_copy(int nh, int nw, const Layout *l, int64_t w, int channels, int rows, int cols, T *map,
-                        T *dst, int64_t ldc, int store) {
+                        T *dst, int64_t ldc, int mode) {
     const int64_t g = w / ((int64_t)nh * nw);
     const int by = (int)(w / nw % nh), bx = (int)(w % nw);
     const int y0 = by * l->step_y - l->pad_y, x0 = bx * l->step_x - l->pad_x;
@@ -279,7 +181,10 @@ static void window_copy(int nh, int nw, const Layout *l, int64_t w, int channels
             const int inside = y0 + y >= 0 && y0 + y < l->height && x_lo < x_hi;
             /* the first column read or written: never formed outside the map */
             const int64_t at = origin + c * l->channel + (int64_t)y * l->row + x_lo;
-            if (store) {
+            if (mode == ADD) {
+                if (inside)
+                    for (int x = x_lo; x < x_hi; ++x) map[at + x - x_lo] += local[x];
+            } else if (mode == STORE) {
                 if (inside) memcpy(map + at, local + x_lo, sizeof(T) * (size_t)(x_hi - x_lo));
             } else if (!inside) {
                 memset(local, 0, sizeof(T) * (size_t)cols);
@@ -293,13 +198,7 @@ static void window_copy(int nh, int nw, const Layout *l, int64_t w, int channels
 
 static void window_load(int nh, int nw, const Layout *l, int64_t w, int channels, int rows, int cols,
                         const T *map, T *dst, int64_t ldc) {
-    window_copy(nh, nw, l, w, channels, rows, cols, (T *)map, dst, ldc, 0);
-}
-
-/* Rows of nv vectors back to rows of kh * kw keys. */
-static void unpad_rows(const Scratch *s, int channels, const vec *src, T *dst) {
-    const size_t keys = (size_t)s->kh * s->kw;
-    for (int c = 0; c < channels; ++c) memcpy(dst + c * keys, src + (size_t)c * s->nv, sizeof(T) * keys);
+    window_copy(nh, nw, l, w, channels, rows, cols, (T *)map, dst, ldc, LOAD);
 }
 
 /* The vector width this library was built for (fused_cpu.py: 'auto' prefers the kernel from 32 bytes). */
@@ -312,11 +211,6 @@ int64_t halo_args_bytes(void) { return (int64_t)sizeof(HaloArgs); }
 static void transpose(int rows, int cols, const T *src, int64_t lds, T *dst, int64_t ldd) {
     for (int r = 0; r < rows; ++r)
         for (int j = 0; j < cols; ++j) dst[j * ldd + r] = src[r * lds + j];
-}
-
-/* A padded copy (channels, nv vectors) into key-major rows (nv * VL, width vectors); their pads were zeroed once. */
-static void key_major(const Scratch *s, int channels, const vec *src, vec *dst, int width) {
-    transpose(channels, s->kh * s->kw, (const T *)src, (int64_t)s->nv * VL, (T *)dst, (int64_t)width * VL);
 }
 
 /* The small matrix products of a window, all one register-blocked kernel:
@@ -384,95 +278,6 @@ static void gemm(int rows, int cols, int n, const T *a, int64_t ars, int64_t acs
     }
 }
 
-/* Query i of window w: its table rows (key row / column 0) and its block's masks. */
-typedef struct {
-    int row_h, row_w;
-    const T *mask_h, *mask_w;
-} RelRows;
-
-static int rel_rows(const Scratch *s, int64_t w, int i, const int32_t *base_h, const int32_t *base_w,
-                    const T *mask_h, const T *mask_w, RelRows *r) {
-    const int by = (int)(w / s->nw % s->nh), bx = (int)(w % s->nw), y = i / s->bq, x = i % s->bq;
-    r->row_h = base_h[by * s->bq + y];
-    r->row_w = base_w[bx * s->bq + x];
-    r->mask_h = mask_h + (size_t)by * s->kh;
-    r->mask_w = mask_w + (size_t)bx * s->kw;
-    return r->row_h >= 0 && r->row_h + s->kh <= s->rows_h && r->row_w >= 0 && r->row_w + s->kw <= s->rows_w;
-}
-
-/* Query i's relative terms, masks included: rel_h into s->hv (kh), rel_w into the padded row s->rw. ph / pw: this
- * window's products (rows, Q) of the queries with the tables (given, or computed per window in TABLES mode). */
-static void rel_values(const Scratch *s, const RelRows *r, int i, const T *ph, const T *pw) {
-    T *rw = (T *)s->rw;  /* its pad columns hold PAD_LOGIT */
-    const size_t stride = (size_t)s->pstride;
-    const T *h = ph + r->row_h * stride + i, *wp = pw + r->row_w * stride + i;
-    for (int jh = 0; jh < s->kh; ++jh) s->hv[jh] = h[jh * stride] + r->mask_h[jh];
-    for (int jw = 0; jw < s->kw; ++jw) rw[jw] = wp[jw * stride] + r->mask_w[jw];
-}
-
-/* The relative terms, masks included, of queries i0 .. i0 + n - 1 into the rows of s->p; 0, or 2 for a table row
- * out of range. */
-static int rel_logits(const Scratch *s, int64_t w, int i0, int n, const int32_t *base_h, const int32_t *base_w,
-                      const T *mask_h, const T *mask_w, const T *ph, const T *pw) {
-    const int rwv = s->rwv, keys = s->kh * s->kw;
-    for (int i = i0; i < i0 + n; ++i) {
-        RelRows r;
-        if (!rel_rows(s, w, i, base_h, base_w, mask_h, mask_w, &r)) return 2;
-        rel_values(s, &r, i, ph, pw);
-        /* Key row jh is the kw values from jh * kw: whole-vector stores in increasing order, each overwriting the
-         * lanes past kw of the one before; the last one's spill past the row is overwritten by the next row or
-         * lies in the buffer's one spare vector. */
-        T *row = (T *)(s->p + (size_t)(i - i0) * s->nv);
-        for (int jh = 0; jh < s->kh; ++jh) {
-            const T a = s->hv[jh];
-            for (int u = 0; u < rwv; ++u) {
-                const vec x = s->rw[u] + a;
-                memcpy(row + (size_t)jh * s->kw + (size_t)u * VL, &x, sizeof x);
-            }
-        }
-        for (int j = keys; j < s->nv * VL; ++j) row[j] = PAD_LOGIT;
-    }
-    return 0;
-}
-
-/* The logits of queries i0 .. i0 + n - 1 in s->p: the relative terms plus (q * scale) . k, whose queries the
- * caller left in s->qs. */
-static int block_logits(Scratch *s, int64_t w, int i0, int n, const int32_t *base_h, const int32_t *base_w,
-                        const T *mask_h, const T *mask_w, const T *ph, const T *pw) {
-    const int status = rel_logits(s, w, i0, n, base_h, base_w, mask_h, mask_w, ph, pw);
-    if (status == 0) gemm(n, s->nv, s->d, s->qs + i0, 1, s->Q, s->k, s->nv, s->p, s->nv, 1);
-    return status;
-}
-
-/* Window w's queries into s->qraw and, scaled, s->qs, its keys and values into the padded copies, and (TABLES) its
- * products with the tables; returns where the relative terms' products are. */
-static void window_inputs(Scratch *s, const HaloArgs *a, int64_t w, const T **ph, const T **pw) {
-    const int d = s->d, Q = s->Q, qv = s->qv, nvl = s->nv * VL;
-    const T *rel_h = a->rel_h, *rel_w = a->rel_w, *qw = s->qraw;
-    window_load(s->nh, s->nw, &a->lay.q, w, d, s->bq, s->bq, a->q, s->qraw, Q);
-    for (int64_t x = 0; x < (int64_t)d * Q; ++x) s->qs[x] = qw[x] * a->scale;
-    window_load(s->nh, s->nw, &a->lay.k, w, d, s->kh, s->kw, a->k, (T *)s->k, nvl);
-    window_load(s->nh, s->nw, &a->lay.v, w, s->dv, s->kh, s->kw, a->v, (T *)s->v, nvl);
-    if (s->mode == TABLES) {  /* (rows, Q) = table (rows, d) . q (d, Q) */
-        for (int c = 0; c < d; ++c) memcpy(s->qp + (size_t)c * qv, qw + (size_t)c * Q, sizeof(T) * (size_t)Q);
-        gemm(s->rows_h, qv, d, rel_h, d, 1, s->qp, qv, s->ph, qv, 0);
-        gemm(s->rows_w, qv, d, rel_w, d, 1, s->qp, qv, s->pw, qv, 0);
-        *ph = (const T *)s->ph;
-        *pw = (const T *)s->pw;
-    } else {
-        *ph = rel_h + w * s->rows_h * Q;
-        *pw = rel_w + w * s->rows_w * Q;
-    }
-}
-
-/* TABLES, backward of window_inputs' products: dq (d, Q) += table^T . grad, this call's dtable (rows, d) += grad .
- * q^T; dq is s->dqp, q^T s->qt. */
-static void table_products_backward(Scratch *s, int rows, const T *table, const vec *grad, vec *dtable) {
-    const int qv = s->qv;
-    gemm(s->d, qv, rows, table, 1, s->d, grad, qv, s->dqp, qv, 1);
-    gemm(rows, s->dvec, s->Q, (const T *)grad, (int64_t)qv * VL, 1, s->qt, s->dvec, dtable, s->dvec, 1);
-}
-
 /* The forward (halo_fwd) keeps the queries across vector lanes: logits are (keys, query vectors), so the softmax runs
  * down the keys on whole vectors (no horizontal max or sum), and q . k and P v fill every lane whatever d and dv
  * are (small heads waste half a vector or more in the backward's key-major rows). Its logits are bit for bit those
@@ -485,31 +290,44 @@ static void table_products_backward(Scratch *s, int rows, const T *table, const 
 #endif
 
 typedef struct {
-    int qv, ld;      /* vectors per row of Q queries; ld = qv * VL */
+    int qv, ld, dvec, dvvec; /* vectors per row of Q queries (ld = qv * VL), per key of d and dv channels */
     vec *q, *qs;     /* the window's queries (d, qv) and times scale */
     vec *ph, *pw;    /* TABLES: the products with the tables (rows, qv) */
     T *k, *v;        /* (d, K), (dv, K) */
     vec *rh, *rw;    /* relative terms with masks per key row (kh, qv) and key column (kw, qv) */
-    vec *logits;     /* one query vector's logits, then exp (K) */
-    vec *out;        /* (dv, qv): unnormalised, then normalised */
+    vec *logits;     /* one query vector's logits, then exp (fwd) or dP, then dS (bwd) (K) */
+    vec *out;        /* (dv, qv): unnormalised, then normalised (fwd); O (bwd) */
     vec *stat;       /* max and 1 / sum of exp (2, qv) */
+    /* backward: dO (dv, qv); P and dS (K, qv); the relative terms' gradients (kh + kw, qv); dq (d, qv);
+     * key-major q, scale q (Q, dvec) and dO (Q, dvvec); dk (K, dvec), dv (K, dvvec); TABLES: the products'
+     * gradients (rows, qv) and this call's table gradients (rows, dvec) */
+    vec *go, *pall, *sall, *grh, *grw, *gq, *qt, *qst, *got, *gkt, *gvt, *gph, *gpw, *gtab_h, *gtab_w;
     void *mem;
 } Lanes;
 
-static int lanes_init(Lanes *s, const HaloArgs *a) {
+static int lanes_init(Lanes *s, const HaloArgs *a, int bwd) {
     const size_t K = (size_t)a->kh * a->kw, qv = (size_t)(a->Q + VL - 1) / VL, tables = a->mode == TABLES;
-    const size_t sizes[] = {(size_t)a->d * qv, (size_t)a->d * qv, tables * (size_t)(a->rows_h + a->rows_w) * qv,
-                            ((size_t)a->d * K + VL - 1) / VL, ((size_t)a->dv * K + VL - 1) / VL,
-                            (size_t)(a->kh + a->kw) * qv, K, (size_t)a->dv * qv, 2 * qv};
+    const size_t Q = (size_t)qv * VL, rows = (size_t)(a->rows_h + a->rows_w);
+    const size_t dvec = (size_t)(a->d + VL - 1) / VL, dvvec = (size_t)(a->dv + VL - 1) / VL;
+    const size_t sizes[] = {(size_t)a->d * qv, (size_t)a->d * qv, tables * rows * qv,             /* q, qs, ph + pw */
+                            ((size_t)a->d * K + VL - 1) / VL, ((size_t)a->dv * K + VL - 1) / VL,  /* k, v */
+                            (size_t)(a->kh + a->kw) * qv, K, (size_t)a->dv * qv, 2 * qv,        /* rh + rw ... */
+                            bwd * a->dv * qv, bwd * K * qv, bwd * K * qv,                       /* go, pall, sall */
+                            bwd * (a->kh + a->kw) * qv, bwd * a->d * qv,                        /* grh + grw, gq */
+                            bwd * Q * dvec, bwd * Q * dvec, bwd * Q * dvvec,                    /* qt, qst, got */
+                            bwd * K * dvec, bwd * K * dvvec,                                    /* gkt, gvt */
+                            bwd * tables * rows * qv, bwd * tables * rows * dvec};              /* gph.., gtab.. */
     size_t vectors = 0;
     for (size_t t = 0; t < sizeof sizes / sizeof sizes[0]; ++t) vectors += sizes[t];
     s->mem = aligned_alloc(VBYTES, vectors * VBYTES);
     if (!s->mem) return 0;
-    memset(s->mem, 0, vectors * VBYTES);  /* pad lanes (queries past Q) stay 0 */
+    memset(s->mem, 0, vectors * VBYTES);  /* pad lanes (queries past Q) and pad channels stay 0 */
     vec *p = (vec *)s->mem;
     const size_t *z = sizes;
     s->qv = (int)qv;
-    s->ld = (int)qv * VL;
+    s->ld = (int)Q;
+    s->dvec = (int)dvec;
+    s->dvvec = (int)dvvec;
     s->q = take(&p, *z++);
     s->qs = take(&p, *z++);
     s->ph = take(&p, *z++);
@@ -521,41 +339,66 @@ static int lanes_init(Lanes *s, const HaloArgs *a) {
     s->logits = take(&p, *z++);
     s->out = take(&p, *z++);
     s->stat = take(&p, *z++);
+    s->go = take(&p, *z++);
+    s->pall = take(&p, *z++);
+    s->sall = take(&p, *z++);
+    s->grh = take(&p, *z++);
+    s->grw = s->grh + (size_t)a->kh * qv;
+    s->gq = take(&p, *z++);
+    s->qt = take(&p, *z++);
+    s->qst = take(&p, *z++);
+    s->got = take(&p, *z++);
+    s->gkt = take(&p, *z++);
+    s->gvt = take(&p, *z++);
+    s->gph = take(&p, *z++);
+    s->gpw = s->gph + (size_t)a->rows_h * qv;
+    s->gtab_h = take(&p, *z++);
+    s->gtab_w = s->gtab_h + (size_t)a->rows_h * dvec;
     return 1;
 }
 
 /* dst[r * ld + i] = src[(base[t] + r) * stride + i] + mask[r] for r < n and queries i = (y, x) < Q, where t is y
- * (rows) or x (columns): one axis' relative terms of every query; 0, or 2 for a table row out of range. */
-static int lanes_rel(const HaloArgs *a, int rows_axis, int n, int rows, const int32_t *base, const T *src,
-                     int64_t stride, const T *mask, T *dst, int ld) {
+ * (rows) or x (columns): one axis' relative terms of every query; 0, or 2 for a table row out of range. With grad,
+ * the reverse (no mask): src[(base[t] + r) * stride + i] = dst[r * ld + i], each element written once. */
+static int lanes_rel(const HaloArgs *a, int rows_axis, int n, int rows, const int32_t *base, T *src, int64_t stride,
+                     const T *mask, T *dst, int ld, int grad) {
     const int bq = a->bq;
     for (int t = 0; t < bq; ++t)
         if (base[t] < 0 || base[t] + n > rows) return 2;
     for (int r = 0; r < n; ++r)
         for (int t = 0; t < bq; ++t) {  /* query row t (rows_axis): bq queries in a row; else column t */
             const int64_t step = rows_axis ? 1 : bq, first = rows_axis ? (int64_t)t * bq : t;
-            const T *from = src + (base[t] + r) * stride + first;
-            T *to = dst + (size_t)r * ld + first;
-            for (int64_t e = 0; e < bq; ++e) to[e * step] = from[e * step] + mask[r];
+            T *from = src + (base[t] + r) * stride + first, *to = dst + (size_t)r * ld + first;
+            for (int64_t e = 0; e < bq; ++e) {
+                if (grad) from[e * step] = to[e * step];
+                else to[e * step] = from[e * step] + mask[r];
+            }
         }
     return 0;
 }
 
-/* logits[j] += sum_c qs[c] * k[c, j] for keys j0 .. j0 + kb - 1, one query vector (qs: stride qv) */
-static inline __attribute__((always_inline)) void lanes_qk(const int kb, int d, const vec *qs, int qv, const T *k,
+/* logits[r] += sum_c x[c] * k[c, r] for keys r < kb, one query vector (x: stride qv), and the running max */
+static inline __attribute__((always_inline)) void lanes_qk(const int kb, int d, const vec *x, int qv, const T *k,
                                                            int64_t K, vec *logits, vec *max) {
     vec acc[KB];
     for (int r = 0; r < kb; ++r) acc[r] = logits[r];
     for (int c = 0; c < d; ++c) {
-        const vec qc = qs[(size_t)c * qv];
-        for (int r = 0; r < kb; ++r) acc[r] += qc * splat(k[c * K + r]);
+        const vec xc = x[(size_t)c * qv];
+        for (int r = 0; r < kb; ++r) acc[r] += xc * splat(k[c * K + r]);
     }
     vec m = acc[0];
     for (int r = 0; r < kb; ++r) {
         logits[r] = acc[r];
         m = vmax(m, acc[r]);
     }
-    *max = vmax(*max, m);
+    if (max) *max = vmax(*max, m);
+}
+
+/* logits[j] += sum_c x[c] * k[c, j] for all K keys (max: NULL, or the running max) */
+static void lanes_qk_all(int d, const vec *x, int qv, const T *k, int64_t K, vec *logits, vec *max) {
+    int64_t j = 0;
+    for (; j + KB <= K; j += KB) lanes_qk(KB, d, x, qv, k + j, K, logits + j, max);
+    for (; j < K; ++j) lanes_qk(1, d, x, qv, k + j, K, logits + j, max);
 }
 
 /* out[c] = sum_j p[j] * v[c, j] for channels c < cb, one query vector (out: stride qv) */
@@ -568,55 +411,73 @@ static inline __attribute__((always_inline)) void lanes_pv(const int cb, int64_t
     for (int c = 0; c < cb; ++c) out[(size_t)c * qv] = acc[c];
 }
 
+/* out[c] = sum_j p[j] * v[c, j] for all channels c < dv, in the widest tiles that fit (independent accumulators) */
+static void lanes_pv_all(int dv, int64_t K, const vec *p, const T *v, vec *out, int qv) {
+    for (int c = 0, cb; c < dv; c += cb) {
+        cb = dv - c >= CB ? CB : dv - c >= 8 ? 8 : dv - c >= 4 ? 4 : 1;
+        vec *o = out + (size_t)c * qv;
+        if (cb == CB) lanes_pv(CB, K, p, v + c * K, o, qv);
+        else if (cb == 8) lanes_pv(8, K, p, v + c * K, o, qv);
+        else if (cb == 4) lanes_pv(4, K, p, v + c * K, o, qv);
+        else lanes_pv(1, K, p, v + c * K, o, qv);
+    }
+}
+
+/* Window w's queries (and times scale), keys, values and per-axis relative terms; 0, or 2 for a table row out of
+ * range. PRODUCTS: the per-window products' rows and stride into *ph / *pw / *stride. */
+static int lanes_window(Lanes *s, const HaloArgs *a, int64_t w, T **ph, T **pw, int64_t *stride) {
+    const int d = a->d, kh = a->kh, kw = a->kw, bq = a->bq, nh = a->nh, nw = a->nw, qv = s->qv, ld = s->ld;
+    const int64_t K = (int64_t)kh * kw;
+    const int by = (int)(w / nw % nh), bx = (int)(w % nw);
+    window_load(nh, nw, &a->lay.q, w, d, bq, bq, a->q, (T *)s->q, ld);
+    for (int x = 0; x < d * qv; ++x) s->qs[x] = s->q[x] * a->scale;
+    window_load(nh, nw, &a->lay.k, w, d, kh, kw, a->k, s->k, K);
+    window_load(nh, nw, &a->lay.v, w, a->dv, kh, kw, a->v, s->v, K);
+    *ph = (T *)a->rel_h + w * a->rows_h * a->Q;
+    *pw = (T *)a->rel_w + w * a->rows_w * a->Q;
+    *stride = a->Q;
+    if (a->mode == TABLES) {  /* (rows, qv) = table (rows, d) . q (d, qv) */
+        gemm(a->rows_h, qv, d, a->rel_h, d, 1, s->q, qv, s->ph, qv, 0);
+        gemm(a->rows_w, qv, d, a->rel_w, d, 1, s->q, qv, s->pw, qv, 0);
+        *ph = (T *)s->ph;
+        *pw = (T *)s->pw;
+        *stride = ld;
+    }
+    const int status = lanes_rel(a, 1, kh, a->rows_h, a->base_h + (size_t)by * bq, *ph, *stride,
+                                 a->mask_h + (size_t)by * kh, (T *)s->rh, ld, 0);
+    if (status) return status;
+    return lanes_rel(a, 0, kw, a->rows_w, a->base_w + (size_t)bx * bq, *pw, *stride, a->mask_w + (size_t)bx * kw,
+                     (T *)s->rw, ld, 0);
+}
+
+/* One query vector's logits into s->logits: relative terms, then q . k (and their max) */
+static void lanes_logits(Lanes *s, const HaloArgs *a, int u, vec *max) {
+    const int kh = a->kh, kw = a->kw, qv = s->qv;
+    vec *l = s->logits;
+    for (int jh = 0; jh < kh; ++jh)
+        for (int jw = 0; jw < kw; ++jw) l[jh * kw + jw] = s->rw[jw * qv + u] + s->rh[jh * qv + u];
+    lanes_qk_all(a->d, s->qs + u, qv, s->k, (int64_t)kh * kw, l, max);
+}
+
 int halo_fwd(const HaloArgs *a, int64_t start, int64_t stop) {
     Lanes s;
-    if (!lanes_init(&s, a)) return 1;
-    const int d = a->d, dv = a->dv, Q = a->Q, kh = a->kh, kw = a->kw, bq = a->bq, nh = a->nh, nw = a->nw;
-    const int qv = s.qv, ld = s.ld;
-    const int64_t K = (int64_t)kh * kw;
+    if (!lanes_init(&s, a, 0)) return 1;
+    const int dv = a->dv, Q = a->Q, qv = s.qv, ld = s.ld;
+    const int64_t K = (int64_t)a->kh * a->kw;
     int status = 0;
     for (int64_t w = start; w < stop && !status; ++w) {
-        const int by = (int)(w / nw % nh), bx = (int)(w % nw);
-        window_load(nh, nw, &a->lay.q, w, d, bq, bq, a->q, (T *)s.q, ld);
-        for (int x = 0; x < d * qv; ++x) s.qs[x] = s.q[x] * a->scale;
-        window_load(nh, nw, &a->lay.k, w, d, kh, kw, a->k, s.k, K);
-        window_load(nh, nw, &a->lay.v, w, dv, kh, kw, a->v, s.v, K);
-        const T *ph = a->rel_h + w * a->rows_h * Q, *pw = a->rel_w + w * a->rows_w * Q;
-        int64_t stride = Q;
-        if (a->mode == TABLES) {  /* (rows, qv) = table (rows, d) . q (d, qv) */
-            gemm(a->rows_h, qv, d, a->rel_h, d, 1, s.q, qv, s.ph, qv, 0);
-            gemm(a->rows_w, qv, d, a->rel_w, d, 1, s.q, qv, s.pw, qv, 0);
-            ph = (const T *)s.ph;
-            pw = (const T *)s.pw;
-            stride = ld;
-        }
-        status = lanes_rel(a, 1, kh, a->rows_h, a->base_h + (size_t)by * bq, ph, stride, a->mask_h + (size_t)by * kh,
-                           (T *)s.rh, ld);
-        if (!status)
-            status = lanes_rel(a, 0, kw, a->rows_w, a->base_w + (size_t)bx * bq, pw, stride,
-                               a->mask_w + (size_t)bx * kw, (T *)s.rw, ld);
-        if (status) break;
+        T *ph, *pw;
+        int64_t stride;
+        if ((status = lanes_window(&s, a, w, &ph, &pw, &stride))) break;
         for (int u = 0; u < qv; ++u) {
-            vec *l = s.logits;
-            for (int jh = 0; jh < kh; ++jh)
-                for (int jw = 0; jw < kw; ++jw) l[jh * kw + jw] = s.rw[jw * qv + u] + s.rh[jh * qv + u];
-            int64_t j = 0;
-            vec m = splat(-INFINITY);  /* a NaN logit may be skipped by the max; it makes its query's sum NaN */
-            for (; j + KB <= K; j += KB) lanes_qk(KB, d, s.qs + u, qv, s.k + j, K, l + j, &m);
-            for (; j < K; ++j) lanes_qk(1, d, s.qs + u, qv, s.k + j, K, l + j, &m);
+            vec *l = s.logits, m = splat(-INFINITY);  /* the max may skip a NaN logit; it makes the sum NaN */
+            lanes_logits(&s, a, u, &m);
             vec sum = {0};
-            for (j = 0; j < K; ++j) {
+            for (int64_t j = 0; j < K; ++j) {
                 l[j] = exp_nonpos(l[j] - m);
                 sum += l[j];
             }
-            for (int c = 0, cb; c < dv; c += cb) {  /* the widest tile that fits: independent accumulators */
-                cb = dv - c >= CB ? CB : dv - c >= 8 ? 8 : dv - c >= 4 ? 4 : 1;
-                vec *o = s.out + (size_t)c * qv + u;
-                if (cb == CB) lanes_pv(CB, K, l, s.v + c * K, o, qv);
-                else if (cb == 8) lanes_pv(8, K, l, s.v + c * K, o, qv);
-                else if (cb == 4) lanes_pv(4, K, l, s.v + c * K, o, qv);
-                else lanes_pv(1, K, l, s.v + c * K, o, qv);
-            }
+            lanes_pv_all(dv, K, l, s.v, s.out + u, qv);
             const vec inv = splat(1) / sum;
             for (int c = 0; c < dv; ++c) s.out[(size_t)c * qv + u] *= inv;
             s.stat[u] = m;
@@ -628,19 +489,17 @@ int halo_fwd(const HaloArgs *a, int64_t start, int64_t stop) {
             lw[2 * i] = stat[i];
             lw[2 * i + 1] = stat[ld + i];
         }
-        window_copy(nh, nw, &a->lay.out, w, dv, bq, bq, a->out, (T *)s.out, ld, 1);
+        window_copy(a->nh, a->nw, &a->lay.out, w, dv, a->bq, a->bq, a->out, (T *)s.out, ld, STORE);
     }
     free(s.mem);
     return status;
 }
 
-/* grad_rel_h / grad_rel_w: PRODUCTS: (n, rows, Q) like rel_h / rel_w; TABLES: (calls, rows, d), one accumulator
+/* Backward, queries across lanes as in the forward: P and dS per query vector, dq, and the relative terms'
+ * gradients on whole vectors; dk = dS^T (scale q) and dv = P^T dO as products over the queries (keys as rows).
+ * grad_rel_h / grad_rel_w: PRODUCTS: (n, rows, Q) like rel_h / rel_w; TABLES: (calls, rows, d), one accumulator
  * per call (concurrent calls never share one; the caller sums them). */
 int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
-    const T scale = a->scale, *rel_h = a->rel_h, *rel_w = a->rel_w;
-    const T *mask_h = a->mask_h, *mask_w = a->mask_w, *stats = a->stats;
-    const int32_t *base_h = a->base_h, *base_w = a->base_w;
-    T *grad_k = a->grad_k, *grad_v = a->grad_v;
     T *grad_rel_h = a->grad_rel_h, *grad_rel_w = a->grad_rel_w;
     if (a->mode == TABLES) {
         if (a->calls_stride < 1) return 3;
@@ -648,91 +507,87 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
         grad_rel_h += call * a->rows_h * a->d;
         grad_rel_w += call * a->rows_w * a->d;
     }
-    Scratch s;
-    if (!scratch_init(&s, a)) return 1;
-    const int d = s.d, dv = s.dv, Q = s.Q, kh = s.kh, kw = s.kw, keys = s.nv * VL, width = s.dvec;
+    const Layout *lk = &a->lay.k;
+    const int64_t group = (int64_t)a->nh * a->nw;
+    if ((lk->step_y < a->kh || lk->step_x < a->kw) && (a->calls_stride < 1 || a->calls_stride % group || start % group))
+        return 3;  /* overlapping windows in ranges that split a group: concurrent adds to one element */
+    Lanes s;
+    if (!lanes_init(&s, a, 1)) return 1;
+    const int d = a->d, dv = a->dv, Q = a->Q, kh = a->kh, kw = a->kw, bq = a->bq, nh = a->nh, nw = a->nw;
+    const int qv = s.qv, ld = s.ld, dvec = s.dvec, dvvec = s.dvvec, tables = a->mode == TABLES;
     const int64_t K = (int64_t)kh * kw;
-    const int nv = s.nv, rwv = s.rwv, stride = s.pstride;
-    for (int64_t w = start; w < stop; ++w) {
-        const T *qw = s.qraw, *ph, *pw;
-        const T *ow = s.oraw, *lw = stats + w * Q * 2, *gw = s.graw;
-        T *gq = s.gqraw;
-        T *gph = grad_rel_h + w * s.rows_h * Q, *gpw = grad_rel_w + w * s.rows_w * Q;
-        window_inputs(&s, a, w, &ph, &pw);
-        window_load(s.nh, s.nw, &a->lay.out, w, dv, s.bq, s.bq, a->out, s.oraw, Q);
-        window_load(s.nh, s.nw, &a->lay.out, w, dv, s.bq, s.bq, a->grad_out, s.graw, Q);
-        if (s.mode == TABLES) {
-            gph = (T *)s.gph;
-            gpw = (T *)s.gpw;
+    int status = 0;
+    for (int64_t w = start; w < stop && !status; ++w) {
+        const int by = (int)(w / nw % nh), bx = (int)(w % nw);
+        T *ph, *pw;
+        int64_t stride;
+        if ((status = lanes_window(&s, a, w, &ph, &pw, &stride))) break;
+        window_load(nh, nw, &a->lay.out, w, dv, bq, bq, a->out, (T *)s.out, ld);
+        window_load(nh, nw, &a->lay.out, w, dv, bq, bq, a->grad_out, (T *)s.go, ld);
+        const T *lw = a->stats + w * Q * 2;
+        T *stat = (T *)s.stat;
+        for (int i = 0; i < Q; ++i) {
+            stat[i] = lw[2 * i];
+            stat[ld + i] = lw[2 * i + 1];
         }
-        memset(gph, 0, sizeof(T) * (size_t)s.rows_h * stride);  /* rows no query reads get 0 */
-        memset(gpw, 0, sizeof(T) * (size_t)s.rows_w * stride);
-        key_major(&s, d, s.k, s.keys_t, width);
-        for (int i0 = 0; i0 < Q; i0 += QB) {
-            const int n = Q - i0 < QB ? Q - i0 : QB;
-            if (block_logits(&s, w, i0, n, base_h, base_w, mask_h, mask_w, ph, pw)) {
-                scratch_free(&s);
-                return 2;
+        for (int u = 0; u < qv; ++u) {
+            vec *l = s.logits, *P = s.pall + u, *S = s.sall + u;
+            lanes_logits(&s, a, u, NULL);
+            const vec m = s.stat[u], inv = s.stat[qv + u];
+            vec delta = {0};  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
+            for (int c = 0; c < dv; ++c) delta += s.go[(size_t)c * qv + u] * s.out[(size_t)c * qv + u];
+            for (int64_t j = 0; j < K; ++j) {
+                P[j * qv] = exp_nonpos(l[j] - m) * inv;
+                l[j] = splat(0);
             }
-            gemm(n, nv, dv, gw + i0, 1, Q, s.v, nv, s.ds, nv, 0);  /* dP = dO . v */
-            for (int t = 0; t < n; ++t) {
-                const int i = i0 + t;
-                vec *row = s.p + (size_t)t * nv, *dp = s.ds + (size_t)t * nv;
-                T delta = 0;  /* rowsum(dP * P) == dO . O per query (the flash-attention identity) */
-                for (int c = 0; c < dv; ++c) delta += gw[(size_t)c * Q + i] * ow[(size_t)c * Q + i];
-                const T m = lw[2 * i], inv_sum = lw[2 * i + 1];
-                for (int j = 0; j < nv; ++j) {
-                    row[j] = exp_nonpos(row[j] - m) * inv_sum;
-                    dp[j] = row[j] * (dp[j] - delta);  /* now the logits' gradient */
+            lanes_qk_all(dv, s.go + u, qv, s.v, K, l, NULL);  /* dP = dO . v */
+            for (int jw = 0; jw < kw; ++jw) s.grw[jw * qv + u] = splat(0);
+            for (int jh = 0; jh < kh; ++jh) {  /* dS = P (dP - delta); its sums over each key row and column */
+                vec row = {0};
+                for (int jw = 0; jw < kw; ++jw) {
+                    const int64_t j = (int64_t)jh * kw + jw;
+                    const vec ds = P[j * qv] * (l[j] - delta);
+                    l[j] = S[j * qv] = ds;
+                    row += ds;
+                    s.grw[jw * qv + u] += ds;
                 }
-                /* per-axis sums of the logits' gradient: rel_h over each key row, rel_w over each key column */
-                RelRows r;
-                rel_rows(&s, w, i, base_h, base_w, mask_h, mask_w, &r);  /* in range: block_logits checked */
-                vec *colsum = s.colsum;
-                for (int u = 0; u < rwv; ++u) colsum[u] = splat(0);
-                for (int jh = 0; jh < kh; ++jh) {  /* key row jh: the kw values from jh * kw (see rel_logits) */
-                    vec acc = {0};
-                    for (int u = 0; u < rwv; ++u) {
-                        vec x;
-                        memcpy(&x, (const T *)dp + (size_t)jh * kw + (size_t)u * VL, sizeof x);
-                        x = vselect(s.in_row[u], x, splat(0));
-                        acc += x;
-                        colsum[u] += x;
-                    }
-                    s.gh[jh] = hsum(acc);
-                }
-                const T *gcol = (const T *)colsum;
-                T *gh_i = gph + (size_t)r.row_h * stride + i, *gw_i = gpw + (size_t)r.row_w * stride + i;
-                for (int jh = 0; jh < kh; ++jh) gh_i[(size_t)jh * stride] = s.gh[jh];
-                for (int jw = 0; jw < kw; ++jw) gw_i[(size_t)jw * stride] = gcol[jw];
+                s.grh[jh * qv + u] = row;
             }
-            gemm(n, width, keys, (const T *)s.ds, keys, 1, s.keys_t, width, s.per_query + (size_t)i0 * width, width,
-                 0);                                                   /* dq = dS . k */
-            gemm(dv, nv, n, gw + i0, Q, 1, s.p, nv, s.gv, nv, i0 > 0);    /* dv = dO . P */
-            gemm(d, nv, n, s.qs + i0, Q, 1, s.ds, nv, s.gk, nv, i0 > 0);  /* dk = (q * scale) . dS */
+            lanes_pv_all(d, K, l, s.k, s.gq + u, qv);  /* dq = dS . k, times scale */
+            for (int c = 0; c < d; ++c) s.gq[(size_t)c * qv + u] *= a->scale;
         }
-        for (int x = 0; x < Q * width; ++x) s.per_query[x] *= scale;
-        if (s.mode == TABLES) {  /* dq and the table gradients through the window's products, padded */
-            transpose(Q, d, (const T *)s.per_query, (int64_t)width * VL, (T *)s.dqp, (int64_t)s.qv * VL);
-            transpose(d, Q, qw, Q, (T *)s.qt, (int64_t)width * VL);
-            table_products_backward(&s, s.rows_h, rel_h, s.gph, s.gtab_h);
-            table_products_backward(&s, s.rows_w, rel_w, s.gpw, s.gtab_w);
-            for (int c = 0; c < d; ++c)
-                for (int i = 0; i < Q; ++i) gq[(size_t)c * Q + i] = ((const T *)s.dqp)[(size_t)c * s.qv * VL + i];
-        } else {
-            transpose(Q, d, (const T *)s.per_query, (int64_t)width * VL, gq, Q);
+        /* the relative terms' gradients back to the products' rows (rows no query reads get 0) */
+        T *gph = tables ? (T *)s.gph : grad_rel_h + w * a->rows_h * Q;
+        T *gpw = tables ? (T *)s.gpw : grad_rel_w + w * a->rows_w * Q;
+        memset(gph, 0, sizeof(T) * (size_t)a->rows_h * stride);
+        memset(gpw, 0, sizeof(T) * (size_t)a->rows_w * stride);
+        lanes_rel(a, 1, kh, a->rows_h, a->base_h + (size_t)by * bq, gph, stride, NULL, (T *)s.grh, ld, 1);
+        lanes_rel(a, 0, kw, a->rows_w, a->base_w + (size_t)bx * bq, gpw, stride, NULL, (T *)s.grw, ld, 1);
+        /* dk (K, d) = dS (K, Q) . scale q (Q, d), dv (K, dv) = P (K, Q) . dO (Q, dv): keys as rows */
+        transpose(d, Q, (const T *)s.qs, ld, (T *)s.qst, (int64_t)dvec * VL);
+        transpose(dv, Q, (const T *)s.go, ld, (T *)s.got, (int64_t)dvvec * VL);
+        gemm((int)K, dvec, Q, (const T *)s.sall, ld, 1, s.qst, dvec, s.gkt, dvec, 0);
+        gemm((int)K, dvvec, Q, (const T *)s.pall, ld, 1, s.got, dvvec, s.gvt, dvvec, 0);
+        transpose((int)K, d, (const T *)s.gkt, (int64_t)dvec * VL, s.k, K);  /* s.k, s.v: read for w no more */
+        transpose((int)K, dv, (const T *)s.gvt, (int64_t)dvvec * VL, s.v, K);
+        window_copy(nh, nw, &a->lay.k, w, d, kh, kw, a->grad_k, s.k, K, ADD);
+        window_copy(nh, nw, &a->lay.v, w, dv, kh, kw, a->grad_v, s.v, K, ADD);
+        if (tables) {  /* through the products with the tables: dq += table^T . grad, dtable += grad . q^T */
+            transpose(d, Q, (const T *)s.q, ld, (T *)s.qt, (int64_t)dvec * VL);
+            gemm(d, qv, a->rows_h, a->rel_h, 1, d, s.gph, qv, s.gq, qv, 1);
+            gemm(d, qv, a->rows_w, a->rel_w, 1, d, s.gpw, qv, s.gq, qv, 1);
+            gemm(a->rows_h, dvec, Q, (const T *)s.gph, ld, 1, s.qt, dvec, s.gtab_h, dvec, 1);
+            gemm(a->rows_w, dvec, Q, (const T *)s.gpw, ld, 1, s.qt, dvec, s.gtab_w, dvec, 1);
         }
-        window_copy(s.nh, s.nw, &a->lay.q, w, d, s.bq, s.bq, a->grad_q, gq, Q, 1);
-        unpad_rows(&s, d, s.gk, grad_k + w * d * K);
-        unpad_rows(&s, dv, s.gv, grad_v + w * dv * K);
+        window_copy(nh, nw, &a->lay.q, w, d, bq, bq, a->grad_q, (T *)s.gq, ld, STORE);
     }
-    if (s.mode == TABLES) {  /* this call's table gradients, unpadded */
+    if (tables && !status) {  /* this call's table gradients, unpadded */
         const size_t bytes = sizeof(T) * (size_t)d;
-        for (int r = 0; r < s.rows_h; ++r) memcpy(grad_rel_h + (size_t)r * d, s.gtab_h + (size_t)r * width, bytes);
-        for (int r = 0; r < s.rows_w; ++r) memcpy(grad_rel_w + (size_t)r * d, s.gtab_w + (size_t)r * width, bytes);
+        for (int r = 0; r < a->rows_h; ++r) memcpy(grad_rel_h + (size_t)r * d, s.gtab_h + (size_t)r * dvec, bytes);
+        for (int r = 0; r < a->rows_w; ++r) memcpy(grad_rel_w + (size_t)r * d, s.gtab_w + (size_t)r * dvec, bytes);
     }
-    scratch_free(&s);
-    return 0;
+    free(s.mem);
+    return status;
 }
 
 /* All ranges of chunk windows on the caller's OpenMP team: the library is linked against PyTorch's own OpenMP

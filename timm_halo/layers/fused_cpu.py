@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .broadcast import attend_broadcast
 from .tile_pool import run_tiles
 from .tiled import differentiable_backward
-from .windows import blocks_to_map, map_to_blocks, scatter_windows, unfold_windows
+from .windows import blocks_to_map, map_to_blocks, unfold_windows
 
 __all__ = ['attend_fused', 'attend_fused_maps', 'attend_fused_tables', 'available', 'expand_tables', 'preferred',
            'unavailable_reason', 'DTYPES']
@@ -303,8 +303,11 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], table
     return n, d, dv, num_q, kh, kw, nh, nw, bq
 
 
-def _chunk(n: int) -> int:
-    return max(1, -(-n // (8 * torch.get_num_threads())))
+def _chunk(n: int, group: int = 1) -> int:
+    """Windows per range: about 8 ranges per thread, a multiple of ``group`` (a backward over overlapping windows
+    adds each range's key gradients into the map: ranges of whole groups never add to the same element)."""
+    chunk = max(1, -(-n // (8 * torch.get_num_threads())))
+    return -(-chunk // group) * group
 
 
 def _run(kernel: _Kernel, backward: bool, scale: float, geometry, window: List[int], **tensors: torch.Tensor) -> None:
@@ -320,7 +323,7 @@ def _run(kernel: _Kernel, backward: bool, scale: float, geometry, window: List[i
     else:
         lay = Layouts(*(_windows_layout(t, nh, nw, *sides) for t, sides in ((q, (bq, bq)), (k, (kh, kw)),
                                                                            (v, (kh, kw)), (out, (bq, bq)))))
-    chunk = _chunk(n)
+    chunk = _chunk(n, nh * nw if backward else 1)
     args = kernel.args_type(
         d=d, dv=dv, Q=num_q, kh=kh, kw=kw, rows_h=tensors['rel_h'].shape[-2], rows_w=tensors['rel_w'].shape[-2],
         nh=nh, nw=nw, bq=bq, mode=int(_tables_mode(tensors['rel_h'])), calls_stride=chunk, scale=scale, lay=lay,
@@ -405,20 +408,18 @@ def _attend_fused_backward(
         raise ValueError(f'HaloAttention: inconsistent fused-kernel operands: out {list(out.shape)}, grad_out '
                          f'{list(grad_out.shape)}, stats {list(stats.shape)} for q {list(q_in.shape)}, {dv} channels')
     grad_q = torch.empty_like(q_in)  # laid out as q, as the kernel writes it
-    grad_k, grad_v = q_in.new_empty(n, d, kh * kw), q_in.new_empty(n, dv, kh * kw)  # windows one after another
+    # laid out as k and v; the kernel adds each window's gradients in (maps: overlapping windows, summed)
+    grad_k = torch.zeros_like(k_in)
+    grad_v = grad_k[:, d:] if v is None else torch.zeros_like(v_in)
     # tables: one table gradient per range of windows (concurrent ranges never share one), summed here
-    calls = -(-n // _chunk(n)) if _tables_mode(qt_h) else 0
+    calls = -(-n // _chunk(n, nh * nw)) if _tables_mode(qt_h) else 0
     grad_h, grad_w = (t.new_zeros(calls, *t.shape) if calls else t.new_empty(t.shape) for t in (qt_h, qt_w))
     _run(kernel, True, scale, geometry, window[1:], q=q_in, k=k_in, v=v_in, **named, out=out.contiguous(),
          stats=stats.contiguous(), grad_out=grad_out.contiguous(), grad_q=grad_q, grad_k=grad_k, grad_v=grad_v,
          grad_rel_h=grad_h, grad_rel_w=grad_w)
     if calls:
         grad_h, grad_w = grad_h.sum(0), grad_w.sum(0)
-    if v is None:  # the windows' gradients summed back into the key / value map
-        step_h, pad_h, step_w, pad_w = window[1:]
-        padded = [(nh - 1) * step_h + kh, (nw - 1) * step_w + kw]
-        grad_kv = scatter_windows(grad_k, grad_v, [k_in.shape[0], d + dv, *padded], 1, d, step_h, kh, step_w, kw)
-        grad_k = F.pad(grad_kv, [-pad_w, pad_w + k_in.shape[3] - padded[1], -pad_h, pad_h + k_in.shape[2] - padded[0]])
+    if v is None:  # the key / value map's gradient is grad_k
         grad_v = grad_k.new_empty(0)
     return grad_q.view(q.shape), grad_k.view(k.shape), grad_v, grad_h, grad_w
 
