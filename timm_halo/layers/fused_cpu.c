@@ -278,10 +278,10 @@ static void gemm(int rows, int cols, int n, const T *a, int64_t ars, int64_t acs
     }
 }
 
-/* The forward (halo_fwd) keeps the queries across vector lanes: logits are (keys, query vectors), so the softmax runs
- * down the keys on whole vectors (no horizontal max or sum), and q . k and P v fill every lane whatever d and dv
- * are (small heads waste half a vector or more in the backward's key-major rows). Its logits are bit for bit those
- * the backward recomputes: the same terms added and multiplied in the same order. */
+/* Forward and backward keep a window's queries across vector lanes: logits are (keys, query vectors), so the softmax
+ * runs down the keys on whole vectors (no horizontal max or sum), and the products over channels fill every lane
+ * whatever d and dv are (rows of d channels per key would fill half an AVX-512 vector at d = 8). Both build the
+ * logits with lanes_logits, so the backward's are bit for bit the forward's. */
 #define KB 8  /* keys per q . k tile: KB accumulators and one loaded query vector per channel */
 #if REGISTERS == 32
 #define CB 16 /* channels per P v tile */
