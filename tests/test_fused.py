@@ -15,7 +15,7 @@ from timm.layers.halo_attn import HaloAttn
 
 from timm_halo import accelerate
 from timm_halo.layers import HaloAttention, attend_broadcast, attend_fused, fused_cpu
-from timm_halo.layers.fused_cpu import attend_fused_tables, expand_tables
+from timm_halo.layers.fused_cpu import attend_fused_maps, attend_fused_tables, expand_tables
 
 pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason=f'no C kernel: {fused_cpu.unavailable_reason()}')
 
@@ -106,26 +106,25 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(one, three)  # windows are independent: same arithmetic whichever thread runs them
 
 
-def _maps_gradients(layer: HaloAttention, x: torch.Tensor, threads: int):
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        x = x.clone().requires_grad_()
-        return torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()])
-    finally:
-        torch.set_num_threads(previous)
-
-
 def test_threads_do_not_change_the_maps_backward():
     """The backward adds each key window's gradients into the key / value map, where neighbouring windows overlap:
     every range of windows covers whole images and heads, so no two threads add to one element and the map's
     gradient is the same, bit for bit, whatever the threads (the tables' gradients are summed per range)."""
-    layer = HaloAttention(16, block_size=4, halo_size=2, heads=2, dim_head=8, attn_impl='fused')
-    x = torch.randn(5, 16, 13, 11)
-    one, three = _maps_gradients(layer, x, 1), _maps_gradients(layer, x, 3)
-    assert torch.equal(one[0], three[0])
-    for a, b in zip(one[1:], three[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # sums in another order
+    layer = HaloAttention(16, block_size=4, halo_size=2, heads=2, dim_head=8)
+    q, kv, tables, window = _map_inputs(layer, torch.randn(5, 16, 13, 11))
+    grads, previous = [], torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            inputs = [t.clone().requires_grad_() for t in (q, kv, *tables[:2])]
+            out = attend_fused_maps(*inputs[:2], *inputs[2:], *tables[2:], window, layer.scale)
+            grads.append(torch.autograd.grad(out.square().sum(), inputs))
+    finally:
+        torch.set_num_threads(previous)
+    (gq1, gkv1, *tables1), (gq3, gkv3, *tables3) = grads
+    assert torch.equal(gq1, gq3) and torch.equal(gkv1, gkv3)
+    for a, b in zip(tables1, tables3):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # per-range sums, added in another order
 
 
 def test_backward_ranges_that_split_an_image_are_refused(monkeypatch):
