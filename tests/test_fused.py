@@ -124,7 +124,9 @@ def test_threads_do_not_change_the_maps_backward():
     (gq1, gkv1, *tables1), (gq3, gkv3, *tables3) = grads
     assert torch.equal(gq1, gq3) and torch.equal(gkv1, gkv3)
     for a, b in zip(tables1, tables3):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # per-range sums, added in another order
+        # Per-range sums added in another order: float rounding relative to the gradient's scale (a fixed atol
+        # failed where one small entry of a large gradient, 0.49 of ~20, moved by 8e-6; 60 seeds stay below 5e-7).
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
 
 
 def test_backward_ranges_that_split_an_image_are_refused(monkeypatch):
