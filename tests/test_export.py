@@ -299,3 +299,17 @@ def test_one_size_exports_crop_their_windows(monkeypatch, size, keys_per_axis):
     for batch in (2, 3):
         x = torch.randn(batch, 8, size, size)
         torch.testing.assert_close(program.module()(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('crop', [True, False])
+def test_graphs_leave_out_only_masks_that_hide_nothing(crop):
+    """A graph of one input size adds no border mask where the layer's own mask (``_axis_terms``) is all zeros:
+    the static check agrees with that mask for every size, block, halo and stride tried."""
+    for block, halo, stride in [(8, 3, 1), (8, 3, 2), (4, 1, 1), (4, 0, 2), (10, 4, 1), (2, 2, 1), (3, 1, 1)]:
+        layer = HaloAttention(8, block_size=block, halo_size=halo, heads=1, dim_head=4, stride=stride)
+        for size in range(1, 4 * block + 3):
+            blocks = -(-size // block)
+            plan = layer._window_plan(size, blocks, crop)
+            _, mask = layer._axis_terms(size, blocks, plan, torch.float32, torch.device('cpu'))
+            assert layer._sees_only_visible_keys(size, blocks, plan) == bool((mask == 0).all()), (
+                block, halo, stride, size)

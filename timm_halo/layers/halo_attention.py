@@ -212,13 +212,29 @@ class HaloAttention(KernelChoice, nn.Module):
         else:
             rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
             rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q_blocks, self.rel_pos_w[rows_w])
-        # The border mask is separable too, so it rides on the per-axis terms.
-        rel_h = (rel_h + mask_h[:, None, None, None, :]).reshape(q.shape[0], bq, bq, plan_h[3])
-        rel_w = (rel_w + mask_w[:, None, None, :]).reshape(q.shape[0], bq, bq, plan_w[3])
+        # The border mask is separable too, so it rides on the per-axis terms (a graph of one input size leaves out
+        # a mask that hides nothing).
+        if not (graph and self._sees_only_visible_keys(H, nh, plan_h)):
+            rel_h = rel_h + mask_h[:, None, None, None, :]
+        if not (graph and self._sees_only_visible_keys(W, nw, plan_w)):
+            rel_w = rel_w + mask_w[:, None, None, :]
+        rel_h, rel_w = rel_h.reshape(q.shape[0], bq, bq, plan_h[3]), rel_w.reshape(q.shape[0], bq, bq, plan_w[3])
         padded = pad_map(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
         k, v = cut_windows(padded, self.heads, self.dim_head, plan_h, plan_w, gather_op)
         hq, wq = self.output_size(H, W)
         return q, k, v, [rel_h, rel_w], [nh, nw, hq, wq]
+
+    @torch.jit.unused
+    def _sees_only_visible_keys(self, size: int, blocks: int, plan: Tuple[int, int, int, int]) -> bool:
+        """Whether ``_axis_terms``' mask is all zeros: every window inside the image and its block's halo window.
+        False for a symbolic size (a dynamic-size export keeps the mask)."""
+        if not all(isinstance(n, int) for n in (size, blocks, *plan)):
+            return False
+        b, h = self.block_size, self.halo_size
+        pad_before, _, step, length = plan
+        starts = [i * step - pad_before for i in range(blocks)]
+        return all(0 <= start and start + length <= size and i * b - h <= start and start + length <= i * b + b + h
+                   for i, start in enumerate(starts))
 
     def _skewed_terms(self, q_blocks: torch.Tensor, rows_h: torch.Tensor, rows_w: torch.Tensor, same_h: bool,
                       same_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -240,10 +256,10 @@ class HaloAttention(KernelChoice, nn.Module):
             terms.append(_skew(products, self.stride, reach).view(B, heads, nh, nw, bq, bq, -1)[..., :length])
         return terms[0], terms[1]
 
-    def _unblock(self, out: torch.Tensor, geom: List[int]) -> torch.Tensor:
-        """(N, dv, bq^2) back to a fresh (B, heads * dv, hq, wq) map."""
+    def _unblock(self, out: torch.Tensor, geom: List[int], graph: bool = False) -> torch.Tensor:
+        """(N, dv, bq^2) back to a (B, heads * dv, hq, wq) map, a fresh tensor outside traced / exported graphs."""
         nh, nw, hq, wq = geom
-        out = blocks_to_map(out, self.block_size // self.stride, nh, nw, hq, wq)
+        out = blocks_to_map(out, self.block_size // self.stride, nh, nw, hq, wq, fresh=not graph)
         return out.reshape(out.shape[0] // self.heads, self.heads * self.dim_head_v, hq, wq)
 
     # ---- forward ------------------------------------------------------------------------------------------------
@@ -254,7 +270,7 @@ class HaloAttention(KernelChoice, nn.Module):
         if impl == 'fused':
             return self.proj(self._fused_forward(x))
         q, k, v, rel, geom = self._blocked(x, crop, gather_op, graph)
-        return self.proj(self._unblock(self._attend(impl, q, k, v, rel, graph), geom))
+        return self.proj(self._unblock(self._attend(impl, q, k, v, rel, graph), geom, graph))
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,18 @@ __all__ = ['blocks_to_map', 'gather_windows', 'map_to_blocks', 'unfold_windows']
 
 
 def pad_map(x: torch.Tensor, pad: List[int], skip_empty: bool) -> torch.Tensor:
-    """Zero padding; with ``skip_empty``, no copy at all in eager mode when nothing is padded (docs/kernels.md)."""
-    if skip_empty and not _compiling() and max(pad) == 0:
-        return x
-    return F.pad(x, pad)
+    """Zero padding; with ``skip_empty``, no copy at all when nothing is padded and the sizes are plain ints (eager
+    mode, static-size graphs); symbolic sizes keep the pad (docs/kernels.md)."""
+    return x if skip_empty and _static_zeros(pad) else F.pad(x, pad)
 
 
-@torch.jit.unused
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+def _static_zeros(sizes: List[int]) -> bool:
+    """All zero, and plain ints: a torch.SymInt (torch.compile's dynamic shapes, a dynamic-size export) is never
+    compared, which would specialise the graph to this size."""
+    for n in sizes:
+        if not isinstance(n, int) or n != 0:
+            return False
+    return True
 
 
 def map_to_blocks(x: torch.Tensor, bq: int, nh: int, nw: int, skip_empty: bool = False) -> torch.Tensor:
@@ -27,12 +30,16 @@ def map_to_blocks(x: torch.Tensor, bq: int, nh: int, nw: int, skip_empty: bool =
     return x.reshape(G, C, nh, bq, nw, bq).permute(0, 2, 4, 1, 3, 5).reshape(G * nh * nw, C, bq * bq)
 
 
-def blocks_to_map(blocks: torch.Tensor, bq: int, nh: int, nw: int, height: int, width: int) -> torch.Tensor:
-    """The inverse of ``map_to_blocks``: (G * nh * nw, C, bq * bq) to (G, C, height, width), always a fresh tensor
-    (the crop is a negative ``F.pad``, which inductor also lowers for symbolic sizes)."""
+def blocks_to_map(blocks: torch.Tensor, bq: int, nh: int, nw: int, height: int, width: int,
+                  fresh: bool = True) -> torch.Tensor:
+    """The inverse of ``map_to_blocks``: (G * nh * nw, C, bq * bq) to (G, C, height, width); ``fresh``: always a new
+    tensor, never a view of ``blocks`` (the crop is a negative ``F.pad``, which inductor also lowers for symbolic
+    sizes). Exported graphs need no fresh tensor, and a crop of nothing would be a copy there."""
     n, C = blocks.shape[:2]
     out = blocks.reshape(n // (nh * nw), nh, nw, C, bq, bq).permute(0, 3, 1, 4, 2, 5)
-    return F.pad(out.reshape(n // (nh * nw), C, nh * bq, nw * bq), [0, width - nw * bq, 0, height - nh * bq])
+    out = out.reshape(n // (nh * nw), C, nh * bq, nw * bq)
+    crop = [0, width - nw * bq, 0, height - nh * bq]
+    return out if not fresh and _static_zeros(crop) else F.pad(out, crop)
 
 
 def unfold_windows(padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int,
