@@ -29,15 +29,16 @@ TARGETS = ('eager batch 1 vs timm >= 3x', 'eager batch 1 GMAC/s vs resnet50 >= 5
            'ours in ORT / ours eager (ms) <= 1.3x')
 
 
-def ort_session(path: str, threads: int, profile_prefix: Optional[str] = None, spin: bool = False) -> Any:
-    """A CPU-EP session with ORT's default graph optimizations and torch's thread count (a fair comparison)."""
+def ort_session(path: str, threads: int, profile_prefix: Optional[str] = None, spin: bool = True) -> Any:
+    """A CPU-EP session with ORT's default graph optimizations and spinning, and torch's thread count."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
-    # Spinning worker threads keep busy after run() returns and take the cores from the contender timed next
-    # (measured: a 2.2 ms eager layer call took 6.8 ms right after an ORT call with spinning, 2.0 ms without).
+    # Spinning worker threads (ORT's default) keep busy after run() returns and take the cores from whatever runs
+    # next in the process (measured: a 2.2 ms eager layer call took 6.8 ms right after an ORT call with spinning,
+    # 2.0 ms without); measure() gives each ORT model a process of its own.
     options.add_session_config_entry('session.intra_op.allow_spinning', '1' if spin else '0')
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
@@ -50,7 +51,7 @@ def _run_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 _CALLS: Dict[Tuple[str, str, int], Callable[[], Any]] = {}  # a worker process's timed calls, set up once
-SETTLE_S = 0.5  # between workers: the last one's OpenMP threads stop spinning and give the cores back
+SETTLE_S = 0.5  # between workers: the last one's OpenMP or ORT threads stop spinning and give the cores back
 
 
 def _input(batch: int, img_size: int) -> torch.Tensor:
@@ -109,14 +110,15 @@ def _worker(env: Dict[str, Optional[str]]) -> Iterator[Any]:
 
 
 def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int, backends: Sequence[str],
-            onnx_dir: Path, load: int = 0, ort_spin: bool = False,
+            onnx_dir: Path, load: int = 0, ort_spin: bool = True,
             mallocs: Sequence[str] = MALLOCS) -> Tuple[List[dict], Dict[str, dict]]:
     """Rows (backend, malloc, model, batch, seconds, GMACs) of every contender: medians of ``repeats`` rounds."""
     # Each backend and malloc setting runs in a worker process of its own, set up once; a round asks each worker in
     # turn for one call of each of its contenders, so drift hits all alike. In one process, glibc's heap after earlier
     # work (an ONNX export) changed timm's eager batch-1 time from 261 to 140 ms, and ATen's OpenMP threads spinning
-    # after an eager call slowed ORT (ours: 103 ms alone, 131 ms interleaved). ORT allocates from its own arena: one
-    # worker, under glibc's defaults.
+    # after an eager call slowed ORT (ours: 103 ms alone, 131 ms interleaved). ORT allocates from its own arena: under
+    # glibc's defaults, one worker per model, as a deployment runs it (ORT's spinning threads, on by default, would
+    # take the cores from the next model's call in a shared one).
     gmacs = {label: model_gmacs(factory, img_size) for label, factory in CONTENDERS.items()}
     exported = {}  # each model exported with a dynamic batch, and its ORT-vs-eager max abs diff at batch 1
     for label, factory in CONTENDERS.items() if ORT in backends else ():
@@ -134,15 +136,15 @@ def measure(batch_sizes: Sequence[int], img_size: int, repeats: int, warmup: int
                                                           dict.fromkeys(TUNED_MALLOC)))
             workers[malloc].apply(_setup_torch, (CONTENDERS, batch_sizes, img_size, threads, COMPILE in backends,
                                                  warmup))
-        if exported:
-            workers[ORT] = stack.enter_context(_worker(dict.fromkeys(TUNED_MALLOC)))
-            workers[ORT].apply(_setup_ort, ({k: e['path'] for k, e in exported.items()}, batch_sizes, img_size,
-                                            threads, ort_spin, warmup))
+        for label, e in exported.items():
+            workers[ORT, label] = stack.enter_context(_worker(dict.fromkeys(TUNED_MALLOC)))
+            workers[ORT, label].apply(_setup_ort, ({label: e['path']}, batch_sizes, img_size, threads, ort_spin,
+                                                   warmup))
         for _ in range(repeats):
             for name, pool in workers.items():
                 time.sleep(SETTLE_S)
                 for key, t in pool.apply(_time_round).items():
-                    samples[key, 'default' if name == ORT else name].append(t)
+                    samples[key, 'default' if key[0] == ORT else name].append(t)
     rows = [dict(backend=backend, malloc=malloc, model=label, batch=batch, seconds=statistics.median(ts))
             for ((backend, label, batch), malloc), ts in sorted(samples.items(), key=lambda kv: kv[0][0][2])]
     for r in rows:
@@ -232,8 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     add('--load', type=int, default=0, metavar='N', help='N busy-loop processes during the timings (as model.py)')
     add('--json', metavar='PATH', help='also write the results as JSON')
     add('--onnx-dir', metavar='DIR', help='keep the exported .onnx files here (default: a temporary folder)')
-    add('--ort-spin', action='store_true',
-        help="keep ORT's spinning worker threads (its default; they slow the contender timed next)")
+    add('--ort-no-spin', dest='ort_spin', action='store_false',
+        help="turn ORT's spinning worker threads off (on by default, as in ORT; each ORT model has its own process)")
     add('--malloc', choices=[*MALLOCS, 'both'], default='both',
         help="PyTorch's timings under glibc's malloc defaults, with freed memory kept for reuse, or both (default)")
     add('--ort-profile', type=int, default=0, metavar='N', help="ORT's profiler on ours at batch 1, N runs")
@@ -257,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cpu = platform.processor() or platform.machine()
     quiet = f'{args.load} busy-loop process(es)' if args.load else 'quiet'
     header = (f'Deployment, halonet_h1 @{args.img_size}, {args.repeats} repeats | cpu ({cpu}, '
-              f'{torch.get_num_threads()} threads; ORT intra-op threads the same, '
+              f'{torch.get_num_threads()} threads; ORT intra-op threads the same, one process per ORT model, '
               f'spinning {"on" if args.ort_spin else "off"}) | torch {torch.__version__} '
               f'| timm {timm.__version__} | fp32, inference_mode | {quiet} | each backend and malloc setting in a '
               f'worker process (tuned: {", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())}) | medians of '
