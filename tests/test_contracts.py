@@ -216,6 +216,25 @@ def test_compile_training_with_changing_sizes():
     torch._dynamo.reset()
 
 
+def test_compile_with_changing_sizes_compiles_once_per_kind_of_size(kernel):
+    """Once dynamo has made the sizes dynamic, a size whose padding differs (44: padded to 48; 40: not padded) runs
+    the same graph: the layer asks no question of a symbolic size (such as "is this padding zero?") that would
+    specialise it. aot_eager: dynamo's guards are the point here, not inductor's code."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = HaloAttention(8, block_size=8, halo_size=3, heads=2, dim_head=8, attn_impl=kernel)
+    counter = CompileCounterWithBackend('aot_eager')
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    frames = []
+    for size in (32, 40, 44):
+        x = torch.randn(2, 8, size, size)
+        torch.testing.assert_close(compiled(x), layer.reference_forward(x), rtol=1e-4, atol=1e-5)
+        frames.append(counter.frame_count)
+    assert frames == [1, 2, 2], f'compiled frames after each size: {frames}'
+    torch._dynamo.reset()
+
+
 @pytest.mark.heavy
 def test_compile_model_training_with_changing_sizes():
     """A whole model through dynamo and AOTAutograd, sizes 64, 96, 80 (the second trace is dynamic): the custom ops'

@@ -227,8 +227,9 @@ class HaloAttention(KernelChoice, nn.Module):
     @torch.jit.unused
     def _sees_only_visible_keys(self, size: int, blocks: int, plan: Tuple[int, int, int, int]) -> bool:
         """Whether ``_axis_terms``' mask is all zeros: every window inside the image and its block's halo window.
-        False for a symbolic size (a dynamic-size export keeps the mask)."""
-        if not all(isinstance(n, int) for n in (size, blocks, *plan)):
+        False for a symbolic size (a dynamic-size export keeps the mask) and under dynamo, whose isinstance calls a
+        symbolic size an int."""
+        if torch.compiler.is_dynamo_compiling() or not all(isinstance(n, int) for n in (size, blocks, *plan)):
             return False
         b, h = self.block_size, self.halo_size
         pad_before, _, step, length = plan
