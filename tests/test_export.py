@@ -313,3 +313,15 @@ def test_graphs_leave_out_only_masks_that_hide_nothing(crop):
             _, mask = layer._axis_terms(size, blocks, plan, torch.float32, torch.device('cpu'))
             assert layer._sees_only_visible_keys(size, blocks, plan) == bool((mask == 0).all()), (
                 block, halo, stride, size)
+
+
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+@pytest.mark.parametrize('stride', [1, 2])
+def test_traced_graph_keeps_what_other_sizes_need(stride):
+    """``torch.jit.trace`` at a size that needs no padding, crop or mask (16 at block 8, no halo) gives one graph
+    for every size (docs/contract.md): run at sizes that need all three, it still equals the dense reference."""
+    layer = HaloAttention(16, block_size=8, halo_size=0, heads=2, dim_head=8, stride=stride).eval()
+    traced = torch.jit.trace(layer, (torch.randn(1, 16, 16, 16),))
+    for size in (16, 12, 20):
+        x = torch.randn(2, 16, size, size)
+        torch.testing.assert_close(traced(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
