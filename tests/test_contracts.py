@@ -231,7 +231,10 @@ def test_compile_with_changing_sizes_compiles_once_per_kind_of_size(kernel):
         x = torch.randn(2, 8, size, size)
         torch.testing.assert_close(compiled(x), layer.reference_forward(x), rtol=1e-4, atol=1e-5)
         frames.append(counter.frame_count)
-    assert frames == [1, 2, 2], f'compiled frames after each size: {frames}'
+    # torch 2.6's F.pad guards on the sign of a symbolic pad (a negative one crops): 44's output crop (48 -> 44)
+    # may compile once more there, outside the fused path (pre-existing; 2.11 and 2.14 do not, 2.7-2.10 untested).
+    last = 3 if kernel != 'fused' and torch.__version__ < '2.11' else 2
+    assert frames[:2] == [1, 2] and frames[2] <= last, f'compiled frames after each size: {frames}'
     torch._dynamo.reset()
 
 
