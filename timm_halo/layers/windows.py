@@ -11,7 +11,7 @@ __all__ = ['blocks_to_map', 'gather_windows', 'map_to_blocks', 'unfold_windows']
 def pad_map(x: torch.Tensor, pad: List[int], skip_empty: bool) -> torch.Tensor:
     """Zero padding; with ``skip_empty``, no copy at all when nothing is padded and the sizes are plain ints (eager
     mode, exports of one size); under dynamo the pad always stays (docs/kernels.md)."""
-    return x if skip_empty and not _dynamo_tracing() and _static_zeros(pad) else F.pad(x, pad)
+    return x if skip_empty and _static_zeros(pad) else F.pad(x, pad)
 
 
 @torch.jit.unused
@@ -22,7 +22,9 @@ def _dynamo_tracing() -> bool:
 
 def _static_zeros(sizes: List[int]) -> bool:
     """All zero, and plain ints: a torch.SymInt (a dynamic-size export) is never compared, which would specialise the
-    graph to this size. Not under dynamo (see ``_dynamo_tracing``)."""
+    graph to this size. Never under dynamo (see ``_dynamo_tracing``)."""
+    if _dynamo_tracing():
+        return False
     for n in sizes:
         if not isinstance(n, int) or n != 0:
             return False
@@ -45,7 +47,7 @@ def blocks_to_map(blocks: torch.Tensor, bq: int, nh: int, nw: int, height: int, 
     out = blocks.reshape(n // (nh * nw), nh, nw, C, bq, bq).permute(0, 3, 1, 4, 2, 5)
     out = out.reshape(n // (nh * nw), C, nh * bq, nw * bq)
     crop = [0, width - nw * bq, 0, height - nh * bq]
-    return out if not fresh and not _dynamo_tracing() and _static_zeros(crop) else F.pad(out, crop)
+    return out if not fresh and _static_zeros(crop) else F.pad(out, crop)
 
 
 def unfold_windows(padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int,
