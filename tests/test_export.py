@@ -325,3 +325,36 @@ def test_traced_graph_keeps_what_other_sizes_need(stride):
     for size in (16, 12, 20):
         x = torch.randn(2, 16, size, size)
         torch.testing.assert_close(traced(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('crop', [True, False])
+def test_graph_path_matches_reference_at_every_size(crop):
+    """The ops exported graphs are built from (``_graph_forward``, run eagerly here: the same ops the exporters
+    record) equal the dense reference for every size up to three blocks, square or not: maps of one and two blocks
+    with cropped windows (per-block tables), several blocks, partial blocks, border masks on one axis or both."""
+    designs = [dict(block_size=8, halo_size=3), dict(block_size=8, halo_size=3, stride=2),
+               dict(block_size=4, halo_size=1, value_ratio=2.0), dict(block_size=2, halo_size=3, stride=2),
+               dict(block_size=4, halo_size=0)]
+    for design in designs:
+        torch.manual_seed(0)
+        layer = HaloAttention(8, heads=2, dim_head=4, dim_out=8, **design).eval()
+        b = design['block_size']
+        for height, width in [(s, s) for s in range(1, 3 * b + 2)] + [(1, 3 * b), (2 * b, b + 1), (3 * b - 1, 2)]:
+            x = torch.randn(2, 8, height, width)
+            with torch.no_grad():
+                got = layer.proj(layer._graph_forward(x, crop))
+                where = f'{design} {height}x{width}'
+                torch.testing.assert_close(got, layer.reference_forward(x), rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, where=where: f'{where}: {m}')
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize('size', [19, 75])
+def test_onnx_export_from_a_batch_of_one_keeps_the_dynamic_batch(tmp_path, size):
+    """An example batch of 1 (the CLI's default) still gives a graph for any batch: nothing in the layer asks
+    whether the batch is 1. 19 px at block 10: two cropped blocks, one matrix per block; 75 px: eight blocks, with
+    padding."""
+    torch.manual_seed(0)
+    layer = HaloAttention(8, block_size=10, halo_size=3, heads=2, dim_head=4).eval()
+    path = ex.export_onnx(layer, tmp_path / 'layer.onnx', torch.randn(1, 8, size, size))
+    assert _ort_vs_eager(path, layer, torch.randn(3, 8, size, size)) <= ex.ONNX_ATOL

@@ -7,11 +7,11 @@ import numbers
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from torch import nn
 
+from .broadcast import attend_augmented
 from .fused_cpu import attend_fused_maps
 from .kernels import KernelChoice, resolve_impl_name
 from .sdpa import autocast_dtype
@@ -189,7 +189,7 @@ class HaloAttention(KernelChoice, nn.Module):
             rows, mask = self._kept_axis_terms(size, blocks, plan, dtype, device)
         return blocks, plan, rows, mask
 
-    def _blocked(self, x: torch.Tensor, crop: bool, gather_op: bool, graph: bool = False,
+    def _blocked(self, x: torch.Tensor, crop: bool, gather_op: bool,
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
         """q, k, v, [rel_h, rel_w] as ``attend_broadcast`` takes them, and the geometry for ``_unblock``."""
         # q (N, d, bq^2), k (N, d, kh * kw), v (N, dv, kh * kw), N = B * heads * nh * nw (docs/kernels.md, Blocks and
@@ -206,23 +206,85 @@ class HaloAttention(KernelChoice, nn.Module):
         q = map_to_blocks(q.reshape(B * self.heads, self.dim_head, q.shape[2], q.shape[3]), bq, nh, nw, crop)
         # Relative logits per axis: q . table[offset] for each (query row, key row) pair of each block.
         q_blocks = q.view(B, self.heads, nh, nw, self.dim_head, bq, bq)
-        if graph:
-            rel_h, rel_w = self._skewed_terms(q_blocks, rows_h, rows_w, plan_h[2] == self.block_size,
-                                              plan_w[2] == self.block_size)
-        else:
-            rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
-            rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q_blocks, self.rel_pos_w[rows_w])
-        # The border mask is separable too, so it rides on the per-axis terms (a graph of one input size leaves out
-        # a mask that hides nothing).
-        if not (graph and self._sees_only_visible_keys(H, nh, plan_h)):
-            rel_h = rel_h + mask_h[:, None, None, None, :]
-        if not (graph and self._sees_only_visible_keys(W, nw, plan_w)):
-            rel_w = rel_w + mask_w[:, None, None, :]
-        rel_h, rel_w = rel_h.reshape(q.shape[0], bq, bq, plan_h[3]), rel_w.reshape(q.shape[0], bq, bq, plan_w[3])
+        rel_h = torch.einsum('bnhwdyx,hykd->bnhwyxk', q_blocks, self.rel_pos_h[rows_h])
+        rel_w = torch.einsum('bnhwdyx,wxkd->bnhwyxk', q_blocks, self.rel_pos_w[rows_w])
+        # The border mask is separable too, so it rides on the per-axis terms.
+        rel_h = (rel_h + mask_h[:, None, None, None, :]).reshape(q.shape[0], bq, bq, plan_h[3])
+        rel_w = (rel_w + mask_w[:, None, None, :]).reshape(q.shape[0], bq, bq, plan_w[3])
         padded = pad_map(kv, [plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
         k, v = cut_windows(padded, self.heads, self.dim_head, plan_h, plan_w, gather_op)
         hq, wq = self.output_size(H, W)
         return q, k, v, [rel_h, rel_w], [nh, nw, hq, wq]
+
+    @torch.jit.unused
+    def _graph_forward(self, x: torch.Tensor, crop: bool) -> torch.Tensor:
+        """Traced and exported graphs ('broadcast'): ``attend_augmented`` on queries that carry their relative terms,
+        in the ops ONNX Runtime runs fast (docs/kernels.md, Exported graphs)."""
+        B, _, H, W = x.shape
+        s = self.stride
+        q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
+        kv = self.kv(x)
+        nh, plan_h, rows_h, mask_h = self._axis(H, crop, q.dtype, x.device)
+        nw, plan_w, rows_w, mask_w = self._axis(W, crop, q.dtype, x.device)
+        # A graph of one input size leaves out a mask that hides nothing.
+        masks = [None if self._sees_only_visible_keys(size, blocks, plan) else mask
+                 for size, blocks, plan, mask in ((H, nh, plan_h, mask_h), (W, nw, plan_w, mask_w))]
+        queries = self._augmented_queries(q, nh, nw, rows_h, rows_w, masks[0], masks[1],
+                                          plan_h[2] == self.block_size and plan_w[2] == self.block_size, crop)
+        # channels last, as the queries
+        padded = pad_map(kv.permute(0, 2, 3, 1), [0, 0, plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
+        k, v = unfold_windows(padded, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3], True)
+        hq, wq = self.output_size(H, W)
+        return self._unblock(attend_augmented(queries, k, v, plan_h[3], plan_w[3]), [nh, nw, hq, wq], True)
+
+    @torch.jit.unused
+    def _augmented_queries(self, q: torch.Tensor, nh: int, nw: int, rows_h: torch.Tensor, rows_w: torch.Tensor,
+                           mask_h: Optional[torch.Tensor], mask_w: Optional[torch.Tensor], same: bool,
+                           skip_empty: bool) -> torch.Tensor:
+        """[scale q, rel_h (+ mask_h), rel_w (+ mask_w)] per query, (N, bq^2, d + kh + kw), from the q map: one matrix
+        product per query position with [scale I, table_h[rows]^T, table_w[rows]^T] (parameters only: ONNX Runtime
+        folds it into a constant). ``same``: all windows b apart, one such matrix for every block."""
+        d, bq, heads = self.dim_head, self.block_size // self.stride, self.heads
+        B = q.shape[0]
+        G = B * heads
+        kh, kw = rows_h.shape[-1], rows_w.shape[-1]
+        pad = [0, nw * bq - q.shape[3], 0, nh * bq - q.shape[2]]
+        if same:
+            # Channels last first: ONNX Runtime writes the projection's output in that layout at no cost, and the
+            # block permute below then moves whole pixels.
+            q = pad_map(q.permute(0, 2, 3, 1), [0, 0] + pad, skip_empty).reshape(B, nh, bq, nw, bq, heads, d)
+        else:
+            # (small maps) images and heads merged first, in the projection's own layout: a permute of a channels-last
+            # view would ask whether the batch is 1 (an export with a batch of 1 would lose its dynamic batch)
+            q = pad_map(q.reshape(G, d, q.shape[2], q.shape[3]), pad, skip_empty).reshape(G, d, nh, bq, nw, bq)
+        if same:
+            rows_h, rows_w = rows_h[:1], rows_w[:1]
+        table_h = self.rel_pos_h[rows_h].transpose(-1, -2)  # (blocks or 1, bq, d, kh)
+        table_w = self.rel_pos_w[rows_w].transpose(-1, -2)
+        bh, bw = table_h.shape[0], table_w.shape[0]
+        eye = torch.eye(d, dtype=table_h.dtype, device=table_h.device) * self.scale
+        weights = torch.cat([eye.expand(bh, bw, bq, bq, d, d),
+                             table_h[:, None, :, None].expand(bh, bw, bq, bq, d, kh),
+                             table_w[None, :, None, :].expand(bh, bw, bq, bq, d, kw)], -1)
+        width = d + kh + kw
+        mask = None
+        if mask_h is not None or mask_w is not None:
+            dd = {'dtype': q.dtype, 'device': q.device}
+            mask_h = mask_h if mask_h is not None else torch.zeros(nh, kh, **dd)
+            mask_w = mask_w if mask_w is not None else torch.zeros(nw, kw, **dd)
+            mask = torch.cat([torch.zeros(nh, nw, d, **dd), mask_h[:, None].expand(nh, nw, kh),
+                              mask_w[None].expand(nh, nw, kw)], -1)
+        if same:
+            # query position first, every block and image in one product each: (bq^2, G * nh * nw, width)
+            out = q.permute(2, 4, 0, 5, 1, 3, 6).reshape(bq * bq, G * nh * nw, d) @ weights.view(bq * bq, d, width)
+            if mask is not None:
+                out = (out.view(bq * bq, G, nh * nw, width) + mask.view(nh * nw, width)).view(bq * bq, -1, width)
+            return out.transpose(0, 1)
+        # per block too (cropped windows of maps of one or two blocks): (nh, nw, bq, bq, G, width)
+        out = q.permute(2, 4, 3, 5, 0, 1) @ weights
+        if mask is not None:
+            out = out + mask[:, :, None, None, None]
+        return out.permute(4, 0, 1, 2, 3, 5).reshape(G * nh * nw, bq * bq, width)
 
     @torch.jit.unused
     def _sees_only_visible_keys(self, size: int, blocks: int, plan: Tuple[int, int, int, int]) -> bool:
@@ -237,26 +299,6 @@ class HaloAttention(KernelChoice, nn.Module):
         return all(0 <= start and start + length <= size and i * b - h <= start and start + length <= i * b + b + h
                    for i, start in enumerate(starts))
 
-    def _skewed_terms(self, q_blocks: torch.Tensor, rows_h: torch.Tensor, rows_w: torch.Tensor, same_h: bool,
-                      same_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The einsums' relative terms in matrix products and copies (docs/kernels.md, Exported graphs)."""
-        # ONNX Runtime runs them 2-3x faster than its Einsum. same_*: windows b apart, one (d, span) table for all.
-        B, heads, nh, nw, d, bq, _ = q_blocks.shape
-        n, reach = B * heads * nh * nw, self.block_size - self.stride
-        q_pixels = q_blocks.view(B, heads, nh, nw, d, bq * bq).transpose(-1, -2)
-        terms = []
-        for table, rows, same, blocks_first in ((self.rel_pos_h, rows_h, same_h, True),
-                                                (self.rel_pos_w, rows_w, same_w, False)):
-            length = rows.shape[-1]
-            span = (rows[:, :1, 0] - reach + torch.arange(length + reach, device=rows.device)).clamp(
-                0, table.shape[0] - 1)
-            spans = table[span[0]].t() if same else table[span].transpose(-1, -2)
-            products = q_pixels @ (spans[:, None] if blocks_first and not same else spans)
-            # Height: the rows are query rows, each holding its bq columns' products; width: one row per query column.
-            products = products.reshape(n, bq, -1) if blocks_first else products.reshape(n * bq, bq, -1)
-            terms.append(_skew(products, self.stride, reach).view(B, heads, nh, nw, bq, bq, -1)[..., :length])
-        return terms[0], terms[1]
-
     def _unblock(self, out: torch.Tensor, geom: List[int], graph: bool = False) -> torch.Tensor:
         """(N, dv, bq^2) back to a (B, heads * dv, hq, wq) map, a fresh tensor outside traced / exported graphs."""
         nh, nw, hq, wq = geom
@@ -270,8 +312,10 @@ class HaloAttention(KernelChoice, nn.Module):
         impl, gather_op, crop, graph = self._call_plan(x)
         if impl == 'fused':
             return self.proj(self._fused_forward(x))
-        q, k, v, rel, geom = self._blocked(x, crop, gather_op, graph)
-        return self.proj(self._unblock(self._attend(impl, q, k, v, rel, graph), geom, graph))
+        if graph and impl == 'broadcast':
+            return self.proj(self._graph_forward(x, crop))
+        q, k, v, rel, geom = self._blocked(x, crop, gather_op)
+        return self.proj(self._unblock(self._attend(impl, q, k, v, rel), geom, graph))
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,14 +393,6 @@ def cut_windows(padded: torch.Tensor, heads: int, dim_head: int, plan_h: Tuple[i
 def _gather_windows(padded: torch.Tensor, heads: int, dim_head: int, plan_h: Tuple[int, int, int, int],
                     plan_w: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     return gather_windows(padded, heads, dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
-
-
-def _skew(products: torch.Tensor, shift: int, start: int) -> torch.Tensor:
-    """``out[m, i, t] = products[m, i, t + start - i * shift]`` where that lies in [0, width); start <= rows * shift."""
-    # pad, flatten, slice, view: copies, no gather
-    m, rows, width = products.shape
-    flat = F.pad(products, [0, shift]).reshape(m, rows * (width + shift))
-    return flat[:, start:start + rows * width].reshape(m, rows, width)
 
 
 def _concrete_if_small(blocks: int) -> int:

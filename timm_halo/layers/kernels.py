@@ -177,10 +177,10 @@ class KernelChoice:
         return B * self.heads * nh * nw * bq * bq * keys
 
     def _attend(self, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rel: List[torch.Tensor], graph: bool = False) -> torch.Tensor:
+                rel: List[torch.Tensor]) -> torch.Tensor:
         """``rel``: [rel_h, rel_w] (the scripted path is ``'broadcast'``)."""
         if impl == 'broadcast':
-            return attend_broadcast(q, k, v, rel[0], rel[1], self.scale, graph)
+            return attend_broadcast(q, k, v, rel[0], rel[1], self.scale)
         return self._attend_kernel(impl, q, k, v, rel)
 
     @torch.jit.unused

@@ -51,15 +51,20 @@ def blocks_to_map(blocks: torch.Tensor, bq: int, nh: int, nw: int, height: int, 
 
 
 def unfold_windows(padded: torch.Tensor, heads: int, dim_head: int, step_h: int, len_h: int, step_w: int,
-                   len_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                   len_w: int, channels_last: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keys (B * heads * nh * nw, d, len_h * len_w) and values (..., dv, len_h * len_w) of every window in plain
-    ATen ops: one gather of whole pixels, returned as channels-first views (docs/kernels.md, Windows)."""
-    B, C, Hp, Wp = padded.shape
+    ATen ops: one gather of whole pixels, returned as channels-first views (docs/kernels.md, Windows).
+    ``channels_last``: ``padded`` is (B, Hp, Wp, C)."""
+    if channels_last:
+        B, Hp, Wp, C = padded.shape
+        pixels = padded.reshape(B, Hp * Wp, heads, C // heads).transpose(1, 2).reshape(B * heads, Hp * Wp, -1)
+    else:
+        B, C, Hp, Wp = padded.shape
+        pixels = padded.reshape(B * heads, C // heads, Hp * Wp).transpose(1, 2)
     nh, nw = (Hp - len_h) // step_h + 1, (Wp - len_w) // step_w + 1
     rows = (torch.arange(nh, device=padded.device) * step_h)[:, None] + torch.arange(len_h, device=padded.device)
     cols = (torch.arange(nw, device=padded.device) * step_w)[:, None] + torch.arange(len_w, device=padded.device)
     index = (rows[:, None, :, None] * Wp + cols[None, :, None, :]).reshape(-1)  # (block row, column, y, x)
-    pixels = padded.reshape(B * heads, C // heads, Hp * Wp).transpose(1, 2)
     windows = pixels.index_select(1, index).reshape(B * heads * nh * nw, len_h * len_w, C // heads)
     return windows[:, :, :dim_head].transpose(1, 2), windows[:, :, dim_head:].transpose(1, 2)
 
