@@ -232,7 +232,7 @@ class HaloAttention(KernelChoice, nn.Module):
         queries = self._augmented_queries(q, nh, nw, rows_h, rows_w, masks[0], masks[1],
                                           plan_h[2] == self.block_size and plan_w[2] == self.block_size, crop)
         # channels last, as the queries
-        padded = pad_map(kv.permute(0, 2, 3, 1), [0, 0, plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
+        padded = pad_map(channels_last(kv), [0, 0, plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
         k, v = unfold_windows(padded, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3], True)
         hq, wq = self.output_size(H, W)
         return self._unblock(attend_augmented(queries, k, v, plan_h[3], plan_w[3]), [nh, nw, hq, wq], True)
@@ -252,10 +252,10 @@ class HaloAttention(KernelChoice, nn.Module):
         if same:
             # Channels last first: ONNX Runtime writes the projection's output in that layout at no cost, and the
             # block permute below then moves whole pixels.
-            q = pad_map(q.permute(0, 2, 3, 1), [0, 0] + pad, skip_empty).reshape(B, nh, bq, nw, bq, heads, d)
+            q = pad_map(channels_last(q), [0, 0] + pad, skip_empty).reshape(B, nh, bq, nw, bq, heads, d)
         else:
-            # (small maps) images and heads merged first, in the projection's own layout: a permute of a channels-last
-            # view would ask whether the batch is 1 (an export with a batch of 1 would lose its dynamic batch)
+            # (small maps) images and heads merged first, in the projection's own layout: merging them after a
+            # permute would ask whether the batch is 1 (an export from a batch of 1 would lose its dynamic batch)
             q = pad_map(q.reshape(G, d, q.shape[2], q.shape[3]), pad, skip_empty).reshape(G, d, nh, bq, nw, bq)
         if same:
             rows_h, rows_w = rows_h[:1], rows_w[:1]
@@ -275,13 +275,18 @@ class HaloAttention(KernelChoice, nn.Module):
             mask = torch.cat([torch.zeros(nh, nw, d, **dd), mask_h[:, None].expand(nh, nw, kh),
                               mask_w[None].expand(nh, nw, kw)], -1)
         if same:
-            # query position first, every block and image in one product each: (bq^2, G * nh * nw, width)
-            out = q.permute(2, 4, 0, 5, 1, 3, 6).reshape(bq * bq, G * nh * nw, d) @ weights.view(bq * bq, d, width)
+            # query position first, then image: a product per (position, image) over every block and head, and a
+            # (bq^2, G * nh * nw, width) result whose transpose ONNX Runtime folds into the logits' product. The
+            # batch stays out of the products' row count (torch 2.11's export would guard on it) and out of
+            # broadcasting (matmul's would ask whether it is 1).
+            queries = q.permute(2, 4, 0, 5, 1, 3, 6).reshape(bq * bq * B, heads * nh * nw, d)
+            out = queries @ weights.view(bq * bq, 1, d, width).repeat(1, B, 1, 1).view(bq * bq * B, d, width)
+            out = out.view(bq * bq, G, nh * nw, width)
             if mask is not None:
-                out = (out.view(bq * bq, G, nh * nw, width) + mask.view(nh * nw, width)).view(bq * bq, -1, width)
-            return out.transpose(0, 1)
-        # per block too (cropped windows of maps of one or two blocks): (nh, nw, bq, bq, G, width)
-        out = q.permute(2, 4, 3, 5, 0, 1) @ weights
+                out = out + mask.view(nh * nw, width)
+            return out.view(bq * bq, G * nh * nw, width).transpose(0, 1)
+        # per block too (cropped windows of maps of one or two blocks): a product per (block, position)
+        out = q.permute(2, 4, 3, 5, 0, 1) @ weights  # (nh, nw, bq, bq, G, width)
         if mask is not None:
             out = out + mask[:, :, None, None, None]
         return out.permute(4, 0, 1, 2, 3, 5).reshape(G * nh * nw, bq * bq, width)
@@ -393,6 +398,14 @@ def cut_windows(padded: torch.Tensor, heads: int, dim_head: int, plan_h: Tuple[i
 def _gather_windows(padded: torch.Tensor, heads: int, dim_head: int, plan_h: Tuple[int, int, int, int],
                     plan_w: Tuple[int, int, int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     return gather_windows(padded, heads, dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3])
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) as a contiguous (B, H, W, C) tensor."""
+    # Contiguous, not a permuted view: exporters then never ask the view's memory format, a question that guards on
+    # the batch size (an export from a batch of 1 would lose its dynamic batch). In ONNX it is one Transpose, which
+    # ONNX Runtime folds into the convolution before it.
+    return x.permute(0, 2, 3, 1).contiguous()
 
 
 def _concrete_if_small(blocks: int) -> int:
