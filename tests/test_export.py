@@ -358,3 +358,20 @@ def test_onnx_export_from_a_batch_of_one_keeps_the_dynamic_batch(tmp_path, size)
     layer = HaloAttention(8, block_size=10, halo_size=3, heads=2, dim_head=4).eval()
     path = ex.export_onnx(layer, tmp_path / 'layer.onnx', torch.randn(1, 8, size, size))
     assert _ort_vs_eager(path, layer, torch.randn(3, 8, size, size)) <= ex.ONNX_ATOL
+
+
+class _AsksIfBatchIsOne(torch.nn.Module):
+    """Branches on the batch size, as the first graph-path draft did by accident: the exporter then fixes it."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[0] == 1 else x * 3
+
+
+def test_onnx_export_refuses_to_fix_a_dynamic_axis(tmp_path):
+    """torch.onnx.export falls back to the example's size where a model asks about a dynamic one; export_onnx then
+    raises instead of writing a file that rejects every other batch."""
+    path = tmp_path / 'fixed.onnx'
+    with pytest.raises(RuntimeError, match=r'fixed dynamic input axes .*batch = 1'):
+        ex.export_onnx(_AsksIfBatchIsOne(), path, torch.randn(1, 3, 8, 8))
+    assert not path.exists()
+    ex.export_onnx(_AsksIfBatchIsOne(), path, torch.randn(1, 3, 8, 8), dynamic_batch=False)  # asked static: fine
+    assert path.exists()

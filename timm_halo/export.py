@@ -141,15 +141,33 @@ def export_onnx(model: nn.Module, path: Union[str, Path], example: torch.Tensor,
                           output_names=['output'] if n == 1 else [f'output_{i}' for i in range(n)],
                           dynamic_shapes=dynamic_shapes, opset_version=opset_version, external_data=False,
                           verbose=False)  # external_data=False: fine below ONNX's 2 GB limit (H7: ~270 MB)
+    import onnx
+
+    proto = onnx.load(str(path))
+    _check_dynamic_axes(proto, path, {0: 'batch'} if dynamic_batch else {},
+                        {2: 'height', 3: 'width'} if dynamic_size else {})
     if dynamic_size:
         # Symbolic sizes in the intermediate shapes can name two different sizes alike, and ONNX Runtime then warns
         # ('Shape mismatch attempting to re-use buffer'); it infers the shapes itself.
-        import onnx
-
-        proto = onnx.load(str(path))
         del proto.graph.value_info[:]
         onnx.save(proto, str(path))
     return path
+
+
+def _check_dynamic_axes(proto: Any, path: Path, *requested: dict) -> None:
+    """RuntimeError (and no file) where the exporter fixed an axis that was asked to be dynamic."""
+    # torch.onnx.export falls back to the example's sizes when the model branches on a dynamic size (e.g. whether
+    # the batch is 1): the file would then reject every other size.
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    fixed = {name: dims[axis].dim_value for axes in requested for axis, name in axes.items()
+             if axis < len(dims) and not dims[axis].dim_param}
+    if fixed:
+        path.unlink()
+        raise RuntimeError(
+            'the ONNX exporter fixed dynamic input axes to the example\'s sizes ('
+            f'{", ".join(f"{k} = {v}" for k, v in fixed.items())}): the model asks about that size while it is '
+            'traced (e.g. whether the batch is 1). Export with another example size (a batch of 2), or without the '
+            'dynamic axis.')
 
 
 def _ort_outputs(session: Any, x: torch.Tensor) -> List[Any]:
