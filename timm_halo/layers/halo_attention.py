@@ -189,16 +189,20 @@ class HaloAttention(KernelChoice, nn.Module):
             rows, mask = self._kept_axis_terms(size, blocks, plan, dtype, device)
         return blocks, plan, rows, mask
 
+    def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The q map (at the query stride) and the kv map."""
+        # Called as modules: hooks, wrappers (LoRA, pruning, quantisation) all apply.
+        s = self.stride
+        return self.q(x[:, :, ::s, ::s] if s > 1 else x), self.kv(x)
+
     def _blocked(self, x: torch.Tensor, crop: bool, gather_op: bool,
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
         """q, k, v, [rel_h, rel_w] as ``attend_broadcast`` takes them, and the geometry for ``_unblock``."""
         # q (N, d, bq^2), k (N, d, kh * kw), v (N, dv, kh * kw), N = B * heads * nh * nw (docs/kernels.md, Blocks and
         # windows)
         B, _, H, W = x.shape
-        s, bq = self.stride, self.block_size // self.stride
-        # The projections are called as modules: hooks, wrappers (LoRA, pruning, quantisation) all apply.
-        q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
-        kv = self.kv(x)
+        bq = self.block_size // self.stride
+        q, kv = self._project(x)
         nh, plan_h, rows_h, mask_h = self._axis(H, crop, q.dtype, x.device)
         nw, plan_w, rows_w, mask_w = self._axis(W, crop, q.dtype, x.device)
         # Padded from q's own size (a slice's size expression differs from output_size's), so the padded axes are
@@ -221,9 +225,7 @@ class HaloAttention(KernelChoice, nn.Module):
         """Traced and exported graphs ('broadcast'): ``attend_augmented`` on queries that carry their relative terms,
         in the ops ONNX Runtime runs fast (docs/kernels.md, Exported graphs)."""
         B, _, H, W = x.shape
-        s = self.stride
-        q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
-        kv = self.kv(x)
+        q, kv = self._project(x)
         nh, plan_h, rows_h, mask_h = self._axis(H, crop, q.dtype, x.device)
         nw, plan_w, rows_w, mask_w = self._axis(W, crop, q.dtype, x.device)
         # A graph of one input size leaves out a mask that hides nothing.
@@ -253,12 +255,11 @@ class HaloAttention(KernelChoice, nn.Module):
             # Channels last first: ONNX Runtime writes the projection's output in that layout at no cost, and the
             # block permute below then moves whole pixels.
             q = pad_map(channels_last(q), [0, 0] + pad, skip_empty).reshape(B, nh, bq, nw, bq, heads, d)
+            rows_h, rows_w = rows_h[:1], rows_w[:1]
         else:
             # (small maps) images and heads merged first, in the projection's own layout: merging them after a
             # permute would ask whether the batch is 1 (an export from a batch of 1 would lose its dynamic batch)
             q = pad_map(q.reshape(G, d, q.shape[2], q.shape[3]), pad, skip_empty).reshape(G, d, nh, bq, nw, bq)
-        if same:
-            rows_h, rows_w = rows_h[:1], rows_w[:1]
         table_h = self.rel_pos_h[rows_h].transpose(-1, -2)  # (blocks or 1, bq, d, kh)
         table_w = self.rel_pos_w[rows_w].transpose(-1, -2)
         bh, bw = table_h.shape[0], table_w.shape[0]
@@ -325,9 +326,7 @@ class HaloAttention(KernelChoice, nn.Module):
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The C kernel reads its blocks and windows straight from the q and kv maps: no window copies, no permutes."""
-        s = self.stride
-        q = self.q(x[:, :, ::s, ::s] if s > 1 else x)
-        kv = self.kv(x)
+        q, kv = self._project(x)
         _, plan_h, rows_h, mask_h = self._axis(x.shape[2], True, q.dtype, x.device)
         _, plan_w, rows_w, mask_w = self._axis(x.shape[3], True, q.dtype, x.device)
         out = attend_fused_maps(q, kv, self.rel_pos_h, self.rel_pos_w, rows_h[:, :, 0], rows_w[:, :, 0], mask_h, mask_w,
