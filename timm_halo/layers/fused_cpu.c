@@ -298,6 +298,10 @@ typedef struct {
     vec *logits;     /* one query vector's logits, then exp (fwd) or dP, then dS (bwd) (K) */
     vec *out;        /* (dv, qv): unnormalised, then normalised (fwd); O (bwd) */
     vec *stat;       /* max and 1 / sum of exp (2, qv) */
+    /* the window's visible keys: rows jh .. jh + kh - 1 and columns jw .. jw + kw - 1 of its kh x kw, where both
+     * masks are 0 (lanes_window); k, v and the relative terms hold only these, read through k_lay and v_lay */
+    int kh, kw, jh, jw;
+    Layout k_lay, v_lay;
     /* backward: dO (dv, qv); P and dS (K, qv); the relative terms' gradients (kh + kw, qv); dq (d, qv);
      * key-major q, scale q (Q, dvec) and dO (Q, dvvec); dk (K, dvec), dv (K, dvvec); TABLES: the products'
      * gradients (rows, qv) and this call's table gradients (rows, dvec) */
@@ -357,18 +361,19 @@ static int lanes_init(Lanes *s, const HaloArgs *a, int bwd) {
     return 1;
 }
 
-/* dst[r * ld + i] = src[(base[t] + r) * stride + i] + mask[r] for r < n and queries i = (y, x) < Q, where t is y
- * (rows) or x (columns): one axis' relative terms of every query; 0, or 2 for a table row out of range. With grad,
- * the reverse (no mask): src[(base[t] + r) * stride + i] = dst[r * ld + i], each element written once. */
-static int lanes_rel(const HaloArgs *a, int rows_axis, int n, int rows, const int32_t *base, T *src, int64_t stride,
-                     const T *mask, T *dst, int ld, int grad) {
+/* dst[r * ld + i] = src[(base[t] + first + r) * stride + i] + mask[r] for r < n and queries i = (y, x) < Q, where t
+ * is y (rows) or x (columns): one axis' relative terms of every query, for key rows / columns first .. first + n - 1;
+ * 0, or 2 for a table row out of range. With grad, the reverse (no mask): src[(base[t] + first + r) * stride + i] =
+ * dst[r * ld + i], each element written once. */
+static int lanes_rel(const HaloArgs *a, int rows_axis, int first, int n, int rows, const int32_t *base, T *src,
+                     int64_t stride, const T *mask, T *dst, int ld, int grad) {
     const int bq = a->bq;
     for (int t = 0; t < bq; ++t)
-        if (base[t] < 0 || base[t] + n > rows) return 2;
+        if (base[t] + first < 0 || base[t] + first + n > rows) return 2;
     for (int r = 0; r < n; ++r)
         for (int t = 0; t < bq; ++t) {  /* query row t (rows_axis): bq queries in a row; else column t */
-            const int64_t step = rows_axis ? 1 : bq, first = rows_axis ? (int64_t)t * bq : t;
-            T *from = src + (base[t] + r) * stride + first, *to = dst + (size_t)r * ld + first;
+            const int64_t step = rows_axis ? 1 : bq, at = rows_axis ? (int64_t)t * bq : t;
+            T *from = src + (base[t] + first + r) * stride + at, *to = dst + (size_t)r * ld + at;
             for (int64_t e = 0; e < bq; ++e) {
                 if (grad) from[e * step] = to[e * step];
                 else to[e * step] = from[e * step] + mask[r];
@@ -423,16 +428,45 @@ static void lanes_pv_all(int dv, int64_t K, const vec *p, const T *v, vec *out, 
     }
 }
 
-/* Window w's queries (and times scale), keys, values and per-axis relative terms; 0, or 2 for a table row out of
- * range. PRODUCTS: the per-window products' rows and stride into *ph / *pw / *stride. */
+/* The one run of 0s in mask[0 .. n - 1] (*first, *count): the visible key rows or columns of a window; all n where
+ * the 0s are not one run or there are none. */
+static void visible_run(const T *mask, int n, int *first, int *count) {
+    int lo = 0, hi = n;
+    while (lo < hi && mask[lo] != 0) ++lo;
+    while (hi > lo && mask[hi - 1] != 0) --hi;
+    for (int j = lo; j < hi; ++j)
+        if (mask[j] != 0) lo = hi;
+    if (lo == hi) lo = 0, hi = n;
+    *first = lo;
+    *count = hi - lo;
+}
+
+/* l, its windows moved by (dy, dx) */
+static Layout layout_moved(const Layout *l, int dy, int dx) {
+    Layout moved = *l;
+    moved.pad_y -= dy;
+    moved.pad_x -= dx;
+    return moved;
+}
+
+/* Window w's queries (and times scale), visible keys and values, and their per-axis relative terms; 0, or 2 for a
+ * table row out of range. PRODUCTS: the per-window products' rows and stride into *ph / *pw / *stride. Keys either
+ * mask hides get exp(logit - max) == 0 exactly: leaving them out (at the image's border: a third of a 14 x 14
+ * window at 16 x 16, two thirds at 8 x 8) changes no sum. */
 static int lanes_window(Lanes *s, const HaloArgs *a, int64_t w, T **ph, T **pw, int64_t *stride) {
-    const int d = a->d, kh = a->kh, kw = a->kw, bq = a->bq, nh = a->nh, nw = a->nw, qv = s->qv, ld = s->ld;
-    const int64_t K = (int64_t)kh * kw;
+    const int d = a->d, bq = a->bq, nh = a->nh, nw = a->nw, qv = s->qv, ld = s->ld;
     const int by = (int)(w / nw % nh), bx = (int)(w % nw);
+    const T *mask_h = a->mask_h + (size_t)by * a->kh, *mask_w = a->mask_w + (size_t)bx * a->kw;
+    visible_run(mask_h, a->kh, &s->jh, &s->kh);
+    visible_run(mask_w, a->kw, &s->jw, &s->kw);
+    const int kh = s->kh, kw = s->kw;
+    const int64_t K = (int64_t)kh * kw;
+    s->k_lay = layout_moved(&a->lay.k, s->jh, s->jw);
+    s->v_lay = layout_moved(&a->lay.v, s->jh, s->jw);
     window_load(nh, nw, &a->lay.q, w, d, bq, bq, a->q, (T *)s->q, ld);
     for (int x = 0; x < d * qv; ++x) s->qs[x] = s->q[x] * a->scale;
-    window_load(nh, nw, &a->lay.k, w, d, kh, kw, a->k, s->k, K);
-    window_load(nh, nw, &a->lay.v, w, a->dv, kh, kw, a->v, s->v, K);
+    window_load(nh, nw, &s->k_lay, w, d, kh, kw, a->k, s->k, K);
+    window_load(nh, nw, &s->v_lay, w, a->dv, kh, kw, a->v, s->v, K);
     *ph = (T *)a->rel_h + w * a->rows_h * a->Q;
     *pw = (T *)a->rel_w + w * a->rows_w * a->Q;
     *stride = a->Q;
@@ -443,16 +477,16 @@ static int lanes_window(Lanes *s, const HaloArgs *a, int64_t w, T **ph, T **pw, 
         *pw = (T *)s->pw;
         *stride = ld;
     }
-    const int status = lanes_rel(a, 1, kh, a->rows_h, a->base_h + (size_t)by * bq, *ph, *stride,
-                                 a->mask_h + (size_t)by * kh, (T *)s->rh, ld, 0);
+    const int status = lanes_rel(a, 1, s->jh, kh, a->rows_h, a->base_h + (size_t)by * bq, *ph, *stride,
+                                 mask_h + s->jh, (T *)s->rh, ld, 0);
     if (status) return status;
-    return lanes_rel(a, 0, kw, a->rows_w, a->base_w + (size_t)bx * bq, *pw, *stride, a->mask_w + (size_t)bx * kw,
+    return lanes_rel(a, 0, s->jw, kw, a->rows_w, a->base_w + (size_t)bx * bq, *pw, *stride, mask_w + s->jw,
                      (T *)s->rw, ld, 0);
 }
 
 /* One query vector's logits into s->logits: relative terms, then q . k (and their max) */
 static void lanes_logits(Lanes *s, const HaloArgs *a, int u, vec *max) {
-    const int kh = a->kh, kw = a->kw, qv = s->qv;
+    const int kh = s->kh, kw = s->kw, qv = s->qv;
     vec *l = s->logits;
     for (int jh = 0; jh < kh; ++jh)
         for (int jw = 0; jw < kw; ++jw) l[jh * kw + jw] = s->rw[jw * qv + u] + s->rh[jh * qv + u];
@@ -463,12 +497,12 @@ int halo_fwd(const HaloArgs *a, int64_t start, int64_t stop) {
     Lanes s;
     if (!lanes_init(&s, a, 0)) return 1;
     const int dv = a->dv, Q = a->Q, qv = s.qv, ld = s.ld;
-    const int64_t K = (int64_t)a->kh * a->kw;
     int status = 0;
     for (int64_t w = start; w < stop && !status; ++w) {
         T *ph, *pw;
         int64_t stride;
         if ((status = lanes_window(&s, a, w, &ph, &pw, &stride))) break;
+        const int64_t K = (int64_t)s.kh * s.kw;
         for (int u = 0; u < qv; ++u) {
             vec *l = s.logits, m = splat(-INFINITY);  /* the max may skip a NaN logit; it makes the sum NaN */
             lanes_logits(&s, a, u, &m);
@@ -513,15 +547,17 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
         return 3;  /* overlapping windows in ranges that split a group: concurrent adds to one element */
     Lanes s;
     if (!lanes_init(&s, a, 1)) return 1;
-    const int d = a->d, dv = a->dv, Q = a->Q, kh = a->kh, kw = a->kw, bq = a->bq, nh = a->nh, nw = a->nw;
+    const int d = a->d, dv = a->dv, Q = a->Q, bq = a->bq, nh = a->nh, nw = a->nw;
     const int qv = s.qv, ld = s.ld, dvec = s.dvec, dvvec = s.dvvec, tables = a->mode == TABLES;
-    const int64_t K = (int64_t)kh * kw;
     int status = 0;
     for (int64_t w = start; w < stop && !status; ++w) {
         const int by = (int)(w / nw % nh), bx = (int)(w % nw);
         T *ph, *pw;
         int64_t stride;
         if ((status = lanes_window(&s, a, w, &ph, &pw, &stride))) break;
+        /* the visible keys only: the hidden ones' P and dS are 0, so they add nothing to any gradient */
+        const int kh = s.kh, kw = s.kw;
+        const int64_t K = (int64_t)kh * kw;
         window_load(nh, nw, &a->lay.out, w, dv, bq, bq, a->out, (T *)s.out, ld);
         window_load(nh, nw, &a->lay.out, w, dv, bq, bq, a->grad_out, (T *)s.go, ld);
         const T *lw = a->stats + w * Q * 2;
@@ -561,8 +597,8 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
         T *gpw = tables ? (T *)s.gpw : grad_rel_w + w * a->rows_w * Q;
         memset(gph, 0, sizeof(T) * (size_t)a->rows_h * stride);
         memset(gpw, 0, sizeof(T) * (size_t)a->rows_w * stride);
-        lanes_rel(a, 1, kh, a->rows_h, a->base_h + (size_t)by * bq, gph, stride, NULL, (T *)s.grh, ld, 1);
-        lanes_rel(a, 0, kw, a->rows_w, a->base_w + (size_t)bx * bq, gpw, stride, NULL, (T *)s.grw, ld, 1);
+        lanes_rel(a, 1, s.jh, kh, a->rows_h, a->base_h + (size_t)by * bq, gph, stride, NULL, (T *)s.grh, ld, 1);
+        lanes_rel(a, 0, s.jw, kw, a->rows_w, a->base_w + (size_t)bx * bq, gpw, stride, NULL, (T *)s.grw, ld, 1);
         /* dk (K, d) = dS (K, Q) . scale q (Q, d), dv (K, dv) = P (K, Q) . dO (Q, dv): keys as rows */
         transpose(d, Q, (const T *)s.qs, ld, (T *)s.qst, (int64_t)dvec * VL);
         transpose(dv, Q, (const T *)s.go, ld, (T *)s.got, (int64_t)dvvec * VL);
@@ -570,8 +606,8 @@ int halo_bwd(const HaloArgs *a, int64_t start, int64_t stop) {
         gemm((int)K, dvvec, Q, (const T *)s.pall, ld, 1, s.got, dvvec, s.gvt, dvvec, 0);
         transpose((int)K, d, (const T *)s.gkt, (int64_t)dvec * VL, s.k, K);  /* s.k, s.v: read for w no more */
         transpose((int)K, dv, (const T *)s.gvt, (int64_t)dvvec * VL, s.v, K);
-        window_copy(nh, nw, &a->lay.k, w, d, kh, kw, a->grad_k, s.k, K, ADD);
-        window_copy(nh, nw, &a->lay.v, w, dv, kh, kw, a->grad_v, s.v, K, ADD);
+        window_copy(nh, nw, &s.k_lay, w, d, kh, kw, a->grad_k, s.k, K, ADD);
+        window_copy(nh, nw, &s.v_lay, w, dv, kh, kw, a->grad_v, s.v, K, ADD);
         if (tables) {  /* through the products with the tables: dq += table^T . grad, dtable += grad . q^T */
             transpose(d, Q, (const T *)s.q, ld, (T *)s.qt, (int64_t)dvec * VL);
             gemm(d, qv, a->rows_h, a->rel_h, 1, d, s.gph, qv, s.gq, qv, 1);
