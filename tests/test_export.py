@@ -349,11 +349,11 @@ def test_graph_path_matches_reference_at_every_size(crop):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize('size', [19, 75])
+@pytest.mark.parametrize('size', [7, 10, 19, 75])
 def test_onnx_export_from_a_batch_of_one_keeps_the_dynamic_batch(tmp_path, size):
-    """An example batch of 1 (the CLI's default) still gives a graph for any batch: nothing in the layer asks
-    whether the batch is 1. 19 px at block 10: two cropped blocks, one matrix per block; 75 px: eight blocks, with
-    padding."""
+    """An example batch of 1 still gives a graph for any batch: nothing in the layer asks whether the batch is 1.
+    At block 10: 7 and 10 px, one block (padded, and not); 19 px, two cropped blocks, one matrix per block; 75 px,
+    eight blocks, with padding."""
     torch.manual_seed(0)
     layer = HaloAttention(8, block_size=10, halo_size=3, heads=2, dim_head=4).eval()
     path = ex.export_onnx(layer, tmp_path / 'layer.onnx', torch.randn(1, 8, size, size))

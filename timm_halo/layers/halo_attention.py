@@ -231,8 +231,11 @@ class HaloAttention(KernelChoice, nn.Module):
         # A graph of one input size leaves out a mask that hides nothing.
         masks = [None if self._sees_only_visible_keys(size, blocks, plan) else mask
                  for size, blocks, plan, mask in ((H, nh, plan_h, mask_h), (W, nw, plan_w, mask_w))]
-        queries = self._augmented_queries(q, nh, nw, rows_h, rows_w, masks[0], masks[1],
-                                          plan_h[2] == self.block_size and plan_w[2] == self.block_size, crop)
+        # Maps of one block take the per-block form too: in the other, merging the batch with the query positions
+        # would ask whether the batch is 1 (the copy it needs is a view then), and an export from a batch of 1 would
+        # lose its dynamic batch.
+        same = plan_h[2] == self.block_size and plan_w[2] == self.block_size and not _one_block(nh, nw)
+        queries = self._augmented_queries(q, nh, nw, rows_h, rows_w, masks[0], masks[1], same, crop)
         # channels last, as the queries
         padded = pad_map(channels_last(kv), [0, 0, plan_w[0], plan_w[1], plan_h[0], plan_h[1]], crop)
         k, v = unfold_windows(padded, self.heads, self.dim_head, plan_h[2], plan_h[3], plan_w[2], plan_w[3], True)
@@ -405,6 +408,11 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     # the batch size (an export from a batch of 1 would lose its dynamic batch). In ONNX it is one Transpose, which
     # ONNX Runtime folds into the convolution before it.
     return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _one_block(nh: int, nw: int) -> bool:
+    """Whether a map is known (plain ints) to be one block; False for symbolic counts, which must not be asked."""
+    return isinstance(nh, int) and isinstance(nw, int) and nh == 1 and nw == 1
 
 
 def _concrete_if_small(blocks: int) -> int:
