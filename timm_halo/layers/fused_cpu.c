@@ -181,7 +181,7 @@ typedef __mmask16 lane_mask;
 #define MASKZ_LOAD(m, p) ((vec)_mm512_maskz_loadu_ps((m), (p)))
 #define MASK_STORE(p, m, v) _mm512_mask_storeu_ps((p), (m), (__m512)(v))
 #endif
-#define MAX_ROW_VECS 8 /* wider rows (more than 128 floats) take the scalar path */
+#define MAX_ROW_VECS 8 /* rows of more vectors (over 128 floats or 64 doubles) take the scalar path */
 /* lanes lo .. hi - 1, clipped to 0 .. VL - 1 */
 static inline lane_mask lanes_between(int lo, int hi) {
     lo = lo < 0 ? 0 : lo;
