@@ -57,6 +57,9 @@ typedef T vec __attribute__((vector_size(VBYTES)));
 #if defined(__AVX512F__) && VBYTES == 64
 #include <immintrin.h>
 #define HALO_AVX512 /* 64-byte vectors on AVX-512: max and scalef instructions */
+#elif defined(__AVX2__) && VBYTES == 32
+#include <immintrin.h>
+#define HALO_AVX2
 #endif
 enum { PRODUCTS = 0, TABLES = 1 };  /* HaloArgs.mode: what rel_h / rel_w point to (see the top comment) */
 
@@ -168,6 +171,7 @@ static vec *take(vec **cursor, size_t vectors) {
 /* Window w's (channels, rows, cols) through layout l: load into dst[c * ldc + y * cols + x] (0 outside the image),
  * or store or add from there (inside the image only). */
 enum { LOAD = 0, STORE = 1, ADD = 2 };
+#define MAX_ROW_VECS 8 /* rows of more vectors (128 floats on AVX-512, 64 on AVX2) take the scalar copies */
 #ifdef HALO_AVX512
 /* On AVX-512 a window row (14 keys at block 8, halo 3) is one masked load and store: lanes outside the mask are
  * neither read nor written (nor fault), so the columns outside the image need no branch, and there is no memcpy /
@@ -181,7 +185,6 @@ typedef __mmask16 lane_mask;
 #define MASKZ_LOAD(m, p) ((vec)_mm512_maskz_loadu_ps((m), (p)))
 #define MASK_STORE(p, m, v) _mm512_mask_storeu_ps((p), (m), (__m512)(v))
 #endif
-#define MAX_ROW_VECS 8 /* rows of more vectors (over 128 floats or 64 doubles) take the scalar path */
 /* lanes lo .. hi - 1, clipped to 0 .. VL - 1 */
 static inline lane_mask lanes_between(int lo, int hi) {
     lo = lo < 0 ? 0 : lo;
@@ -221,6 +224,39 @@ static int window_copy_masked(const Layout *l, int64_t origin, int y0, int x_lo,
 }
 #endif
 
+#ifdef HALO_AVX2
+/* AVX2 loads: a masked load per vector of a row (zeros outside the image), stored whole. A row's last store runs up
+ * to VL - 1 elements past it, writing zeros (masked lanes) that the next row overwrites or that land in a buffer's
+ * zero padding or its vector of slack (lanes_init). Masked AVX2 stores are slow on AMD CPUs (7.05 against 6.65 ms
+ * for a stage-1 layer), so stores and adds keep the scalar copies. */
+static int window_load_masked(const Layout *l, int64_t origin, int y0, int x_lo, int x_hi, int channels, int rows,
+                              int cols, const T *map, T *dst, int64_t ldc) {
+    const int vecs = (cols + VL - 1) / VL;
+    if (vecs > MAX_ROW_VECS) return 0;
+    ivec inside[MAX_ROW_VECS], lane;
+    for (int i = 0; i < VL; ++i) lane[i] = i;
+    for (int u = 0; u < vecs; ++u) inside[u] = (lane >= x_lo - u * VL) & (lane < x_hi - u * VL);
+    const ivec none = {0};
+    const int y_lo = y0 < 0 ? -y0 : 0, y_hi = l->height - y0 < rows ? l->height - y0 : rows;
+    for (int c = 0; c < channels; ++c)
+        for (int y = 0; y < rows; ++y) {
+            T *local = dst + c * ldc + (int64_t)y * cols;
+            const int row_inside = y >= y_lo && y < y_hi;
+            const int64_t row0 = origin + c * l->channel + (int64_t)y * l->row;
+            const T *at = (const T *)((uintptr_t)map + (uintptr_t)(row0 * (int64_t)sizeof(T)));
+            for (int u = 0; u < vecs; ++u, at += VL) {
+                const ivec valid = row_inside ? inside[u] : none;
+#ifdef HALO_DOUBLE
+                _mm256_storeu_pd(local + u * VL, _mm256_maskload_pd(at, (__m256i)valid));
+#else
+                _mm256_storeu_ps(local + u * VL, _mm256_maskload_ps(at, (__m256i)valid));
+#endif
+            }
+        }
+    return 1;
+}
+#endif
+
 static void window_copy(int nh, int nw, const Layout *l, int64_t w, int channels, int rows, int cols, T *map,
                         T *dst, int64_t ldc, int mode) {
     const int64_t g = w / ((int64_t)nh * nw);
@@ -230,6 +266,9 @@ static void window_copy(int nh, int nw, const Layout *l, int64_t w, int channels
     const int64_t origin = g * l->group + by * l->block_y + bx * l->block_x - l->pad_y * l->row - l->pad_x;
 #ifdef HALO_AVX512
     if (window_copy_masked(l, origin, y0, x_lo, x_hi, channels, rows, cols, map, dst, ldc, mode)) return;
+#endif
+#ifdef HALO_AVX2
+    if (mode == LOAD && window_load_masked(l, origin, y0, x_lo, x_hi, channels, rows, cols, map, dst, ldc)) return;
 #endif
     for (int c = 0; c < channels; ++c)
         for (int y = 0; y < rows; ++y) {
@@ -369,10 +408,11 @@ static int lanes_init(Lanes *s, const HaloArgs *a, int bwd) {
     const size_t K = (size_t)a->kh * a->kw, qv = (size_t)(a->Q + VL - 1) / VL, tables = a->mode == TABLES;
     const size_t Q = (size_t)qv * VL, rows = (size_t)(a->rows_h + a->rows_w);
     const size_t dvec = (size_t)(a->d + VL - 1) / VL, dvvec = (size_t)(a->dv + VL - 1) / VL;
-    const size_t sizes[] = {(size_t)a->d * qv, (size_t)a->d * qv, tables * rows * qv,             /* q, qs, ph + pw */
-                            ((size_t)a->d * K + VL - 1) / VL, ((size_t)a->dv * K + VL - 1) / VL,  /* k, v */
-                            (size_t)(a->kh + a->kw) * qv, K, (size_t)a->dv * qv, 2 * qv,        /* rh + rw ... */
-                            bwd * a->dv * qv, bwd * K * qv, bwd * K * qv,                       /* go, pall, sall */
+    /* + 1: a vector of slack after each buffer windows are loaded into (window_load_masked) */
+    const size_t sizes[] = {(size_t)a->d * qv + 1, (size_t)a->d * qv, tables * rows * qv,         /* q, qs, ph + pw */
+                            ((size_t)a->d * K + VL - 1) / VL + 1, ((size_t)a->dv * K + VL - 1) / VL + 1, /* k, v */
+                            (size_t)(a->kh + a->kw) * qv, K, (size_t)a->dv * qv + 1, 2 * qv,    /* rh + rw ... */
+                            bwd * (a->dv * qv + 1), bwd * K * qv, bwd * K * qv,                       /* go, pall, sall */
                             bwd * (a->kh + a->kw) * qv, bwd * a->d * qv,                        /* grh + grw, gq */
                             bwd * Q * dvec, bwd * Q * dvec, bwd * Q * dvvec,                    /* qt, qst, got */
                             bwd * K * dvec, bwd * K * dvvec,                                    /* gkt, gvt */
