@@ -171,37 +171,60 @@ static vec *take(vec **cursor, size_t vectors) {
 /* Window w's (channels, rows, cols) through layout l: load into dst[c * ldc + y * cols + x] (0 outside the image),
  * or store or add from there (inside the image only). */
 enum { LOAD = 0, STORE = 1, ADD = 2 };
+#if defined(HALO_AVX512) || defined(HALO_AVX2)
+#define HALO_VECTOR_ROWS
+/* A window row (14 keys at block 8, halo 3) moves as one or two vectors: a masked load reads only the image's
+ * columns (others are 0, and never read, so never fault), with no branch and no memcpy / memset call per row (those
+ * calls took a sixth of a stage-1 layer). AVX-512 also stores and adds through masks. Masked AVX2 stores are slow on
+ * AMD CPUs (7.05 against 6.65 ms for a stage-1 layer): AVX2 loads only, and stores each loaded vector whole, so a
+ * row's last store runs up to VL - 1 elements past it, writing zeros (masked lanes) that the next row overwrites or
+ * that land in a buffer's zero padding or its vector of slack (lanes_init); its stores and adds stay scalar. */
 #define MAX_ROW_VECS 8 /* rows of more vectors (128 floats on AVX-512, 64 on AVX2) take the scalar copies */
-#ifdef HALO_AVX512
-/* On AVX-512 a window row (14 keys at block 8, halo 3) is one masked load and store: lanes outside the mask are
- * neither read nor written (nor fault), so the columns outside the image need no branch, and there is no memcpy /
- * memset call per row (those calls took a sixth of a stage-1 layer). */
-#ifdef HALO_DOUBLE
+#if defined(HALO_AVX512) && defined(HALO_DOUBLE)
 typedef __mmask8 lane_mask;
 #define MASKZ_LOAD(m, p) ((vec)_mm512_maskz_loadu_pd((m), (p)))
 #define MASK_STORE(p, m, v) _mm512_mask_storeu_pd((p), (m), (__m512d)(v))
-#else
+#elif defined(HALO_AVX512)
 typedef __mmask16 lane_mask;
 #define MASKZ_LOAD(m, p) ((vec)_mm512_maskz_loadu_ps((m), (p)))
 #define MASK_STORE(p, m, v) _mm512_mask_storeu_ps((p), (m), (__m512)(v))
+#elif defined(HALO_DOUBLE)
+typedef ivec lane_mask; /* AVX2: a lane's sign bit */
+#define MASKZ_LOAD(m, p) ((vec)_mm256_maskload_pd((p), (__m256i)(m)))
+#define STORE_WHOLE(p, v) _mm256_storeu_pd((p), (__m256d)(v))
+#else
+typedef ivec lane_mask;
+#define MASKZ_LOAD(m, p) ((vec)_mm256_maskload_ps((p), (__m256i)(m)))
+#define STORE_WHOLE(p, v) _mm256_storeu_ps((p), (__m256)(v))
 #endif
 /* lanes lo .. hi - 1, clipped to 0 .. VL - 1 */
 static inline lane_mask lanes_between(int lo, int hi) {
+#ifdef HALO_AVX512
     lo = lo < 0 ? 0 : lo;
     hi = hi > VL ? VL : hi;
     return lo >= hi ? 0 : (lane_mask)((((uint32_t)1 << hi) - 1) & ~(((uint32_t)1 << lo) - 1));
+#else
+    ivec lane;
+    for (int i = 0; i < VL; ++i) lane[i] = i;
+    return (lane >= lo) & (lane < hi);
+#endif
 }
 
-/* window_copy's rows, through masks; 0 where the rows are too wide */
-static int window_copy_masked(const Layout *l, int64_t origin, int y0, int x_lo, int x_hi, int channels, int rows,
-                              int cols, T *map, T *dst, int64_t ldc, int mode) {
+/* window_copy's rows as vectors; 0 where it cannot (rows too wide, or an AVX2 store or add) */
+static int window_copy_vectors(const Layout *l, int64_t origin, int y0, int x_lo, int x_hi, int channels, int rows,
+                               int cols, T *map, T *dst, int64_t ldc, int mode) {
     const int vecs = (cols + VL - 1) / VL;
+#ifdef HALO_AVX2
+    if (mode != LOAD) return 0;
+#endif
     if (vecs > MAX_ROW_VECS) return 0;
+    const lane_mask none = {0};
     lane_mask inside[MAX_ROW_VECS], whole[MAX_ROW_VECS];  /* per vector of a row: the image's columns, all columns */
     for (int u = 0; u < vecs; ++u) {
-        inside[u] = x_lo < x_hi ? lanes_between(x_lo - u * VL, x_hi - u * VL) : 0;
+        inside[u] = x_lo < x_hi ? lanes_between(x_lo - u * VL, x_hi - u * VL) : none;
         whole[u] = lanes_between(0, cols - u * VL);
     }
+    (void)whole;
     const int y_lo = y0 < 0 ? -y0 : 0, y_hi = l->height - y0 < rows ? l->height - y0 : rows;
     for (int c = 0; c < channels; ++c)
         for (int y = 0; y < rows; ++y) {
@@ -211,45 +234,16 @@ static int window_copy_masked(const Layout *l, int64_t origin, int y0, int x_lo,
             const int64_t row0 = origin + c * l->channel + (int64_t)y * l->row;
             T *at = (T *)((uintptr_t)map + (uintptr_t)(row0 * (int64_t)sizeof(T)));
             for (int u = 0; u < vecs; ++u, at += VL) {
-                const lane_mask valid = row_inside ? inside[u] : 0;
+                const lane_mask valid = row_inside ? inside[u] : none;
+#ifdef HALO_AVX512
                 if (mode == LOAD)
                     MASK_STORE(local + u * VL, whole[u], MASKZ_LOAD(valid, at));
                 else if (mode == STORE)
                     MASK_STORE(at, valid, MASKZ_LOAD(valid, local + u * VL));
                 else
                     MASK_STORE(at, valid, MASKZ_LOAD(valid, at) + MASKZ_LOAD(valid, local + u * VL));
-            }
-        }
-    return 1;
-}
-#endif
-
-#ifdef HALO_AVX2
-/* AVX2 loads: a masked load per vector of a row (zeros outside the image), stored whole. A row's last store runs up
- * to VL - 1 elements past it, writing zeros (masked lanes) that the next row overwrites or that land in a buffer's
- * zero padding or its vector of slack (lanes_init). Masked AVX2 stores are slow on AMD CPUs (7.05 against 6.65 ms
- * for a stage-1 layer), so stores and adds keep the scalar copies. */
-static int window_load_masked(const Layout *l, int64_t origin, int y0, int x_lo, int x_hi, int channels, int rows,
-                              int cols, const T *map, T *dst, int64_t ldc) {
-    const int vecs = (cols + VL - 1) / VL;
-    if (vecs > MAX_ROW_VECS) return 0;
-    ivec inside[MAX_ROW_VECS], lane;
-    for (int i = 0; i < VL; ++i) lane[i] = i;
-    for (int u = 0; u < vecs; ++u) inside[u] = (lane >= x_lo - u * VL) & (lane < x_hi - u * VL);
-    const ivec none = {0};
-    const int y_lo = y0 < 0 ? -y0 : 0, y_hi = l->height - y0 < rows ? l->height - y0 : rows;
-    for (int c = 0; c < channels; ++c)
-        for (int y = 0; y < rows; ++y) {
-            T *local = dst + c * ldc + (int64_t)y * cols;
-            const int row_inside = y >= y_lo && y < y_hi;
-            const int64_t row0 = origin + c * l->channel + (int64_t)y * l->row;
-            const T *at = (const T *)((uintptr_t)map + (uintptr_t)(row0 * (int64_t)sizeof(T)));
-            for (int u = 0; u < vecs; ++u, at += VL) {
-                const ivec valid = row_inside ? inside[u] : none;
-#ifdef HALO_DOUBLE
-                _mm256_storeu_pd(local + u * VL, _mm256_maskload_pd(at, (__m256i)valid));
 #else
-                _mm256_storeu_ps(local + u * VL, _mm256_maskload_ps(at, (__m256i)valid));
+                STORE_WHOLE(local + u * VL, MASKZ_LOAD(valid, at));
 #endif
             }
         }
@@ -264,11 +258,8 @@ static void window_copy(int nh, int nw, const Layout *l, int64_t w, int channels
     const int y0 = by * l->step_y - l->pad_y, x0 = bx * l->step_x - l->pad_x;
     const int x_lo = x0 < 0 ? -x0 : 0, x_hi = l->width - x0 < cols ? l->width - x0 : cols;
     const int64_t origin = g * l->group + by * l->block_y + bx * l->block_x - l->pad_y * l->row - l->pad_x;
-#ifdef HALO_AVX512
-    if (window_copy_masked(l, origin, y0, x_lo, x_hi, channels, rows, cols, map, dst, ldc, mode)) return;
-#endif
-#ifdef HALO_AVX2
-    if (mode == LOAD && window_load_masked(l, origin, y0, x_lo, x_hi, channels, rows, cols, map, dst, ldc)) return;
+#ifdef HALO_VECTOR_ROWS
+    if (window_copy_vectors(l, origin, y0, x_lo, x_hi, channels, rows, cols, map, dst, ldc, mode)) return;
 #endif
     for (int c = 0; c < channels; ++c)
         for (int y = 0; y < rows; ++y) {
@@ -408,7 +399,7 @@ static int lanes_init(Lanes *s, const HaloArgs *a, int bwd) {
     const size_t K = (size_t)a->kh * a->kw, qv = (size_t)(a->Q + VL - 1) / VL, tables = a->mode == TABLES;
     const size_t Q = (size_t)qv * VL, rows = (size_t)(a->rows_h + a->rows_w);
     const size_t dvec = (size_t)(a->d + VL - 1) / VL, dvvec = (size_t)(a->dv + VL - 1) / VL;
-    /* + 1: a vector of slack after each buffer windows are loaded into (window_load_masked) */
+    /* + 1: a vector of slack after each buffer windows are loaded into (window_copy_vectors) */
     const size_t sizes[] = {(size_t)a->d * qv + 1, (size_t)a->d * qv, tables * rows * qv,         /* q, qs, ph + pw */
                             ((size_t)a->d * K + VL - 1) / VL + 1, ((size_t)a->dv * K + VL - 1) / VL + 1, /* k, v */
                             (size_t)(a->kh + a->kw) * qv, K, (size_t)a->dv * qv + 1, 2 * qv,    /* rh + rw ... */
